@@ -1,0 +1,80 @@
+"""`tcache build`: options -> BuildConfig -> teachercache.build.build, with a rich progress bar."""
+
+from __future__ import annotations
+
+import click
+from rich.console import Console
+from rich.progress import BarColumn, Progress, ProgressColumn, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.text import Text
+
+from cli.format import human_bytes, human_count
+from cli.main import friendly_errors
+
+
+class _TokensColumn(ProgressColumn):
+    def render(self, task) -> Text:
+        return Text(f"{human_count(task.completed)}/{human_count(task.total or 0)} tok")
+
+
+class _RateColumn(ProgressColumn):
+    def render(self, task) -> Text:
+        speed = task.finished_speed or task.speed
+        return Text(f"{human_count(speed)} tok/s" if speed else "- tok/s")
+
+
+class _BytesColumn(ProgressColumn):
+    def render(self, task) -> Text:
+        return Text(human_bytes(task.fields.get("bytes", 0)))
+
+
+@click.command()
+@click.option("--teacher", required=True, help="HF causal LM: hub id (HuggingFaceTB/SmolLM2-360M) or local directory.")
+@click.option("--data", required=True, help="HF dataset id, or a local .json/.jsonl/.txt/.parquet/.csv file or directory (.xz/.gz ok).")
+@click.option("--tokens", required=True, help="Token budget: 100000, 2.5k, 512M, 1B. Rounded down to whole rows.")
+@click.option("--out", required=True, type=click.Path(file_okay=False), help="Cache directory to create.")
+@click.option("--seq-len", default=512, show_default=True, help="Tokens per packed row.")
+@click.option("--top-k", default=64, show_default=True, help="Teacher log-probs kept per position.")
+@click.option("--hidden-groups", default=1, show_default=True,
+              help="Average the teacher's layers in G contiguous groups (storage grows x G).")
+@click.option("--data-config", default=None, help="Hub dataset configuration name.")
+@click.option("--split", default="train", show_default=True, help="Dataset split.")
+@click.option("--text-field", default="text", show_default=True, help="Column holding the text.")
+@click.option("--batch-size", default=8, show_default=True, help="Rows per teacher forward.")
+@click.option("--shard-rows", default=1024, show_default=True, help="Rows per HDF5 shard.")
+@click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda, cuda:N.")
+@click.option("--dtype", default="auto", show_default=True, help="auto (bf16 GPU / fp32 CPU), bf16, fp16, fp32.")
+@click.option("--revision", default=None, help="Hub revision of the teacher.")
+@click.option("--overwrite", is_flag=True, help="Replace a non-empty --out.")
+@friendly_errors
+def build(teacher, data, tokens, out, seq_len, top_k, hidden_groups, data_config, split, text_field,
+          batch_size, shard_rows, device, dtype, revision, overwrite) -> None:
+    """Run the teacher once over a token budget and write the cache."""
+    from teachercache.build import BuildConfig, build as run_build, parse_count
+    from teachercache.data import DataSpec
+
+    cfg = BuildConfig(
+        teacher=teacher, out=out, tokens=parse_count(tokens), seq_len=seq_len, top_k=top_k,
+        data=DataSpec(path=data, config=data_config, split=split, text_field=text_field),
+        hidden_groups=hidden_groups, batch_size=batch_size, rows_per_shard=shard_rows,
+        device=device, dtype=dtype, revision=revision, overwrite=overwrite,
+    )
+    console = Console(stderr=True)
+    columns = (TextColumn("[bold]build"), BarColumn(), _TokensColumn(), _RateColumn(),
+               TimeElapsedColumn(), TimeRemainingColumn(), _BytesColumn())
+    with Progress(*columns, console=console, transient=False) as progress:
+        task = progress.add_task("build", total=cfg.rows * cfg.seq_len, bytes=0)
+
+        def on_progress(done: int, total: int, nbytes: int) -> None:
+            progress.update(task, completed=done, bytes=nbytes)
+
+        manifest = run_build(cfg, on_progress)
+    b = manifest.build
+    console.print(
+        f"[green]cache written[/]: {out}  {manifest.tokens:,} tokens in {manifest.rows:,} rows, "
+        f"{len(manifest.shards)} shard(s), {b['tokens_per_s']:,.0f} tok/s on {b['device']} ({b['dtype']})"
+    )
+    if manifest.data_exhausted:
+        console.print(
+            f"[yellow]note[/]: the data held only {manifest.tokens:,} of the {manifest.tokens_requested:,} "
+            "tokens requested; the cache holds all of it"
+        )

@@ -1,0 +1,45 @@
+"""`tcache` entry point: the click group and the one place that turns library errors into CLI errors."""
+
+from __future__ import annotations
+
+import functools
+import os
+
+import click
+
+from teachercache.errors import TcacheError
+
+
+def friendly_errors(fn):
+    """TcacheError -> `Error: <one line>` and exit 1, never a traceback."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except TcacheError as e:
+            raise click.ClickException(str(e)) from None
+
+    return wrapper
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.version_option(package_name="tcache")
+def main() -> None:
+    """Offline teacher-cache distillation: build a teacher cache once, distill an xLSTM student from it."""
+    # Long documents are tokenised whole before packing; the tokenizer's max-length warning is noise here.
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "true")
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+
+
+def _register() -> None:
+    from cli import build, stats
+
+    main.add_command(build.build)
+    main.add_command(stats.stats)
+
+
+_register()

@@ -1,0 +1,72 @@
+"""`tcache stats`: what a cache holds, as rich tables or JSON."""
+
+from __future__ import annotations
+
+import json
+
+import click
+from rich.console import Console
+from rich.markup import escape
+from rich.table import Table
+
+from cli.format import human_bytes, human_count
+from cli.main import friendly_errors
+
+
+@click.command()
+@click.argument("cache", type=click.Path())
+@click.option("--json", "as_json", is_flag=True, help="Print machine-readable JSON instead of tables.")
+@click.option("--sample-rows", default=256, show_default=True, help="Rows read for the value statistics.")
+@friendly_errors
+def stats(cache, as_json, sample_rows) -> None:
+    """Show what a cache holds."""
+    from teachercache.stats import cache_stats
+
+    s = cache_stats(cache, max_rows=sample_rows)
+    if as_json:
+        click.echo(json.dumps(s, indent=2))
+        return
+    console = Console()
+    t = Table(title=f"tcache {s['cache']}", show_header=False)
+    t.add_column(style="bold")
+    t.add_column()
+    teacher = s["teacher"]
+    rows = [
+        ("teacher", f"{teacher['name_or_path']} ({teacher['model_type']}, revision {teacher['revision'] or '-'})"),
+        ("tokenizer sha256", s["tokenizer_sha256"][:16] + "…"),
+        ("vocab / hidden / layers", f"{s['vocab_size']:,} / {s['hidden_size']} / {s['num_layers']}"),
+        ("tokens", f"{s['tokens']:,} of {s['tokens_requested']:,} requested"
+                   + (" (data exhausted)" if s["data_exhausted"] else "")),
+        ("rows / shards / seq_len", f"{s['rows']:,} / {s['shards']} / {s['seq_len']}"),
+        ("top-k", str(s["top_k"])),
+        ("hidden groups", f"{s['hidden_groups']}  layers {s['layer_groups']}"),
+        ("dataset", ", ".join(f"{k}={v}" for k, v in s["dataset"].items() if v is not None)),
+        ("bytes on disk", f"{human_bytes(s['bytes_total'])} ({s['bytes_per_token']:.0f} B/token in shards)"),
+    ]
+    b = s["build"]
+    if b:
+        rows.append(("build", f"{human_count(b['tokens_per_s'] or 0)} tok/s, {b['seconds']:.1f} s on "
+                              f"{b['device']} ({b['dtype']}, batch {b['batch_size']})"))
+    for k, v in rows:
+        t.add_row(k, v)
+    console.print(t)
+
+    f = Table(title="fields")
+    for col in ("field", "dtype", "bytes", "B/token"):
+        f.add_column(col, justify="right" if col in ("bytes", "B/token") else "left")
+    for name, info in s["fields"].items():
+        f.add_row(name, info["dtype"], human_bytes(info["bytes"]), f"{info['bytes_per_token']:.1f}")
+    console.print(f)
+
+    m = s["topk_mass"]
+    v = Table(title=f"values ({m['rows_sampled']} rows sampled)")
+    v.add_column("statistic")
+    v.add_column("value", justify="right")
+    if m["mean"] is not None:
+        v.add_row("top-k probability mass, mean", f"{m['mean']:.4f}")
+        for p in (1, 5, 50, 95, 99):
+            v.add_row(f"top-k probability mass, p{p}", f"{m[f'p{p}']:.4f}")
+    for g, r in enumerate(s["hidden_rms"]):
+        v.add_row(f"hidden RMS, group {g}", f"{r:.4f}")
+    console.print(v)
+    console.print(f"[dim]hidden = {escape(s['hidden_source'])}[/]")

@@ -1,0 +1,200 @@
+"""The build loop: setup (teacher, data, output) -> run the teacher over the budget -> manifest."""
+
+from __future__ import annotations
+
+import itertools
+import re
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+
+import teachercache
+from teachercache import schema
+from teachercache.data import DataSpec, iter_texts, pack_rows
+from teachercache.errors import TcacheError
+from teachercache.schema import Manifest
+from teachercache.teacher import (load_teacher, num_layers, resolve_device, resolve_dtype, teacher_targets,
+                                  text_config, tokenizer_sha256)
+from teachercache.writer import CacheWriter
+
+_SUFFIX = {"": 1, "k": 10**3, "m": 10**6, "g": 10**9, "b": 10**9}
+
+
+def parse_count(text: str | int, flag: str = "--tokens") -> int:
+    """'512M' -> 512_000_000, '2.5k' -> 2500, '100000' -> 100000 (decimal units, as token budgets are quoted)."""
+    if isinstance(text, int):
+        value = text
+    else:
+        m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([kKmMgGbB]?)\s*", str(text).replace("_", ""))
+        if not m:
+            raise TcacheError(f"{flag} {text!r} is not a count; write e.g. 100000, 2.5k, 512M or 1B")
+        value = int(round(float(m.group(1)) * _SUFFIX[m.group(2).lower()]))
+    if value <= 0:
+        raise TcacheError(f"{flag} must be positive, got {text!r}")
+    return value
+
+
+@dataclass
+class BuildConfig:
+    teacher: str
+    """Hub id or local directory of a HF causal LM (--teacher)."""
+    data: DataSpec
+    """Where the text comes from (--data, --data-config, --split, --text-field)."""
+    out: str
+    """Cache directory to create (--out)."""
+    tokens: int
+    """Token budget; rounded down to whole rows of seq_len (--tokens)."""
+    seq_len: int = 512
+    """Tokens per packed row (--seq-len)."""
+    top_k: int = 64
+    """Teacher log-probs kept per position (--top-k)."""
+    hidden_groups: int = 1
+    """Contiguous teacher-layer groups to average separately; storage grows linearly (--hidden-groups)."""
+    batch_size: int = 8
+    """Rows per teacher forward (--batch-size)."""
+    rows_per_shard: int = 1024
+    """Rows per HDF5 shard (--shard-rows)."""
+    device: str = "auto"
+    """auto, cpu, cuda, cuda:N (--device)."""
+    dtype: str = "auto"
+    """Teacher compute dtype: auto (bf16 on GPU, fp16 without bf16, fp32 on CPU), bf16, fp16, fp32 (--dtype)."""
+    revision: str | None = None
+    """Hub revision of the teacher (--revision)."""
+    overwrite: bool = False
+    """Replace an existing non-empty --out (--overwrite)."""
+
+    def __post_init__(self) -> None:
+        for flag, value in (("--seq-len", self.seq_len), ("--top-k", self.top_k),
+                            ("--hidden-groups", self.hidden_groups), ("--batch-size", self.batch_size),
+                            ("--shard-rows", self.rows_per_shard), ("--tokens", self.tokens)):
+            if value < 1:
+                raise TcacheError(f"{flag} must be at least 1, got {value}")
+        if self.tokens < self.seq_len:
+            raise TcacheError(
+                f"--tokens {self.tokens} is less than one row of --seq-len {self.seq_len}; raise --tokens"
+            )
+
+    @property
+    def rows(self) -> int:
+        return self.tokens // self.seq_len
+
+
+ProgressFn = Callable[[int, int, int], None]  # (tokens_done, tokens_budget, bytes_written)
+
+
+def _check_out_dir(cfg: BuildConfig) -> Path:
+    out = Path(cfg.out)
+    if out.exists() and not out.is_dir():
+        raise TcacheError(f"--out {out} is a file; pass a directory path")
+    if out.is_dir() and any(out.iterdir()):
+        if not cfg.overwrite:
+            raise TcacheError(f"--out {out} is not empty; pass --overwrite to replace it or choose another --out")
+    return out
+
+
+def _check_against_teacher(cfg: BuildConfig, config, vocab_size: int) -> None:
+    if cfg.top_k > vocab_size:
+        raise TcacheError(f"--top-k {cfg.top_k} exceeds the teacher's vocabulary of {vocab_size}; use 1..{vocab_size}")
+    max_pos = getattr(text_config(config), "max_position_embeddings", None)
+    if max_pos is not None and cfg.seq_len > max_pos:
+        raise TcacheError(
+            f"--seq-len {cfg.seq_len} exceeds the teacher's max_position_embeddings {max_pos}; use at most {max_pos}"
+        )
+
+
+def _save_teacher_parts(model, tokenizer, config, writer: CacheWriter) -> None:
+    """What the student reuses, so distillation never loads the teacher: embeddings, head, config, tokenizer."""
+    from safetensors.torch import save_file
+
+    tdir = writer.out_dir / schema.TEACHER_DIR
+    config.save_pretrained(tdir)
+    tokenizer.save_pretrained(tdir)
+    head = model.get_output_embeddings()
+    tensors = {
+        # fp32 copies: exact for fp16/bf16 weights; clone() because safetensors refuses shared (tied) storage.
+        "embed_tokens": model.get_input_embeddings().weight.detach().float().cpu().clone(),  # (V, D)
+        "lm_head": head.weight.detach().float().cpu().clone(),  # (V, D)
+    }
+    if getattr(head, "bias", None) is not None:
+        tensors["lm_head_bias"] = head.bias.detach().float().cpu().clone()  # (V,)
+    norm = getattr(model.base_model, "norm", None)
+    if norm is not None and getattr(norm, "weight", None) is not None:
+        tensors["final_norm"] = norm.weight.detach().float().cpu().clone()  # (D,)
+    save_file(tensors, str(writer.add_teacher_file(schema.EMBEDDINGS_FILE)))
+
+
+def build(cfg: BuildConfig, on_progress: ProgressFn | None = None) -> Manifest:
+    # 1. setup: every check that can fail runs before anything is written
+    out = _check_out_dir(cfg)
+    device = resolve_device(cfg.device)
+    dtype = resolve_dtype(cfg.dtype, device)
+    model, tokenizer, config = load_teacher(cfg.teacher, device, dtype, cfg.revision)
+    vocab_size = int(model.get_output_embeddings().weight.shape[0])
+    hidden_size = int(model.get_input_embeddings().weight.shape[1])
+    n_layers = num_layers(config)
+    _check_against_teacher(cfg, config, vocab_size)
+    groups = schema.layer_groups(n_layers, cfg.hidden_groups)
+    rows = pack_rows(iter_texts(cfg.data), tokenizer, cfg.seq_len, tokenizer.eos_token_id)
+    first = next(rows, None)  # surfaces dataset / text-field errors before the output directory is touched
+    if first is None:
+        raise TcacheError(f"--data {cfg.data.path} holds fewer than {cfg.seq_len} tokens; nothing to cache")
+    rows = itertools.islice(itertools.chain([first], rows), cfg.rows)
+
+    if out.is_dir() and cfg.overwrite:
+        shutil.rmtree(out)
+    specs = schema.field_specs(cfg.seq_len, hidden_size, cfg.hidden_groups, cfg.top_k, vocab_size)
+    manifest = Manifest(
+        teacher={
+            "name_or_path": cfg.teacher,
+            "revision": cfg.revision or getattr(config, "_commit_hash", None),
+            "model_type": config.model_type,
+            "architectures": list(getattr(config, "architectures", None) or []),
+            "num_attention_heads": int(getattr(text_config(config), "num_attention_heads", 0)),
+            "tie_word_embeddings": bool(getattr(config, "tie_word_embeddings", False)),
+            "config": config.to_dict(),
+        },
+        tokenizer={"sha256": tokenizer_sha256(tokenizer), "eos_token_id": int(tokenizer.eos_token_id),
+                   "size": len(tokenizer)},
+        dataset=cfg.data.describe(),
+        vocab_size=vocab_size, hidden_size=hidden_size, num_layers=n_layers, seq_len=cfg.seq_len,
+        top_k=cfg.top_k, hidden_groups=cfg.hidden_groups, layer_groups=groups,
+        rows_per_shard=cfg.rows_per_shard, tokens_requested=cfg.tokens,
+        fields={name: {"dtype": s.dtype, "row_shape": list(s.row_shape)} for name, s in specs.items()},
+    )
+
+    # 2. fit: the teacher runs once over the budget; the writer turns rows into shards
+    t0 = time.perf_counter()
+    done = 0
+    with CacheWriter(out, manifest) as writer:
+        _save_teacher_parts(model, tokenizer, config, writer)
+        while batch := list(itertools.islice(rows, cfg.batch_size)):
+            ids = torch.from_numpy(np.stack(batch)).to(device)  # (B, T)
+            tgt = teacher_targets(model, ids, groups, cfg.top_k)
+            hidden = tgt.hidden if cfg.hidden_groups > 1 else tgt.hidden[:, :, 0]  # (B, T, [G,] D)
+            writer.add({
+                schema.INPUT_IDS: ids.cpu().numpy(),
+                schema.HIDDEN: hidden.to(torch.float16).cpu().numpy(),
+                schema.TOPK_LOGPROBS: tgt.topk_logprobs.cpu().numpy(),
+                schema.TOPK_IDS: tgt.topk_ids.cpu().numpy(),
+            })
+            done += ids.numel()
+            if on_progress:
+                on_progress(done, cfg.rows * cfg.seq_len, writer.bytes_written)
+        seconds = time.perf_counter() - t0
+        # 3. the manifest is written when the `with` block closes: last, and only on success
+        manifest.data_exhausted = done < cfg.rows * cfg.seq_len
+        manifest.build = {
+            "tcache_version": teachercache.__version__,
+            "torch_version": torch.__version__,
+            "device": str(device) if device.type != "cuda" else torch.cuda.get_device_name(device),
+            "dtype": str(dtype).removeprefix("torch."),
+            "batch_size": cfg.batch_size,
+            "seconds": round(seconds, 3),
+            "tokens_per_s": round(done / seconds, 1) if seconds > 0 else None,
+        }
+    return manifest

@@ -1,0 +1,133 @@
+"""Text in, packed token rows out: a `datasets` stream, tokenised with the teacher's tokenizer.
+
+Packing rule (deterministic, documented in docs/format.md): documents are read in dataset order,
+tokenised without special tokens, each followed by one EOS token, concatenated into one stream and
+cut into rows of exactly `seq_len` tokens. A trailing partial row is dropped. Rows therefore start
+mid-document, as in GPT-style pretraining packing.
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterable, Iterator
+
+import numpy as np
+
+from teachercache.errors import TcacheError
+
+# Extension -> `datasets` packaged builder. Compression suffixes are stripped first.
+_BUILDERS = {".json": "json", ".jsonl": "json", ".txt": "text", ".parquet": "parquet", ".csv": "csv"}
+_COMPRESSION = (".xz", ".gz", ".bz2", ".zst", ".zstd")
+
+
+@dataclass(frozen=True)
+class DataSpec:
+    path: str
+    """Hub dataset id (e.g. HuggingFaceFW/fineweb-edu) or a local file / directory (--data)."""
+    config: str | None = None
+    """Hub dataset configuration name (--data-config)."""
+    split: str = "train"
+    """Split to read (--split)."""
+    text_field: str = "text"
+    """Column that holds the document text (--text-field)."""
+
+    def describe(self) -> dict:
+        return {"path": self.path, "config": self.config, "split": self.split, "text_field": self.text_field}
+
+
+def _builder_for(path: Path) -> str | None:
+    suffixes = [s.lower() for s in path.suffixes]
+    while suffixes and suffixes[-1] in _COMPRESSION:
+        suffixes.pop()
+    return _BUILDERS.get(suffixes[-1]) if suffixes else None
+
+
+def _looks_like_path(s: str) -> bool:
+    return s.startswith((".", "/", "~")) or s.count("/") > 1 or _builder_for(Path(s)) is not None
+
+
+def _local_files(spec: DataSpec) -> tuple[str, list[str]] | None:
+    """(builder, files) for a local --data, None for a hub id. Raises for a path that is not there."""
+    p = Path(os.path.expanduser(spec.path))
+    if p.is_file():
+        builder = _builder_for(p)
+        if builder is None:
+            raise TcacheError(
+                f"--data {spec.path}: unsupported file type; use .json/.jsonl/.txt/.parquet/.csv "
+                "(optionally .xz/.gz/.bz2/.zst compressed)"
+            )
+        return builder, [str(p)]
+    if p.is_dir():
+        files = sorted(str(f) for f in p.rglob("*") if f.is_file() and _builder_for(f) is not None)
+        builders = {_builder_for(Path(f)) for f in files}
+        if not files:
+            raise TcacheError(f"--data {spec.path}: directory has no .json/.jsonl/.txt/.parquet/.csv files")
+        if len(builders) > 1:
+            raise TcacheError(
+                f"--data {spec.path}: directory mixes file types ({', '.join(sorted(builders))}); "
+                "point --data at one file type"
+            )
+        return builders.pop(), files
+    if _looks_like_path(spec.path):
+        raise TcacheError(f"--data {spec.path}: no such file or directory; check the path")
+    return None
+
+
+def open_dataset(spec: DataSpec):
+    """A streaming `datasets.IterableDataset`, so a 512M-token budget never loads a whole corpus."""
+    import datasets
+
+    local = _local_files(spec)
+    try:
+        if local is not None:
+            builder, files = local
+            return datasets.load_dataset(builder, data_files=files, split="train", streaming=True)
+        return datasets.load_dataset(spec.path, spec.config, split=spec.split, streaming=True)
+    except (FileNotFoundError, ConnectionError) as e:
+        raise TcacheError(
+            f"--data {spec.path}: dataset not found ({type(e).__name__}); check the name, or pass a local "
+            "file, or set HF_TOKEN for a gated dataset"
+        ) from None
+    except ValueError as e:  # datasets raises ValueError for unknown configs and splits
+        msg = str(e).splitlines()[0][:200]
+        raise TcacheError(f"--data {spec.path}: {msg}; check --data-config and --split") from None
+
+
+def iter_texts(spec: DataSpec) -> Iterator[str]:
+    """Document texts in dataset order. The first record is checked for the text field."""
+    ds = open_dataset(spec)
+    it = iter(ds)
+    try:
+        first = next(it)
+    except StopIteration:
+        raise TcacheError(f"--data {spec.path}: dataset is empty; point --data at a dataset with documents") from None
+    if spec.text_field not in first:
+        cols = ", ".join(sorted(first)) or "none"
+        raise TcacheError(
+            f"--text-field {spec.text_field!r} is not a column of {spec.path} (columns: {cols}); "
+            "pass --text-field with one of them"
+        )
+    for record in itertools.chain([first], it):
+        text = record[spec.text_field]
+        if text:  # None or "" contribute nothing, not even an EOS
+            yield str(text)
+
+
+def pack_rows(texts: Iterable[str], tokenizer, seq_len: int, eos_id: int,
+              docs_per_call: int = 64) -> Iterator[np.ndarray]:
+    """Yield int64 rows (seq_len,) of the packed token stream, in order."""
+    buf: list[int] = []
+    it = iter(texts)
+    while batch := list(itertools.islice(it, docs_per_call)):
+        # Batched calls let a fast tokenizer use its own threads; the result is the same as one by one.
+        for ids in tokenizer(batch, add_special_tokens=False)["input_ids"]:
+            buf.extend(ids)
+            buf.append(eos_id)
+        n_full = len(buf) // seq_len
+        if n_full:
+            block = np.asarray(buf[: n_full * seq_len], dtype=np.int64).reshape(n_full, seq_len)
+            del buf[: n_full * seq_len]
+            yield from block
