@@ -18,8 +18,8 @@ from teachercache import schema
 from teachercache.data import DataSpec, iter_texts, pack_rows
 from teachercache.errors import TcacheError
 from teachercache.schema import Manifest
-from teachercache.teacher import (load_teacher, num_layers, resolve_device, resolve_dtype, teacher_targets,
-                                  text_config, tokenizer_sha256)
+from teachercache.teacher import (load_config, load_teacher, num_layers, resolve_device, resolve_dtype,
+                                  teacher_targets, text_config, tokenizer_sha256)
 from teachercache.writer import CacheWriter
 
 _SUFFIX = {"": 1, "k": 10**3, "m": 10**6, "g": 10**9, "b": 10**9}
@@ -97,7 +97,8 @@ def _check_out_dir(cfg: BuildConfig) -> Path:
     return out
 
 
-def _check_against_teacher(cfg: BuildConfig, config, vocab_size: int) -> None:
+def _check_against_teacher(cfg: BuildConfig, config) -> None:
+    vocab_size = int(text_config(config).vocab_size)
     if cfg.top_k > vocab_size:
         raise TcacheError(f"--top-k {cfg.top_k} exceeds the teacher's vocabulary of {vocab_size}; use 1..{vocab_size}")
     max_pos = getattr(text_config(config), "max_position_embeddings", None)
@@ -133,12 +134,12 @@ def build(cfg: BuildConfig, on_progress: ProgressFn | None = None) -> Manifest:
     out = _check_out_dir(cfg)
     device = resolve_device(cfg.device)
     dtype = resolve_dtype(cfg.dtype, device)
-    model, tokenizer, config = load_teacher(cfg.teacher, device, dtype, cfg.revision)
-    vocab_size = int(model.get_output_embeddings().weight.shape[0])
+    config = load_config(cfg.teacher, cfg.revision)
+    _check_against_teacher(cfg, config)
+    groups = schema.layer_groups(num_layers(config), cfg.hidden_groups)
+    model, tokenizer = load_teacher(cfg.teacher, device, dtype, cfg.revision)
+    vocab_size = int(model.get_output_embeddings().weight.shape[0])  # logits width, may pad the tokenizer's
     hidden_size = int(model.get_input_embeddings().weight.shape[1])
-    n_layers = num_layers(config)
-    _check_against_teacher(cfg, config, vocab_size)
-    groups = schema.layer_groups(n_layers, cfg.hidden_groups)
     rows = pack_rows(iter_texts(cfg.data), tokenizer, cfg.seq_len, tokenizer.eos_token_id)
     first = next(rows, None)  # surfaces dataset / text-field errors before the output directory is touched
     if first is None:
@@ -161,7 +162,7 @@ def build(cfg: BuildConfig, on_progress: ProgressFn | None = None) -> Manifest:
         tokenizer={"sha256": tokenizer_sha256(tokenizer), "eos_token_id": int(tokenizer.eos_token_id),
                    "size": len(tokenizer)},
         dataset=cfg.data.describe(),
-        vocab_size=vocab_size, hidden_size=hidden_size, num_layers=n_layers, seq_len=cfg.seq_len,
+        vocab_size=vocab_size, hidden_size=hidden_size, num_layers=num_layers(config), seq_len=cfg.seq_len,
         top_k=cfg.top_k, hidden_groups=cfg.hidden_groups, layer_groups=groups,
         rows_per_shard=cfg.rows_per_shard, tokens_requested=cfg.tokens,
         fields={name: {"dtype": s.dtype, "row_shape": list(s.row_shape)} for name, s in specs.items()},

@@ -86,6 +86,8 @@ def open_dataset(spec: DataSpec):
             builder, files = local
             return datasets.load_dataset(builder, data_files=files, split="train", streaming=True)
         return datasets.load_dataset(spec.path, spec.config, split=spec.split, streaming=True)
+    except StopIteration:  # datasets' json builder peeks at the first table while setting up
+        raise TcacheError(f"--data {spec.path}: dataset is empty; point --data at a dataset with documents") from None
     except (FileNotFoundError, ConnectionError) as e:
         raise TcacheError(
             f"--data {spec.path}: dataset not found ({type(e).__name__}); check the name, or pass a local "

@@ -42,20 +42,26 @@ def _looks_local(name: str) -> bool:
     return name.startswith((".", "/", "~")) or name.count("/") > 1 or Path(name).exists()
 
 
-def load_teacher(name: str, device: torch.device, dtype: torch.dtype, revision: str | None = None):
-    """(model, tokenizer) from a hub id or a local path, in eval mode, on `device`."""
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+def load_config(name: str, revision: str | None = None):
+    """The teacher's config alone: cheap, so every argument check runs before weights load."""
+    from transformers import AutoConfig
 
     if _looks_local(name) and not Path(name).expanduser().is_dir():
         raise TcacheError(f"--teacher {name}: no such directory; pass a HF model directory or a hub id")
     try:
-        config = AutoConfig.from_pretrained(name, revision=revision)
+        return AutoConfig.from_pretrained(name, revision=revision)
     except (OSError, ValueError) as e:
         first = str(e).splitlines()[0][:160]
         raise TcacheError(
             f"--teacher {name}: not found or not a HF model ({first}); pass a hub id like "
             "HuggingFaceTB/SmolLM2-360M or a directory with config.json"
         ) from None
+
+
+def load_teacher(name: str, device: torch.device, dtype: torch.dtype, revision: str | None = None):
+    """(model, tokenizer) from a hub id or a local path, in eval mode, on `device`, without grads."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
     try:
         tokenizer = AutoTokenizer.from_pretrained(name, revision=revision)
         model = AutoModelForCausalLM.from_pretrained(name, revision=revision, dtype=dtype)
@@ -65,7 +71,7 @@ def load_teacher(name: str, device: torch.device, dtype: torch.dtype, revision: 
     if tokenizer.eos_token_id is None:
         raise TcacheError(f"--teacher {name}: tokenizer has no EOS token, which packing needs between documents")
     model.to(device).eval().requires_grad_(False)
-    return model, tokenizer, config
+    return model, tokenizer
 
 
 def tokenizer_sha256(tokenizer) -> str:

@@ -1,0 +1,67 @@
+"""Shared fixtures: the shared pretrained teacher and corpus, a tiny random Llama, small caches."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+# Tests never reach a hub: a missing id must fail fast, not retry over the network.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED = Path(os.environ.get("TCACHE_SHARED", REPO.parent / "shared"))
+
+
+@pytest.fixture(scope="session")
+def shared() -> Path:
+    assert (SHARED / "teacher" / "config.json").is_file(), (
+        f"shared assets not found at {SHARED}; clone next to ../shared or set TCACHE_SHARED"
+    )
+    return SHARED
+
+
+@pytest.fixture(scope="session")
+def teacher_dir(shared) -> Path:
+    return shared / "teacher"
+
+
+@pytest.fixture(scope="session")
+def valid_jsonl(shared) -> Path:
+    return shared / "corpus" / "valid.jsonl"
+
+
+@pytest.fixture(scope="session")
+def tiny_teacher(tmp_path_factory, teacher_dir) -> Path:
+    """A random-init 4-layer Llama with an untied head and the shared tokenizer (so text tokenises)."""
+    import torch
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=16384, hidden_size=32, intermediate_size=64, num_hidden_layers=4,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                      tie_word_embeddings=False, bos_token_id=0, eos_token_id=0)
+    out = tmp_path_factory.mktemp("tiny_teacher")
+    LlamaForCausalLM(cfg).save_pretrained(out)
+    AutoTokenizer.from_pretrained(teacher_dir).save_pretrained(out)
+    return out
+
+
+def build_cache(out: Path, teacher: Path, data: Path, tokens: int, **kw):
+    from teachercache.build import BuildConfig, build
+    from teachercache.data import DataSpec
+
+    cfg = BuildConfig(teacher=str(teacher), data=DataSpec(str(data)), out=str(out), tokens=tokens,
+                      device="cpu", **kw)
+    return build(cfg)
+
+
+@pytest.fixture(scope="session")
+def shared_cache(tmp_path_factory, teacher_dir, valid_jsonl) -> Path:
+    """The shared teacher over 12 rows x 128 tokens of held-out text, 5 rows per shard (3 shards)."""
+    out = tmp_path_factory.mktemp("caches") / "shared"
+    build_cache(out, teacher_dir, valid_jsonl, tokens=12 * 128, seq_len=128, top_k=32, batch_size=4,
+                rows_per_shard=5)
+    return out

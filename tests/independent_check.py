@@ -1,0 +1,121 @@
+"""Checks a cache against transformers using only json, h5py, numpy, safetensors and transformers.
+
+Nothing from tcache is imported here: this re-derives what the cache claims from the raw files.
+Also usable as a script on a whole cache:
+
+    python tests/independent_check.py CACHE TEACHER_DIR DATA_JSONL [--rows N]
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+from pathlib import Path
+
+import h5py
+import numpy as np
+import torch
+
+
+def _sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def read_cache(cache: Path) -> tuple[dict, dict[str, np.ndarray]]:
+    manifest = json.loads((cache / "manifest.json").read_text())
+    fields: dict[str, list] = {}
+    for shard in manifest["shards"]:
+        path = cache / shard["file"]
+        assert _sha256(path) == shard["sha256"], f"{path}: sha256 differs from the manifest"
+        with h5py.File(path, "r") as f:
+            assert f["input_ids"].chunks == (1, *f["input_ids"].shape[1:]), "chunks must be one row"
+            for name in ("input_ids", "hidden", "topk_logprobs", "topk_ids"):
+                fields.setdefault(name, []).append(f[name][:])
+    return manifest, {k: np.concatenate(v) for k, v in fields.items()}
+
+
+def packed_reference(data_jsonl: Path, tokenizer, seq_len: int, rows: int) -> np.ndarray:
+    """Docs in file order, no special tokens, EOS after each, cut into rows (the documented rule)."""
+    stream: list[int] = []
+    with open(data_jsonl) as f:
+        for line in f:
+            text = json.loads(line)["text"]
+            if text:
+                stream += tokenizer(text, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+            if len(stream) >= rows * seq_len:
+                break
+    return np.asarray(stream[: rows * seq_len]).reshape(-1, seq_len)
+
+
+def check_cache(cache: Path, teacher_dir: Path, data_jsonl: Path | None = None, rows: int | None = None,
+                hidden_rtol: float = 2e-3, logprob_atol: float = 2e-4) -> dict:
+    from safetensors.numpy import load_file
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    manifest, data = read_cache(Path(cache))
+    model = AutoModelForCausalLM.from_pretrained(teacher_dir, dtype=torch.float32).eval()
+    tokenizer = AutoTokenizer.from_pretrained(teacher_dir)
+    n = len(data["input_ids"]) if rows is None else min(rows, len(data["input_ids"]))
+    seq_len, k, groups = manifest["seq_len"], manifest["top_k"], manifest["layer_groups"]
+    assert n * seq_len <= manifest["tokens"] and len(data["input_ids"]) * seq_len == manifest["tokens"]
+
+    if data_jsonl is not None:
+        ref_ids = packed_reference(Path(data_jsonl), tokenizer, seq_len, n)
+        np.testing.assert_array_equal(data["input_ids"][:n].astype(np.int64), ref_ids)
+
+    emb = load_file(str(Path(cache) / "teacher" / "embeddings.safetensors"))
+    np.testing.assert_allclose(emb["embed_tokens"], model.get_input_embeddings().weight.detach().numpy(), rtol=0, atol=0)
+    np.testing.assert_allclose(emb["lm_head"], model.get_output_embeddings().weight.detach().numpy(), rtol=0, atol=0)
+
+    worst = {"hidden_rel": 0.0, "logprob_abs": 0.0, "tail_abs": 0.0, "id_mismatch_untied": 0}
+    for r in range(n):
+        ids = torch.from_numpy(data["input_ids"][r].astype(np.int64))[None]  # (1, T)
+        with torch.no_grad():
+            out = model(ids, output_hidden_states=True)
+        layers = torch.stack(out.hidden_states[1:])  # (L, 1, T, D)
+        ref_h = torch.stack([layers[a:b].mean(0) for a, b in groups], dim=2)[0].numpy()  # (T, G, D)
+        got_h = data["hidden"][r].astype(np.float32).reshape(ref_h.shape)
+        rel = np.abs(got_h - ref_h).max() / np.abs(ref_h).max()
+        worst["hidden_rel"] = max(worst["hidden_rel"], float(rel))
+        np.testing.assert_allclose(got_h, ref_h, rtol=hidden_rtol, atol=hidden_rtol * np.abs(ref_h).max())
+
+        ref_lp = torch.log_softmax(out.logits[0].double(), -1).numpy()  # (T, V) float64
+        got_lp, got_ids = data["topk_logprobs"][r].astype(np.float64), data["topk_ids"][r].astype(np.int64)
+        assert np.all(np.diff(got_lp, axis=-1) <= 0), "top-k log-probs must be sorted descending"
+        # The cached value at each cached id is the teacher's log-prob of that id ...
+        at_ids = np.take_along_axis(ref_lp, got_ids, -1)
+        worst["logprob_abs"] = max(worst["logprob_abs"], float(np.abs(at_ids - got_lp).max()))
+        np.testing.assert_allclose(got_lp, at_ids, atol=logprob_atol, rtol=0)
+        # ... and those ids are the k largest: equal to the reference top-k up to ties.
+        ref_top = -np.sort(-ref_lp, axis=-1)[:, :k]
+        np.testing.assert_allclose(got_lp, ref_top, atol=logprob_atol, rtol=0)
+        ref_ids_top = np.argsort(-ref_lp, axis=-1, kind="stable")[:, :k]
+        srt = -np.sort(-ref_lp, axis=-1)  # (T, V)
+        ext = np.concatenate([np.full((len(srt), 1), np.inf), srt[:, :k],
+                              srt[:, k:k + 1] if k < srt.shape[1] else np.full((len(srt), 1), -np.inf)], -1)
+        gaps = np.abs(np.diff(ext, axis=-1))  # (T, k+1): gap before and after each top-k slot
+        tie_near = (gaps[:, :-1] < 1e-4) | (gaps[:, 1:] < 1e-4)  # (T, k)
+        mismatch = (ref_ids_top != got_ids) & ~tie_near
+        worst["id_mismatch_untied"] += int(mismatch.sum())
+        assert not mismatch.any(), "top-k ids differ from transformers where there is no tie"
+        # Tail mass: 1 - sum(p_topk) equals the teacher's mass outside the cached ids.
+        mask = np.ones_like(ref_lp, dtype=bool)
+        np.put_along_axis(mask, got_ids, False, -1)
+        ref_tail = np.where(mask, np.exp(ref_lp), 0).sum(-1)
+        got_tail = 1 - np.exp(got_lp).sum(-1)
+        worst["tail_abs"] = max(worst["tail_abs"], float(np.abs(ref_tail - got_tail).max()))
+        np.testing.assert_allclose(got_tail, ref_tail, atol=1e-4, rtol=0)
+    worst["rows_checked"] = n
+    return worst
+
+
+if __name__ == "__main__":
+    ap = argparse.ArgumentParser()
+    ap.add_argument("cache", type=Path)
+    ap.add_argument("teacher", type=Path)
+    ap.add_argument("data", type=Path, nargs="?")
+    ap.add_argument("--rows", type=int, default=None)
+    a = ap.parse_args()
+    print(json.dumps(check_cache(a.cache, a.teacher, a.data, a.rows), indent=2))
+    print("independent check passed")

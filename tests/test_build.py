@@ -1,0 +1,127 @@
+"""The build against independent recomputation with transformers; determinism; format invariants."""
+
+from __future__ import annotations
+
+import json
+
+import h5py
+import numpy as np
+import pytest
+
+from independent_check import check_cache, read_cache
+from conftest import build_cache
+from teachercache import schema
+from teachercache.build import parse_count
+from teachercache.errors import TcacheError
+from teachercache.reader import CacheReader
+
+
+def test_shared_teacher_cache_matches_transformers(shared_cache, teacher_dir, valid_jsonl):
+    worst = check_cache(shared_cache, teacher_dir, valid_jsonl)
+    assert worst["rows_checked"] == 12
+    # fp16 storage of the hidden mean: relative error of one fp16 rounding (2^-11) and no more
+    assert worst["hidden_rel"] < 1e-3
+
+
+def test_manifest_describes_the_shards(shared_cache):
+    manifest = json.loads((shared_cache / "manifest.json").read_text())
+    assert manifest["schema_version"] == schema.SCHEMA_VERSION
+    assert [s["rows"] for s in manifest["shards"]] == [5, 5, 2]
+    assert [s["file"] for s in manifest["shards"]] == ["shard-00000.h5", "shard-00001.h5", "shard-00002.h5"]
+    assert manifest["tokens"] == 12 * 128 and manifest["rows"] == 12
+    assert manifest["vocab_size"] == 16384 and manifest["hidden_size"] == 384 and manifest["num_layers"] == 8
+    assert manifest["layer_groups"] == [[0, 8]]
+    assert "hidden_states[1:]" in manifest["hidden_source"]
+    for rel, digest in manifest["teacher_files"].items():
+        assert schema.sha256_file(shared_cache / rel) == digest
+    assert {"teacher/config.json", "teacher/embeddings.safetensors", "teacher/tokenizer.json"} <= set(
+        manifest["teacher_files"])
+    assert not list(shared_cache.glob("*.partial"))
+    with h5py.File(shared_cache / "shard-00000.h5") as f:
+        assert f["hidden"].shape == (5, 128, 384) and f["hidden"].dtype == np.float16
+        assert f["topk_ids"].dtype == np.uint16 and f["topk_logprobs"].dtype == np.float32
+        assert f["hidden"].chunks == (1, 128, 384)
+
+
+def test_reader_rows_match_raw_h5py(shared_cache):
+    _, raw = read_cache(shared_cache)
+    with CacheReader(shared_cache) as reader:
+        assert len(reader) == 12
+        span = reader.rows(3, 11)  # crosses two shard boundaries
+        for name in schema.FIELDS:
+            np.testing.assert_array_equal(span[name], raw[name][3:11])
+            np.testing.assert_array_equal(reader.row(7)[name], raw[name][7])
+        reader.verify()
+        with pytest.raises(IndexError):
+            reader.row(12)
+
+
+def test_groups_and_full_vocab_on_tiny_teacher(tmp_path, tiny_teacher, valid_jsonl):
+    """G=2 hidden groups (each its own mean) and k = V: the cached top-k then carries all the mass."""
+    out = tmp_path / "c"
+    m = build_cache(out, tiny_teacher, valid_jsonl, tokens=3 * 64, seq_len=64, top_k=16384,
+                    hidden_groups=2, batch_size=2)
+    assert m.layer_groups == [(0, 2), (2, 4)]
+    worst = check_cache(out, tiny_teacher, valid_jsonl)
+    assert worst["rows_checked"] == 3
+    _, raw = read_cache(out)
+    assert raw["hidden"].shape == (3, 64, 2, 32)
+    mass = np.exp(raw["topk_logprobs"].astype(np.float64)).sum(-1)  # (rows, T)
+    np.testing.assert_allclose(mass, 1.0, atol=1e-4)
+    # the untied head is stored as the head, not as a copy of the embedding
+    from safetensors.numpy import load_file
+    emb = load_file(str(out / schema.EMBEDDINGS_FILE))
+    assert not np.allclose(emb["embed_tokens"], emb["lm_head"])
+
+
+def test_same_command_gives_identical_shards(tmp_path, tiny_teacher, valid_jsonl):
+    kw = dict(tokens=6 * 64, seq_len=64, top_k=8, batch_size=4, rows_per_shard=4)
+    a = build_cache(tmp_path / "a", tiny_teacher, valid_jsonl, **kw)
+    b = build_cache(tmp_path / "b", tiny_teacher, valid_jsonl, **kw)
+    assert [s.sha256 for s in a.shards] == [s.sha256 for s in b.shards]
+    assert a.teacher_files == b.teacher_files
+    for s in a.shards:
+        assert (tmp_path / "a" / s.file).read_bytes() == (tmp_path / "b" / s.file).read_bytes()
+
+
+def test_failed_build_leaves_no_cache(tmp_path, tiny_teacher, valid_jsonl, monkeypatch):
+    """An error mid-build (after shards were written) removes everything: nothing looks like a cache."""
+    import teachercache.build as build_mod
+
+    calls = {"n": 0}
+    real = build_mod.teacher_targets
+
+    def flaky(*args, **kw):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise RuntimeError("simulated failure")
+        return real(*args, **kw)
+
+    monkeypatch.setattr(build_mod, "teacher_targets", flaky)
+    out = tmp_path / "c"
+    with pytest.raises(RuntimeError):
+        build_cache(out, tiny_teacher, valid_jsonl, tokens=8 * 64, seq_len=64, top_k=4, batch_size=2,
+                    rows_per_shard=2)
+    assert not out.exists()
+    with pytest.raises(TcacheError, match="not a directory"):
+        schema.load_manifest(out)
+
+
+@pytest.mark.parametrize("text,value", [("512M", 512_000_000), ("2.5k", 2500), ("100000", 100000),
+                                        ("1B", 10**9), ("1_000", 1000), (77, 77)])
+def test_parse_count(text, value):
+    assert parse_count(text) == value
+
+
+@pytest.mark.parametrize("text", ["", "abc", "12x", "-5", "0"])
+def test_parse_count_rejects(text):
+    with pytest.raises(TcacheError, match="--tokens"):
+        parse_count(text)
+
+
+def test_layer_groups():
+    assert schema.layer_groups(8, 1) == [(0, 8)]
+    assert schema.layer_groups(8, 8) == [(i, i + 1) for i in range(8)]
+    assert schema.layer_groups(32, 5) == [(0, 7), (7, 14), (14, 20), (20, 26), (26, 32)]
+    with pytest.raises(TcacheError, match="--hidden-groups"):
+        schema.layer_groups(8, 9)

@@ -1,0 +1,184 @@
+"""`tcache build` / `tcache stats` through click: the happy path and every bad input of the issue."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from click.testing import CliRunner
+
+from cli.main import main
+from teachercache import schema
+
+
+def run(*args):
+    return CliRunner().invoke(main, [str(a) for a in args])
+
+
+def assert_clean_error(result, *fragments):
+    """Non-zero exit, one `Error:` line naming the problem, no traceback."""
+    assert result.exit_code != 0, result.output
+    assert result.exception is None or isinstance(result.exception, SystemExit), repr(result.exception)
+    assert "Traceback" not in result.output
+    errors = [line for line in result.output.splitlines() if line.startswith("Error:")]
+    assert len(errors) == 1, result.output
+    for frag in fragments:
+        assert frag in errors[0], errors[0]
+
+
+def assert_no_cache(path):
+    assert not (path / schema.MANIFEST_FILE).exists()
+    assert not list(path.glob("shard-*")) if path.exists() else True
+
+
+@pytest.fixture
+def tiny_args(tiny_teacher, valid_jsonl):
+    return ["build", "--teacher", tiny_teacher, "--data", valid_jsonl, "--seq-len", 64, "--top-k", 4,
+            "--device", "cpu"]
+
+
+def test_build_then_stats(tmp_path, tiny_args):
+    out = tmp_path / "c"
+    r = run(*tiny_args, "--tokens", "0.3k", "--out", out)
+    assert r.exit_code == 0, r.output
+    assert "cache written" in r.output
+    r = run("stats", out, "--json")
+    assert r.exit_code == 0, r.output
+    s = json.loads(r.output)
+    assert s["tokens"] == 256 and s["rows"] == 4 and s["top_k"] == 4 and s["seq_len"] == 64
+    # bytes per token by field follow from the dtypes: fp16 hidden (D=32), uint16 ids, fp32 log-probs
+    assert s["fields"]["hidden"]["bytes_per_token"] == 2 * 32
+    assert s["fields"]["topk_logprobs"]["bytes_per_token"] == 4 * 4
+    assert s["fields"]["topk_ids"]["bytes_per_token"] == 2 * 4
+    assert 0 < s["topk_mass"]["p1"] <= s["topk_mass"]["p50"] <= s["topk_mass"]["p99"] <= 1 + 1e-6
+    r = run("stats", out)
+    assert r.exit_code == 0 and "top-k probability mass" in r.output and "hidden RMS" in r.output
+
+
+def test_stats_values_match_raw_file(shared_cache):
+    """Mass and RMS recomputed from the raw shards with h5py."""
+    from independent_check import read_cache
+    import numpy as np
+
+    r = run("stats", shared_cache, "--json")
+    s = json.loads(r.output)
+    _, raw = read_cache(shared_cache)
+    mass = np.exp(raw["topk_logprobs"].astype(np.float64)).sum(-1).ravel()
+    assert s["topk_mass"]["mean"] == pytest.approx(mass.mean(), rel=1e-9)
+    assert s["topk_mass"]["p5"] == pytest.approx(np.percentile(mass, 5), rel=1e-9)
+    rms = np.sqrt((raw["hidden"].astype(np.float64) ** 2).mean())
+    assert s["hidden_rms"][0] == pytest.approx(rms, rel=1e-9)
+
+
+def test_teacher_path_not_found(tmp_path, valid_jsonl):
+    out = tmp_path / "c"
+    r = run("build", "--teacher", tmp_path / "nope", "--data", valid_jsonl, "--tokens", "1k", "--out", out)
+    assert_clean_error(r, "--teacher", "no such directory")
+    assert not out.exists()
+
+
+def test_teacher_hub_id_not_found(tmp_path, valid_jsonl):
+    r = run("build", "--teacher", "no-such-org/no-such-model", "--data", valid_jsonl, "--tokens", "1k",
+            "--out", tmp_path / "c")
+    assert_clean_error(r, "--teacher", "not found")
+    assert not (tmp_path / "c").exists()
+
+
+def test_dataset_not_found(tmp_path, tiny_args):
+    args = [a if a != tiny_args[4] else tmp_path / "missing.jsonl" for a in tiny_args]
+    r = run(*args, "--tokens", "1k", "--out", tmp_path / "c")
+    assert_clean_error(r, "--data", "no such file")
+    r = run(*tiny_args[:3], "--data", "no-such-org/no-such-dataset", *tiny_args[5:], "--tokens", "1k",
+            "--out", tmp_path / "c")
+    assert_clean_error(r, "--data", "not found")
+    assert not (tmp_path / "c").exists()
+
+
+def test_dataset_empty(tmp_path, tiny_teacher):
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("")
+    r = run("build", "--teacher", tiny_teacher, "--data", empty, "--tokens", "1k", "--seq-len", 64,
+            "--out", tmp_path / "c")
+    assert_clean_error(r, "--data", "empty")
+    assert not (tmp_path / "c").exists()
+
+
+def test_text_field_missing(tmp_path, tiny_args):
+    r = run(*tiny_args, "--text-field", "body", "--tokens", "1k", "--out", tmp_path / "c")
+    assert_clean_error(r, "--text-field", "'body'", "columns: text")
+    assert not (tmp_path / "c").exists()
+
+
+@pytest.mark.parametrize("k,frag", [(0, "--top-k must be at least 1"), (16385, "--top-k 16385 exceeds")])
+def test_top_k_out_of_range(tmp_path, tiny_teacher, valid_jsonl, k, frag):
+    r = run("build", "--teacher", tiny_teacher, "--data", valid_jsonl, "--tokens", "1k", "--top-k", k,
+            "--out", tmp_path / "c")
+    assert_clean_error(r, frag)
+    assert not (tmp_path / "c").exists()
+
+
+def test_seq_len_beyond_max_positions(tmp_path, tiny_teacher, valid_jsonl):
+    r = run("build", "--teacher", tiny_teacher, "--data", valid_jsonl, "--tokens", "1k", "--seq-len", 512,
+            "--out", tmp_path / "c")
+    assert_clean_error(r, "--seq-len 512", "max_position_embeddings 256")
+
+
+def test_tokens_beyond_data_builds_what_there_is(tmp_path, tiny_teacher):
+    data = tmp_path / "small.jsonl"
+    data.write_text("\n".join(json.dumps({"text": "The quick brown fox jumps over the lazy dog. " * 20})
+                              for _ in range(5)))
+    out = tmp_path / "c"
+    r = run("build", "--teacher", tiny_teacher, "--data", data, "--tokens", "1M", "--seq-len", 64,
+            "--top-k", 4, "--out", out)
+    assert r.exit_code == 0, r.output
+    assert "held only" in r.output
+    m = schema.load_manifest(out)
+    assert m.data_exhausted and m.tokens_requested == 10**6
+    assert 0 < m.tokens < 5 * 20 * 12 and m.tokens % 64 == 0
+
+
+def test_tokens_less_than_one_row(tmp_path, tiny_args):
+    r = run(*tiny_args, "--tokens", "10", "--out", tmp_path / "c")
+    assert_clean_error(r, "--tokens 10", "--seq-len 64")
+
+
+def test_out_not_empty_needs_overwrite(tmp_path, tiny_args):
+    out = tmp_path / "c"
+    out.mkdir()
+    (out / "precious.txt").write_text("keep me")
+    r = run(*tiny_args, "--tokens", "128", "--out", out)
+    assert_clean_error(r, "--out", "not empty", "--overwrite")
+    assert (out / "precious.txt").read_text() == "keep me"
+    r = run(*tiny_args, "--tokens", "128", "--out", out, "--overwrite")
+    assert r.exit_code == 0, r.output
+    assert not (out / "precious.txt").exists() and schema.load_manifest(out).rows == 2
+
+
+def test_stats_on_a_directory_that_is_not_a_cache(tmp_path):
+    r = run("stats", tmp_path)
+    assert_clean_error(r, "not a tcache cache", "tcache build")
+    r = run("stats", tmp_path / "missing")
+    assert_clean_error(r, "not a directory")
+
+
+def test_stats_on_another_schema_version(tmp_path, shared_cache):
+    import shutil
+
+    copy = tmp_path / "c"
+    shutil.copytree(shared_cache, copy)
+    m = json.loads((copy / "manifest.json").read_text())
+    m["schema_version"] = schema.SCHEMA_VERSION + 1
+    (copy / "manifest.json").write_text(json.dumps(m))
+    r = run("stats", copy)
+    assert_clean_error(r, f"schema version {schema.SCHEMA_VERSION + 1}", "rebuild")
+
+
+def test_stats_on_a_truncated_shard(tmp_path, shared_cache):
+    import shutil
+
+    copy = tmp_path / "c"
+    shutil.copytree(shared_cache, copy)
+    shard = copy / "shard-00001.h5"
+    shard.write_bytes(shard.read_bytes()[:1000])
+    r = run("stats", copy)
+    assert_clean_error(r, "shard-00001.h5", "rebuild")
