@@ -35,7 +35,7 @@ class _BytesColumn(ProgressColumn):
 @click.option("--seq-len", default=512, show_default=True, help="Tokens per packed row.")
 @click.option("--top-k", default=64, show_default=True, help="Teacher log-probs kept per position.")
 @click.option("--hidden-groups", default=1, show_default=True,
-              help="Average the teacher's layers in G contiguous groups (storage grows x G).")
+              help="Average the teacher's layers in G contiguous groups (storage grows x G); 0 stores none (KD-only).")
 @click.option("--data-config", default=None, help="Hub dataset configuration name.")
 @click.option("--split", default="train", show_default=True, help="Dataset split.")
 @click.option("--text-field", default="text", show_default=True, help="Column holding the text.")

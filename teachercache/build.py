@@ -54,7 +54,7 @@ class BuildConfig:
     top_k: int = 64
     """Teacher log-probs kept per position (--top-k)."""
     hidden_groups: int = 1
-    """Contiguous teacher-layer groups to average separately; storage grows linearly (--hidden-groups)."""
+    """Contiguous teacher-layer groups to average separately, 0 for none; storage grows linearly (--hidden-groups)."""
     batch_size: int = 8
     """Rows per teacher forward (--batch-size)."""
     rows_per_shard: int = 1024
@@ -69,8 +69,9 @@ class BuildConfig:
     """Replace an existing non-empty --out (--overwrite)."""
 
     def __post_init__(self) -> None:
-        for flag, value in (("--seq-len", self.seq_len), ("--top-k", self.top_k),
-                            ("--hidden-groups", self.hidden_groups), ("--batch-size", self.batch_size),
+        if self.hidden_groups < 0:
+            raise TcacheError(f"--hidden-groups must be 0 (no hidden states) or more, got {self.hidden_groups}")
+        for flag, value in (("--seq-len", self.seq_len), ("--top-k", self.top_k), ("--batch-size", self.batch_size),
                             ("--shard-rows", self.rows_per_shard), ("--tokens", self.tokens)):
             if value < 1:
                 raise TcacheError(f"{flag} must be at least 1, got {value}")
@@ -176,13 +177,15 @@ def build(cfg: BuildConfig, on_progress: ProgressFn | None = None) -> Manifest:
         while batch := list(itertools.islice(rows, cfg.batch_size)):
             ids = torch.from_numpy(np.stack(batch)).to(device)  # (B, T)
             tgt = teacher_targets(model, ids, groups, cfg.top_k)
-            hidden = tgt.hidden if cfg.hidden_groups > 1 else tgt.hidden[:, :, 0]  # (B, T, [G,] D)
-            writer.add({
+            rows_out = {
                 schema.INPUT_IDS: ids.cpu().numpy(),
-                schema.HIDDEN: hidden.to(torch.float16).cpu().numpy(),
                 schema.TOPK_LOGPROBS: tgt.topk_logprobs.cpu().numpy(),
                 schema.TOPK_IDS: tgt.topk_ids.cpu().numpy(),
-            })
+            }
+            if cfg.hidden_groups:
+                hidden = tgt.hidden if cfg.hidden_groups > 1 else tgt.hidden[:, :, 0]  # (B, T, [G,] D)
+                rows_out[schema.HIDDEN] = hidden.to(torch.float16).cpu().numpy()
+            writer.add(rows_out)
             done += ids.numel()
             if on_progress:
                 on_progress(done, cfg.rows * cfg.seq_len, writer.bytes_written)

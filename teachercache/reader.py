@@ -21,7 +21,7 @@ class CacheReader:
     def __init__(self, cache_dir: str | os.PathLike, fields: tuple[str, ...] = schema.FIELDS):
         self.root = Path(cache_dir)
         self.manifest: Manifest = schema.load_manifest(self.root)
-        self.fields = fields
+        self.fields = tuple(f for f in fields if f in self.manifest.fields)
         self._starts = np.cumsum([0] + [s.rows for s in self.manifest.shards]).tolist()
         self._files: dict[int, h5py.File] = {}
 

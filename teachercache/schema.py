@@ -14,6 +14,7 @@ Each shard holds, for `rows` packed rows of `seq_len` tokens:
     input_ids      (rows, seq_len)            uint16 if vocab <= 65536 else int32
     hidden         (rows, seq_len, D)         float16, when hidden_groups == 1
                    (rows, seq_len, G, D)      float16, when hidden_groups == G > 1
+                   absent                     when hidden_groups == 0 (a KD-only cache)
     topk_logprobs  (rows, seq_len, k)         float32, log-softmax over the FULL vocabulary at T=1,
                                               sorted descending along k
     topk_ids       (rows, seq_len, k)         same dtype as input_ids
@@ -77,10 +78,12 @@ def layer_groups(num_layers: int, groups: int) -> list[tuple[int, int]]:
 
     Sizes differ by at most one, larger groups first (numpy.array_split's rule).
     """
-    if not 1 <= groups <= num_layers:
+    if groups == 0:
+        return []
+    if not 0 <= groups <= num_layers:
         raise TcacheError(
             f"--hidden-groups {groups} does not fit a teacher with {num_layers} layers; "
-            f"use a value from 1 to {num_layers}"
+            f"use a value from 0 (no hidden states) to {num_layers}"
         )
     splits = np.array_split(np.arange(num_layers), groups)
     return [(int(s[0]), int(s[-1]) + 1) for s in splits]
@@ -102,14 +105,15 @@ class FieldSpec:
 
 def field_specs(seq_len: int, hidden_size: int, hidden_groups: int, top_k: int,
                 vocab_size: int) -> dict[str, FieldSpec]:
+    """The datasets of a shard; hidden_groups == 0 stores no hidden states (a KD-only cache)."""
     ids = token_dtype(vocab_size)
-    hidden_shape = (seq_len, hidden_size) if hidden_groups == 1 else (seq_len, hidden_groups, hidden_size)
-    return {
-        INPUT_IDS: FieldSpec(ids, (seq_len,)),
-        HIDDEN: FieldSpec(HIDDEN_DTYPE, hidden_shape),
-        TOPK_LOGPROBS: FieldSpec(LOGPROB_DTYPE, (seq_len, top_k)),
-        TOPK_IDS: FieldSpec(ids, (seq_len, top_k)),
-    }
+    specs = {INPUT_IDS: FieldSpec(ids, (seq_len,))}
+    if hidden_groups > 0:
+        hidden_shape = (seq_len, hidden_size) if hidden_groups == 1 else (seq_len, hidden_groups, hidden_size)
+        specs[HIDDEN] = FieldSpec(HIDDEN_DTYPE, hidden_shape)
+    specs[TOPK_LOGPROBS] = FieldSpec(LOGPROB_DTYPE, (seq_len, top_k))
+    specs[TOPK_IDS] = FieldSpec(ids, (seq_len, top_k))
+    return specs
 
 
 @dataclass

@@ -40,9 +40,10 @@ def cache_stats(cache_dir: str | os.PathLike, max_rows: int = 256) -> dict:
         row = reader.row(int(r))
         lp = row[schema.TOPK_LOGPROBS].astype(np.float64)  # (T, k)
         mass.append(np.exp(lp).sum(-1))  # (T,)
-        h = row[schema.HIDDEN].astype(np.float64).reshape(m.seq_len, m.hidden_groups, m.hidden_size)
-        sq_sum += (h**2).sum(axis=(0, 2))  # (G,)
-        sq_n += m.seq_len * m.hidden_size
+        if schema.HIDDEN in row:
+            h = row[schema.HIDDEN].astype(np.float64).reshape(m.seq_len, m.hidden_groups, m.hidden_size)
+            sq_sum += (h**2).sum(axis=(0, 2))  # (G,)
+            sq_n += m.seq_len * m.hidden_size
     reader.close()
     mass = np.concatenate(mass) if mass else np.zeros(0)
     rms = np.sqrt(sq_sum / max(sq_n, 1))

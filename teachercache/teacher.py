@@ -92,7 +92,7 @@ def num_layers(config) -> int:
 
 @dataclass
 class Targets:
-    hidden: torch.Tensor         # (B, T, G, D) float32: group means of hidden_states[1:]
+    hidden: torch.Tensor | None  # (B, T, G, D) float32: group means of hidden_states[1:]; None if G = 0
     topk_logprobs: torch.Tensor  # (B, T, k) float32, descending
     topk_ids: torch.Tensor       # (B, T, k) int64
 
@@ -100,11 +100,13 @@ class Targets:
 @torch.no_grad()
 def teacher_targets(model, input_ids: torch.Tensor, groups: list[tuple[int, int]], top_k: int) -> Targets:
     """One teacher forward: layer-group means of the hidden states and the top-k log-probs at T=1."""
-    out = model(input_ids=input_ids, output_hidden_states=True, use_cache=False)
-    layers = out.hidden_states[1:]  # L tensors (B, T, D); see schema.HIDDEN_SOURCE
-    hidden = torch.stack(
-        [torch.stack(layers[a:b]).float().mean(0) for a, b in groups], dim=2
-    )  # (B, T, G, D)
+    out = model(input_ids=input_ids, output_hidden_states=bool(groups), use_cache=False)
+    hidden = None
+    if groups:
+        layers = out.hidden_states[1:]  # L tensors (B, T, D); see schema.HIDDEN_SOURCE
+        hidden = torch.stack(
+            [torch.stack(layers[a:b]).float().mean(0) for a, b in groups], dim=2
+        )  # (B, T, G, D)
     logprobs = torch.log_softmax(out.logits.float(), dim=-1)  # (B, T, V) fp32: the FULL vocabulary
     top = torch.topk(logprobs, top_k, dim=-1, sorted=True)  # (B, T, k)
     return Targets(hidden=hidden, topk_logprobs=top.values, topk_ids=top.indices)

@@ -31,7 +31,8 @@ def read_cache(cache: Path) -> tuple[dict, dict[str, np.ndarray]]:
         with h5py.File(path, "r") as f:
             assert f["input_ids"].chunks == (1, *f["input_ids"].shape[1:]), "chunks must be one row"
             for name in ("input_ids", "hidden", "topk_logprobs", "topk_ids"):
-                fields.setdefault(name, []).append(f[name][:])
+                if name in f:
+                    fields.setdefault(name, []).append(f[name][:])
     return manifest, {k: np.concatenate(v) for k, v in fields.items()}
 
 
@@ -69,16 +70,18 @@ def check_cache(cache: Path, teacher_dir: Path, data_jsonl: Path | None = None, 
     np.testing.assert_allclose(emb["lm_head"], model.get_output_embeddings().weight.detach().numpy(), rtol=0, atol=0)
 
     worst = {"hidden_rel": 0.0, "logprob_abs": 0.0, "tail_abs": 0.0, "id_mismatch_untied": 0}
+    assert ("hidden" in data) == (manifest["hidden_groups"] > 0)
     for r in range(n):
         ids = torch.from_numpy(data["input_ids"][r].astype(np.int64))[None]  # (1, T)
         with torch.no_grad():
             out = model(ids, output_hidden_states=True)
-        layers = torch.stack(out.hidden_states[1:])  # (L, 1, T, D)
-        ref_h = torch.stack([layers[a:b].mean(0) for a, b in groups], dim=2)[0].numpy()  # (T, G, D)
-        got_h = data["hidden"][r].astype(np.float32).reshape(ref_h.shape)
-        rel = np.abs(got_h - ref_h).max() / np.abs(ref_h).max()
-        worst["hidden_rel"] = max(worst["hidden_rel"], float(rel))
-        np.testing.assert_allclose(got_h, ref_h, rtol=hidden_rtol, atol=hidden_rtol * np.abs(ref_h).max())
+        if groups:
+            layers = torch.stack(out.hidden_states[1:])  # (L, 1, T, D)
+            ref_h = torch.stack([layers[a:b].mean(0) for a, b in groups], dim=2)[0].numpy()  # (T, G, D)
+            got_h = data["hidden"][r].astype(np.float32).reshape(ref_h.shape)
+            rel = np.abs(got_h - ref_h).max() / np.abs(ref_h).max()
+            worst["hidden_rel"] = max(worst["hidden_rel"], float(rel))
+            np.testing.assert_allclose(got_h, ref_h, rtol=hidden_rtol, atol=hidden_rtol * np.abs(ref_h).max())
 
         ref_lp = torch.log_softmax(out.logits[0].double(), -1).numpy()  # (T, V) float64
         got_lp, got_ids = data["topk_logprobs"][r].astype(np.float64), data["topk_ids"][r].astype(np.int64)

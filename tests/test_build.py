@@ -125,3 +125,12 @@ def test_layer_groups():
     assert schema.layer_groups(32, 5) == [(0, 7), (7, 14), (14, 20), (20, 26), (26, 32)]
     with pytest.raises(TcacheError, match="--hidden-groups"):
         schema.layer_groups(8, 9)
+
+
+def test_kd_only_cache_without_hidden_states(tmp_path, tiny_teacher, valid_jsonl):
+    out = tmp_path / "c"
+    m = build_cache(out, tiny_teacher, valid_jsonl, tokens=2 * 64, seq_len=64, top_k=8, hidden_groups=0)
+    assert "hidden" not in m.fields and m.layer_groups == []
+    with h5py.File(out / "shard-00000.h5") as f:
+        assert set(f) == {"input_ids", "topk_logprobs", "topk_ids"}
+    assert check_cache(out, tiny_teacher, valid_jsonl)["rows_checked"] == 2

@@ -1,0 +1,64 @@
+"""Cached rows as torch batches, in a shuffled order that is a pure function of (seed, epoch)."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset, Sampler
+
+from teachercache import schema
+from teachercache.reader import CacheReader
+
+
+class CacheRows(Dataset):
+    """One cached row as tensors: ids int64 (T,), topk_logprobs fp32 (T, k), topk_ids int64 (T, k),
+    hidden fp16 (T, G, D) when the cache has hidden states and they are wanted."""
+
+    def __init__(self, cache_dir: str, with_hidden: bool = True):
+        fields = [schema.INPUT_IDS, schema.TOPK_LOGPROBS, schema.TOPK_IDS]
+        probe = schema.load_manifest(cache_dir)
+        if with_hidden and schema.HIDDEN in probe.fields:
+            fields.append(schema.HIDDEN)
+        self.reader = CacheReader(cache_dir, fields=tuple(fields))
+        self.groups = probe.hidden_groups
+
+    def __len__(self) -> int:
+        return len(self.reader)
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        row = self.reader.row(int(i))
+        out = {
+            schema.INPUT_IDS: torch.from_numpy(row[schema.INPUT_IDS].astype(np.int64)),
+            schema.TOPK_LOGPROBS: torch.from_numpy(row[schema.TOPK_LOGPROBS].astype(np.float32)),
+            schema.TOPK_IDS: torch.from_numpy(row[schema.TOPK_IDS].astype(np.int64)),
+        }
+        if schema.HIDDEN in row:
+            h = row[schema.HIDDEN]
+            out[schema.HIDDEN] = torch.from_numpy(h.reshape(h.shape[0], self.groups, -1))  # (T, G, D)
+        return out
+
+
+def epoch_order(n_rows: int, seed: int, epoch: int) -> np.ndarray:
+    """The row permutation of one epoch; the same (seed, epoch) always gives the same order."""
+    return np.random.default_rng([seed, epoch]).permutation(n_rows)
+
+
+class EpochSampler(Sampler):
+    """Rows of one epoch's permutation, starting at `start` (to resume mid-epoch)."""
+
+    def __init__(self, n_rows: int, seed: int, epoch: int, start: int = 0):
+        self.order = epoch_order(n_rows, seed, epoch)[start:]
+
+    def __iter__(self):
+        return iter(self.order.tolist())
+
+    def __len__(self) -> int:
+        return len(self.order)
+
+
+def epoch_loader(rows: CacheRows, batch_size: int, seed: int, epoch: int, start_batch: int,
+                 workers: int, pin: bool) -> DataLoader:
+    """Micro-batches of one epoch from micro-batch `start_batch` on; a last partial batch is dropped."""
+    sampler = EpochSampler(len(rows), seed, epoch, start_batch * batch_size)
+    return DataLoader(rows, batch_size=batch_size, sampler=sampler, num_workers=workers, pin_memory=pin,
+                      drop_last=True, persistent_workers=False)

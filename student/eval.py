@@ -1,0 +1,93 @@
+"""Perplexity of a student directory or any HF causal LM, on the same windows for both.
+
+Windows are the build's packed rows (teachercache.data.pack_rows: documents + EOS, cut into
+`seq_len` tokens), so a student and its teacher are scored on identical tokens. Each window is
+scored independently (no carried state); the first token of a window has no prediction, so a window
+scores seq_len - 1 tokens. Perplexity = exp(total NLL / tokens scored).
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from student.io import is_student_dir, load_student
+from teachercache.data import DataSpec, iter_texts, pack_rows
+from teachercache.errors import TcacheError
+from teachercache.teacher import load_config, load_teacher, resolve_device, resolve_dtype, tokenizer_sha256
+
+
+@dataclass
+class EvalConfig:
+    model: str
+    """A `tcache distill` output directory, or a HF causal LM id / directory (MODEL argument)."""
+    data: DataSpec
+    """Held-out text (--data, --data-config, --split, --text-field)."""
+    tokens: int
+    """Token budget, rounded down to whole windows (--tokens)."""
+    seq_len: int = 512
+    """Window length (--seq-len)."""
+    batch_size: int = 8
+    """Windows per forward (--batch-size)."""
+    device: str = "auto"
+    """auto, cpu, cuda (--device)."""
+    dtype: str = "auto"
+    """auto (bf16 GPU, fp32 CPU), fp32, fp16, bf16 (--dtype)."""
+
+    def __post_init__(self) -> None:
+        if self.seq_len < 2:
+            raise TcacheError(f"--seq-len must be at least 2, got {self.seq_len}")
+        if self.tokens < self.seq_len:
+            raise TcacheError(f"--tokens {self.tokens} is less than one window of --seq-len {self.seq_len}")
+        if self.batch_size < 1:
+            raise TcacheError(f"--batch-size must be at least 1, got {self.batch_size}")
+
+
+def _load(cfg: EvalConfig, device: torch.device, dtype: torch.dtype):
+    """(logits_fn, tokenizer, kind): logits_fn maps ids (B, T) to logits (B, T, V)."""
+    from transformers import AutoTokenizer
+
+    if is_student_dir(cfg.model):
+        model, _ = load_student(cfg.model, device)
+        tokenizer = AutoTokenizer.from_pretrained(cfg.model)
+        return (lambda ids: model(ids)[0]), tokenizer, "tcache-student", model
+    load_config(cfg.model)  # clear error for a path or id that is not a model
+    model, tokenizer = load_teacher(cfg.model, device, dtype)
+    return (lambda ids: model(input_ids=ids, use_cache=False).logits), tokenizer, "hf", model
+
+
+@torch.no_grad()
+def perplexity(cfg: EvalConfig, on_progress=None) -> dict:
+    device = resolve_device(cfg.device)
+    dtype = resolve_dtype(cfg.dtype, device)
+    logits_fn, tokenizer, kind, model = _load(cfg, device, dtype)
+    n_windows = cfg.tokens // cfg.seq_len
+    rows = itertools.islice(pack_rows(iter_texts(cfg.data), tokenizer, cfg.seq_len, tokenizer.eos_token_id),
+                            n_windows)
+    nll, scored, windows = 0.0, 0, 0
+    autocast = device.type == "cuda" and dtype is not torch.float32
+    while batch := list(itertools.islice(rows, cfg.batch_size)):
+        ids = torch.from_numpy(np.stack(batch)).to(device)  # (B, T)
+        with torch.autocast(device.type, dtype=dtype, enabled=autocast):
+            logits = logits_fn(ids)  # (B, T, V)
+        V = logits.shape[-1]
+        nll += float(F.cross_entropy(logits[:, :-1].float().reshape(-1, V), ids[:, 1:].reshape(-1), reduction="sum"))
+        scored += ids[:, 1:].numel()
+        windows += len(batch)
+        if on_progress:
+            on_progress(windows * cfg.seq_len, n_windows * cfg.seq_len)
+    if windows == 0:
+        raise TcacheError(f"--data {cfg.data.path} holds fewer than {cfg.seq_len} tokens; nothing to evaluate")
+    return {
+        "model": cfg.model, "kind": kind, "perplexity": math.exp(nll / scored), "nll_per_token": nll / scored,
+        "tokens_scored": scored, "windows": windows, "seq_len": cfg.seq_len,
+        "data": cfg.data.describe(), "tokenizer_sha256": tokenizer_sha256(tokenizer),
+        "device": str(device), "dtype": str(dtype).removeprefix("torch."),
+        "params": sum(p.numel() for p in model.parameters()),
+    }

@@ -1,0 +1,61 @@
+"""A saved student directory: student.json (written last), model.safetensors, the teacher's tokenizer."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import torch
+
+from student.model import Student, StudentConfig, resolve_kernels
+from teachercache import schema
+from teachercache.errors import TcacheError
+
+STUDENT_FILE = "student.json"
+WEIGHTS_FILE = "model.safetensors"
+FORMAT = "tcache-student"
+
+
+def is_student_dir(path: str | os.PathLike) -> bool:
+    return (Path(path) / STUDENT_FILE).is_file()
+
+
+def save_student(out: str | os.PathLike, model: Student, meta: dict, tokenizer_dir: str | os.PathLike) -> None:
+    """Weights and tokenizer first, student.json last (atomic), so a partial save is not a student."""
+    from safetensors.torch import save_model
+
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    save_model(model, str(out / WEIGHTS_FILE))
+    for f in Path(tokenizer_dir).iterdir():
+        if f.name.startswith("tokenizer") or f.name in ("special_tokens_map.json", "vocab.json", "merges.txt"):
+            shutil.copy2(f, out / f.name)
+    doc = {"format": FORMAT, "config": model.cfg.to_dict(), **meta}
+    tmp = out / (STUDENT_FILE + ".partial")
+    tmp.write_text(json.dumps(doc, indent=2, sort_keys=True))
+    os.replace(tmp, out / STUDENT_FILE)
+
+
+def load_student(path: str | os.PathLike, device: torch.device) -> tuple[Student, dict]:
+    from safetensors.torch import load_model
+
+    path = Path(path)
+    try:
+        doc = json.loads((path / STUDENT_FILE).read_text())
+    except (OSError, json.JSONDecodeError):
+        raise TcacheError(f"{path} is not a tcache student (no readable {STUDENT_FILE}); pass the --out of `tcache distill`") from None
+    if doc.get("format") != FORMAT:
+        raise TcacheError(f"{path}/{STUDENT_FILE} is not a tcache student file; pass the --out of `tcache distill`")
+    cfg = StudentConfig(**doc["config"])
+    mk, sb = resolve_kernels(cfg, device)
+    model = Student(cfg, mlstm_kernel=mk, slstm_backend=sb)
+    load_model(model, str(path / WEIGHTS_FILE), strict=True)
+    return model.to(device).eval(), doc
+
+
+def load_teacher_parts(cache_dir: str | os.PathLike) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    return load_file(str(Path(cache_dir) / schema.EMBEDDINGS_FILE))

@@ -1,0 +1,86 @@
+"""The three loss terms of Delta-distillation, each a small function returning a scalar tensor.
+
+All softmaxes run in fp32 whatever the autocast dtype. Conventions (see docs/distill.md):
+
+- Position t of a cached row holds the teacher's distribution over token t+1, like the student's
+  logits at t. CE uses positions 0..T-2 (the next token of position T-1 is not in the row); KD and
+  alignment use all T positions.
+- KD = T^2 * KL(p_teacher^T || p_student^T), averaged over positions, from the cached top-k
+  log-probs. Two tail treatments:
+    * "bucket" (default): k+1 outcomes, the k cached ids plus one bucket for the rest of the
+      vocabulary. The student's bucket is its exact tempered mass outside the k ids. The teacher's
+      tempered bucket assumes its tail mass m = 1 - sum(p_topk) is spread evenly over the V-k other
+      ids: weight (V-k) * (m / (V-k))^(1/T). Exact at T = 1 (and for k = V); at T = 1 it equals the
+      dense KL minus m * KL(teacher tail || student tail), the within-tail term the cache cannot know.
+    * "renorm": both distributions restricted to the k cached ids and renormalised.
+- Alignment = ||h_T - h_S||_F / sqrt(numel(h_S)) over the whole (B, T, G, D) batch: the RMS of the
+  difference between the teacher's cached layer-group means and the student's block-group means.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+KD_TAILS = ("bucket", "renorm")
+
+
+def ce_loss(logits: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:
+    """Next-token cross-entropy. logits (B, T, V), input_ids (B, T)."""
+    V = logits.shape[-1]
+    return F.cross_entropy(logits[:, :-1].reshape(-1, V).float(), input_ids[:, 1:].reshape(-1).long())
+
+
+def _log1mexp(x: torch.Tensor) -> torch.Tensor:
+    """log(1 - exp(x)) for x <= 0, stable on both ends (Maechler, 2012)."""
+    x = x.clamp(max=-1e-7)
+    return torch.where(x > -math.log(2), torch.log(-torch.expm1(x)), torch.log1p(-torch.exp(x)))
+
+
+def teacher_log_probs(topk_logprobs: torch.Tensor, temperature: float, vocab_size: int,
+                      tail: str = "bucket") -> torch.Tensor:
+    """Tempered teacher log-probabilities over k (renorm) or k+1 (bucket) outcomes.
+
+    topk_logprobs (B, T, k) at T = 1 -> (B, T, k[+1]) float32."""
+    lp = topk_logprobs.float()  # (B, T, k)
+    k = lp.shape[-1]
+    scaled = lp / temperature  # (B, T, k): tempered weights p^(1/T), unnormalised
+    if tail == "renorm" or k >= vocab_size:
+        return torch.log_softmax(scaled, dim=-1)
+    log_m = _log1mexp(torch.logsumexp(lp, dim=-1, keepdim=True))  # (B, T, 1) log tail mass at T=1
+    n_tail = vocab_size - k
+    tail_w = math.log(n_tail) + (log_m - math.log(n_tail)) / temperature  # (B, T, 1)
+    return torch.log_softmax(torch.cat([scaled, tail_w], dim=-1), dim=-1)  # (B, T, k+1)
+
+
+def student_log_probs(logits: torch.Tensor, topk_ids: torch.Tensor, temperature: float,
+                      tail: str = "bucket") -> torch.Tensor:
+    """The student's tempered log-probabilities on the same k (renorm) or k+1 (bucket) outcomes."""
+    z = logits.float() / temperature  # (B, T, V)
+    k, V = topk_ids.shape[-1], z.shape[-1]
+    picked = torch.gather(z, -1, topk_ids.long())  # (B, T, k)
+    if tail == "renorm" or k >= V:
+        return torch.log_softmax(picked, dim=-1)
+    lse_all = torch.logsumexp(z, dim=-1, keepdim=True)  # (B, T, 1)
+    top = picked - lse_all  # (B, T, k) exact log-probs of the cached ids
+    tail_lp = _log1mexp(torch.logsumexp(top, dim=-1, keepdim=True))  # (B, T, 1)
+    return torch.cat([top, tail_lp], dim=-1)  # (B, T, k+1)
+
+
+def kd_loss(logits: torch.Tensor, topk_logprobs: torch.Tensor, topk_ids: torch.Tensor,
+            temperature: float, tail: str = "bucket") -> torch.Tensor:
+    """T^2 * KL(p_teacher^T || p_student^T), mean over positions."""
+    if tail not in KD_TAILS:
+        raise ValueError(f"tail must be one of {KD_TAILS}, got {tail!r}")
+    t_lp = teacher_log_probs(topk_logprobs, temperature, logits.shape[-1], tail)  # (B, T, k[+1])
+    s_lp = student_log_probs(logits, topk_ids, temperature, tail)  # (B, T, k[+1])
+    kl = (t_lp.exp() * (t_lp - s_lp)).sum(-1)  # (B, T)
+    return temperature**2 * kl.mean()
+
+
+def align_loss(student_hidden: torch.Tensor, teacher_hidden: torch.Tensor) -> torch.Tensor:
+    """||h_T - h_S||_F / sqrt(numel(h_S)); both (B, T, G, D)."""
+    diff = teacher_hidden.float() - student_hidden.float()
+    return torch.linalg.vector_norm(diff) / math.sqrt(diff.numel())

@@ -1,0 +1,232 @@
+"""The xLSTM student: the teacher's frozen embedding and LM head around trainable `xlstm` blocks.
+
+    ids (B, T) -> embed (frozen) -> xLSTM blocks (trainable) -> RMSNorm (trainable) -> head (frozen)
+
+Blocks come from the `xlstm` package's classic block stack (mLSTM: proj factor 2, no FFN; sLSTM:
+gated FFN 1.3), the block type the Distil-xLSTM papers use: it reproduces the v2 paper's parameter
+count (32 mLSTM blocks at D = 960: 184M trainable).
+
+The final norm is an RMSNorm initialised from the teacher's final norm weight (when the cache has
+one), so the frozen head sees inputs on the scale it was trained for; it is small and trainable.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field
+
+import torch
+from torch import nn
+
+from teachercache.errors import TcacheError
+from teachercache.schema import layer_groups
+
+MLSTM_KERNELS = ("auto", "parallel", "chunkwise--native_autograd", "chunkwise--triton_xl_chunk",
+                 "chunkwise--triton_limit_chunk")
+SLSTM_BACKENDS = ("auto", "vanilla", "cuda")
+
+
+@dataclass
+class StudentConfig:
+    vocab_size: int
+    """Vocabulary of the teacher (rows of the frozen embedding and head)."""
+    hidden_size: int
+    """Model width D = the teacher's hidden size (the frozen embedding fixes it)."""
+    num_blocks: int
+    """xLSTM blocks (--blocks)."""
+    num_heads: int
+    """Heads per block (--heads); must divide the hidden size (sLSTM) and 2x hidden (mLSTM)."""
+    slstm_at: list[int] = field(default_factory=list)
+    """Block indices that are sLSTM, the rest mLSTM (--slstm-at)."""
+    context_length: int = 512
+    """Training sequence length; the mLSTM parallel kernel's mask size."""
+    mlstm_proj_factor: float = 2.0
+    """mLSTM up-projection factor (--mlstm-proj-factor)."""
+    slstm_ffn_proj_factor: float = 1.3
+    """sLSTM block gated-FFN factor."""
+    conv_kernel: int = 4
+    """Causal conv width in both block types."""
+    norm_eps: float = 1e-5
+    """Final RMSNorm epsilon (the teacher's)."""
+    head_bias: bool = False
+    """Whether the frozen head has a bias (from the cache)."""
+    mlstm_kernel: str = "auto"
+    """auto (chunkwise--triton_xl_chunk on CUDA, parallel otherwise) or a kernel name (--mlstm-kernel)."""
+    slstm_backend: str = "auto"
+    """auto (cuda on compute capability >= 8.0 with nvcc, vanilla otherwise), vanilla, cuda (--slstm-backend)."""
+    recipe: str = "custom"
+    """Which recipe produced the sizes (for the record)."""
+
+    def __post_init__(self) -> None:
+        if self.num_blocks < 1:
+            raise TcacheError(f"--blocks must be at least 1, got {self.num_blocks}")
+        if self.num_heads < 1 or self.hidden_size % self.num_heads:
+            raise TcacheError(
+                f"--heads {self.num_heads} does not divide the hidden size {self.hidden_size}; "
+                f"pick a divisor of {self.hidden_size}"
+            )
+        inner = round(self.mlstm_proj_factor * self.hidden_size)
+        if inner % self.num_heads or inner % 4:
+            raise TcacheError(
+                f"--heads {self.num_heads} does not divide the mLSTM inner size {inner} "
+                f"({self.mlstm_proj_factor} x {self.hidden_size}); pick another --heads"
+            )
+        bad = [i for i in self.slstm_at if not 0 <= i < self.num_blocks]
+        if bad:
+            raise TcacheError(f"--slstm-at {bad} is outside blocks 0..{self.num_blocks - 1}; fix --slstm-at or --blocks")
+        self.slstm_at = sorted(set(int(i) for i in self.slstm_at))
+        if self.mlstm_kernel not in MLSTM_KERNELS:
+            raise TcacheError(f"--mlstm-kernel {self.mlstm_kernel!r} is unknown; use one of {', '.join(MLSTM_KERNELS)}")
+        if self.slstm_backend not in SLSTM_BACKENDS:
+            raise TcacheError(f"--slstm-backend {self.slstm_backend!r} is unknown; use one of {', '.join(SLSTM_BACKENDS)}")
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def roundup(x: int, multiple: int) -> int:
+    return int(math.ceil(x / multiple) * multiple)
+
+
+def recipe_sizes(recipe: str, teacher_layers: int, teacher_heads: int) -> tuple[int, int, list[int]]:
+    """(blocks, heads, slstm_at) of a Distil-xLSTM recipe, from the teacher's layers L_t and heads H_t.
+
+    v1: floor(L_t / 2) blocks alternating sLSTM, mLSTM (sLSTM first); H_s = roundup(H_t, 4).
+    v2: L_t mLSTM blocks; H_s = roundup(H_t, 4).
+    """
+    heads = roundup(max(teacher_heads, 1), 4)
+    if recipe == "v1":
+        blocks = max(teacher_layers // 2, 1)
+        return blocks, heads, list(range(0, blocks, 2))
+    if recipe == "v2":
+        return teacher_layers, heads, []
+    raise TcacheError(f"--recipe {recipe!r} is unknown; use v1 or v2")
+
+
+def resolve_kernels(cfg: StudentConfig, device: torch.device) -> tuple[str, str]:
+    """Pick the mLSTM kernel and sLSTM backend for this device; explicit choices are checked."""
+    cuda = device.type == "cuda"
+    mk = cfg.mlstm_kernel
+    if mk == "auto":
+        mk = "chunkwise--triton_xl_chunk" if cuda and _triton_available() else "parallel"
+    if "triton" in mk and not cuda:
+        raise TcacheError(f"--mlstm-kernel {mk} needs a CUDA GPU; use parallel or chunkwise--native_autograd on CPU")
+    sb = cfg.slstm_backend
+    capability = torch.cuda.get_device_capability(device) if cuda else (0, 0)
+    if sb == "auto":
+        sb = "cuda" if cuda and capability >= (8, 0) and _nvcc_available() else "vanilla"
+    if sb == "cuda" and (not cuda or capability < (8, 0)):
+        raise TcacheError(
+            "--slstm-backend cuda needs a GPU of compute capability >= 8.0 (not a T4) and nvcc; use vanilla"
+        )
+    return mk, sb
+
+
+def _triton_available() -> bool:
+    try:
+        import triton  # noqa: F401
+        from mlstm_kernels.torch import get_mlstm_kernel
+
+        get_mlstm_kernel("chunkwise--triton_xl_chunk")
+        return True
+    except Exception:
+        return False
+
+
+def _nvcc_available() -> bool:
+    import shutil
+
+    from torch.utils.cpp_extension import CUDA_HOME
+
+    return shutil.which("nvcc") is not None or CUDA_HOME is not None
+
+
+def _mlstm_kernel_fn(name: str, chunk_size: int = 64):
+    """An adapter with xlstm's classic backend signature over an `mlstm_kernels` sequence kernel.
+
+    Both compute the same stabilised, normalised mLSTM (keys scaled by DH^-1/2, eps 1e-6); the
+    classic cell passes gate pre-activations as (B, NH, S, 1), mlstm_kernels wants (B, NH, S).
+    """
+    from mlstm_kernels.torch import get_mlstm_kernel
+
+    kernel = get_mlstm_kernel(name)
+
+    def fn(queries, keys, values, igate_preact, fgate_preact, **_):
+        # (B, NH, S, DH) x3, (B, NH, S, 1) x2 -> (B, NH, S, DH)
+        S = queries.shape[2]
+        cs = chunk_size if S % chunk_size == 0 else math.gcd(S, chunk_size)
+        return kernel(q=queries, k=keys, v=values, i=igate_preact.squeeze(-1), f=fgate_preact.squeeze(-1),
+                      chunk_size=cs)
+
+    return fn
+
+
+class Student(nn.Module):
+    def __init__(self, cfg: StudentConfig, mlstm_kernel: str = "parallel", slstm_backend: str = "vanilla"):
+        super().__init__()
+        from xlstm import (FeedForwardConfig, mLSTMBlockConfig, mLSTMLayerConfig, sLSTMBlockConfig,
+                           sLSTMLayerConfig, xLSTMBlockStack, xLSTMBlockStackConfig)
+
+        self.cfg = cfg
+        self.kernels = {"mlstm": mlstm_kernel, "slstm": slstm_backend}
+        D = cfg.hidden_size
+        self.embed = nn.Embedding(cfg.vocab_size, D)
+        has_m = len(cfg.slstm_at) < cfg.num_blocks
+        stack_cfg = xLSTMBlockStackConfig(
+            mlstm_block=mLSTMBlockConfig(mlstm=mLSTMLayerConfig(
+                conv1d_kernel_size=cfg.conv_kernel, qkv_proj_blocksize=4, num_heads=cfg.num_heads,
+                proj_factor=cfg.mlstm_proj_factor)) if has_m else None,
+            slstm_block=sLSTMBlockConfig(
+                slstm=sLSTMLayerConfig(backend=slstm_backend, num_heads=cfg.num_heads,
+                                       conv1d_kernel_size=cfg.conv_kernel, bias_init="powerlaw_blockdependent"),
+                feedforward=FeedForwardConfig(proj_factor=cfg.slstm_ffn_proj_factor, act_fn="gelu"),
+            ) if cfg.slstm_at else None,
+            context_length=cfg.context_length, num_blocks=cfg.num_blocks, embedding_dim=D,
+            slstm_at=list(cfg.slstm_at), add_post_blocks_norm=False,
+        )
+        self.blocks = xLSTMBlockStack(stack_cfg)
+        self.blocks.reset_parameters()
+        if mlstm_kernel != "parallel":
+            fn = _mlstm_kernel_fn(mlstm_kernel)
+            for blk in self.blocks.blocks:
+                cell = getattr(getattr(blk, "xlstm", None), "mlstm_cell", None)
+                if cell is not None:
+                    cell.backend_fn = fn
+        self.norm = nn.RMSNorm(D, eps=cfg.norm_eps)
+        self.head = nn.Linear(D, cfg.vocab_size, bias=cfg.head_bias)
+        self.embed.requires_grad_(False)
+        self.head.requires_grad_(False)
+
+    def load_teacher_parts(self, tensors: dict[str, torch.Tensor]) -> None:
+        """Copy the teacher's embedding, head (and final-norm weight) from the cache."""
+        with torch.no_grad():
+            self.embed.weight.copy_(tensors["embed_tokens"])
+            self.head.weight.copy_(tensors["lm_head"])
+            if self.cfg.head_bias:
+                self.head.bias.copy_(tensors["lm_head_bias"])
+            if "final_norm" in tensors:
+                self.norm.weight.copy_(tensors["final_norm"])
+
+    def forward(self, ids: torch.Tensor, groups: int = 0) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Logits (B, T, V) and, if groups > 0, the student's hidden states averaged in `groups`
+        contiguous block groups, (B, T, G, D) — the mirror of the teacher's cached `hidden`:
+        block outputs, the last one after the final norm (as transformers' hidden_states[1:])."""
+        x = self.embed(ids)  # (B, T, D)
+        outs = []
+        for blk in self.blocks.blocks:
+            x = blk(x)  # (B, T, D)
+            outs.append(x)
+        x = self.norm(x)  # (B, T, D)
+        outs[-1] = x
+        logits = self.head(x)  # (B, T, V)
+        if not groups:
+            return logits, None
+        hidden = torch.stack(
+            [torch.stack(outs[a:b]).mean(0) for a, b in layer_groups(len(outs), groups)], dim=2
+        )  # (B, T, G, D)
+        return logits, hidden
+
+    def param_counts(self) -> dict[str, int]:
+        trainable = sum(p.numel() for p in self.parameters() if p.requires_grad)
+        total = sum(p.numel() for p in self.parameters())
+        return {"total": total, "trainable": trainable, "frozen": total - trainable}

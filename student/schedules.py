@@ -1,0 +1,45 @@
+"""Schedules as pure functions of (epoch, step): no state, so resume needs only the step counters."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Anneal:
+    """A Delta-distillation schedule for one coefficient (alpha, beta or the temperature T)."""
+
+    start: float
+    """Value at step 0 of epoch 0."""
+    final: float
+    """Asymptote, and the floor that the per-epoch Delta never passes."""
+    delta: float = 0.0
+    """Lowered (towards `final`) by this much after each completed epoch."""
+
+    @property
+    def fixed(self) -> bool:
+        return self.start == self.final
+
+
+def annealed(a: Anneal, epoch: int, step_in_epoch: int) -> float:
+    """v1 paper: x_k = x_final + (x_e - x_final) / (1 + log(k + 1)), x_e lowered by Delta per epoch."""
+    # 1. the epoch's start value: `delta` closer to `final` per completed epoch, never beyond it
+    if a.start >= a.final:
+        x_e = max(a.start - a.delta * epoch, a.final)
+    else:
+        x_e = min(a.start + a.delta * epoch, a.final)
+    # 2. within the epoch: logarithmic decay from x_e towards final (natural log; k = 0 gives x_e)
+    return a.final + (x_e - a.final) / (1.0 + math.log(step_in_epoch + 1))
+
+
+def lr_at(step: int, total_steps: int, peak: float, warmup_frac: float, min_ratio: float) -> float:
+    """Linear warmup over warmup_frac of the run, then cosine from peak down to min_ratio * peak."""
+    warmup = max(int(round(warmup_frac * total_steps)), 0)
+    # 1. warmup: (step + 1) / warmup, so the first step already moves
+    if step < warmup:
+        return peak * (step + 1) / warmup
+    # 2. cosine decay over the remaining steps
+    span = max(total_steps - warmup, 1)
+    progress = min((step - warmup) / span, 1.0)
+    return peak * (min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))

@@ -1,0 +1,424 @@
+"""The one training loop: setup -> fit (checkpointing) -> save. Reads only the cache, never the teacher."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+import shutil
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+
+import teachercache
+from student import losses
+from student.data import CacheRows, epoch_loader
+from student.io import load_teacher_parts, save_student
+from student.model import Student, StudentConfig, recipe_sizes, resolve_kernels
+from student.schedules import Anneal, annealed, lr_at
+from teachercache import schema
+from teachercache.errors import TcacheError
+from teachercache.teacher import resolve_device
+
+CKPT_DIR = "checkpoints"
+METRICS_FILE = "metrics.jsonl"
+CONFIG_FILE = "distill_config.json"
+
+# Defaults of each recipe's loss weights and temperature (docs/distill.md says where each comes from).
+RECIPE_LOSSES = {
+    "v1": {"alpha": Anneal(0.8, 0.5, 0.05), "beta": Anneal(0.1, 0.1, 0.0), "temperature": Anneal(2.0, 1.0, 0.05)},
+    "v2": {"alpha": Anneal(0.0, 0.0, 0.0), "beta": Anneal(0.8, 0.5, 0.05), "temperature": Anneal(1.0, 1.0, 0.0)},
+}
+# Fields that may differ between a run and its resumption.
+RESUMABLE_DIFFS = {"resume", "overwrite", "workers", "ckpt_every", "keep_ckpts", "device", "cache"}
+
+
+@dataclass
+class DistillConfig:
+    cache: str
+    """Cache directory made by `tcache build` (CACHE argument)."""
+    out: str
+    """Run directory: student, checkpoints, metrics (--out)."""
+    recipe: str = "v1"
+    """v1 (floor(L/2) alternating sLSTM/mLSTM, CE+KD+align) or v2 (L mLSTM, CE+align) (--recipe)."""
+    blocks: int | None = None
+    """Override the recipe's number of blocks (--blocks)."""
+    heads: int | None = None
+    """Override the recipe's heads roundup(H_t, 4) (--heads)."""
+    slstm_at: list[int] | None = None
+    """Override which blocks are sLSTM (--slstm-at)."""
+    tokens: int | None = None
+    """Token budget (--tokens); exclusive with --steps and --epochs."""
+    steps: int | None = None
+    """Optimizer-step budget (--steps)."""
+    epochs: float | None = None
+    """Passes over the cache (--epochs); the default budget is 1 epoch."""
+    batch_size: int = 8
+    """Rows per micro-batch (--batch-size)."""
+    grad_accum: int = 4
+    """Micro-batches per optimizer step (--grad-accum)."""
+    lr: float = 2e-4
+    """Peak learning rate (--lr)."""
+    warmup: float = 0.1
+    """Warmup fraction of the steps (--warmup)."""
+    min_lr_ratio: float = 0.1
+    """Cosine floor as a fraction of --lr (--min-lr-ratio)."""
+    weight_decay: float = 0.01
+    """AdamW weight decay (--weight-decay)."""
+    grad_clip: float = 1.0
+    """Max gradient norm; 0 disables (--grad-clip)."""
+    alpha: Anneal | None = None
+    """KD weight schedule; None takes the recipe's (--alpha)."""
+    beta: Anneal | None = None
+    """Alignment weight schedule; None takes the recipe's (--beta)."""
+    temperature: Anneal | None = None
+    """KD temperature schedule; None takes the recipe's (--temperature)."""
+    kd_tail: str = "bucket"
+    """How the teacher's mass outside the top-k enters KD: bucket or renorm (--kd-tail)."""
+    precision: str = "auto"
+    """auto (bf16 GPU, fp16 GPU without bf16, fp32 CPU), fp32, fp16, bf16 (--precision)."""
+    device: str = "auto"
+    """auto, cpu, cuda, cuda:N (--device)."""
+    seed: int = 0
+    """Model init and data order (--seed)."""
+    workers: int = 0
+    """DataLoader worker processes (--workers)."""
+    ckpt_every: int = 0
+    """Checkpoint every N optimizer steps; 0: only the final student (--ckpt-every)."""
+    keep_ckpts: int = 2
+    """Checkpoints kept (--keep-ckpts)."""
+    resume: bool = False
+    """Continue from the newest checkpoint in --out (--resume)."""
+    overwrite: bool = False
+    """Replace a non-empty --out (--overwrite)."""
+    mlstm_kernel: str = "auto"
+    """mLSTM kernel (--mlstm-kernel)."""
+    slstm_backend: str = "auto"
+    """sLSTM backend (--slstm-backend)."""
+
+    def __post_init__(self) -> None:
+        if self.recipe not in RECIPE_LOSSES:
+            raise TcacheError(f"--recipe {self.recipe!r} is unknown; use v1 or v2")
+        budgets = [n for n, v in (("--tokens", self.tokens), ("--steps", self.steps), ("--epochs", self.epochs))
+                   if v is not None]
+        if len(budgets) > 1:
+            raise TcacheError(f"{' and '.join(budgets)} both set; give one budget")
+        for flag, v in (("--tokens", self.tokens), ("--steps", self.steps), ("--epochs", self.epochs)):
+            if v is not None and v <= 0:
+                raise TcacheError(f"{flag} must be positive, got {v}")
+        for flag, v in (("--batch-size", self.batch_size), ("--grad-accum", self.grad_accum)):
+            if v < 1:
+                raise TcacheError(f"{flag} must be at least 1, got {v}")
+        if not self.lr > 0:
+            raise TcacheError(f"--lr must be positive, got {self.lr}")
+        if not 0 <= self.warmup < 1:
+            raise TcacheError(f"--warmup is a fraction of the run in [0, 1), got {self.warmup}")
+        if self.kd_tail not in losses.KD_TAILS:
+            raise TcacheError(f"--kd-tail {self.kd_tail!r} is unknown; use bucket or renorm")
+        if self.precision not in ("auto", "fp32", "fp16", "bf16"):
+            raise TcacheError(f"--precision {self.precision!r} is unknown; use auto, fp32, fp16 or bf16")
+        defaults = RECIPE_LOSSES[self.recipe]
+        self.alpha = self.alpha or defaults["alpha"]
+        self.beta = self.beta or defaults["beta"]
+        self.temperature = self.temperature or defaults["temperature"]
+        for flag, a in (("--alpha", self.alpha), ("--beta", self.beta)):
+            if not (0 <= a.final <= 1 and 0 <= a.start <= 1):
+                raise TcacheError(f"{flag} values must lie in [0, 1], got {a.start}:{a.final}")
+        if self.alpha.start + self.beta.start > 1 or self.alpha.final + self.beta.final > 1:
+            raise TcacheError("--alpha + --beta exceed 1, which would give CE a negative weight; lower one of them")
+        if min(self.temperature.start, self.temperature.final) <= 0:
+            raise TcacheError("--temperature must be positive")
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass
+class RunState:
+    """Where training stands; with the config this is everything a resume needs."""
+
+    micro: int = 0          # micro-batches done, over all epochs
+    step: int = 0           # optimizer steps done
+    tokens: int = 0         # tokens trained on
+    elapsed: float = 0.0    # seconds of training so far
+
+
+@dataclass
+class Plan:
+    micro_per_epoch: int
+    total_micro: int
+    total_steps: int
+    seq_len: int
+    groups: int
+    info: dict = field(default_factory=dict)
+
+
+def resolve_precision(precision: str, device: torch.device) -> torch.dtype:
+    if precision == "auto":
+        if device.type == "cuda":
+            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        return torch.float32
+    if precision == "bf16" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
+        raise TcacheError("--precision bf16 is not supported by this GPU (e.g. a T4); use --precision fp16")
+    if precision == "fp16" and device.type != "cuda":
+        raise TcacheError("--precision fp16 needs a CUDA GPU; use fp32 (or bf16) on CPU")
+    return {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[precision]
+
+
+def student_config(cfg: DistillConfig, manifest: schema.Manifest) -> StudentConfig:
+    t = manifest.teacher
+    blocks, heads, slstm_at = recipe_sizes(cfg.recipe, manifest.num_layers, int(t.get("num_attention_heads") or 0))
+    if cfg.blocks is not None and cfg.slstm_at is None and cfg.recipe == "v1":
+        slstm_at = list(range(0, cfg.blocks, 2))  # keep v1's alternation at the new depth
+    blocks = cfg.blocks if cfg.blocks is not None else blocks
+    slstm_at = cfg.slstm_at if cfg.slstm_at is not None else slstm_at
+    eps = (t.get("config") or {}).get("rms_norm_eps", 1e-5)
+    return StudentConfig(
+        vocab_size=manifest.vocab_size, hidden_size=manifest.hidden_size, num_blocks=blocks,
+        num_heads=cfg.heads if cfg.heads is not None else heads, slstm_at=slstm_at,
+        context_length=manifest.seq_len, norm_eps=float(eps), recipe=cfg.recipe,
+        mlstm_kernel=cfg.mlstm_kernel, slstm_backend=cfg.slstm_backend,
+    )
+
+
+def plan_budget(cfg: DistillConfig, manifest: schema.Manifest) -> Plan:
+    micro_per_epoch = manifest.rows // cfg.batch_size
+    if micro_per_epoch < 1:
+        raise TcacheError(f"the cache has {manifest.rows} rows, fewer than --batch-size {cfg.batch_size}; lower it")
+    tokens_per_micro = cfg.batch_size * manifest.seq_len
+    if cfg.steps is not None:
+        total_micro = cfg.steps * cfg.grad_accum
+    elif cfg.tokens is not None:
+        total_micro = math.ceil(cfg.tokens / tokens_per_micro)
+    else:
+        total_micro = int((cfg.epochs or 1.0) * micro_per_epoch)
+    total_steps = max(total_micro // cfg.grad_accum, 1)
+    groups = manifest.hidden_groups if schema.HIDDEN in manifest.fields else 0
+    return Plan(micro_per_epoch, total_steps * cfg.grad_accum, total_steps, manifest.seq_len, groups)
+
+
+def _prepare_out(cfg: DistillConfig) -> Path | None:
+    """The out directory, and the checkpoint to resume from (None for a fresh run)."""
+    out = Path(cfg.out)
+    if cfg.resume:
+        ckpts = sorted((out / CKPT_DIR).glob("step-*[0-9]")) if out.is_dir() else []
+        if not ckpts:
+            raise TcacheError(f"--resume: no checkpoint in {out / CKPT_DIR}; run without --resume (and --ckpt-every N)")
+        return ckpts[-1]
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        if not cfg.overwrite:
+            raise TcacheError(f"--out {out} is not empty; pass --overwrite to replace it, or --resume to continue it")
+        shutil.rmtree(out) if out.is_dir() else out.unlink()
+    return None
+
+
+def _check_resume_config(cfg: DistillConfig, ckpt: Path) -> None:
+    saved = json.loads((ckpt / CONFIG_FILE).read_text())
+    now = json.loads(json.dumps(cfg.to_dict()))  # tuples -> lists, as saved
+    diffs = sorted(k for k in set(saved) | set(now) if k not in RESUMABLE_DIFFS and saved.get(k) != now.get(k))
+    if diffs:
+        shown = ", ".join(f"{k}: {saved.get(k)!r} -> {now.get(k)!r}" for k in diffs[:4])
+        raise TcacheError(
+            f"--resume: the checkpoint in {ckpt.parent.parent} was trained with another configuration ({shown}); "
+            "use the original options or start a new --out"
+        )
+
+
+def _rng_state() -> dict:
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: dict) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _trainable_state(model: Student) -> dict[str, torch.Tensor]:
+    frozen = {n for n, p in model.named_parameters() if not p.requires_grad}
+    return {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items() if k not in frozen}
+
+
+def save_checkpoint(out: Path, cfg: DistillConfig, model: Student, opt, scaler, state: RunState) -> Path:
+    """A checkpoint directory appears only complete (written as .partial, then renamed)."""
+    from safetensors.torch import save_file
+
+    final = out / CKPT_DIR / f"step-{state.step:07d}"
+    tmp = final.with_name(final.name + ".partial")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    save_file(_trainable_state(model), str(tmp / "trainable.safetensors"))
+    torch.save({"optimizer": opt.state_dict(), "scaler": scaler.state_dict(), "rng": _rng_state(),
+                "state": asdict(state)}, tmp / "trainer.pt")
+    (tmp / CONFIG_FILE).write_text(json.dumps(cfg.to_dict(), indent=2))
+    shutil.rmtree(final, ignore_errors=True)
+    os.replace(tmp, final)
+    for old in sorted((out / CKPT_DIR).glob("step-*[0-9]"))[:-max(cfg.keep_ckpts, 1)]:
+        shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def load_checkpoint(ckpt: Path, model: Student, opt, scaler) -> RunState:
+    from safetensors.torch import load_file
+
+    missing, unexpected = model.load_state_dict(load_file(str(ckpt / "trainable.safetensors")), strict=False)
+    frozen = {n for n, p in model.named_parameters() if not p.requires_grad}
+    if unexpected or set(missing) - frozen:
+        raise TcacheError(f"--resume: checkpoint {ckpt} does not fit this student; start a new --out")
+    blob = torch.load(ckpt / "trainer.pt", map_location="cpu", weights_only=False)
+    opt.load_state_dict(blob["optimizer"])
+    scaler.load_state_dict(blob["scaler"])
+    _set_rng_state(blob["rng"])
+    return RunState(**blob["state"])
+
+
+def _truncate_metrics(path: Path, step: int) -> None:
+    if not path.exists():
+        return
+    keep = [line for line in path.read_text().splitlines() if line and json.loads(line)["step"] <= step]
+    path.write_text("".join(line + "\n" for line in keep))
+
+
+StepFn = Callable[[dict, Plan], None]
+
+
+def distill(cfg: DistillConfig, on_start: Callable[[dict], None] | None = None,
+            on_step: StepFn | None = None) -> dict:
+    # 1. setup: everything that can be refused is refused before the first write
+    manifest = schema.load_manifest(cfg.cache)
+    device = resolve_device(cfg.device)
+    amp_dtype = resolve_precision(cfg.precision, device)
+    scfg = student_config(cfg, manifest)
+    plan = plan_budget(cfg, manifest)
+    if cfg.beta.start > 0 or cfg.beta.final > 0:
+        if plan.groups == 0:
+            raise TcacheError(
+                f"{cfg.cache} has no hidden states but the alignment weight (--beta) is > 0; "
+                "rebuild with --hidden-groups >= 1 or pass --beta 0"
+            )
+        if plan.groups > scfg.num_blocks:
+            raise TcacheError(
+                f"the cache has {plan.groups} hidden groups but the student only {scfg.num_blocks} blocks; "
+                f"rebuild with --hidden-groups <= {scfg.num_blocks}, raise --blocks, or pass --beta 0"
+            )
+    mlstm_kernel, slstm_backend = resolve_kernels(scfg, device)
+    ckpt = _prepare_out(cfg)
+    if ckpt is not None:
+        _check_resume_config(cfg, ckpt)
+
+    torch.manual_seed(cfg.seed)
+    model = Student(scfg, mlstm_kernel=mlstm_kernel, slstm_backend=slstm_backend)
+    model.load_teacher_parts(load_teacher_parts(cfg.cache))
+    model.to(device)
+    params = [p for p in model.parameters() if p.requires_grad]
+    decay = [p for p in params if p.ndim >= 2]
+    no_decay = [p for p in params if p.ndim < 2]
+    opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
+                             {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr, betas=(0.9, 0.95),
+                            fused=device.type == "cuda")
+    scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype is torch.float16)
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+    state = RunState()
+    if ckpt is not None:
+        state = load_checkpoint(ckpt, model, opt, scaler)
+        _truncate_metrics(out / METRICS_FILE, state.step)
+    (out / CONFIG_FILE).write_text(json.dumps(cfg.to_dict(), indent=2))
+
+    counts = model.param_counts()
+    plan.info = {
+        "params": counts, "mlstm_kernel": mlstm_kernel, "slstm_backend": slstm_backend,
+        "device": str(device), "precision": str(amp_dtype).removeprefix("torch."),
+        "blocks": scfg.num_blocks, "heads": scfg.num_heads, "slstm_at": scfg.slstm_at,
+        "total_steps": plan.total_steps, "tokens_per_step": cfg.batch_size * cfg.grad_accum * plan.seq_len,
+        "resumed_from_step": state.step if ckpt is not None else None, "hidden_groups": plan.groups,
+    }
+    if on_start:
+        on_start(plan.info)
+
+    # 2. fit
+    rows = CacheRows(cfg.cache, with_hidden=plan.groups > 0)
+    model.train()
+    metrics_f = open(out / METRICS_FILE, "a")
+    sums = {"ce": 0.0, "kd": 0.0, "align": 0.0, "loss": 0.0}
+    t_start, tokens_start = time.perf_counter(), state.tokens
+    last: dict = {}
+    try:
+        while state.micro < plan.total_micro:
+            epoch, j = divmod(state.micro, plan.micro_per_epoch)
+            loader = epoch_loader(rows, cfg.batch_size, cfg.seed, epoch, j, cfg.workers, device.type == "cuda")
+            for batch in loader:
+                k = j // cfg.grad_accum  # optimizer step within this epoch
+                alpha = annealed(cfg.alpha, epoch, k)
+                beta = annealed(cfg.beta, epoch, k)
+                temp = annealed(cfg.temperature, epoch, k)
+                batch = {n: t.to(device, non_blocking=True) for n, t in batch.items()}
+                ids = batch[schema.INPUT_IDS]  # (B, T)
+                with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not torch.float32):
+                    logits, s_hidden = model(ids, groups=plan.groups)  # (B, T, V), (B, T, G, D)
+                ce = losses.ce_loss(logits, ids)
+                kd = losses.kd_loss(logits, batch[schema.TOPK_LOGPROBS], batch[schema.TOPK_IDS], temp, cfg.kd_tail)
+                al = (losses.align_loss(s_hidden, batch[schema.HIDDEN]) if plan.groups
+                      else torch.zeros((), device=device))
+                loss = (1 - alpha - beta) * ce + alpha * kd + beta * al
+                scaler.scale(loss / cfg.grad_accum).backward()
+                for name, v in (("ce", ce), ("kd", kd), ("align", al), ("loss", loss)):
+                    sums[name] += float(v.detach()) / cfg.grad_accum
+                state.micro += 1
+                state.tokens += ids.numel()
+                j += 1
+                if state.micro % cfg.grad_accum == 0:
+                    lr = lr_at(state.step, plan.total_steps, cfg.lr, cfg.warmup, cfg.min_lr_ratio)
+                    for group in opt.param_groups:
+                        group["lr"] = lr
+                    scaler.unscale_(opt)
+                    gn = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip if cfg.grad_clip > 0 else float("inf"))
+                    scaler.step(opt)
+                    scaler.update()
+                    opt.zero_grad(set_to_none=True)
+                    state.step += 1
+                    now = time.perf_counter()
+                    elapsed = state.elapsed + (now - t_start)
+                    last = {"step": state.step, "epoch": epoch, "tokens": state.tokens, **sums,
+                            "alpha": alpha, "beta": beta, "temperature": temp, "lr": lr, "grad_norm": float(gn),
+                            "tokens_per_s": (state.tokens - tokens_start) / max(now - t_start, 1e-9),
+                            "elapsed_s": elapsed}
+                    if scaler.is_enabled():
+                        last["loss_scale"] = float(scaler.get_scale())
+                    metrics_f.write(json.dumps(last) + "\n")
+                    metrics_f.flush()
+                    sums = dict.fromkeys(sums, 0.0)
+                    if on_step:
+                        on_step(last, plan)
+                    if cfg.ckpt_every and state.step % cfg.ckpt_every == 0 and state.micro < plan.total_micro:
+                        state.elapsed = elapsed
+                        save_checkpoint(out, cfg, model, opt, scaler, state)
+                        t_start, state.elapsed = time.perf_counter(), elapsed
+                if state.micro >= plan.total_micro:
+                    break
+    finally:
+        metrics_f.close()
+    state.elapsed += time.perf_counter() - t_start
+
+    # 3. save: the student directory, student.json last
+    model.eval()
+    meta = {
+        "tcache_version": teachercache.__version__,
+        "cache": {"path": str(cfg.cache), "teacher": manifest.teacher.get("name_or_path"),
+                  "tokenizer_sha256": manifest.tokenizer["sha256"], "seq_len": manifest.seq_len,
+                  "top_k": manifest.top_k, "hidden_groups": plan.groups},
+        "trained": {"steps": state.step, "tokens": state.tokens, "seconds": round(state.elapsed, 2)},
+        "params": counts, "final_metrics": last, "kernels": {"mlstm": mlstm_kernel, "slstm": slstm_backend},
+    }
+    save_student(out, model, meta, Path(cfg.cache) / schema.TEACHER_DIR)
+    return meta
