@@ -36,10 +36,12 @@ def main() -> None:
 
 
 def _register() -> None:
-    from cli import build, stats
+    from cli import build, distill, eval, stats
 
     main.add_command(build.build)
     main.add_command(stats.stats)
+    main.add_command(distill.distill)
+    main.add_command(eval.eval_cmd)
 
 
 _register()

@@ -35,7 +35,7 @@ RECIPE_LOSSES = {
     "v2": {"alpha": Anneal(0.0, 0.0, 0.0), "beta": Anneal(0.8, 0.5, 0.05), "temperature": Anneal(1.0, 1.0, 0.0)},
 }
 # Fields that may differ between a run and its resumption.
-RESUMABLE_DIFFS = {"resume", "overwrite", "workers", "ckpt_every", "keep_ckpts", "device", "cache"}
+RESUMABLE_DIFFS = {"resume", "overwrite", "workers", "ckpt_every", "keep_ckpts", "device", "cache", "out"}
 
 
 @dataclass

@@ -1,0 +1,44 @@
+"""`tcache eval`: perplexity of a student or a HF causal LM on held-out text."""
+
+from __future__ import annotations
+
+import json
+
+import click
+from rich.console import Console
+from rich.table import Table
+
+from cli.main import friendly_errors
+
+
+@click.command(name="eval")
+@click.argument("model")
+@click.option("--data", required=True, help="Held-out text: a local file/directory or a HF dataset id.")
+@click.option("--tokens", default="200k", show_default=True, help="Token budget, rounded down to whole windows.")
+@click.option("--seq-len", default=512, show_default=True, help="Window length (each window scored alone).")
+@click.option("--data-config", default=None)
+@click.option("--split", default="train", show_default=True)
+@click.option("--text-field", default="text", show_default=True)
+@click.option("--batch-size", default=8, show_default=True)
+@click.option("--device", default="auto", show_default=True)
+@click.option("--dtype", default="auto", show_default=True, help="auto (bf16 GPU / fp32 CPU), fp32, fp16, bf16.")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+@friendly_errors
+def eval_cmd(model, data, tokens, seq_len, data_config, split, text_field, batch_size, device, dtype, as_json) -> None:
+    """Perplexity of MODEL (a `tcache distill` --out, or a HF causal LM) on the same windows for any model."""
+    from student.eval import EvalConfig, perplexity
+    from teachercache.build import parse_count
+    from teachercache.data import DataSpec
+
+    cfg = EvalConfig(model=model, data=DataSpec(data, data_config, split, text_field), tokens=parse_count(tokens),
+                     seq_len=seq_len, batch_size=batch_size, device=device, dtype=dtype)
+    r = perplexity(cfg)
+    if as_json:
+        click.echo(json.dumps(r, indent=2))
+        return
+    t = Table(title=f"perplexity of {model}")
+    for col in ("model", "kind", "perplexity", "tokens scored", "windows x seq_len", "params"):
+        t.add_column(col)
+    t.add_row(r["model"], r["kind"], f"{r['perplexity']:.3f}", f"{r['tokens_scored']:,}",
+              f"{r['windows']} x {r['seq_len']}", f"{r['params']:,}")
+    Console().print(t)
