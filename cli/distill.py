@@ -70,10 +70,12 @@ def parse_int_list(text: str | None, flag: str) -> list[int] | None:
 @click.option("--mlstm-kernel", default="auto", show_default=True,
               help="auto, parallel, chunkwise--native_autograd, chunkwise--triton_xl_chunk.")
 @click.option("--slstm-backend", default="auto", show_default=True, help="auto, vanilla, cuda.")
+@click.option("--online-teacher", default=None,
+              help="Comparison runs only: compute targets with this teacher on the device instead of the cache.")
 @friendly_errors
 def distill(cache, out, recipe, blocks, heads, slstm_at, tokens, steps, epochs, batch_size, grad_accum, lr,
             warmup, alpha, beta, temperature, delta, kd_tail, precision, device, seed, workers, ckpt_every,
-            resume, overwrite, mlstm_kernel, slstm_backend) -> None:
+            resume, overwrite, mlstm_kernel, slstm_backend, online_teacher) -> None:
     """Train an xLSTM student from a cache alone (the teacher is never loaded)."""
     from teachercache.build import parse_count
     from student.train import DistillConfig, distill as run_distill
@@ -87,6 +89,7 @@ def distill(cache, out, recipe, blocks, heads, slstm_at, tokens, steps, epochs, 
         temperature=parse_anneal(temperature, "--temperature", delta), kd_tail=kd_tail,
         precision=precision, device=device, seed=seed, workers=workers, ckpt_every=ckpt_every,
         resume=resume, overwrite=overwrite, mlstm_kernel=mlstm_kernel, slstm_backend=slstm_backend,
+        online_teacher=online_teacher,
     )
     console = Console(stderr=True)
     progress = Progress(TextColumn("[bold]distill"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[m]}"),

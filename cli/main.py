@@ -45,3 +45,4 @@ def _register() -> None:
 
 
 _register()
+

@@ -14,10 +14,10 @@ class CacheRows(Dataset):
     """One cached row as tensors: ids int64 (T,), topk_logprobs fp32 (T, k), topk_ids int64 (T, k),
     hidden fp16 (T, G, D) when the cache has hidden states and they are wanted."""
 
-    def __init__(self, cache_dir: str, with_hidden: bool = True):
-        fields = [schema.INPUT_IDS, schema.TOPK_LOGPROBS, schema.TOPK_IDS]
+    def __init__(self, cache_dir: str, with_hidden: bool = True, with_targets: bool = True):
+        fields = [schema.INPUT_IDS] + ([schema.TOPK_LOGPROBS, schema.TOPK_IDS] if with_targets else [])
         probe = schema.load_manifest(cache_dir)
-        if with_hidden and schema.HIDDEN in probe.fields:
+        if with_targets and with_hidden and schema.HIDDEN in probe.fields:
             fields.append(schema.HIDDEN)
         self.reader = CacheReader(cache_dir, fields=tuple(fields))
         self.groups = probe.hidden_groups
@@ -27,11 +27,10 @@ class CacheRows(Dataset):
 
     def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
         row = self.reader.row(int(i))
-        out = {
-            schema.INPUT_IDS: torch.from_numpy(row[schema.INPUT_IDS].astype(np.int64)),
-            schema.TOPK_LOGPROBS: torch.from_numpy(row[schema.TOPK_LOGPROBS].astype(np.float32)),
-            schema.TOPK_IDS: torch.from_numpy(row[schema.TOPK_IDS].astype(np.int64)),
-        }
+        out = {schema.INPUT_IDS: torch.from_numpy(row[schema.INPUT_IDS].astype(np.int64))}
+        if schema.TOPK_LOGPROBS in row:
+            out[schema.TOPK_LOGPROBS] = torch.from_numpy(row[schema.TOPK_LOGPROBS].astype(np.float32))
+            out[schema.TOPK_IDS] = torch.from_numpy(row[schema.TOPK_IDS].astype(np.int64))
         if schema.HIDDEN in row:
             h = row[schema.HIDDEN]
             out[schema.HIDDEN] = torch.from_numpy(h.reshape(h.shape[0], self.groups, -1))  # (T, G, D)

@@ -24,6 +24,7 @@ from teachercache.schema import layer_groups
 MLSTM_KERNELS = ("auto", "parallel", "chunkwise--native_autograd", "chunkwise--triton_xl_chunk",
                  "chunkwise--triton_limit_chunk")
 SLSTM_BACKENDS = ("auto", "vanilla", "cuda")
+PARALLEL_MAX_CONTEXT = 1024
 
 
 @dataclass
@@ -51,7 +52,8 @@ class StudentConfig:
     head_bias: bool = False
     """Whether the frozen head has a bias (from the cache)."""
     mlstm_kernel: str = "auto"
-    """auto (chunkwise--triton_xl_chunk on CUDA, parallel otherwise) or a kernel name (--mlstm-kernel)."""
+    """auto (parallel up to 1024 tokens of context, chunkwise--triton_xl_chunk beyond on CUDA) or a kernel
+    name (--mlstm-kernel)."""
     slstm_backend: str = "auto"
     """auto (cuda on compute capability >= 8.0 with nvcc, vanilla otherwise), vanilla, cuda (--slstm-backend)."""
     recipe: str = "custom"
@@ -108,7 +110,11 @@ def resolve_kernels(cfg: StudentConfig, device: torch.device) -> tuple[str, str]
     cuda = device.type == "cuda"
     mk = cfg.mlstm_kernel
     if mk == "auto":
-        mk = "chunkwise--triton_xl_chunk" if cuda and _triton_available() else "parallel"
+        # Measured on an H100 (benchmarks/gpu_probe.py, 8 x 512, D=384, bf16): the parallel form ran 1.47x
+        # faster than triton_xl_chunk. Its memory grows with S^2, so the chunkwise kernel takes over for long
+        # contexts, where it also pays off.
+        long_context = cfg.context_length > PARALLEL_MAX_CONTEXT
+        mk = "chunkwise--triton_xl_chunk" if cuda and long_context and _triton_available() else "parallel"
     if "triton" in mk and not cuda:
         raise TcacheError(f"--mlstm-kernel {mk} needs a CUDA GPU; use parallel or chunkwise--native_autograd on CPU")
     sb = cfg.slstm_backend

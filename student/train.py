@@ -23,7 +23,7 @@ from student.model import Student, StudentConfig, recipe_sizes, resolve_kernels
 from student.schedules import Anneal, annealed, lr_at
 from teachercache import schema
 from teachercache.errors import TcacheError
-from teachercache.teacher import resolve_device
+from teachercache.teacher import load_teacher, resolve_device, resolve_dtype, teacher_targets, tokenizer_sha256
 
 CKPT_DIR = "checkpoints"
 METRICS_FILE = "metrics.jsonl"
@@ -100,6 +100,9 @@ class DistillConfig:
     """mLSTM kernel (--mlstm-kernel)."""
     slstm_backend: str = "auto"
     """sLSTM backend (--slstm-backend)."""
+    online_teacher: str | None = None
+    """For comparison runs: a HF teacher held on the device computes the targets of every batch instead of
+    the cache (same rows, same top-k and layer groups) (--online-teacher)."""
 
     def __post_init__(self) -> None:
         if self.recipe not in RECIPE_LOSSES:
@@ -289,6 +292,23 @@ def _truncate_metrics(path: Path, step: int) -> None:
     path.write_text("".join(line + "\n" for line in keep))
 
 
+def _online_teacher(cfg: DistillConfig, manifest: schema.Manifest, device: torch.device):
+    model, tokenizer = load_teacher(cfg.online_teacher, device, resolve_dtype("auto", device))
+    if tokenizer_sha256(tokenizer) != manifest.tokenizer["sha256"]:
+        raise TcacheError(f"--online-teacher {cfg.online_teacher}: its tokenizer differs from the cache's; "
+                          "pass the teacher the cache was built with")
+    return model
+
+
+def _online_targets(teacher, ids: torch.Tensor, manifest: schema.Manifest, groups: int) -> dict:
+    """The targets a cache row holds, computed now by the teacher (same top-k, same layer groups)."""
+    tgt = teacher_targets(teacher, ids, list(manifest.layer_groups), manifest.top_k)
+    out = {schema.TOPK_LOGPROBS: tgt.topk_logprobs, schema.TOPK_IDS: tgt.topk_ids}  # (B, T, k) x2
+    if groups:
+        out[schema.HIDDEN] = tgt.hidden  # (B, T, G, D)
+    return out
+
+
 StepFn = Callable[[dict, Plan], None]
 
 
@@ -312,6 +332,7 @@ def distill(cfg: DistillConfig, on_start: Callable[[dict], None] | None = None,
                 f"rebuild with --hidden-groups <= {scfg.num_blocks}, raise --blocks, or pass --beta 0"
             )
     mlstm_kernel, slstm_backend = resolve_kernels(scfg, device)
+    teacher = _online_teacher(cfg, manifest, device) if cfg.online_teacher else None
     ckpt = _prepare_out(cfg)
     if ckpt is not None:
         _check_resume_config(cfg, ckpt)
@@ -347,7 +368,7 @@ def distill(cfg: DistillConfig, on_start: Callable[[dict], None] | None = None,
         on_start(plan.info)
 
     # 2. fit
-    rows = CacheRows(cfg.cache, with_hidden=plan.groups > 0)
+    rows = CacheRows(cfg.cache, with_hidden=plan.groups > 0, with_targets=teacher is None)
     model.train()
     metrics_f = open(out / METRICS_FILE, "a")
     sums = {"ce": 0.0, "kd": 0.0, "align": 0.0, "loss": 0.0}
@@ -364,6 +385,8 @@ def distill(cfg: DistillConfig, on_start: Callable[[dict], None] | None = None,
                 temp = annealed(cfg.temperature, epoch, k)
                 batch = {n: t.to(device, non_blocking=True) for n, t in batch.items()}
                 ids = batch[schema.INPUT_IDS]  # (B, T)
+                if teacher is not None:
+                    batch.update(_online_targets(teacher, ids, manifest, plan.groups))
                 with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not torch.float32):
                     logits, s_hidden = model(ids, groups=plan.groups)  # (B, T, V), (B, T, G, D)
                 ce = losses.ce_loss(logits, ids)
@@ -419,6 +442,9 @@ def distill(cfg: DistillConfig, on_start: Callable[[dict], None] | None = None,
                   "top_k": manifest.top_k, "hidden_groups": plan.groups},
         "trained": {"steps": state.step, "tokens": state.tokens, "seconds": round(state.elapsed, 2)},
         "params": counts, "final_metrics": last, "kernels": {"mlstm": mlstm_kernel, "slstm": slstm_backend},
+        "online_teacher": cfg.online_teacher,
     }
+    if device.type == "cuda":
+        meta["peak_gpu_memory_gib"] = round(torch.cuda.max_memory_allocated(device) / 2**30, 3)
     save_student(out, model, meta, Path(cfg.cache) / schema.TEACHER_DIR)
     return meta

@@ -1,0 +1,167 @@
+"""Quality benchmark: teacher vs distilled students vs CE-only baselines, cache vs online. One GPU call.
+
+    python benchmarks/quality.py --teacher T --train TRAIN.jsonl.xz --valid VALID.jsonl --work DIR --out RESULTS
+
+1. `tcache build` over the whole training slice (seq_len 512, defaults otherwise).
+2. Students trained concurrently on the one GPU (each is launch-bound and leaves it mostly idle), all
+   with the same seed, token budget and lr, each followed by `tcache eval` on all of VALID:
+   v1 (CE+KD+align, Delta schedules), v1 CE-only, v1 CE+KD, v1 CE+align, v1 online (teacher on the GPU
+   computing the targets each step), v2 (CE+align), v2 CE-only.
+3. `tcache eval` of the teacher on the same windows.
+4. quality.json + a markdown table: perplexity, log-gap closed vs the same architecture's CE-only
+   baseline, tokens, wall time, tokens/s, peak GPU memory.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import platform
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+# name -> (recipe, extra distill flags, baseline for the log-gap)
+RUNS = {
+    "v1": ("v1", [], "v1-ce-only"),
+    "v1-ce-only": ("v1", ["--alpha", "0", "--beta", "0"], None),
+    "v1-ce+kd": ("v1", ["--beta", "0"], "v1-ce-only"),
+    "v1-ce+align": ("v1", ["--alpha", "0"], "v1-ce-only"),
+    "v1-online": ("v1", ["--online-teacher", "{teacher}"], "v1-ce-only"),
+    "v2": ("v2", [], "v2-ce-only"),
+    "v2-ce-only": ("v2", ["--alpha", "0", "--beta", "0"], None),
+}
+
+
+def tcache(*args: str) -> list[str]:
+    return [sys.executable, "-m", "cli", *args]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--teacher", required=True)
+    ap.add_argument("--train", required=True)
+    ap.add_argument("--valid", required=True)
+    ap.add_argument("--work", required=True)
+    ap.add_argument("--out", required=True)
+    ap.add_argument("--build-tokens", default="100M", help="budget; the slice holds ~14M, all of it is cached")
+    ap.add_argument("--tokens-per-run", default="3M")
+    ap.add_argument("--lr", default="1e-3")
+    ap.add_argument("--eval-tokens", default="2M", help="more than VALID holds: all of it is scored")
+    ap.add_argument("--runs", default=",".join(RUNS))
+    ap.add_argument("--deadline", type=float, default=560, help="seconds; unfinished runs are killed")
+    a = ap.parse_args()
+    t0 = time.time()
+    work, out = Path(a.work), Path(a.out)
+    work.mkdir(parents=True, exist_ok=True)
+    out.mkdir(parents=True, exist_ok=True)
+    env = {**os.environ, "PYTHONPATH": f"{ROOT}:{os.environ.get('PYTHONPATH', '')}"}
+
+    # 1. build
+    cache = work / "cache"
+    t = time.time()
+    subprocess.run(tcache("build", "--teacher", a.teacher, "--data", a.train, "--tokens", a.build_tokens,
+                          "--out", str(cache), "--batch-size", "64", "--overwrite"), check=True, env=env,
+                   stdout=open(out / "build.log", "w"), stderr=subprocess.STDOUT)
+    manifest = json.loads((cache / "manifest.json").read_text())
+    build = {"wall_s": round(time.time() - t, 1), "tokens": manifest["tokens"], **manifest["build"]}
+    print(f"build: {build['tokens']:,} tokens in {build['wall_s']} s ({build['tokens_per_s']:,.0f} tok/s in the loop)",
+          flush=True)
+
+    # 2. + 3. students and the teacher eval, concurrently (one thread per run, each running subprocesses)
+    names = [n for n in a.runs.split(",") if n]
+    deadline = t0 + a.deadline
+
+    def run(cmd: list[str], log: Path, stdout=None) -> int:
+        try:
+            with open(log, "a") as lf:
+                return subprocess.run(cmd, env=env, stdout=stdout or lf, stderr=lf,
+                                      timeout=max(deadline - time.time(), 1)).returncode
+        except subprocess.TimeoutExpired:
+            print(f"{log.stem}: killed at the deadline", flush=True)
+            return -9
+
+    def student(name: str) -> None:
+        recipe, extra, _ = RUNS[name]
+        run_dir = work / name
+        t = time.time()
+        rc = run(tcache("distill", str(cache), "--out", str(run_dir), "--recipe", recipe, "--tokens",
+                        a.tokens_per_run, "--lr", a.lr, "--seed", "0", "--workers", "1", "--overwrite",
+                        *[x.format(teacher=a.teacher) for x in extra]), out / f"{name}.log")
+        if rc == 0:
+            (run_dir / "wall.json").write_text(json.dumps({"distill_wall_s": round(time.time() - t, 1)}))
+            with open(run_dir / "eval.json.partial", "w") as f:
+                if run(tcache("eval", str(run_dir), "--data", a.valid, "--tokens", a.eval_tokens, "--json"),
+                       out / f"{name}.log", stdout=f) == 0:
+                    os.replace(run_dir / "eval.json.partial", run_dir / "eval.json")
+
+    teacher_eval = work / "teacher_eval.json"
+
+    def teacher_job() -> None:
+        with open(teacher_eval, "w") as f:
+            run(tcache("eval", a.teacher, "--data", a.valid, "--tokens", a.eval_tokens, "--json"),
+                out / "teacher.log", stdout=f)
+
+    with ThreadPoolExecutor(len(names) + 1) as pool:
+        futures = [pool.submit(student, n) for n in names] + [pool.submit(teacher_job)]
+        for f in futures:
+            f.result()
+
+    # 4. results
+    teacher = json.loads(teacher_eval.read_text())
+    rows = {}
+    for name in names:
+        d = work / name
+        r = {"name": name, "recipe": RUNS[name][0], "flags": RUNS[name][1], "finished": (d / "eval.json").exists()}
+        if (d / "student.json").exists():
+            s = json.loads((d / "student.json").read_text())
+            r.update(tokens=s["trained"]["tokens"], steps=s["trained"]["steps"], train_s=s["trained"]["seconds"],
+                     tokens_per_s=s["trained"]["tokens"] / max(s["trained"]["seconds"], 1e-9),
+                     peak_gpu_gib=s.get("peak_gpu_memory_gib"), params=s["params"], kernels=s["kernels"],
+                     final=s["final_metrics"])
+        if (d / "wall.json").exists():
+            r.update(json.loads((d / "wall.json").read_text()))
+        if r["finished"]:
+            e = json.loads((d / "eval.json").read_text())
+            r.update(perplexity=e["perplexity"], eval_tokens=e["tokens_scored"])
+        elif (d / "metrics.jsonl").exists():
+            lines = (d / "metrics.jsonl").read_text().splitlines()
+            r["last_metrics"] = json.loads(lines[-1]) if lines else None
+        rows[name] = r
+    for name, r in rows.items():
+        base = rows.get(RUNS[name][2] or "")
+        if base and "perplexity" in r and "perplexity" in base:
+            gap = math.log(base["perplexity"]) - math.log(teacher["perplexity"])
+            r["log_gap_closed"] = (math.log(base["perplexity"]) - math.log(r["perplexity"])) / gap
+            r["baseline"] = base["name"]
+    if "perplexity" in rows.get("v1", {}) and "perplexity" in rows.get("v1-online", {}):
+        rows["v1-online"]["ppl_vs_cache"] = rows["v1-online"]["perplexity"] / rows["v1"]["perplexity"] - 1
+
+    import torch
+
+    result = {
+        "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu", "torch": torch.__version__, "python": platform.python_version(),
+        "command": " ".join(sys.argv), "tokens_per_run": a.tokens_per_run, "lr": a.lr, "build": build,
+        "teacher": {"perplexity": teacher["perplexity"], "eval_tokens": teacher["tokens_scored"],
+                    "params": teacher["params"]},
+        "runs": rows, "total_wall_s": round(time.time() - t0, 1),
+    }
+    (out / "quality.json").write_text(json.dumps(result, indent=2))
+    print("\n| model | perplexity | log-gap closed (vs) | tokens | train s | tok/s | peak GiB |")
+    print("|---|---|---|---|---|---|---|")
+    print(f"| teacher | {teacher['perplexity']:.2f} | | | | | |")
+    for r in rows.values():
+        ppl = f"{r['perplexity']:.2f}" if "perplexity" in r else "unfinished"
+        gap = f"{100 * r['log_gap_closed']:.1f}% ({r['baseline']})" if "log_gap_closed" in r else ""
+        print(f"| {r['name']} | {ppl} | {gap} | {r.get('tokens', 0):,} | {r.get('train_s', 0):.0f} | "
+              f"{r.get('tokens_per_s', 0):,.0f} | {r.get('peak_gpu_gib') or 0:.2f} |")
+
+
+if __name__ == "__main__":
+    main()
