@@ -36,7 +36,10 @@ RUNS = {
     "v1-online": ("v1", ["--online-teacher", "{teacher}"], "v1-ce-only"),
     "v2": ("v2", [], "v2-ce-only"),
     "v2-ce-only": ("v2", ["--alpha", "0", "--beta", "0"], None),
+    # knob: KD-heavy (no CE, fixed T = 1), not part of the default set
+    "v1-kd-heavy": ("v1", ["--alpha", "0.9", "--beta", "0.1", "--temperature", "1"], "v1-ce-only"),
 }
+DEFAULT_RUNS = ["v1", "v1-ce-only", "v1-ce+kd", "v1-ce+align", "v1-online", "v2", "v2-ce-only"]
 
 
 def tcache(*args: str) -> list[str]:
@@ -54,9 +57,19 @@ def main() -> None:
     ap.add_argument("--tokens-per-run", default="3M")
     ap.add_argument("--lr", default="1e-3")
     ap.add_argument("--eval-tokens", default="2M", help="more than VALID holds: all of it is scored")
-    ap.add_argument("--runs", default=",".join(RUNS))
+    ap.add_argument("--runs", default=",".join(DEFAULT_RUNS))
+    ap.add_argument("--grad-accum", default="4")
     ap.add_argument("--deadline", type=float, default=560, help="seconds; unfinished runs are killed")
+    ap.add_argument("--collect-only", action="store_true", help="only rebuild the results from --work")
     a = ap.parse_args()
+    if a.collect_only:
+        names = [n for n in a.runs.split(",") if n]
+        m = json.loads((Path(a.work) / "cache" / "manifest.json").read_text())
+        result = collect(Path(a.work), names, a, {"tokens": m["tokens"], **m["build"]}, 0.0)
+        Path(a.out).mkdir(parents=True, exist_ok=True)
+        (Path(a.out) / "quality.json").write_text(json.dumps(result, indent=2))
+        print_table(result)
+        return
     t0 = time.time()
     work, out = Path(a.work), Path(a.out)
     work.mkdir(parents=True, exist_ok=True)
@@ -92,7 +105,8 @@ def main() -> None:
         run_dir = work / name
         t = time.time()
         rc = run(tcache("distill", str(cache), "--out", str(run_dir), "--recipe", recipe, "--tokens",
-                        a.tokens_per_run, "--lr", a.lr, "--seed", "0", "--workers", "1", "--overwrite",
+                        a.tokens_per_run, "--lr", a.lr, "--grad-accum", a.grad_accum, "--seed", "0", "--workers", "1",
+                        "--overwrite",
                         *[x.format(teacher=a.teacher) for x in extra]), out / f"{name}.log")
         if rc == 0:
             (run_dir / "wall.json").write_text(json.dumps({"distill_wall_s": round(time.time() - t, 1)}))
@@ -114,7 +128,19 @@ def main() -> None:
             f.result()
 
     # 4. results
-    teacher = json.loads(teacher_eval.read_text())
+    result = collect(work, names, a, build, time.time() - t0)
+    (out / "quality.json").write_text(json.dumps(result, indent=2))
+    print_table(result)
+
+
+def load_json_output(path: Path) -> dict:
+    """A command's --json output; tolerates log lines before the object (older evals printed kernel builds)."""
+    text = path.read_text()
+    return json.loads(text[text.index('{\n  "'):])
+
+
+def collect(work: Path, names: list[str], a, build: dict, wall: float) -> dict:
+    teacher = load_json_output(work / "teacher_eval.json")
     rows = {}
     for name in names:
         d = work / name
@@ -128,7 +154,7 @@ def main() -> None:
         if (d / "wall.json").exists():
             r.update(json.loads((d / "wall.json").read_text()))
         if r["finished"]:
-            e = json.loads((d / "eval.json").read_text())
+            e = load_json_output(d / "eval.json")
             r.update(perplexity=e["perplexity"], eval_tokens=e["tokens_scored"])
         elif (d / "metrics.jsonl").exists():
             lines = (d / "metrics.jsonl").read_text().splitlines()
@@ -145,23 +171,27 @@ def main() -> None:
 
     import torch
 
-    result = {
-        "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu", "torch": torch.__version__, "python": platform.python_version(),
-        "command": " ".join(sys.argv), "tokens_per_run": a.tokens_per_run, "lr": a.lr, "build": build,
+    return {
+        "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
+        "torch": torch.__version__, "python": platform.python_version(),
+        "command": " ".join(sys.argv), "tokens_per_run": a.tokens_per_run, "lr": a.lr, "grad_accum": a.grad_accum,
+        "build": build,
         "teacher": {"perplexity": teacher["perplexity"], "eval_tokens": teacher["tokens_scored"],
                     "params": teacher["params"]},
-        "runs": rows, "total_wall_s": round(time.time() - t0, 1),
+        "runs": rows, "total_wall_s": round(wall, 1),
     }
-    (out / "quality.json").write_text(json.dumps(result, indent=2))
+
+
+def print_table(result: dict) -> None:
+    teacher = result["teacher"]
     print("\n| model | perplexity | log-gap closed (vs) | tokens | train s | tok/s | peak GiB |")
     print("|---|---|---|---|---|---|---|")
     print(f"| teacher | {teacher['perplexity']:.2f} | | | | | |")
-    for r in rows.values():
+    for r in result["runs"].values():
         ppl = f"{r['perplexity']:.2f}" if "perplexity" in r else "unfinished"
         gap = f"{100 * r['log_gap_closed']:.1f}% ({r['baseline']})" if "log_gap_closed" in r else ""
         print(f"| {r['name']} | {ppl} | {gap} | {r.get('tokens', 0):,} | {r.get('train_s', 0):.0f} | "
               f"{r.get('tokens_per_s', 0):,.0f} | {r.get('peak_gpu_gib') or 0:.2f} |")
-
 
 if __name__ == "__main__":
     main()

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
+import sys
 
 import click
 from rich.console import Console
@@ -32,7 +35,9 @@ def eval_cmd(model, data, tokens, seq_len, data_config, split, text_field, batch
 
     cfg = EvalConfig(model=model, data=DataSpec(data, data_config, split, text_field), tokens=parse_count(tokens),
                      seq_len=seq_len, batch_size=batch_size, device=device, dtype=dtype)
-    r = perplexity(cfg)
+    # Kernel builds (xlstm's sLSTM via ninja) print to the process's stdout; --json keeps stdout pure JSON.
+    with _stdout_to_stderr() if as_json else contextlib.nullcontext():
+        r = perplexity(cfg)
     if as_json:
         click.echo(json.dumps(r, indent=2))
         return
@@ -42,3 +47,17 @@ def eval_cmd(model, data, tokens, seq_len, data_config, split, text_field, batch
     t.add_row(r["model"], r["kind"], f"{r['perplexity']:.3f}", f"{r['tokens_scored']:,}",
               f"{r['windows']} x {r['seq_len']}", f"{r['params']:,}")
     Console().print(t)
+
+
+@contextlib.contextmanager
+def _stdout_to_stderr():
+    """Point file descriptor 1 at stderr for the duration (subprocesses inherit it)."""
+    sys.stdout.flush()
+    saved = os.dup(1)
+    os.dup2(2, 1)
+    try:
+        yield
+    finally:
+        sys.stdout.flush()
+        os.dup2(saved, 1)
+        os.close(saved)
