@@ -54,7 +54,7 @@ def main() -> None:
     ap.add_argument("--work", required=True)
     ap.add_argument("--out", required=True)
     ap.add_argument("--build-tokens", default="100M", help="budget; the slice holds ~14M, all of it is cached")
-    ap.add_argument("--tokens-per-run", default="3M")
+    ap.add_argument("--tokens-per-run", default="5M")
     ap.add_argument("--lr", default="1e-3")
     ap.add_argument("--eval-tokens", default="2M", help="more than VALID holds: all of it is scored")
     ap.add_argument("--runs", default=",".join(DEFAULT_RUNS))
