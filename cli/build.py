@@ -36,6 +36,10 @@ class _BytesColumn(ProgressColumn):
 @click.option("--top-k", default=64, show_default=True, help="Teacher log-probs kept per position.")
 @click.option("--hidden-groups", default=1, show_default=True,
               help="Average the teacher's layers in G contiguous groups (storage grows x G); 0 stores none (KD-only).")
+@click.option("--hidden-dtype", default="int8", show_default=True, type=click.Choice(["int8", "fp16", "bf16"]),
+              help="Stored hidden states: int8 with a per-position scale, fp16 or bf16.")
+@click.option("--logprob-dtype", default="fp16", show_default=True, type=click.Choice(["fp16", "fp32"]),
+              help="Stored top-k log-probs.")
 @click.option("--data-config", default=None, help="Hub dataset configuration name.")
 @click.option("--split", default="train", show_default=True, help="Dataset split.")
 @click.option("--text-field", default="text", show_default=True, help="Column holding the text.")
@@ -46,7 +50,8 @@ class _BytesColumn(ProgressColumn):
 @click.option("--revision", default=None, help="Hub revision of the teacher.")
 @click.option("--overwrite", is_flag=True, help="Replace a non-empty --out.")
 @friendly_errors
-def build(teacher, data, tokens, out, seq_len, top_k, hidden_groups, data_config, split, text_field,
+def build(teacher, data, tokens, out, seq_len, top_k, hidden_groups, hidden_dtype, logprob_dtype, data_config,
+          split, text_field,
           batch_size, shard_rows, device, dtype, revision, overwrite) -> None:
     """Run the teacher once over a token budget and write the cache."""
     from teachercache.build import BuildConfig, build as run_build, parse_count
@@ -55,7 +60,7 @@ def build(teacher, data, tokens, out, seq_len, top_k, hidden_groups, data_config
     cfg = BuildConfig(
         teacher=teacher, out=out, tokens=parse_count(tokens), seq_len=seq_len, top_k=top_k,
         data=DataSpec(path=data, config=data_config, split=split, text_field=text_field),
-        hidden_groups=hidden_groups, batch_size=batch_size, rows_per_shard=shard_rows,
+        hidden_groups=hidden_groups, hidden_dtype=hidden_dtype, logprob_dtype=logprob_dtype, batch_size=batch_size, rows_per_shard=shard_rows,
         device=device, dtype=dtype, revision=revision, overwrite=overwrite,
     )
     console = Console(stderr=True)

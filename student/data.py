@@ -18,7 +18,8 @@ class CacheRows(Dataset):
         fields = [schema.INPUT_IDS] + ([schema.TOPK_LOGPROBS, schema.TOPK_IDS] if with_targets else [])
         probe = schema.load_manifest(cache_dir)
         if with_targets and with_hidden and schema.HIDDEN in probe.fields:
-            fields.append(schema.HIDDEN)
+            fields += [schema.HIDDEN, schema.HIDDEN_SCALE]  # the reader drops fields a cache lacks
+        self.hidden_dtype = probe.fields.get(schema.HIDDEN, {}).get("dtype")
         self.reader = CacheReader(cache_dir, fields=tuple(fields))
         self.groups = probe.hidden_groups
 
@@ -32,7 +33,7 @@ class CacheRows(Dataset):
             out[schema.TOPK_LOGPROBS] = torch.from_numpy(row[schema.TOPK_LOGPROBS].astype(np.float32))
             out[schema.TOPK_IDS] = torch.from_numpy(row[schema.TOPK_IDS].astype(np.int64))
         if schema.HIDDEN in row:
-            h = row[schema.HIDDEN]
+            h = schema.decode_hidden(row, self.hidden_dtype).astype(np.float16)
             out[schema.HIDDEN] = torch.from_numpy(h.reshape(h.shape[0], self.groups, -1))  # (T, G, D)
         return out
 

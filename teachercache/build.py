@@ -55,6 +55,10 @@ class BuildConfig:
     """Teacher log-probs kept per position (--top-k)."""
     hidden_groups: int = 1
     """Contiguous teacher-layer groups to average separately, 0 for none; storage grows linearly (--hidden-groups)."""
+    hidden_dtype: str = schema.DEFAULT_HIDDEN_DTYPE
+    """Stored hidden dtype: int8 (absmax-scaled per position), fp16, bf16 (--hidden-dtype)."""
+    logprob_dtype: str = schema.DEFAULT_LOGPROB_DTYPE
+    """Stored top-k log-prob dtype: fp16, fp32 (--logprob-dtype)."""
     batch_size: int = 8
     """Rows per teacher forward (--batch-size)."""
     rows_per_shard: int = 1024
@@ -75,6 +79,7 @@ class BuildConfig:
                             ("--shard-rows", self.rows_per_shard), ("--tokens", self.tokens)):
             if value < 1:
                 raise TcacheError(f"{flag} must be at least 1, got {value}")
+        schema.field_specs(1, 1, 0, 1, 1, self.hidden_dtype, self.logprob_dtype)  # validates both names
         if self.tokens < self.seq_len:
             raise TcacheError(
                 f"--tokens {self.tokens} is less than one row of --seq-len {self.seq_len}; raise --tokens"
@@ -149,7 +154,8 @@ def build(cfg: BuildConfig, on_progress: ProgressFn | None = None) -> Manifest:
 
     if out.is_dir() and cfg.overwrite:
         shutil.rmtree(out)
-    specs = schema.field_specs(cfg.seq_len, hidden_size, cfg.hidden_groups, cfg.top_k, vocab_size)
+    specs = schema.field_specs(cfg.seq_len, hidden_size, cfg.hidden_groups, cfg.top_k, vocab_size,
+                               cfg.hidden_dtype, cfg.logprob_dtype)
     manifest = Manifest(
         teacher={
             "name_or_path": cfg.teacher,
@@ -183,8 +189,7 @@ def build(cfg: BuildConfig, on_progress: ProgressFn | None = None) -> Manifest:
                 schema.TOPK_IDS: tgt.topk_ids.cpu().numpy(),
             }
             if cfg.hidden_groups:
-                hidden = tgt.hidden if cfg.hidden_groups > 1 else tgt.hidden[:, :, 0]  # (B, T, [G,] D)
-                rows_out[schema.HIDDEN] = hidden.to(torch.float16).cpu().numpy()
+                rows_out.update(schema.encode_hidden(tgt.hidden, specs[schema.HIDDEN].dtype))  # (B, T, [G,] D)
             writer.add(rows_out)
             done += ids.numel()
             if on_progress:

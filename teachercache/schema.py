@@ -12,11 +12,13 @@ A cache is a directory:
 Each shard holds, for `rows` packed rows of `seq_len` tokens:
 
     input_ids      (rows, seq_len)            uint16 if vocab <= 65536 else int32
-    hidden         (rows, seq_len, D)         float16, when hidden_groups == 1
-                   (rows, seq_len, G, D)      float16, when hidden_groups == G > 1
-                   absent                     when hidden_groups == 0 (a KD-only cache)
-    topk_logprobs  (rows, seq_len, k)         float32, log-softmax over the FULL vocabulary at T=1,
-                                              sorted descending along k
+    hidden         (rows, seq_len, D)         when hidden_groups == 1; --hidden-dtype: int8 (default),
+                   (rows, seq_len, G, D)      when hidden_groups == G > 1;  float16, or bfloat16 (stored
+                   absent                     when hidden_groups == 0       as its uint16 bit pattern)
+    hidden_scale   (rows, seq_len[, G])       float16, int8 hidden only: value = int8 * scale, with
+                                              scale = absmax over D / 127 (per position and group)
+    topk_logprobs  (rows, seq_len, k)         float16 (default) or float32 (--logprob-dtype):
+                                              log-softmax over the FULL vocabulary at T=1, sorted descending
     topk_ids       (rows, seq_len, k)         same dtype as input_ids
 
 Every dataset is chunked as (1, *row_shape): one row is one chunk, so reading a row is one read.
@@ -36,7 +38,9 @@ import numpy as np
 
 from teachercache.errors import TcacheError
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
+# Version 1 (float16 hidden, float32 log-probs only) is a subset of version 2: still readable.
+READABLE_VERSIONS = (1, 2)
 FORMAT_NAME = "tcache"
 
 MANIFEST_FILE = "manifest.json"
@@ -46,12 +50,18 @@ PARTIAL_SUFFIX = ".partial"
 
 INPUT_IDS = "input_ids"
 HIDDEN = "hidden"
+HIDDEN_SCALE = "hidden_scale"
 TOPK_LOGPROBS = "topk_logprobs"
 TOPK_IDS = "topk_ids"
-FIELDS = (INPUT_IDS, HIDDEN, TOPK_LOGPROBS, TOPK_IDS)
+FIELDS = (INPUT_IDS, HIDDEN, HIDDEN_SCALE, TOPK_LOGPROBS, TOPK_IDS)
 
-HIDDEN_DTYPE = "float16"
-LOGPROB_DTYPE = "float32"
+# CLI name -> logical dtype recorded in the manifest. Defaults chosen by measurement (docs/format.md).
+HIDDEN_DTYPES = {"int8": "int8", "fp16": "float16", "bf16": "bfloat16"}
+LOGPROB_DTYPES = {"fp16": "float16", "fp32": "float32"}
+DEFAULT_HIDDEN_DTYPE = "int8"
+DEFAULT_LOGPROB_DTYPE = "fp16"
+# HDF5 has no bfloat16: it is stored as its bit pattern.
+_STORAGE = {"bfloat16": "uint16"}
 
 # What `hidden` averages, stated once so docs, manifest and code agree.
 HIDDEN_SOURCE = (
@@ -92,7 +102,13 @@ def layer_groups(num_layers: int, groups: int) -> list[tuple[int, int]]:
 @dataclass(frozen=True)
 class FieldSpec:
     dtype: str
+    """Logical dtype, as recorded in the manifest (e.g. bfloat16)."""
     row_shape: tuple[int, ...]
+
+    @property
+    def storage_dtype(self) -> str:
+        """The numpy / HDF5 dtype the values are stored as."""
+        return _STORAGE.get(self.dtype, self.dtype)
 
     @property
     def chunks(self) -> tuple[int, ...]:
@@ -100,18 +116,25 @@ class FieldSpec:
 
     @property
     def bytes_per_row(self) -> int:
-        return int(np.prod(self.row_shape)) * np.dtype(self.dtype).itemsize
+        return int(np.prod(self.row_shape)) * np.dtype(self.storage_dtype).itemsize
 
 
-def field_specs(seq_len: int, hidden_size: int, hidden_groups: int, top_k: int,
-                vocab_size: int) -> dict[str, FieldSpec]:
+def field_specs(seq_len: int, hidden_size: int, hidden_groups: int, top_k: int, vocab_size: int,
+                hidden_dtype: str = DEFAULT_HIDDEN_DTYPE, logprob_dtype: str = DEFAULT_LOGPROB_DTYPE,
+                ) -> dict[str, FieldSpec]:
     """The datasets of a shard; hidden_groups == 0 stores no hidden states (a KD-only cache)."""
+    if hidden_dtype not in HIDDEN_DTYPES:
+        raise TcacheError(f"--hidden-dtype {hidden_dtype!r} is unknown; use one of {', '.join(HIDDEN_DTYPES)}")
+    if logprob_dtype not in LOGPROB_DTYPES:
+        raise TcacheError(f"--logprob-dtype {logprob_dtype!r} is unknown; use one of {', '.join(LOGPROB_DTYPES)}")
     ids = token_dtype(vocab_size)
     specs = {INPUT_IDS: FieldSpec(ids, (seq_len,))}
     if hidden_groups > 0:
-        hidden_shape = (seq_len, hidden_size) if hidden_groups == 1 else (seq_len, hidden_groups, hidden_size)
-        specs[HIDDEN] = FieldSpec(HIDDEN_DTYPE, hidden_shape)
-    specs[TOPK_LOGPROBS] = FieldSpec(LOGPROB_DTYPE, (seq_len, top_k))
+        group = () if hidden_groups == 1 else (hidden_groups,)
+        specs[HIDDEN] = FieldSpec(HIDDEN_DTYPES[hidden_dtype], (seq_len, *group, hidden_size))
+        if hidden_dtype == "int8":
+            specs[HIDDEN_SCALE] = FieldSpec("float16", (seq_len, *group))
+    specs[TOPK_LOGPROBS] = FieldSpec(LOGPROB_DTYPES[logprob_dtype], (seq_len, top_k))
     specs[TOPK_IDS] = FieldSpec(ids, (seq_len, top_k))
     return specs
 
@@ -183,7 +206,7 @@ def load_manifest(cache_dir: str | os.PathLike) -> Manifest:
     if not isinstance(raw, dict) or raw.get("format") != FORMAT_NAME:
         raise TcacheError(f"{mpath} is not a tcache manifest; point at a directory made by `tcache build`")
     version = raw.get("schema_version")
-    if version != SCHEMA_VERSION:
+    if version not in READABLE_VERSIONS:
         raise TcacheError(
             f"{path} has cache schema version {version}, this tcache reads version {SCHEMA_VERSION}; "
             "rebuild the cache with this version's `tcache build` (or install the tcache that wrote it)"
@@ -202,6 +225,42 @@ def load_manifest(cache_dir: str | os.PathLike) -> Manifest:
                 "the cache was modified or truncated, rebuild it"
             )
     return manifest
+
+
+def encode_hidden(hidden: "torch.Tensor", dtype: str) -> dict[str, np.ndarray]:
+    """fp32 hidden means (B, T, G, D) -> the stored arrays, G squeezed when 1.
+
+    int8: per position and group, scale = absmax / 127 rounded to fp16, values round(h / scale)."""
+    import torch
+
+    squeeze = hidden.shape[2] == 1
+    if dtype == "float16":
+        out = {HIDDEN: hidden.to(torch.float16)}
+    elif dtype == "bfloat16":
+        out = {HIDDEN: hidden.to(torch.bfloat16).view(torch.int16)}
+    elif dtype == "int8":
+        scale = (hidden.abs().amax(-1) / 127).to(torch.float16)  # (B, T, G)
+        safe = torch.where(scale > 0, scale.float(), torch.ones_like(scale, dtype=torch.float32))
+        q = torch.round(hidden / safe.unsqueeze(-1)).clamp_(-127, 127).to(torch.int8)  # (B, T, G, D)
+        out = {HIDDEN: q, HIDDEN_SCALE: scale}
+    else:
+        raise ValueError(f"unknown hidden dtype {dtype}")
+    arrays = {k: (v.squeeze(2) if squeeze else v).cpu().numpy() for k, v in out.items()}
+    if dtype == "bfloat16":
+        arrays[HIDDEN] = arrays[HIDDEN].view(np.uint16)
+    return arrays
+
+
+def decode_hidden(row: dict[str, np.ndarray], dtype: str) -> np.ndarray:
+    """Stored hidden arrays of one or more rows -> float32 values, same shape as `hidden`."""
+    h = row[HIDDEN]
+    if dtype == "float16":
+        return h.astype(np.float32)
+    if dtype == "bfloat16":
+        return (h.astype(np.uint32) << 16).view(np.float32)
+    if dtype == "int8":
+        return h.astype(np.float32) * row[HIDDEN_SCALE].astype(np.float32)[..., None]
+    raise ValueError(f"unknown hidden dtype {dtype}")
 
 
 def sha256_file(path: str | os.PathLike, block: int = 1 << 22) -> str:

@@ -41,7 +41,8 @@ def cache_stats(cache_dir: str | os.PathLike, max_rows: int = 256) -> dict:
         lp = row[schema.TOPK_LOGPROBS].astype(np.float64)  # (T, k)
         mass.append(np.exp(lp).sum(-1))  # (T,)
         if schema.HIDDEN in row:
-            h = row[schema.HIDDEN].astype(np.float64).reshape(m.seq_len, m.hidden_groups, m.hidden_size)
+            h = schema.decode_hidden(row, m.fields[schema.HIDDEN]["dtype"]).astype(np.float64)
+            h = h.reshape(m.seq_len, m.hidden_groups, m.hidden_size)  # (T, G, D)
             sq_sum += (h**2).sum(axis=(0, 2))  # (G,)
             sq_n += m.seq_len * m.hidden_size
     reader.close()

@@ -63,7 +63,7 @@ class CacheWriter:
             take = min(n - start, self.rows_per_shard - self._rows_in_shard)
             lo, hi = self._rows_in_shard, self._rows_in_shard + take
             for name, spec in self.specs.items():
-                self._file[name][lo:hi] = batch[name][start:start + take].astype(spec.dtype, copy=False)
+                self._file[name][lo:hi] = batch[name][start:start + take].astype(spec.storage_dtype, copy=False)
                 self.bytes_written += take * spec.bytes_per_row
             self._rows_in_shard = hi
             start += take
@@ -90,7 +90,7 @@ class CacheWriter:
                 name,
                 shape=(self.rows_per_shard, *spec.row_shape),
                 maxshape=(None, *spec.row_shape),
-                dtype=spec.dtype,
+                dtype=spec.storage_dtype,
                 chunks=spec.chunks,
                 track_times=False,
             )

@@ -30,7 +30,7 @@ def read_cache(cache: Path) -> tuple[dict, dict[str, np.ndarray]]:
         assert _sha256(path) == shard["sha256"], f"{path}: sha256 differs from the manifest"
         with h5py.File(path, "r") as f:
             assert f["input_ids"].chunks == (1, *f["input_ids"].shape[1:]), "chunks must be one row"
-            for name in ("input_ids", "hidden", "topk_logprobs", "topk_ids"):
+            for name in ("input_ids", "hidden", "hidden_scale", "topk_logprobs", "topk_ids"):
                 if name in f:
                     fields.setdefault(name, []).append(f[name][:])
     return manifest, {k: np.concatenate(v) for k, v in fields.items()}
@@ -78,21 +78,33 @@ def check_cache(cache: Path, teacher_dir: Path, data_jsonl: Path | None = None, 
         if groups:
             layers = torch.stack(out.hidden_states[1:])  # (L, 1, T, D)
             ref_h = torch.stack([layers[a:b].mean(0) for a, b in groups], dim=2)[0].numpy()  # (T, G, D)
-            got_h = data["hidden"][r].astype(np.float32).reshape(ref_h.shape)
+            kind = manifest["fields"]["hidden"]["dtype"]
+            raw = data["hidden"][r]
+            if kind == "int8":  # value = q * scale, scale = absmax / 127: error at most half a step
+                scale = data["hidden_scale"][r].astype(np.float32).reshape(ref_h.shape[:-1] + (1,))  # (T, G, 1)
+                got_h = raw.astype(np.float32).reshape(ref_h.shape) * scale
+                bound = 0.505 * scale + 1e-3 * np.abs(ref_h).max(-1, keepdims=True)
+                assert np.all(np.abs(got_h - ref_h) <= bound), "int8 hidden off by more than half a step"
+            else:
+                got_h = (raw.astype(np.float32) if kind == "float16" else
+                         torch.from_numpy(raw.view(np.int16)).view(torch.bfloat16).float().numpy()).reshape(ref_h.shape)
+                tol = hidden_rtol if kind == "float16" else 8e-3  # bf16 keeps 8 bits of mantissa
+                np.testing.assert_allclose(got_h, ref_h, rtol=tol, atol=tol * np.abs(ref_h).max())
             rel = np.abs(got_h - ref_h).max() / np.abs(ref_h).max()
             worst["hidden_rel"] = max(worst["hidden_rel"], float(rel))
-            np.testing.assert_allclose(got_h, ref_h, rtol=hidden_rtol, atol=hidden_rtol * np.abs(ref_h).max())
 
         ref_lp = torch.log_softmax(out.logits[0].double(), -1).numpy()  # (T, V) float64
         got_lp, got_ids = data["topk_logprobs"][r].astype(np.float64), data["topk_ids"][r].astype(np.int64)
         assert np.all(np.diff(got_lp, axis=-1) <= 0), "top-k log-probs must be sorted descending"
+        assert str(data["topk_logprobs"].dtype) == manifest["fields"]["topk_logprobs"]["dtype"]
         # The cached value at each cached id is the teacher's log-prob of that id ...
         at_ids = np.take_along_axis(ref_lp, got_ids, -1)
         worst["logprob_abs"] = max(worst["logprob_abs"], float(np.abs(at_ids - got_lp).max()))
-        np.testing.assert_allclose(got_lp, at_ids, atol=logprob_atol, rtol=0)
+        lp_tol = logprob_atol + (np.abs(at_ids) * 2**-11 if manifest["fields"]["topk_logprobs"]["dtype"] == "float16" else 0)
+        np.testing.assert_array_less(np.abs(got_lp - at_ids), lp_tol + 1e-12)
         # ... and those ids are the k largest: equal to the reference top-k up to ties.
         ref_top = -np.sort(-ref_lp, axis=-1)[:, :k]
-        np.testing.assert_allclose(got_lp, ref_top, atol=logprob_atol, rtol=0)
+        np.testing.assert_array_less(np.abs(got_lp - ref_top), lp_tol + 1e-12)
         ref_ids_top = np.argsort(-ref_lp, axis=-1, kind="stable")[:, :k]
         srt = -np.sort(-ref_lp, axis=-1)  # (T, V)
         ext = np.concatenate([np.full((len(srt), 1), np.inf), srt[:, :k],
@@ -108,7 +120,8 @@ def check_cache(cache: Path, teacher_dir: Path, data_jsonl: Path | None = None, 
         ref_tail = np.where(mask, np.exp(ref_lp), 0).sum(-1)
         got_tail = 1 - np.exp(got_lp).sum(-1)
         worst["tail_abs"] = max(worst["tail_abs"], float(np.abs(ref_tail - got_tail).max()))
-        np.testing.assert_allclose(got_tail, ref_tail, atol=1e-4, rtol=0)
+        tail_tol = 1e-4 if manifest["fields"]["topk_logprobs"]["dtype"] == "float32" else 2e-3
+        np.testing.assert_allclose(got_tail, ref_tail, atol=tail_tol, rtol=0)
     worst["rows_checked"] = n
     return worst
 

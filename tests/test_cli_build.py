@@ -46,9 +46,9 @@ def test_build_then_stats(tmp_path, tiny_args):
     assert r.exit_code == 0, r.output
     s = json.loads(r.output)
     assert s["tokens"] == 256 and s["rows"] == 4 and s["top_k"] == 4 and s["seq_len"] == 64
-    # bytes per token by field follow from the dtypes: fp16 hidden (D=32), uint16 ids, fp32 log-probs
-    assert s["fields"]["hidden"]["bytes_per_token"] == 2 * 32
-    assert s["fields"]["topk_logprobs"]["bytes_per_token"] == 4 * 4
+    # bytes per token by field follow from the dtypes: int8 hidden (D=32) + fp16 scale, uint16 ids, fp16 log-probs
+    assert s["fields"]["hidden"]["bytes_per_token"] == 32 and s["fields"]["hidden_scale"]["bytes_per_token"] == 2
+    assert s["fields"]["topk_logprobs"]["bytes_per_token"] == 2 * 4
     assert s["fields"]["topk_ids"]["bytes_per_token"] == 2 * 4
     assert 0 < s["topk_mass"]["p1"] <= s["topk_mass"]["p50"] <= s["topk_mass"]["p99"] <= 1 + 1e-6
     r = run("stats", out)
@@ -64,10 +64,11 @@ def test_stats_values_match_raw_file(shared_cache):
     s = json.loads(r.output)
     _, raw = read_cache(shared_cache)
     mass = np.exp(raw["topk_logprobs"].astype(np.float64)).sum(-1).ravel()
-    assert s["topk_mass"]["mean"] == pytest.approx(mass.mean(), rel=1e-9)
+    assert s["topk_mass"]["mean"] == pytest.approx(mass.mean(), rel=1e-6)
     assert s["topk_mass"]["p5"] == pytest.approx(np.percentile(mass, 5), rel=1e-9)
-    rms = np.sqrt((raw["hidden"].astype(np.float64) ** 2).mean())
-    assert s["hidden_rms"][0] == pytest.approx(rms, rel=1e-9)
+    h = raw["hidden"].astype(np.float64) * raw["hidden_scale"].astype(np.float64)[..., None]  # int8 * scale
+    rms = np.sqrt((h ** 2).mean())
+    assert s["hidden_rms"][0] == pytest.approx(rms, rel=1e-6)
 
 
 def test_teacher_path_not_found(tmp_path, valid_jsonl):

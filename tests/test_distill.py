@@ -42,7 +42,8 @@ def losses_on(model, cache, rows, T=1.0):
         logits, h = model(ids, groups=1)
         lp = torch.from_numpy(b["topk_logprobs"])
         top = torch.from_numpy(b["topk_ids"].astype(np.int64))
-        th = torch.from_numpy(b["hidden"]).unsqueeze(2)  # (B, T, 1, D)
+        m = schema.load_manifest(cache)
+        th = torch.from_numpy(schema.decode_hidden(b, m.fields["hidden"]["dtype"])).unsqueeze(2)  # (B, T, 1, D)
         return {"ce": float(losses.ce_loss(logits, ids)), "kd": float(losses.kd_loss(logits, lp, top, T)),
                 "align": float(losses.align_loss(h, th))}
 
