@@ -43,7 +43,7 @@ class _BytesColumn(ProgressColumn):
 @click.option("--data-config", default=None, help="Hub dataset configuration name.")
 @click.option("--split", default="train", show_default=True, help="Dataset split.")
 @click.option("--text-field", default="text", show_default=True, help="Column holding the text.")
-@click.option("--batch-size", default=8, show_default=True, help="Rows per teacher forward.")
+@click.option("--batch-size", default=0, show_default=True, help="Rows per teacher forward; 0: automatic.")
 @click.option("--shard-rows", default=1024, show_default=True, help="Rows per HDF5 shard.")
 @click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda, cuda:N.")
 @click.option("--dtype", default="auto", show_default=True, help="auto (bf16 GPU / fp32 CPU), bf16, fp16, fp32.")

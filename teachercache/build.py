@@ -17,9 +17,10 @@ import teachercache
 from teachercache import schema
 from teachercache.data import DataSpec, iter_texts, pack_rows
 from teachercache.errors import TcacheError
+from teachercache.pipeline import AsyncWriter, Prefetcher, batched_rows
 from teachercache.schema import Manifest
-from teachercache.teacher import (load_config, load_teacher, num_layers, resolve_device, resolve_dtype,
-                                  teacher_targets, text_config, tokenizer_sha256)
+from teachercache.teacher import (TeacherPass, load_config, load_teacher, num_layers, resolve_device, resolve_dtype,
+                                  text_config, tokenizer_sha256)
 from teachercache.writer import CacheWriter
 
 _SUFFIX = {"": 1, "k": 10**3, "m": 10**6, "g": 10**9, "b": 10**9}
@@ -59,8 +60,8 @@ class BuildConfig:
     """Stored hidden dtype: int8 (absmax-scaled per position), fp16, bf16 (--hidden-dtype)."""
     logprob_dtype: str = schema.DEFAULT_LOGPROB_DTYPE
     """Stored top-k log-prob dtype: fp16, fp32 (--logprob-dtype)."""
-    batch_size: int = 8
-    """Rows per teacher forward (--batch-size)."""
+    batch_size: int = 0
+    """Rows per teacher forward; 0 = automatic: 8 on CPU, on a GPU up to 64 as its free memory allows (--batch-size)."""
     rows_per_shard: int = 1024
     """Rows per HDF5 shard (--shard-rows)."""
     device: str = "auto"
@@ -75,7 +76,9 @@ class BuildConfig:
     def __post_init__(self) -> None:
         if self.hidden_groups < 0:
             raise TcacheError(f"--hidden-groups must be 0 (no hidden states) or more, got {self.hidden_groups}")
-        for flag, value in (("--seq-len", self.seq_len), ("--top-k", self.top_k), ("--batch-size", self.batch_size),
+        if self.batch_size < 0:
+            raise TcacheError(f"--batch-size must be 0 (automatic) or more, got {self.batch_size}")
+        for flag, value in (("--seq-len", self.seq_len), ("--top-k", self.top_k),
                             ("--shard-rows", self.rows_per_shard), ("--tokens", self.tokens)):
             if value < 1:
                 raise TcacheError(f"{flag} must be at least 1, got {value}")
@@ -135,6 +138,16 @@ def _save_teacher_parts(model, tokenizer, config, writer: CacheWriter) -> None:
     save_file(tensors, str(writer.add_teacher_file(schema.EMBEDDINGS_FILE)))
 
 
+def auto_batch_size(device: torch.device, seq_len: int, vocab_size: int, hidden_size: int) -> int:
+    """8 rows on CPU; on a GPU, as many rows (up to 64) as fit a quarter of its free memory, counting the
+    bf16 logits and their fp32 chunk copies plus the fp32 hidden accumulator."""
+    if device.type != "cuda":
+        return 8
+    free, _ = torch.cuda.mem_get_info(device)
+    per_row = seq_len * (vocab_size * 2 + hidden_size * 16)
+    return int(max(1, min(64, free // 4 // per_row)))
+
+
 def build(cfg: BuildConfig, on_progress: ProgressFn | None = None) -> Manifest:
     # 1. setup: every check that can fail runs before anything is written
     out = _check_out_dir(cfg)
@@ -175,25 +188,38 @@ def build(cfg: BuildConfig, on_progress: ProgressFn | None = None) -> Manifest:
         fields={name: {"dtype": s.dtype, "row_shape": list(s.row_shape)} for name, s in specs.items()},
     )
 
-    # 2. fit: the teacher runs once over the budget; the writer turns rows into shards
+    # 2. fit: rows are tokenised ahead in a thread, the teacher runs, shards are written behind it
+    batch_size = cfg.batch_size or auto_batch_size(device, cfg.seq_len, vocab_size, hidden_size)
+    teacher = TeacherPass(model, groups, cfg.top_k)
+    hidden_dtype = specs[schema.HIDDEN].dtype if cfg.hidden_groups else None
     t0 = time.perf_counter()
     done = 0
     with CacheWriter(out, manifest) as writer:
         _save_teacher_parts(model, tokenizer, config, writer)
-        while batch := list(itertools.islice(rows, cfg.batch_size)):
-            ids = torch.from_numpy(np.stack(batch)).to(device)  # (B, T)
-            tgt = teacher_targets(model, ids, groups, cfg.top_k)
-            rows_out = {
-                schema.INPUT_IDS: ids.cpu().numpy(),
-                schema.TOPK_LOGPROBS: tgt.topk_logprobs.cpu().numpy(),
-                schema.TOPK_IDS: tgt.topk_ids.cpu().numpy(),
-            }
-            if cfg.hidden_groups:
-                rows_out.update(schema.encode_hidden(tgt.hidden, specs[schema.HIDDEN].dtype))  # (B, T, [G,] D)
-            writer.add(rows_out)
-            done += ids.numel()
-            if on_progress:
-                on_progress(done, cfg.rows * cfg.seq_len, writer.bytes_written)
+        batches = Prefetcher(batched_rows(rows, batch_size))
+        sink = AsyncWriter(writer.add)
+        try:
+            for ids_np in batches:
+                ids = torch.from_numpy(ids_np).to(device)  # (B, T)
+                tgt = teacher(ids)
+                fields = {
+                    schema.INPUT_IDS: ids,
+                    schema.TOPK_LOGPROBS: tgt.topk_logprobs.to(getattr(torch, specs[schema.TOPK_LOGPROBS].dtype)),
+                    schema.TOPK_IDS: tgt.topk_ids.to(torch.int32),  # (B, T, k); the writer narrows to uint16
+                }
+                if hidden_dtype:
+                    fields.update(schema.encode_hidden(tgt.hidden, hidden_dtype))  # (B, T, [G,] D)
+                sink.put(fields)
+                done += ids.numel()
+                if on_progress:
+                    on_progress(done, cfg.rows * cfg.seq_len, writer.bytes_written)
+        except BaseException:
+            sink.close(raise_error=False)  # the writer thread must be idle before the cache is removed
+            raise
+        finally:
+            batches.close()
+            teacher.close()
+        sink.close()
         seconds = time.perf_counter() - t0
         # 3. the manifest is written when the `with` block closes: last, and only on success
         manifest.data_exhausted = done < cfg.rows * cfg.seq_len
@@ -202,7 +228,8 @@ def build(cfg: BuildConfig, on_progress: ProgressFn | None = None) -> Manifest:
             "torch_version": torch.__version__,
             "device": str(device) if device.type != "cuda" else torch.cuda.get_device_name(device),
             "dtype": str(dtype).removeprefix("torch."),
-            "batch_size": cfg.batch_size,
+            "batch_size": batch_size,
+            "hooked_hidden": teacher.hooked,
             "seconds": round(seconds, 3),
             "tokens_per_s": round(done / seconds, 1) if seconds > 0 else None,
         }

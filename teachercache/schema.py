@@ -227,13 +227,13 @@ def load_manifest(cache_dir: str | os.PathLike) -> Manifest:
     return manifest
 
 
-def encode_hidden(hidden: "torch.Tensor", dtype: str) -> dict[str, np.ndarray]:
-    """fp32 hidden means (B, T, G, D) -> the stored arrays, G squeezed when 1.
+def encode_hidden(hidden: "torch.Tensor", dtype: str) -> dict[str, "torch.Tensor"]:
+    """fp32 hidden means (B, T, G, D) -> the tensors to store (on the same device), G squeezed when 1.
 
-    int8: per position and group, scale = absmax / 127 rounded to fp16, values round(h / scale)."""
+    int8: per position and group, scale = absmax / 127 rounded to fp16, values round(h / scale).
+    bfloat16 comes back as its int16 bit pattern (stored as uint16)."""
     import torch
 
-    squeeze = hidden.shape[2] == 1
     if dtype == "float16":
         out = {HIDDEN: hidden.to(torch.float16)}
     elif dtype == "bfloat16":
@@ -245,10 +245,7 @@ def encode_hidden(hidden: "torch.Tensor", dtype: str) -> dict[str, np.ndarray]:
         out = {HIDDEN: q, HIDDEN_SCALE: scale}
     else:
         raise ValueError(f"unknown hidden dtype {dtype}")
-    arrays = {k: (v.squeeze(2) if squeeze else v).cpu().numpy() for k, v in out.items()}
-    if dtype == "bfloat16":
-        arrays[HIDDEN] = arrays[HIDDEN].view(np.uint16)
-    return arrays
+    return {k: v.squeeze(2) for k, v in out.items()} if hidden.shape[2] == 1 else out
 
 
 def decode_hidden(row: dict[str, np.ndarray], dtype: str) -> np.ndarray:

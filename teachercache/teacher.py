@@ -99,7 +99,9 @@ class Targets:
 
 @torch.no_grad()
 def teacher_targets(model, input_ids: torch.Tensor, groups: list[tuple[int, int]], top_k: int) -> Targets:
-    """One teacher forward: layer-group means of the hidden states and the top-k log-probs at T=1."""
+    """One teacher forward: layer-group means of the hidden states and the top-k log-probs at T=1.
+
+    The reference implementation (any HF causal LM): output_hidden_states keeps all L + 1 states."""
     out = model(input_ids=input_ids, output_hidden_states=bool(groups), use_cache=False)
     hidden = None
     if groups:
@@ -107,6 +109,72 @@ def teacher_targets(model, input_ids: torch.Tensor, groups: list[tuple[int, int]
         hidden = torch.stack(
             [torch.stack(layers[a:b]).float().mean(0) for a, b in groups], dim=2
         )  # (B, T, G, D)
-    logprobs = torch.log_softmax(out.logits.float(), dim=-1)  # (B, T, V) fp32: the FULL vocabulary
-    top = torch.topk(logprobs, top_k, dim=-1, sorted=True)  # (B, T, k)
-    return Targets(hidden=hidden, topk_logprobs=top.values, topk_ids=top.indices)
+    values, ids = topk_logprobs(out.logits, top_k)
+    return Targets(hidden=hidden, topk_logprobs=values, topk_ids=ids)
+
+
+def topk_logprobs(logits: torch.Tensor, k: int, rows_per_chunk: int = 8) -> tuple[torch.Tensor, torch.Tensor]:
+    """Top-k of log_softmax(logits) over the full vocabulary, in fp32, without materialising the full
+    fp32 log-softmax: top-k of the logits minus their logsumexp, a few rows at a time."""
+    vals, ids = [], []
+    for chunk in logits.split(rows_per_chunk):
+        z = chunk.float()  # (b, T, V)
+        top = torch.topk(z, k, dim=-1, sorted=True)  # (b, T, k)
+        vals.append(top.values - torch.logsumexp(z, dim=-1, keepdim=True))
+        ids.append(top.indices)
+    return torch.cat(vals), torch.cat(ids)  # (B, T, k) fp32, (B, T, k) int64
+
+
+def _decoder_parts(model):
+    """(decoder layers, final norm) of a Llama-style model (model.model.layers / .norm), else None."""
+    base = getattr(model, "model", None) or getattr(model, "base_model", None)
+    layers, norm = getattr(base, "layers", None), getattr(base, "norm", None)
+    if isinstance(layers, torch.nn.ModuleList) and len(layers) > 0 and isinstance(norm, torch.nn.Module):
+        return layers, norm
+    return None
+
+
+class TeacherPass:
+    """The build's teacher forward: the same targets as teacher_targets, without keeping L + 1 hidden
+    states. Forward hooks add each layer's output into its group's running sum as the layers run (the
+    last layer's entry is the final norm's output, as in transformers' hidden_states). Models whose
+    layers cannot be found fall back to teacher_targets."""
+
+    def __init__(self, model, groups: list[tuple[int, int]], top_k: int):
+        self.model, self.groups, self.top_k = model, groups, top_k
+        parts = _decoder_parts(model) if groups else None
+        self.hooked = parts is not None
+        self._acc: torch.Tensor | None = None
+        self._handles = []
+        if self.hooked:
+            layers, norm = parts
+            group_of = {layer: g for g, (a, b) in enumerate(groups) for layer in range(a, b)}
+            self._counts = torch.tensor([b - a for a, b in groups], dtype=torch.float32)
+            for i, layer in enumerate(layers[:-1]):
+                self._handles.append(layer.register_forward_hook(self._adder(group_of[i])))
+            self._handles.append(norm.register_forward_hook(self._adder(group_of[len(layers) - 1])))
+
+    def close(self) -> None:
+        """Remove the hooks (the model is the caller's)."""
+        for h in self._handles:
+            h.remove()
+        self._handles.clear()
+
+    def _adder(self, group: int):
+        def hook(module, args, output):
+            h = output[0] if isinstance(output, tuple) else output  # (B, T, D)
+            self._acc[:, :, group].add_(h.float())
+        return hook
+
+    @torch.no_grad()
+    def __call__(self, input_ids: torch.Tensor) -> Targets:
+        if not self.hooked:
+            return teacher_targets(self.model, input_ids, self.groups, self.top_k)
+        B, T = input_ids.shape
+        D = self.model.get_input_embeddings().weight.shape[1]
+        self._acc = torch.zeros(B, T, len(self.groups), D, device=input_ids.device)  # (B, T, G, D)
+        out = self.model(input_ids=input_ids, use_cache=False)
+        hidden = self._acc / self._counts.to(input_ids.device)[:, None]  # (B, T, G, D)
+        self._acc = None
+        values, ids = topk_logprobs(out.logits, self.top_k)
+        return Targets(hidden=hidden, topk_logprobs=values, topk_ids=ids)

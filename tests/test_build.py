@@ -114,15 +114,15 @@ def test_failed_build_leaves_no_cache(tmp_path, tiny_teacher, valid_jsonl, monke
     import teachercache.build as build_mod
 
     calls = {"n": 0}
-    real = build_mod.teacher_targets
+    real = build_mod.TeacherPass.__call__
 
-    def flaky(*args, **kw):
+    def flaky(self, *args, **kw):
         calls["n"] += 1
         if calls["n"] == 3:
             raise RuntimeError("simulated failure")
-        return real(*args, **kw)
+        return real(self, *args, **kw)
 
-    monkeypatch.setattr(build_mod, "teacher_targets", flaky)
+    monkeypatch.setattr(build_mod.TeacherPass, "__call__", flaky)
     out = tmp_path / "c"
     with pytest.raises(RuntimeError):
         build_cache(out, tiny_teacher, valid_jsonl, tokens=8 * 64, seq_len=64, top_k=4, batch_size=2,
@@ -130,6 +130,26 @@ def test_failed_build_leaves_no_cache(tmp_path, tiny_teacher, valid_jsonl, monke
     assert not out.exists()
     with pytest.raises(TcacheError, match="not a directory"):
         schema.load_manifest(out)
+
+
+def test_hooked_teacher_pass_equals_hidden_states_reference(tiny_teacher):
+    """The build's hook-based running means equal the output_hidden_states reference implementation."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from teachercache.teacher import TeacherPass, teacher_targets
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_teacher, dtype=torch.float32).eval()
+    ids = torch.randint(0, 16384, (3, 40))
+    for groups in ([(0, 4)], [(0, 2), (2, 4)], [(0, 1), (1, 2), (2, 3), (3, 4)]):
+        ref = teacher_targets(model, ids, groups, 8)
+        tp = TeacherPass(model, groups, 8)
+        got = tp(ids)
+        assert tp.hooked
+        torch.testing.assert_close(got.hidden, ref.hidden, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(got.topk_logprobs, ref.topk_logprobs)
+        assert torch.equal(got.topk_ids, ref.topk_ids)
+        tp.close()
 
 
 @pytest.mark.parametrize("text,value", [("512M", 512_000_000), ("2.5k", 2500), ("100000", 100000),
