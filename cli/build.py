@@ -27,42 +27,61 @@ class _BytesColumn(ProgressColumn):
         return Text(human_bytes(task.fields.get("bytes", 0)))
 
 
-@click.command()
-@click.option("--teacher", required=True, help="HF causal LM: hub id (HuggingFaceTB/SmolLM2-360M) or local directory.")
-@click.option("--data", required=True, help="HF dataset id, or a local .json/.jsonl/.txt/.parquet/.csv file or directory (.xz/.gz ok).")
-@click.option("--tokens", required=True, help="Token budget: 100000, 2.5k, 512M, 1B. Rounded down to whole rows.")
-@click.option("--out", required=True, type=click.Path(file_okay=False), help="Cache directory to create.")
-@click.option("--seq-len", default=512, show_default=True, help="Tokens per packed row.")
-@click.option("--top-k", default=64, show_default=True, help="Teacher log-probs kept per position.")
-@click.option("--hidden-groups", default=1, show_default=True,
-              help="Average the teacher's layers in G contiguous groups (storage grows x G); 0 stores none (KD-only).")
-@click.option("--hidden-dtype", default="int8", show_default=True, type=click.Choice(["int8", "fp16", "bf16"]),
-              help="Stored hidden states: int8 with a per-position scale, fp16 or bf16.")
-@click.option("--logprob-dtype", default="fp16", show_default=True, type=click.Choice(["fp16", "fp32"]),
-              help="Stored top-k log-probs.")
-@click.option("--data-config", default=None, help="Hub dataset configuration name.")
-@click.option("--split", default="train", show_default=True, help="Dataset split.")
-@click.option("--text-field", default="text", show_default=True, help="Column holding the text.")
-@click.option("--batch-size", default=0, show_default=True, help="Rows per teacher forward; 0: automatic.")
-@click.option("--shard-rows", default=1024, show_default=True, help="Rows per HDF5 shard.")
-@click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda, cuda:N.")
-@click.option("--dtype", default="auto", show_default=True, help="auto (bf16 GPU / fp32 CPU), bf16, fp16, fp32.")
-@click.option("--revision", default=None, help="Hub revision of the teacher.")
-@click.option("--overwrite", is_flag=True, help="Replace a non-empty --out.")
-@friendly_errors
-def build(teacher, data, tokens, out, seq_len, top_k, hidden_groups, hidden_dtype, logprob_dtype, data_config,
-          split, text_field,
-          batch_size, shard_rows, device, dtype, revision, overwrite) -> None:
-    """Run the teacher once over a token budget and write the cache."""
-    from teachercache.build import BuildConfig, build as run_build, parse_count
+_OPTIONS = [
+    click.option("--teacher", required=True, help="HF causal LM: hub id (HuggingFaceTB/SmolLM2-360M) or local directory."),
+    click.option("--data", required=True,
+                 help="HF dataset id, or a local .json/.jsonl/.txt/.parquet/.csv file or directory (.xz/.gz ok)."),
+    click.option("--tokens", required=True, help="Token budget: 100000, 2.5k, 512M, 1B. Rounded down to whole rows."),
+    click.option("--out", required=True, type=click.Path(file_okay=False), help="Cache directory to create."),
+    click.option("--seq-len", default=512, show_default=True, help="Tokens per packed row."),
+    click.option("--top-k", default=64, show_default=True, help="Teacher log-probs kept per position."),
+    click.option("--hidden-groups", default=1, show_default=True,
+                 help="Average the teacher's layers in G contiguous groups (storage grows x G); 0 stores none (KD-only)."),
+    click.option("--hidden-dtype", default="int8", show_default=True, type=click.Choice(["int8", "fp16", "bf16"]),
+                 help="Stored hidden states: int8 with a per-position scale, fp16 or bf16."),
+    click.option("--logprob-dtype", default="fp16", show_default=True, type=click.Choice(["fp16", "fp32"]),
+                 help="Stored top-k log-probs."),
+    click.option("--data-config", default=None, help="Hub dataset configuration name."),
+    click.option("--split", default="train", show_default=True, help="Dataset split."),
+    click.option("--text-field", default="text", show_default=True, help="Column holding the text."),
+    click.option("--batch-size", default=0, show_default=True, help="Rows per teacher forward; 0: automatic."),
+    click.option("--shard-rows", default=1024, show_default=True, help="Rows per HDF5 shard."),
+    click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda, cuda:N."),
+    click.option("--dtype", default="auto", show_default=True, help="auto (bf16 GPU / fp32 CPU), bf16, fp16, fp32."),
+    click.option("--revision", default=None, help="Hub revision of the teacher."),
+    click.option("--overwrite", is_flag=True, help="Replace a non-empty --out."),
+]
+
+
+def build_options(fn):
+    """The options `build` and `plan` share, so a plan is made for exactly the build it describes."""
+    for option in reversed(_OPTIONS):
+        fn = option(fn)
+    return fn
+
+
+def build_config(teacher, data, tokens, out, seq_len, top_k, hidden_groups, hidden_dtype, logprob_dtype,
+                 data_config, split, text_field, batch_size, shard_rows, device, dtype, revision, overwrite):
+    from teachercache.build import BuildConfig, parse_count
     from teachercache.data import DataSpec
 
-    cfg = BuildConfig(
+    return BuildConfig(
         teacher=teacher, out=out, tokens=parse_count(tokens), seq_len=seq_len, top_k=top_k,
         data=DataSpec(path=data, config=data_config, split=split, text_field=text_field),
-        hidden_groups=hidden_groups, hidden_dtype=hidden_dtype, logprob_dtype=logprob_dtype, batch_size=batch_size, rows_per_shard=shard_rows,
-        device=device, dtype=dtype, revision=revision, overwrite=overwrite,
+        hidden_groups=hidden_groups, hidden_dtype=hidden_dtype, logprob_dtype=logprob_dtype, batch_size=batch_size,
+        rows_per_shard=shard_rows, device=device, dtype=dtype, revision=revision, overwrite=overwrite,
     )
+
+
+@click.command()
+@build_options
+@friendly_errors
+def build(**options) -> None:
+    """Run the teacher once over a token budget and write the cache."""
+    from teachercache.build import build as run_build
+
+    cfg = build_config(**options)
+    out = cfg.out
     console = Console(stderr=True)
     columns = (TextColumn("[bold]build"), BarColumn(), _TokensColumn(), _RateColumn(),
                TimeElapsedColumn(), TimeRemainingColumn(), _BytesColumn())

@@ -36,9 +36,10 @@ def main() -> None:
 
 
 def _register() -> None:
-    from cli import build, distill, eval, stats
+    from cli import build, distill, eval, plan, stats
 
     main.add_command(build.build)
+    main.add_command(plan.plan)
     main.add_command(stats.stats)
     main.add_command(distill.distill)
     main.add_command(eval.eval_cmd)

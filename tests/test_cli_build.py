@@ -183,3 +183,19 @@ def test_stats_on_a_truncated_shard(tmp_path, shared_cache):
     shard.write_bytes(shard.read_bytes()[:1000])
     r = run("stats", copy)
     assert_clean_error(r, "shard-00001.h5", "rebuild")
+
+
+def test_plan_reports_exact_bytes_and_an_estimate(tmp_path, tiny_args):
+    r = run("plan", *tiny_args[1:], "--tokens", "1M", "--out", tmp_path / "c", "--json")
+    assert r.exit_code == 0, r.output
+    p = json.loads(r.output)
+    # int8 hidden D=32 + fp16 scale + top-4 fp16 log-probs + top-4 uint16 ids + uint16 input id
+    assert p["bytes_per_token"] == 32 + 2 + 2 * 4 + 2 * 4 + 2
+    assert p["total_bytes"] == int(p["bytes_per_token"] * p["tokens"]) + p["teacher_files_bytes"]
+    assert p["tokens"] == (10**6 // 64) * 64 and p["estimated_seconds"] > 0
+    assert not (tmp_path / "c").exists() and not list(tmp_path.glob(".tcache-plan-*"))  # a plan writes nothing
+
+
+def test_plan_refuses_what_build_refuses(tmp_path, tiny_args):
+    assert_clean_error(run("plan", *tiny_args[1:], "--tokens", "1M", "--top-k", 20000, "--out", tmp_path / "c"),
+                       "--top-k 20000 exceeds")

@@ -1,0 +1,131 @@
+"""Build speed vs the teacher's bare forward, side by side in one run, plus bytes per token by field.
+
+    python benchmarks/build.py --teacher T --train TRAIN.jsonl.xz --out RESULTS [--tokens 8M --smol-tokens 2M]
+
+For the shared teacher and for a SmolLM2-360M-shaped teacher with random weights (hidden 960, 32 layers,
+15 heads, 5 kv heads, vocab 49152, tied), same batch (64 x 512) and dtype (bf16):
+  bare      the teacher's forward alone on pre-tokenised rows (logits included, nothing kept)
+  reference teacher_targets (output_hidden_states, stack, top-k) + synchronous copies, no writes
+  build     `tcache build` end to end to local disk: tokenisation, teacher, encoding, HDF5 writes
+            (loop time from the manifest; `+sync` adds flushing the page cache to disk)
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import os
+import shutil
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from teachercache.build import BuildConfig, build, parse_count  # noqa: E402
+from teachercache.data import DataSpec, iter_texts, pack_rows  # noqa: E402
+from teachercache.teacher import load_teacher, teacher_targets  # noqa: E402
+
+B, T = 64, 512
+
+
+def smol_teacher(path: Path, tokenizer_from: str) -> None:
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    cfg = LlamaConfig(vocab_size=49152, hidden_size=960, intermediate_size=2560, num_hidden_layers=32,
+                      num_attention_heads=15, num_key_value_heads=5, max_position_embeddings=2048,
+                      tie_word_embeddings=True, bos_token_id=0, eos_token_id=0, rms_norm_eps=1e-5)
+    torch.manual_seed(0)
+    with torch.device("cuda"):
+        model = LlamaForCausalLM(cfg).to(torch.bfloat16)
+    model.save_pretrained(path)
+    AutoTokenizer.from_pretrained(tokenizer_from).save_pretrained(path)
+
+
+def timed(fn, rows: np.ndarray) -> float:
+    """tokens/s of fn over all rows in batches of B, after one warm-up batch."""
+    batches = [torch.from_numpy(rows[i:i + B]).cuda() for i in range(0, len(rows) - B + 1, B)]
+    fn(batches[0])
+    torch.cuda.synchronize()
+    t = time.perf_counter()
+    for ids in batches:
+        fn(ids)
+    torch.cuda.synchronize()
+    return len(batches) * B * T / (time.perf_counter() - t)
+
+
+def measure(name: str, teacher: str, data: str, tokens: int, work: Path) -> dict:
+    model, tok = load_teacher(teacher, torch.device("cuda"), torch.bfloat16)
+    n_rows = tokens // T
+    rows = np.stack(list(itertools.islice(pack_rows(iter_texts(DataSpec(data)), tok, T, tok.eos_token_id), n_rows)))
+    L = len(model.model.layers)
+    with torch.no_grad():
+        bare = timed(lambda ids: model(input_ids=ids, use_cache=False).logits, rows)
+
+        def reference(ids):
+            tgt = teacher_targets(model, ids, [(0, L)], 64)
+            tgt.hidden.half().cpu(), tgt.topk_logprobs.cpu(), tgt.topk_ids.cpu()
+
+        ref = timed(reference, rows)
+    del model
+    torch.cuda.empty_cache()
+    out = work / name
+    shutil.rmtree(out, ignore_errors=True)
+    t = time.perf_counter()
+    m = build(BuildConfig(teacher=teacher, data=DataSpec(data), out=str(out), tokens=n_rows * T, seq_len=T,
+                          top_k=64, batch_size=B, device="cuda", dtype="bf16"))
+    wall = time.perf_counter() - t
+    ts = time.perf_counter()
+    os.sync()
+    sync_s = time.perf_counter() - ts
+    loop = m.tokens / m.build["seconds"]
+    bytes_per_token = {n: float(np.prod(f["row_shape"]) * np.dtype(
+        "uint16" if f["dtype"] == "bfloat16" else f["dtype"]).itemsize / T) for n, f in m.fields.items()}
+    res = {
+        "teacher": name, "tokens": m.tokens, "batch": B, "dtype": "bf16",
+        "bare_tok_s": bare, "reference_tok_s": ref, "build_loop_tok_s": loop,
+        "build_with_sync_tok_s": m.tokens / (m.build["seconds"] + sync_s),
+        "build_wall_s": wall, "sync_s": sync_s,
+        "ratio_build_vs_bare": loop / bare, "ratio_build_sync_vs_bare": m.tokens / (m.build["seconds"] + sync_s) / bare,
+        "ratio_reference_vs_bare": ref / bare,
+        "bytes_per_token": bytes_per_token, "bytes_per_token_total": sum(bytes_per_token.values()),
+        "hooked_hidden": m.build.get("hooked_hidden"),
+    }
+    print(json.dumps(res), flush=True)
+    shutil.rmtree(out, ignore_errors=True)
+    return res
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--teacher", required=True)
+    ap.add_argument("--train", required=True)
+    ap.add_argument("--out", required=True)
+    ap.add_argument("--work", default="/tmp/tcache-build-bench")
+    ap.add_argument("--tokens", default="8M")
+    ap.add_argument("--smol-tokens", default="2M")
+    a = ap.parse_args()
+    work, out = Path(a.work), Path(a.out)
+    work.mkdir(parents=True, exist_ok=True)
+    out.mkdir(parents=True, exist_ok=True)
+    results = [measure("shared-teacher", a.teacher, a.train, parse_count(a.tokens), work)]
+    smol = work / "smol-teacher"
+    smol_teacher(smol, a.teacher)
+    results.append(measure("smollm2-360m-shape", str(smol), a.train, parse_count(a.smol_tokens), work))
+    doc = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "command": " ".join(sys.argv),
+           "results": results}
+    (out / "build.json").write_text(json.dumps(doc, indent=2))
+    print("\n| teacher | tokens | bare tok/s | reference (x bare) | build loop (x bare) | build + sync (x bare) | B/token |")
+    print("|---|---|---|---|---|---|---|")
+    for r in results:
+        print(f"| {r['teacher']} | {r['tokens']:,} | {r['bare_tok_s']:,.0f} | {r['reference_tok_s']:,.0f} "
+              f"({r['ratio_reference_vs_bare']:.2f}x) | {r['build_loop_tok_s']:,.0f} ({r['ratio_build_vs_bare']:.2f}x) | "
+              f"{r['build_with_sync_tok_s']:,.0f} ({r['ratio_build_sync_vs_bare']:.2f}x) | {r['bytes_per_token_total']:.0f} |")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,45 @@
+"""`tcache plan`: disk and time a build will need, from the build's own options and a short measured run."""
+
+from __future__ import annotations
+
+import json
+
+import click
+from rich.console import Console
+from rich.table import Table
+
+from cli.build import build_config, build_options
+from cli.format import human_bytes, human_count
+from cli.main import friendly_errors
+
+
+@click.command()
+@build_options
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+@friendly_errors
+def plan(as_json: bool, **options) -> None:
+    """Before a build: exact bytes per token by field, disk needed, and an estimated time measured here."""
+    from teachercache.plan import plan as run_plan
+
+    p = run_plan(build_config(**options))
+    if as_json:
+        click.echo(json.dumps(p, indent=2))
+        return
+    t = Table(title=f"plan: {p['tokens']:,} tokens of {p['teacher']} ({p['device']}, {p['dtype']}, batch {p['batch_size']})")
+    t.add_column("field")
+    t.add_column("dtype")
+    t.add_column("B/token", justify="right")
+    t.add_column("bytes", justify="right")
+    for name, f in p["fields"].items():
+        t.add_row(name, f["dtype"], f"{f['bytes_per_token']:.1f}", human_bytes(f["bytes_per_token"] * p["tokens"]))
+    t.add_row("teacher/ (embedding, head)", "float32", "", human_bytes(p["teacher_files_bytes"]))
+    t.add_row("[bold]total", "", f"[bold]{p['bytes_per_token']:.1f}", f"[bold]{human_bytes(p['total_bytes'])}")
+    console = Console()
+    console.print(t)
+    m = p["measured"]
+    teacher_rate = f"{human_count(m['teacher_tokens_per_s'])} tok/s" if m["teacher_tokens_per_s"] else "n/a"
+    console.print(
+        f"measured on {human_count(m['tokens'])} tokens: teacher {teacher_rate}, disk "
+        f"{human_bytes(m['disk_bytes_per_s'])}/s = {human_count(m['disk_tokens_per_s'])} tok/s at these fields\n"
+        f"estimated build time: {p['estimated_seconds'] / 60:.1f} min ({p['bound_by']}-bound, tokenisation not counted)"
+    )
