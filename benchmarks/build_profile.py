@@ -1,0 +1,87 @@
+"""Where a build batch's GPU time goes: each stage of the teacher pass timed alone with CUDA events.
+
+    python benchmarks/build_profile.py --teacher T [--smol]
+
+Batch 64 x 512, bf16. Stages: bare forward; forward with the hidden-mean hooks; top-k log-probs
+(chunked fp32 as built, full log_softmax + topk, topk on bf16 logits + fp32 logsumexp); int8 encode;
+pinned non-blocking device-to-host copy of the encoded fields.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from teachercache import schema  # noqa: E402
+from teachercache.teacher import TeacherPass, load_teacher, topk_logprobs  # noqa: E402
+
+B, T, K = 64, 512, 64
+
+
+def ms(fn, reps: int = 10) -> float:
+    fn()
+    torch.cuda.synchronize()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(reps):
+        fn()
+    end.record()
+    torch.cuda.synchronize()
+    return start.elapsed_time(end) / reps
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--teacher", required=True)
+    ap.add_argument("--out", default=None)
+    a = ap.parse_args()
+    model, _ = load_teacher(a.teacher, torch.device("cuda"), torch.bfloat16)
+    V = model.get_output_embeddings().weight.shape[0]
+    L = len(model.model.layers)
+    ids = torch.randint(0, min(V, 16384), (B, T), device="cuda")
+    res = {"teacher": a.teacher, "tokens_per_batch": B * T}
+    with torch.no_grad():
+        logits = model(input_ids=ids, use_cache=False).logits
+        res["forward_ms"] = ms(lambda: model(input_ids=ids, use_cache=False))
+        res["forward_hidden_states_ms"] = ms(lambda: model(input_ids=ids, use_cache=False, output_hidden_states=True))
+        tp = TeacherPass(model, [(0, L)], K)
+        D = model.config.hidden_size
+
+        def hooked_forward():
+            tp._acc = torch.zeros(B, T, 1, D, device="cuda")  # what TeacherPass.__call__ sets up
+            model(input_ids=ids, use_cache=False)
+
+        res["forward_with_hooks_ms"] = ms(hooked_forward)
+        res["teacher_pass_ms"] = ms(lambda: tp(ids))
+        tp.close()
+        res["topk_chunked_fp32_ms"] = ms(lambda: topk_logprobs(logits, K))
+        res["topk_full_logsoftmax_ms"] = ms(lambda: torch.topk(torch.log_softmax(logits.float(), -1), K, -1))
+        res["topk_bf16_plus_lse_ms"] = ms(lambda: (torch.topk(logits, K, -1), torch.logsumexp(logits.float(), -1)))
+        res["topk_bf16_only_ms"] = ms(lambda: torch.topk(logits, K, -1))
+        res["logsumexp_fp32_ms"] = ms(lambda: torch.logsumexp(logits.float(), -1))
+        h = torch.randn(B, T, 1, model.config.hidden_size, device="cuda")
+        res["encode_int8_ms"] = ms(lambda: schema.encode_hidden(h, "int8"))
+        enc = schema.encode_hidden(h, "int8")
+        lp, tid = topk_logprobs(logits, K)
+        fields = {**enc, "lp": lp.half(), "ids": tid.int(), "in": ids}
+
+        def d2h():
+            for v in fields.values():
+                torch.empty(v.shape, dtype=v.dtype, pin_memory=True).copy_(v, non_blocking=True)
+
+        res["d2h_pinned_ms"] = ms(d2h)
+        res["d2h_bytes"] = sum(v.numel() * v.element_size() for v in fields.values())
+    for k, v in res.items():
+        print(f"{k}: {v:.3f}" if isinstance(v, float) else f"{k}: {v}")
+    if a.out:
+        Path(a.out).write_text(json.dumps(res, indent=2))
+
+
+if __name__ == "__main__":
+    main()
