@@ -72,6 +72,7 @@ class AsyncWriter:
         self._write = write
         self._q: queue.Queue = queue.Queue(maxsize=depth)
         self._error: BaseException | None = None
+        self._stream = torch.cuda.Stream() if torch.cuda.is_available() else None
         self._thread = threading.Thread(target=self._run, daemon=True)
         self._thread.start()
 
@@ -95,10 +96,15 @@ class AsyncWriter:
             raise self._error
         on_cuda = any(t.is_cuda for t in tensors.values())
         if on_cuda:
-            host = {k: torch.empty(v.shape, dtype=v.dtype, pin_memory=True).copy_(v, non_blocking=True)
-                    for k, v in tensors.items()}
-            event = torch.cuda.Event()
-            event.record()
+            # Copies on a side stream, after the compute that made the tensors, overlap the next forward.
+            self._stream.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(self._stream):
+                host = {k: torch.empty(v.shape, dtype=v.dtype, pin_memory=True).copy_(v, non_blocking=True)
+                        for k, v in tensors.items()}
+                event = torch.cuda.Event()
+                event.record(self._stream)
+            for v in tensors.values():
+                v.record_stream(self._stream)  # the allocator keeps them until the copy is done
         else:
             host, event = tensors, None
         self._q.put((host, event))

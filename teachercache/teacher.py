@@ -113,16 +113,36 @@ def teacher_targets(model, input_ids: torch.Tensor, groups: list[tuple[int, int]
     return Targets(hidden=hidden, topk_logprobs=values, topk_ids=ids)
 
 
-def topk_logprobs(logits: torch.Tensor, k: int, rows_per_chunk: int = 8) -> tuple[torch.Tensor, torch.Tensor]:
-    """Top-k of log_softmax(logits) over the full vocabulary, in fp32, without materialising the full
-    fp32 log-softmax: top-k of the logits minus their logsumexp, a few rows at a time."""
-    vals, ids = [], []
-    for chunk in logits.split(rows_per_chunk):
-        z = chunk.float()  # (b, T, V)
-        top = torch.topk(z, k, dim=-1, sorted=True)  # (b, T, k)
-        vals.append(top.values - torch.logsumexp(z, dim=-1, keepdim=True))
-        ids.append(top.indices)
-    return torch.cat(vals), torch.cat(ids)  # (B, T, k) fp32, (B, T, k) int64
+def topk_logprobs(logits: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Top-k of log_softmax(logits) over the full vocabulary, in fp32: top-k of the logits in their own
+    dtype (the order is the same; the values convert exactly), minus an fp32 logsumexp over all of them.
+    Measured on an H100 (benchmarks/build_profile.py, 64 x 512 x 16384 bf16): 3.9 ms for the top-k
+    against 9.6 ms for log_softmax(fp32) + top-k."""
+    top = torch.topk(logits, k, dim=-1, sorted=True)  # (B, T, k)
+    return top.values.float() - row_logsumexp(logits), top.indices
+
+
+_compiled_lse = None
+
+
+def _lse_fp32(logits: torch.Tensor) -> torch.Tensor:
+    return torch.logsumexp(logits.float(), dim=-1, keepdim=True)
+
+
+def row_logsumexp(logits: torch.Tensor, rows_per_chunk: int = 8) -> torch.Tensor:
+    """fp32 logsumexp over the last axis, (B, T, 1). On CUDA, torch.compile fuses the fp32 upcast into the
+    reduction, so bf16 logits are read once instead of copied to fp32 first; elsewhere (or if compiling
+    fails) a few rows at a time in eager mode, to bound the fp32 copy."""
+    global _compiled_lse
+    if logits.is_cuda and logits.dtype != torch.float32:
+        if _compiled_lse is None:
+            try:
+                _compiled_lse = torch.compile(_lse_fp32, dynamic=True)
+                _compiled_lse(logits[:1])
+            except Exception:  # no Triton / compiler: stay correct, just slower
+                _compiled_lse = _lse_fp32
+        return _compiled_lse(logits)
+    return torch.cat([_lse_fp32(chunk) for chunk in logits.split(rows_per_chunk)])
 
 
 def _decoder_parts(model):
