@@ -94,6 +94,8 @@ def measure(name: str, teacher: str, data: str, tokens: int, work: Path) -> dict
         "ratio_reference_vs_bare": ref / bare,
         "bytes_per_token": bytes_per_token, "bytes_per_token_total": sum(bytes_per_token.values()),
         "hooked_hidden": m.build.get("hooked_hidden"),
+        "loop_s": m.build["seconds"], "waited_for_rows_s": m.build.get("waited_for_rows_s"),
+        "waited_for_writer_s": m.build.get("waited_for_writer_s"), "writer_busy_s": m.build.get("writer_busy_s"),
     }
     print(json.dumps(res), flush=True)
     shutil.rmtree(out, ignore_errors=True)

@@ -220,6 +220,7 @@ def build(cfg: BuildConfig, on_progress: ProgressFn | None = None) -> Manifest:
             batches.close()
             teacher.close()
         sink.close()
+        writer.finish()
         seconds = time.perf_counter() - t0
         # 3. the manifest is written when the `with` block closes: last, and only on success
         manifest.data_exhausted = done < cfg.rows * cfg.seq_len
@@ -230,6 +231,10 @@ def build(cfg: BuildConfig, on_progress: ProgressFn | None = None) -> Manifest:
             "dtype": str(dtype).removeprefix("torch."),
             "batch_size": batch_size,
             "hooked_hidden": teacher.hooked,
+            # where the loop waited: for tokenised rows, for the writer; and how busy the writer was
+            "waited_for_rows_s": round(batches.wait_s, 3),
+            "waited_for_writer_s": round(sink.put_wait_s, 3),
+            "writer_busy_s": round(sink.busy_s, 3),
             "seconds": round(seconds, 3),
             "tokens_per_s": round(done / seconds, 1) if seconds > 0 else None,
         }

@@ -10,6 +10,7 @@ from __future__ import annotations
 import itertools
 import queue
 import threading
+import time
 from typing import Callable, Iterable, Iterator
 
 import numpy as np
@@ -22,6 +23,7 @@ class Prefetcher:
     """Iterates `source` in a background thread, `depth` items ahead; re-raises its errors in the caller."""
 
     def __init__(self, source: Iterable, depth: int = 4):
+        self.wait_s = 0.0  # time the consumer waited for items: > 0 means the source is the bottleneck
         self._q: queue.Queue = queue.Queue(maxsize=depth)
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, args=(iter(source),), daemon=True)
@@ -44,7 +46,9 @@ class Prefetcher:
 
     def __iter__(self):
         while True:
+            t = time.perf_counter()
             item = self._q.get()
+            self.wait_s += time.perf_counter() - t
             if item is _DONE:
                 return
             if isinstance(item, BaseException):
@@ -72,6 +76,8 @@ class AsyncWriter:
         self._write = write
         self._q: queue.Queue = queue.Queue(maxsize=depth)
         self._error: BaseException | None = None
+        self.busy_s = 0.0  # time spent writing: how much of the build the writer could hide
+        self.put_wait_s = 0.0  # time the producer waited for a free slot: > 0 means the writer is the bottleneck
         self._stream = torch.cuda.Stream() if torch.cuda.is_available() else None
         self._thread = threading.Thread(target=self._run, daemon=True)
         self._thread.start()
@@ -87,7 +93,9 @@ class AsyncWriter:
             try:
                 if event is not None:
                     event.synchronize()
+                t = time.perf_counter()
                 self._write({k: v.numpy() for k, v in tensors.items()})
+                self.busy_s += time.perf_counter() - t
             except BaseException as e:
                 self._error = e
 
@@ -107,7 +115,9 @@ class AsyncWriter:
                 v.record_stream(self._stream)  # the allocator keeps them until the copy is done
         else:
             host, event = tensors, None
+        t = time.perf_counter()
         self._q.put((host, event))
+        self.put_wait_s += time.perf_counter() - t
 
     def close(self, raise_error: bool = True) -> None:
         """Wait for every queued batch to be written; raise the first write error."""

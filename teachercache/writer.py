@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import shutil
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Mapping
 
@@ -31,6 +32,9 @@ class CacheWriter:
         self._created: list[Path] = []
         self._created_dir = False
         self.bytes_written = 0
+        # Hashing a finished shard (GBs) overlaps the writing of the next; hashlib releases the GIL.
+        self._hasher = ThreadPoolExecutor(max_workers=2)
+        self._hashes: list[Future] = []
 
     # -- context manager -------------------------------------------------------------------------
     def __enter__(self) -> "CacheWriter":
@@ -42,11 +46,14 @@ class CacheWriter:
         return self
 
     def __exit__(self, exc_type, exc, tb) -> None:
-        if exc_type is None:
-            self._close_shard()
-            self._write_manifest()
-        else:
-            self._abort()
+        try:
+            if exc_type is None:
+                self.finish()
+                self._write_manifest()
+        finally:
+            self._hasher.shutdown(wait=True)
+            if exc_type is not None:
+                self._abort()
 
     # -- rows ------------------------------------------------------------------------------------
     def add(self, batch: Mapping[str, np.ndarray]) -> None:
@@ -69,6 +76,12 @@ class CacheWriter:
             start += take
             if self._rows_in_shard == self.rows_per_shard:
                 self._close_shard()
+
+    def finish(self) -> None:
+        """Close the last shard and wait for every shard's hash (idempotent); the manifest follows on exit."""
+        self._close_shard()
+        for info, fut in zip(self.manifest.shards, self._hashes):
+            info.sha256 = fut.result()
 
     def add_teacher_file(self, relpath: str) -> Path:
         """Register a file the caller writes under the cache (teacher config, tokenizer, embeddings)."""
@@ -112,9 +125,8 @@ class CacheWriter:
         partial = final.with_name(final.name + schema.PARTIAL_SUFFIX)
         os.replace(partial, final)
         self._created.append(final)
-        self.manifest.shards.append(
-            ShardInfo(file=final.name, rows=rows, bytes=final.stat().st_size, sha256=schema.sha256_file(final))
-        )
+        self.manifest.shards.append(ShardInfo(file=final.name, rows=rows, bytes=final.stat().st_size, sha256=""))
+        self._hashes.append(self._hasher.submit(schema.sha256_file, final))
         self.manifest.rows += rows
         self.manifest.tokens += rows * self.manifest.seq_len
 
