@@ -196,7 +196,8 @@ def build(cfg: BuildConfig, on_progress: ProgressFn | None = None) -> Manifest:
     done = 0
     with CacheWriter(out, manifest) as writer:
         _save_teacher_parts(model, tokenizer, config, writer)
-        batches = Prefetcher(batched_rows(rows, batch_size))
+        # deep enough to hold a whole tokenizer call's rows, so the next call overlaps the teacher
+        batches = Prefetcher(batched_rows(rows, batch_size), depth=max(4, 1_000_000 // (batch_size * cfg.seq_len)))
         sink = AsyncWriter(writer.add)
         try:
             for ids_np in batches:

@@ -118,12 +118,25 @@ def iter_texts(spec: DataSpec) -> Iterator[str]:
             yield str(text)
 
 
+def _text_batches(texts: Iterable[str], chars_per_call: int, max_docs: int) -> Iterator[list[str]]:
+    """Group documents into tokenizer calls of about `chars_per_call` characters: big enough for the
+    tokenizer's threads (one document each), small enough that rows flow while the next call runs."""
+    batch, chars = [], 0
+    for text in texts:
+        batch.append(text)
+        chars += len(text)
+        if chars >= chars_per_call or len(batch) >= max_docs:
+            yield batch
+            batch, chars = [], 0
+    if batch:
+        yield batch
+
+
 def pack_rows(texts: Iterable[str], tokenizer, seq_len: int, eos_id: int,
-              docs_per_call: int = 64) -> Iterator[np.ndarray]:
+              chars_per_call: int = 4_000_000, max_docs: int = 1024) -> Iterator[np.ndarray]:
     """Yield int64 rows (seq_len,) of the packed token stream, in order."""
     buf: list[int] = []
-    it = iter(texts)
-    while batch := list(itertools.islice(it, docs_per_call)):
+    for batch in _text_batches(texts, chars_per_call, max_docs):
         # Batched calls let a fast tokenizer use its own threads; the result is the same as one by one.
         for ids in tokenizer(batch, add_special_tokens=False)["input_ids"]:
             buf.extend(ids)
