@@ -58,19 +58,24 @@ def timed(fn, rows: np.ndarray) -> float:
     return len(batches) * B * T / (time.perf_counter() - t)
 
 
+@torch.no_grad()
+def forward_rates(model, rows: np.ndarray) -> tuple[float, float]:
+    """tokens/s of the bare forward and of the reference targets path, on the same rows."""
+    L = len(model.model.layers)
+    bare = timed(lambda ids: model(input_ids=ids, use_cache=False).logits, rows)
+
+    def reference(ids):
+        tgt = teacher_targets(model, ids, [(0, L)], 64)
+        tgt.hidden.half().cpu(), tgt.topk_logprobs.cpu(), tgt.topk_ids.cpu()
+
+    return bare, timed(reference, rows)
+
+
 def measure(name: str, teacher: str, data: str, tokens: int, work: Path) -> dict:
     model, tok = load_teacher(teacher, torch.device("cuda"), torch.bfloat16)
     n_rows = tokens // T
     rows = np.stack(list(itertools.islice(pack_rows(iter_texts(DataSpec(data)), tok, T, tok.eos_token_id), n_rows)))
-    L = len(model.model.layers)
-    with torch.no_grad():
-        bare = timed(lambda ids: model(input_ids=ids, use_cache=False).logits, rows)
-
-        def reference(ids):
-            tgt = teacher_targets(model, ids, [(0, L)], 64)
-            tgt.hidden.half().cpu(), tgt.topk_logprobs.cpu(), tgt.topk_ids.cpu()
-
-        ref = timed(reference, rows)
+    bare, ref = forward_rates(model, rows)
     del model
     torch.cuda.empty_cache()
     out = work / name

@@ -130,7 +130,7 @@ def resolve_kernels(cfg: StudentConfig, device: torch.device) -> tuple[str, str]
 
 def _triton_available() -> bool:
     try:
-        import triton  # noqa: F401
+        import triton  # noqa: F401  (mlstm_kernels registers its Triton kernels only when it imports)
         from mlstm_kernels.torch import get_mlstm_kernel
 
         get_mlstm_kernel("chunkwise--triton_xl_chunk")

@@ -10,7 +10,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-import numpy as np
 import torch
 
 import teachercache
@@ -148,9 +147,23 @@ def auto_batch_size(device: torch.device, seq_len: int, vocab_size: int, hidden_
     return int(max(1, min(64, free // 4 // per_row)))
 
 
-def build(cfg: BuildConfig, on_progress: ProgressFn | None = None) -> Manifest:
-    # 1. setup: every check that can fail runs before anything is written
-    out = _check_out_dir(cfg)
+@dataclass
+class TeacherSetup:
+    """A checked, loaded teacher and what a build derives from it (shared by build and plan)."""
+
+    device: torch.device
+    dtype: torch.dtype
+    config: object
+    groups: list[tuple[int, int]]
+    model: torch.nn.Module
+    tokenizer: object
+    vocab_size: int
+    hidden_size: int
+    specs: dict[str, schema.FieldSpec]
+
+
+def setup_teacher(cfg: BuildConfig) -> TeacherSetup:
+    """Every argument check against the teacher's config runs before its weights load."""
     device = resolve_device(cfg.device)
     dtype = resolve_dtype(cfg.dtype, device)
     config = load_config(cfg.teacher, cfg.revision)
@@ -159,6 +172,17 @@ def build(cfg: BuildConfig, on_progress: ProgressFn | None = None) -> Manifest:
     model, tokenizer = load_teacher(cfg.teacher, device, dtype, cfg.revision)
     vocab_size = int(model.get_output_embeddings().weight.shape[0])  # logits width, may pad the tokenizer's
     hidden_size = int(model.get_input_embeddings().weight.shape[1])
+    specs = schema.field_specs(cfg.seq_len, hidden_size, cfg.hidden_groups, cfg.top_k, vocab_size,
+                               cfg.hidden_dtype, cfg.logprob_dtype)
+    return TeacherSetup(device, dtype, config, groups, model, tokenizer, vocab_size, hidden_size, specs)
+
+
+def build(cfg: BuildConfig, on_progress: ProgressFn | None = None) -> Manifest:
+    # 1. setup: every check that can fail runs before anything is written
+    out = _check_out_dir(cfg)
+    ts = setup_teacher(cfg)
+    device, dtype, config, groups, model, tokenizer = ts.device, ts.dtype, ts.config, ts.groups, ts.model, ts.tokenizer
+    vocab_size, hidden_size, specs = ts.vocab_size, ts.hidden_size, ts.specs
     rows = pack_rows(iter_texts(cfg.data), tokenizer, cfg.seq_len, tokenizer.eos_token_id)
     first = next(rows, None)  # surfaces dataset / text-field errors before the output directory is touched
     if first is None:
@@ -167,8 +191,6 @@ def build(cfg: BuildConfig, on_progress: ProgressFn | None = None) -> Manifest:
 
     if out.is_dir() and cfg.overwrite:
         shutil.rmtree(out)
-    specs = schema.field_specs(cfg.seq_len, hidden_size, cfg.hidden_groups, cfg.top_k, vocab_size,
-                               cfg.hidden_dtype, cfg.logprob_dtype)
     manifest = Manifest(
         teacher={
             "name_or_path": cfg.teacher,
@@ -191,7 +213,6 @@ def build(cfg: BuildConfig, on_progress: ProgressFn | None = None) -> Manifest:
     # 2. fit: rows are tokenised ahead in a thread, the teacher runs, shards are written behind it
     batch_size = cfg.batch_size or auto_batch_size(device, cfg.seq_len, vocab_size, hidden_size)
     teacher = TeacherPass(model, groups, cfg.top_k)
-    hidden_dtype = specs[schema.HIDDEN].dtype if cfg.hidden_groups else None
     t0 = time.perf_counter()
     done = 0
     with CacheWriter(out, manifest) as writer:
@@ -203,14 +224,7 @@ def build(cfg: BuildConfig, on_progress: ProgressFn | None = None) -> Manifest:
             for ids_np in batches:
                 ids = torch.from_numpy(ids_np).to(device)  # (B, T)
                 tgt = teacher(ids)
-                fields = {
-                    schema.INPUT_IDS: ids,
-                    schema.TOPK_LOGPROBS: tgt.topk_logprobs.to(getattr(torch, specs[schema.TOPK_LOGPROBS].dtype)),
-                    schema.TOPK_IDS: tgt.topk_ids.to(torch.int32),  # (B, T, k); the writer narrows to uint16
-                }
-                if hidden_dtype:
-                    fields.update(schema.encode_hidden(tgt.hidden, hidden_dtype))  # (B, T, [G,] D)
-                sink.put(fields)
+                sink.put(schema.encode_fields(ids, tgt.hidden, tgt.topk_logprobs, tgt.topk_ids, specs))
                 done += ids.numel()
                 if on_progress:
                     on_progress(done, cfg.rows * cfg.seq_len, writer.bytes_written)

@@ -7,29 +7,22 @@ import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from teachercache import schema
-from teachercache.build import BuildConfig, _check_against_teacher, auto_batch_size
+from teachercache.build import BuildConfig, auto_batch_size, setup_teacher
 from teachercache.data import iter_texts, pack_rows
 from teachercache.errors import TcacheError
 from teachercache.pipeline import batched_rows
 from teachercache.schema import Manifest
-from teachercache.teacher import TeacherPass, load_config, load_teacher, num_layers, resolve_device, resolve_dtype
+from teachercache.teacher import TeacherPass
 from teachercache.writer import CacheWriter
 
 
 def plan(cfg: BuildConfig, measure_batches: int = 3) -> dict:
-    device = resolve_device(cfg.device)
-    dtype = resolve_dtype(cfg.dtype, device)
-    config = load_config(cfg.teacher, cfg.revision)
-    _check_against_teacher(cfg, config)
-    groups = schema.layer_groups(num_layers(config), cfg.hidden_groups)
-    model, tokenizer = load_teacher(cfg.teacher, device, dtype, cfg.revision)
-    V = int(model.get_output_embeddings().weight.shape[0])
-    D = int(model.get_input_embeddings().weight.shape[1])
-    specs = schema.field_specs(cfg.seq_len, D, cfg.hidden_groups, cfg.top_k, V, cfg.hidden_dtype, cfg.logprob_dtype)
+    ts = setup_teacher(cfg)
+    device, dtype, groups, model, tokenizer = ts.device, ts.dtype, ts.groups, ts.model, ts.tokenizer
+    V, D, specs = ts.vocab_size, ts.hidden_size, ts.specs
     per_token = {name: s.bytes_per_row / cfg.seq_len for name, s in specs.items()}
     tokens = cfg.rows * cfg.seq_len
     teacher_bytes = 2 * V * D * 4 + D * 4  # embeddings.safetensors: fp32 embedding, head, final norm
@@ -42,7 +35,6 @@ def plan(cfg: BuildConfig, measure_batches: int = 3) -> dict:
     if not batches:
         raise TcacheError(f"--data {cfg.data.path} holds fewer than {cfg.seq_len} tokens; nothing to plan")
     tp = TeacherPass(model, groups, cfg.top_k)
-    hidden_dtype = specs[schema.HIDDEN].dtype if cfg.hidden_groups else None
     encoded = []
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     for i, b in enumerate(batches):
@@ -51,10 +43,7 @@ def plan(cfg: BuildConfig, measure_batches: int = 3) -> dict:
             t0 = time.perf_counter()
         ids = torch.from_numpy(b).to(device)
         tgt = tp(ids)
-        fields = {schema.INPUT_IDS: ids, schema.TOPK_LOGPROBS: tgt.topk_logprobs.to(getattr(torch, specs[schema.TOPK_LOGPROBS].dtype)),
-                  schema.TOPK_IDS: tgt.topk_ids.to(torch.int32)}
-        if hidden_dtype:
-            fields.update(schema.encode_hidden(tgt.hidden, hidden_dtype))
+        fields = schema.encode_fields(ids, tgt.hidden, tgt.topk_logprobs, tgt.topk_ids, specs)
         encoded.append({k: v.cpu().numpy() for k, v in fields.items()})
     sync()
     timed = batches[1:] or batches

@@ -32,11 +32,14 @@ import json
 import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from teachercache.errors import TcacheError
+
+if TYPE_CHECKING:
+    import torch
 
 SCHEMA_VERSION = 2
 # Version 1 (float16 hidden, float32 log-probs only) is a subset of version 2: still readable.
@@ -246,6 +249,22 @@ def encode_hidden(hidden: "torch.Tensor", dtype: str) -> dict[str, "torch.Tensor
     else:
         raise ValueError(f"unknown hidden dtype {dtype}")
     return {k: v.squeeze(2) for k, v in out.items()} if hidden.shape[2] == 1 else out
+
+
+def encode_fields(input_ids: "torch.Tensor", hidden: "torch.Tensor | None", topk_logprobs: "torch.Tensor",
+                  topk_ids: "torch.Tensor", specs: dict[str, FieldSpec]) -> dict[str, "torch.Tensor"]:
+    """One batch of teacher targets -> the tensors a shard stores, in the dtypes of `specs`
+    (ids as int32: the writer narrows them to the stored integer type)."""
+    import torch
+
+    fields = {
+        INPUT_IDS: input_ids,  # (B, T)
+        TOPK_LOGPROBS: topk_logprobs.to(getattr(torch, specs[TOPK_LOGPROBS].dtype)),  # (B, T, k)
+        TOPK_IDS: topk_ids.to(torch.int32),  # (B, T, k)
+    }
+    if HIDDEN in specs:
+        fields.update(encode_hidden(hidden, specs[HIDDEN].dtype))  # (B, T, [G,] D)
+    return fields
 
 
 def decode_hidden(row: dict[str, np.ndarray], dtype: str) -> np.ndarray:
