@@ -126,3 +126,57 @@ class AsyncWriter:
             self._thread.join()
         if raise_error and self._error is not None:
             raise self._error
+
+
+def _produce_batches(q, spec, tokenizer_name: str, revision: str | None, seq_len: int, batch_size: int,
+                     n_rows: int) -> None:
+    """Child-process body of ProcessPrefetcher: tokenise, pack and batch, with no GIL shared with the GPU loop."""
+    from transformers import AutoTokenizer
+
+    from teachercache.data import iter_texts, pack_rows
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(tokenizer_name, revision=revision)
+        rows = itertools.islice(pack_rows(iter_texts(spec), tokenizer, seq_len, tokenizer.eos_token_id), n_rows)
+        for batch in batched_rows(rows, batch_size):
+            q.put(batch)
+        q.put(None)
+    except BaseException as e:  # re-raised by the parent
+        q.put(e)
+
+
+class ProcessPrefetcher:
+    """Batches of packed rows made in a spawned process, `depth` batches ahead.
+
+    Tokenisation and packing hold the GIL for their Python parts; in a thread they slowed the build's loop
+    and writer (benchmarks/README.md). A process costs one start-up (~seconds), so builds use it on GPUs."""
+
+    def __init__(self, spec, tokenizer_name: str, revision: str | None, seq_len: int, batch_size: int,
+                 n_rows: int, depth: int = 64):
+        import multiprocessing as mp
+
+        ctx = mp.get_context("spawn")  # never fork a process that holds CUDA
+        self.wait_s = 0.0
+        self._q = ctx.Queue(maxsize=depth)
+        self._proc = ctx.Process(target=_produce_batches, daemon=True,
+                                 args=(self._q, spec, tokenizer_name, revision, seq_len, batch_size, n_rows))
+        self._proc.start()
+
+    def __iter__(self):
+        while True:
+            t = time.perf_counter()
+            try:
+                item = self._q.get(timeout=600)
+            except queue.Empty:
+                raise RuntimeError("the tokeniser process produced nothing for 10 minutes") from None
+            self.wait_s += time.perf_counter() - t
+            if item is None:
+                return
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+
+    def close(self) -> None:
+        if self._proc.is_alive():
+            self._proc.terminate()
+        self._proc.join(timeout=10)
