@@ -16,7 +16,7 @@ import teachercache
 from teachercache import schema
 from teachercache.data import DataSpec, iter_texts, pack_rows
 from teachercache.errors import TcacheError
-from teachercache.pipeline import AsyncWriter, Prefetcher, ProcessPrefetcher, batched_rows
+from teachercache.pipeline import AsyncWriter, Prefetcher, batched_rows
 from teachercache.schema import Manifest
 from teachercache.teacher import (TeacherPass, load_config, load_teacher, num_layers, resolve_device, resolve_dtype,
                                   text_config, tokenizer_sha256)
@@ -71,8 +71,6 @@ class BuildConfig:
     """Hub revision of the teacher (--revision)."""
     overwrite: bool = False
     """Replace an existing non-empty --out (--overwrite)."""
-    tokenize_in: str = "auto"
-    """Where rows are tokenised: auto (a process on GPU builds, a thread on CPU), process, thread."""
 
     def __post_init__(self) -> None:
         if self.hidden_groups < 0:
@@ -84,8 +82,6 @@ class BuildConfig:
             if value < 1:
                 raise TcacheError(f"{flag} must be at least 1, got {value}")
         schema.field_specs(1, 1, 0, 1, 1, self.hidden_dtype, self.logprob_dtype)  # validates both names
-        if self.tokenize_in not in ("auto", "process", "thread"):
-            raise ValueError(f"tokenize_in must be auto, process or thread, got {self.tokenize_in!r}")
         if self.tokens < self.seq_len:
             raise TcacheError(
                 f"--tokens {self.tokens} is less than one row of --seq-len {self.seq_len}; raise --tokens"
@@ -222,12 +218,7 @@ def build(cfg: BuildConfig, on_progress: ProgressFn | None = None) -> Manifest:
     with CacheWriter(out, manifest) as writer:
         _save_teacher_parts(model, tokenizer, config, writer)
         # deep enough to hold a whole tokenizer call's rows, so the next call overlaps the teacher
-        depth = max(4, 1_000_000 // (batch_size * cfg.seq_len))
-        in_process = cfg.tokenize_in == "process" or (cfg.tokenize_in == "auto" and device.type == "cuda")
-        if in_process:  # the peeked rows were only a check: the process reads the data from the start
-            batches = ProcessPrefetcher(cfg.data, cfg.teacher, cfg.revision, cfg.seq_len, batch_size, cfg.rows, depth)
-        else:
-            batches = Prefetcher(batched_rows(rows, batch_size), depth=depth)
+        batches = Prefetcher(batched_rows(rows, batch_size), depth=max(4, 1_000_000 // (batch_size * cfg.seq_len)))
         sink = AsyncWriter(writer.add)
         try:
             for ids_np in batches:
@@ -255,7 +246,6 @@ def build(cfg: BuildConfig, on_progress: ProgressFn | None = None) -> Manifest:
             "dtype": str(dtype).removeprefix("torch."),
             "batch_size": batch_size,
             "hooked_hidden": teacher.hooked,
-            "tokenized_in": "process" if in_process else "thread",
             # where the loop waited: for tokenised rows, for the writer; and how busy the writer was
             "waited_for_rows_s": round(batches.wait_s, 3),
             "waited_for_writer_s": round(sink.put_wait_s, 3),

@@ -109,15 +109,6 @@ def test_same_command_gives_identical_shards(tmp_path, tiny_teacher, valid_jsonl
         assert (tmp_path / "a" / s.file).read_bytes() == (tmp_path / "b" / s.file).read_bytes()
 
 
-def test_tokenising_in_a_process_gives_identical_shards(tmp_path, tiny_teacher, valid_jsonl):
-    """GPU builds tokenise in a spawned process; the rows and shards are the same as the thread path's."""
-    kw = dict(tokens=5 * 64, seq_len=64, top_k=8, batch_size=2, rows_per_shard=3)
-    a = build_cache(tmp_path / "thread", tiny_teacher, valid_jsonl, tokenize_in="thread", **kw)
-    b = build_cache(tmp_path / "process", tiny_teacher, valid_jsonl, tokenize_in="process", **kw)
-    assert b.build["tokenized_in"] == "process" and a.build["tokenized_in"] == "thread"
-    assert [s.sha256 for s in a.shards] == [s.sha256 for s in b.shards]
-
-
 def test_failed_build_leaves_no_cache(tmp_path, tiny_teacher, valid_jsonl, monkeypatch):
     """An error mid-build (after shards were written) removes everything: nothing looks like a cache."""
     import teachercache.build as build_mod
