@@ -70,13 +70,7 @@ class CacheWriter:
             take = min(n - start, self.rows_per_shard - self._rows_in_shard)
             lo, hi = self._rows_in_shard, self._rows_in_shard + take
             for name, spec in self.specs.items():
-                rows = np.ascontiguousarray(batch[name][start:start + take].astype(spec.storage_dtype, copy=False))
-                dset_id = self._file[name].id
-                tail = (0,) * len(spec.row_shape)
-                for r in range(take):
-                    # One row is one uncompressed chunk: writing it directly skips HDF5's chunk assembly
-                    # (measured 3x the throughput of a slice assignment).
-                    dset_id.write_direct_chunk((lo + r, *tail), rows[r])
+                self._file[name][lo:hi] = batch[name][start:start + take].astype(spec.storage_dtype, copy=False)
                 self.bytes_written += take * spec.bytes_per_row
             self._rows_in_shard = hi
             start += take
