@@ -372,7 +372,8 @@ def distill(cfg: DistillConfig, on_start: Callable[[dict], None] | None = None,
     model.train()
     metrics_f = open(out / METRICS_FILE, "a")
     sums = {"ce": 0.0, "kd": 0.0, "align": 0.0, "loss": 0.0}
-    t_start, tokens_start = time.perf_counter(), state.tokens
+    # Rate and elapsed time count from this (re)start; elapsed0 carries what a resumed run had before.
+    t_start, tokens_start, elapsed0 = time.perf_counter(), state.tokens, state.elapsed
     last: dict = {}
     try:
         while state.micro < plan.total_micro:
@@ -411,7 +412,7 @@ def distill(cfg: DistillConfig, on_start: Callable[[dict], None] | None = None,
                     opt.zero_grad(set_to_none=True)
                     state.step += 1
                     now = time.perf_counter()
-                    elapsed = state.elapsed + (now - t_start)
+                    elapsed = elapsed0 + (now - t_start)
                     last = {"step": state.step, "epoch": epoch, "tokens": state.tokens, **sums,
                             "alpha": alpha, "beta": beta, "temperature": temp, "lr": lr, "grad_norm": float(gn),
                             "tokens_per_s": (state.tokens - tokens_start) / max(now - t_start, 1e-9),
@@ -426,12 +427,11 @@ def distill(cfg: DistillConfig, on_start: Callable[[dict], None] | None = None,
                     if cfg.ckpt_every and state.step % cfg.ckpt_every == 0 and state.micro < plan.total_micro:
                         state.elapsed = elapsed
                         save_checkpoint(out, cfg, model, opt, scaler, state)
-                        t_start, state.elapsed = time.perf_counter(), elapsed
                 if state.micro >= plan.total_micro:
                     break
     finally:
         metrics_f.close()
-    state.elapsed += time.perf_counter() - t_start
+    state.elapsed = elapsed0 + (time.perf_counter() - t_start)
 
     # 3. save: the student directory, student.json last
     model.eval()

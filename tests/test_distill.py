@@ -89,6 +89,8 @@ def test_resume_gives_the_same_next_losses(tmp_path, tiny_cache):
     distill(DistillConfig(out=str(tmp_path / "a"), **base))
     full = [json.loads(x) for x in (tmp_path / "a" / "metrics.jsonl").read_text().splitlines()]
     assert len(full) == 6 and (tmp_path / "a" / "checkpoints" / "step-0000003").is_dir()
+    for r in full:  # a fresh run's rate and elapsed time both count from its start, checkpoints included
+        assert r["tokens_per_s"] * r["elapsed_s"] == pytest.approx(r["tokens"], rel=1e-6)
     # An interrupted run: only what existed at step 3 (and a metrics line past it, which resume drops).
     b = tmp_path / "b"
     shutil.copytree(tmp_path / "a" / "checkpoints", b / "checkpoints")
