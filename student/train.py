@@ -23,7 +23,7 @@ from student.model import Student, StudentConfig, recipe_sizes, resolve_kernels
 from student.schedules import Anneal, annealed, lr_at
 from teachercache import schema
 from teachercache.errors import TcacheError
-from teachercache.teacher import load_teacher, resolve_device, resolve_dtype, teacher_targets, tokenizer_sha256
+from teachercache.teacher import TeacherPass, load_teacher, resolve_device, resolve_dtype, tokenizer_sha256
 
 CKPT_DIR = "checkpoints"
 METRICS_FILE = "metrics.jsonl"
@@ -162,15 +162,10 @@ class Plan:
 
 
 def resolve_precision(precision: str, device: torch.device) -> torch.dtype:
-    if precision == "auto":
-        if device.type == "cuda":
-            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-        return torch.float32
-    if precision == "bf16" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
-        raise TcacheError("--precision bf16 is not supported by this GPU (e.g. a T4); use --precision fp16")
+    """The teacher's dtype rules (resolve_dtype), plus: fp16 autocast needs CUDA (CPU autocast is bf16 only)."""
     if precision == "fp16" and device.type != "cuda":
         raise TcacheError("--precision fp16 needs a CUDA GPU; use fp32 (or bf16) on CPU")
-    return {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[precision]
+    return resolve_dtype(precision, device, flag="--precision")
 
 
 def student_config(cfg: DistillConfig, manifest: schema.Manifest) -> StudentConfig:
@@ -292,17 +287,18 @@ def _truncate_metrics(path: Path, step: int) -> None:
     path.write_text("".join(line + "\n" for line in keep))
 
 
-def _online_teacher(cfg: DistillConfig, manifest: schema.Manifest, device: torch.device):
+def _online_teacher(cfg: DistillConfig, manifest: schema.Manifest, device: torch.device) -> TeacherPass:
+    """The build's own teacher pass, so online targets come from the code that made the cache."""
     model, tokenizer = load_teacher(cfg.online_teacher, device, resolve_dtype("auto", device))
     if tokenizer_sha256(tokenizer) != manifest.tokenizer["sha256"]:
         raise TcacheError(f"--online-teacher {cfg.online_teacher}: its tokenizer differs from the cache's; "
                           "pass the teacher the cache was built with")
-    return model
+    return TeacherPass(model, list(manifest.layer_groups), manifest.top_k)
 
 
-def _online_targets(teacher, ids: torch.Tensor, manifest: schema.Manifest, groups: int) -> dict:
+def _online_targets(teacher: TeacherPass, ids: torch.Tensor, groups: int) -> dict:
     """The targets a cache row holds, computed now by the teacher (same top-k, same layer groups)."""
-    tgt = teacher_targets(teacher, ids, list(manifest.layer_groups), manifest.top_k)
+    tgt = teacher(ids)
     out = {schema.TOPK_LOGPROBS: tgt.topk_logprobs, schema.TOPK_IDS: tgt.topk_ids}  # (B, T, k) x2
     if groups:
         out[schema.HIDDEN] = tgt.hidden  # (B, T, G, D)
@@ -387,7 +383,7 @@ def distill(cfg: DistillConfig, on_start: Callable[[dict], None] | None = None,
                 batch = {n: t.to(device, non_blocking=True) for n, t in batch.items()}
                 ids = batch[schema.INPUT_IDS]  # (B, T)
                 if teacher is not None:
-                    batch.update(_online_targets(teacher, ids, manifest, plan.groups))
+                    batch.update(_online_targets(teacher, ids, plan.groups))
                 with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not torch.float32):
                     logits, s_hidden = model(ids, groups=plan.groups)  # (B, T, V), (B, T, G, D)
                 ce = losses.ce_loss(logits, ids)

@@ -25,16 +25,17 @@ def resolve_device(device: str) -> torch.device:
     return dev
 
 
-def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
-    """'auto' is bf16 on a GPU that has it, fp16 on one that does not (T4), fp32 on CPU."""
+def resolve_dtype(dtype: str, device: torch.device, flag: str = "--dtype") -> torch.dtype:
+    """'auto' is bf16 on a GPU that has it, fp16 on one that does not (T4), fp32 on CPU.
+    `flag` names the option in errors (build's --dtype, distill's --precision)."""
     if dtype == "auto":
         if device.type == "cuda":
             return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
         return torch.float32
     if dtype not in DTYPES:
-        raise TcacheError(f"--dtype {dtype!r} is unknown; use one of auto, {', '.join(DTYPES)}")
+        raise TcacheError(f"{flag} {dtype!r} is unknown; use one of auto, {', '.join(DTYPES)}")
     if DTYPES[dtype] is torch.bfloat16 and device.type == "cuda" and not torch.cuda.is_bf16_supported():
-        raise TcacheError("--dtype bf16 is not supported by this GPU (e.g. a T4); use --dtype fp16")
+        raise TcacheError(f"{flag} bf16 is not supported by this GPU (e.g. a T4); use {flag} fp16")
     return DTYPES[dtype]
 
 
