@@ -42,7 +42,7 @@ def main() -> None:
     student, _ = load_student(a.student, dev)
     rows = np.stack(list(itertools.islice(pack_rows(iter_texts(DataSpec(a.data)), tok, a.seq_len, tok.eos_token_id),
                                           a.rows)))
-    tp = TeacherPass(teacher, [(0, schema.layer_groups(len(teacher.model.layers), 1)[0][1])], a.top_k)
+    tp = TeacherPass(teacher, schema.layer_groups(len(teacher.model.layers), 1), a.top_k)
     acc: dict[str, list[float]] = {}
     with torch.no_grad():
         for ids_np in np.array_split(rows, max(len(rows) // 8, 1)):

@@ -207,7 +207,7 @@ def build(cfg: BuildConfig, on_progress: ProgressFn | None = None) -> Manifest:
         vocab_size=vocab_size, hidden_size=hidden_size, num_layers=num_layers(config), seq_len=cfg.seq_len,
         top_k=cfg.top_k, hidden_groups=cfg.hidden_groups, layer_groups=groups,
         rows_per_shard=cfg.rows_per_shard, tokens_requested=cfg.tokens,
-        fields={name: {"dtype": s.dtype, "row_shape": list(s.row_shape)} for name, s in specs.items()},
+        fields=schema.fields_record(specs),
     )
 
     # 2. fit: rows are tokenised ahead in a thread, the teacher runs, shards are written behind it

@@ -57,7 +57,7 @@ def plan(cfg: BuildConfig, measure_batches: int = 3) -> dict:
                             seq_len=cfg.seq_len, top_k=cfg.top_k, hidden_groups=cfg.hidden_groups,
                             layer_groups=groups, rows_per_shard=sum(len(e[schema.INPUT_IDS]) for e in encoded),
                             tokens_requested=0,
-                            fields={n: {"dtype": s.dtype, "row_shape": list(s.row_shape)} for n, s in specs.items()})
+                            fields=schema.fields_record(specs))
         t = time.perf_counter()
         with CacheWriter(Path(tmp) / "c", manifest) as w:
             for e in encoded:

@@ -93,7 +93,7 @@ def layer_groups(num_layers: int, groups: int) -> list[tuple[int, int]]:
     """
     if groups == 0:
         return []
-    if not 0 <= groups <= num_layers:
+    if not 1 <= groups <= num_layers:
         raise TcacheError(
             f"--hidden-groups {groups} does not fit a teacher with {num_layers} layers; "
             f"use a value from 0 (no hidden states) to {num_layers}"
@@ -140,6 +140,11 @@ def field_specs(seq_len: int, hidden_size: int, hidden_groups: int, top_k: int, 
     specs[TOPK_LOGPROBS] = FieldSpec(LOGPROB_DTYPES[logprob_dtype], (seq_len, top_k))
     specs[TOPK_IDS] = FieldSpec(ids, (seq_len, top_k))
     return specs
+
+
+def fields_record(specs: dict[str, FieldSpec]) -> dict[str, dict[str, Any]]:
+    """The manifest's `fields` entry for these specs (Manifest.field_specs reads it back)."""
+    return {name: {"dtype": s.dtype, "row_shape": list(s.row_shape)} for name, s in specs.items()}
 
 
 @dataclass
@@ -211,7 +216,8 @@ def load_manifest(cache_dir: str | os.PathLike) -> Manifest:
     version = raw.get("schema_version")
     if version not in READABLE_VERSIONS:
         raise TcacheError(
-            f"{path} has cache schema version {version}, this tcache reads version {SCHEMA_VERSION}; "
+            f"{path} has cache schema version {version}, this tcache reads versions "
+            f"{', '.join(map(str, READABLE_VERSIONS))}; "
             "rebuild the cache with this version's `tcache build` (or install the tcache that wrote it)"
         )
     try:

@@ -163,6 +163,7 @@ class TeacherPass:
 
     def __init__(self, model, groups: list[tuple[int, int]], top_k: int):
         self.model, self.groups, self.top_k = model, groups, top_k
+        self._hidden_size = model.get_input_embeddings().weight.shape[1]
         parts = _decoder_parts(model) if groups else None
         self.hooked = parts is not None
         self._acc: torch.Tensor | None = None
@@ -192,8 +193,7 @@ class TeacherPass:
         if not self.hooked:
             return teacher_targets(self.model, input_ids, self.groups, self.top_k)
         B, T = input_ids.shape
-        D = self.model.get_input_embeddings().weight.shape[1]
-        self._acc = torch.zeros(B, T, len(self.groups), D, device=input_ids.device)  # (B, T, G, D)
+        self._acc = torch.zeros(B, T, len(self.groups), self._hidden_size, device=input_ids.device)  # (B, T, G, D)
         out = self.model(input_ids=input_ids, use_cache=False)
         hidden = self._acc / self._counts.to(input_ids.device)[:, None]  # (B, T, G, D)
         self._acc = None
