@@ -9,6 +9,7 @@ from rich.text import Text
 
 from cli.format import human_bytes, human_count
 from cli.main import friendly_errors
+from teachercache import schema
 
 
 class _TokensColumn(ProgressColumn):
@@ -37,8 +38,8 @@ _OPTIONS = [
     click.option("--top-k", default=64, show_default=True, help="Teacher log-probs kept per position."),
     click.option("--hidden-groups", default=1, show_default=True,
                  help="Average the teacher's layers in G contiguous groups (storage grows x G); 0 stores none (KD-only)."),
-    click.option("--hidden-dtype", default="int8", show_default=True, type=click.Choice(["int8", "fp16", "bf16"]),
-                 help="Stored hidden states: int8 with a per-position scale, fp16 or bf16."),
+    click.option("--hidden-dtype", default=schema.DEFAULT_HIDDEN_DTYPE, show_default=True,
+                 type=click.Choice(list(schema.HIDDEN_DTYPES)), help="Stored hidden states: nf4 (4-bit NormalFloat, 32-value blocks with an fp16 scale), int8 (per-position scale), fp16, bf16."),
     click.option("--logprob-dtype", default="fp16", show_default=True, type=click.Choice(["fp16", "fp32"]),
                  help="Stored top-k log-probs."),
     click.option("--data-config", default=None, help="Hub dataset configuration name."),

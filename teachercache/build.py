@@ -56,7 +56,7 @@ class BuildConfig:
     hidden_groups: int = 1
     """Contiguous teacher-layer groups to average separately, 0 for none; storage grows linearly (--hidden-groups)."""
     hidden_dtype: str = schema.DEFAULT_HIDDEN_DTYPE
-    """Stored hidden dtype: int8 (absmax-scaled per position), fp16, bf16 (--hidden-dtype)."""
+    """Stored hidden dtype: nf4 (4-bit NormalFloat, per 32-value block), int8 (absmax-scaled per position), fp16, bf16 (--hidden-dtype)."""
     logprob_dtype: str = schema.DEFAULT_LOGPROB_DTYPE
     """Stored top-k log-prob dtype: fp16, fp32 (--logprob-dtype)."""
     batch_size: int = 0

@@ -12,11 +12,15 @@ A cache is a directory:
 Each shard holds, for `rows` packed rows of `seq_len` tokens:
 
     input_ids      (rows, seq_len)            uint16 if vocab <= 65536 else int32
-    hidden         (rows, seq_len, D)         when hidden_groups == 1; --hidden-dtype: int8 (default),
-                   (rows, seq_len, G, D)      when hidden_groups == G > 1;  float16, or bfloat16 (stored
-                   absent                     when hidden_groups == 0       as its uint16 bit pattern)
-    hidden_scale   (rows, seq_len[, G])       float16, int8 hidden only: value = int8 * scale, with
+    hidden         (rows, seq_len, D)         when hidden_groups == 1; --hidden-dtype: nf4 (default,
+                   (rows, seq_len, G, D)      when hidden_groups == G > 1;  uint8, D/2 per position),
+                   absent                     when hidden_groups == 0       int8, float16, or bfloat16
+                                                                            (stored as its uint16 bits)
+    hidden_scale   (rows, seq_len[, G])       float16, int8 hidden: value = int8 * scale, with
                                               scale = absmax over D / 127 (per position and group)
+                   (rows, seq_len[, G], D/32) float16, nf4 hidden: one scale per block of 32 values,
+                                              scale = block absmax, value = NF4_LEVELS[code] * scale,
+                                              two 4-bit codes a byte (even index = low nibble)
     topk_logprobs  (rows, seq_len, k)         float16 (default) or float32 (--logprob-dtype):
                                               log-softmax over the FULL vocabulary at T=1, sorted descending
     topk_ids       (rows, seq_len, k)         same dtype as input_ids
@@ -41,9 +45,10 @@ from teachercache.errors import TcacheError
 if TYPE_CHECKING:
     import torch
 
-SCHEMA_VERSION = 2
-# Version 1 (float16 hidden, float32 log-probs only) is a subset of version 2: still readable.
-READABLE_VERSIONS = (1, 2)
+SCHEMA_VERSION = 3
+# Version 1 (float16 hidden, float32 log-probs only) and 2 (adds int8 / bfloat16 hidden, float16
+# log-probs, uint16 ids) are subsets of version 3 (adds nf4 hidden): still readable.
+READABLE_VERSIONS = (1, 2, 3)
 FORMAT_NAME = "tcache"
 
 MANIFEST_FILE = "manifest.json"
@@ -59,12 +64,22 @@ TOPK_IDS = "topk_ids"
 FIELDS = (INPUT_IDS, HIDDEN, HIDDEN_SCALE, TOPK_LOGPROBS, TOPK_IDS)
 
 # CLI name -> logical dtype recorded in the manifest. Defaults chosen by measurement (docs/format.md).
-HIDDEN_DTYPES = {"int8": "int8", "fp16": "float16", "bf16": "bfloat16"}
+HIDDEN_DTYPES = {"nf4": "nf4", "int8": "int8", "fp16": "float16", "bf16": "bfloat16"}
 LOGPROB_DTYPES = {"fp16": "float16", "fp32": "float32"}
-DEFAULT_HIDDEN_DTYPE = "int8"
+DEFAULT_HIDDEN_DTYPE = "nf4"
+# nf4: QLoRA's 4-bit NormalFloat levels (Dettmers et al. 2023, as in bitsandbytes), blocks of 32 values
+# sharing one fp16 absmax (4.5 bits a value). Chosen over uniform int4 by measurement: teacher hidden
+# states are heavy-tailed (absmax ~40x the RMS), and levels dense near zero halve the alignment error
+# (benchmarks/field_error.py).
+NF4_BLOCK = 32
+NF4_LEVELS = np.array([
+    -1.0, -0.6961928009986877, -0.5250730514526367, -0.39491748809814453, -0.28444138169288635,
+    -0.18477343022823334, -0.09105003625154495, 0.0, 0.07958029955625534, 0.16093020141124725,
+    0.24611230194568634, 0.33791524171829224, 0.44070982933044434, 0.5626170039176941,
+    0.7229568362236023, 1.0], dtype=np.float32)
 DEFAULT_LOGPROB_DTYPE = "fp16"
 # HDF5 has no bfloat16: it is stored as its bit pattern.
-_STORAGE = {"bfloat16": "uint16"}
+_STORAGE = {"bfloat16": "uint16", "nf4": "uint8"}
 
 # What `hidden` averages, stated once so docs, manifest and code agree.
 HIDDEN_SOURCE = (
@@ -134,7 +149,14 @@ def field_specs(seq_len: int, hidden_size: int, hidden_groups: int, top_k: int, 
     specs = {INPUT_IDS: FieldSpec(ids, (seq_len,))}
     if hidden_groups > 0:
         group = () if hidden_groups == 1 else (hidden_groups,)
-        specs[HIDDEN] = FieldSpec(HIDDEN_DTYPES[hidden_dtype], (seq_len, *group, hidden_size))
+        if hidden_dtype == "nf4":
+            if hidden_size % NF4_BLOCK:
+                raise TcacheError(f"--hidden-dtype nf4 needs a hidden size divisible by {NF4_BLOCK} (the teacher "
+                                  f"has {hidden_size}); use --hidden-dtype int8")
+            specs[HIDDEN] = FieldSpec("nf4", (seq_len, *group, hidden_size // 2))
+            specs[HIDDEN_SCALE] = FieldSpec("float16", (seq_len, *group, hidden_size // NF4_BLOCK))
+        else:
+            specs[HIDDEN] = FieldSpec(HIDDEN_DTYPES[hidden_dtype], (seq_len, *group, hidden_size))
         if hidden_dtype == "int8":
             specs[HIDDEN_SCALE] = FieldSpec("float16", (seq_len, *group))
     specs[TOPK_LOGPROBS] = FieldSpec(LOGPROB_DTYPES[logprob_dtype], (seq_len, top_k))
@@ -240,10 +262,20 @@ def encode_hidden(hidden: "torch.Tensor", dtype: str) -> dict[str, "torch.Tensor
     """fp32 hidden means (B, T, G, D) -> the tensors to store (on the same device), G squeezed when 1.
 
     int8: per position and group, scale = absmax / 127 rounded to fp16, values round(h / scale).
+    nf4: per block of 32 values, scale = absmax (fp16), code = nearest NF4 level of h / scale, two a byte.
     bfloat16 comes back as its int16 bit pattern (stored as uint16)."""
     import torch
 
-    if dtype == "float16":
+    if dtype == "nf4":
+        B, T, G, D = hidden.shape
+        blocks = hidden.reshape(B, T, G, D // NF4_BLOCK, NF4_BLOCK)  # (B, T, G, D/32, 32)
+        scale = blocks.abs().amax(-1).to(torch.float16)  # (B, T, G, D/32)
+        safe = torch.where(scale > 0, scale.float(), torch.ones_like(scale, dtype=torch.float32))
+        levels = torch.from_numpy(NF4_LEVELS).to(hidden.device)
+        code = torch.bucketize(blocks / safe.unsqueeze(-1), (levels[1:] + levels[:-1]) / 2)  # nearest level, 0..15
+        code = code.to(torch.uint8).reshape(B, T, G, D // 2, 2)
+        out = {HIDDEN: code[..., 0] | (code[..., 1] << 4), HIDDEN_SCALE: scale}  # (B, T, G, D/2), (B, T, G, D/32)
+    elif dtype == "float16":
         out = {HIDDEN: hidden.to(torch.float16)}
     elif dtype == "bfloat16":
         out = {HIDDEN: hidden.to(torch.bfloat16).view(torch.int16)}
@@ -282,6 +314,11 @@ def decode_hidden(row: dict[str, np.ndarray], dtype: str) -> np.ndarray:
         return (h.astype(np.uint32) << 16).view(np.float32)
     if dtype == "int8":
         return h.astype(np.float32) * row[HIDDEN_SCALE].astype(np.float32)[..., None]
+    if dtype == "nf4":
+        code = np.stack([h & 0x0F, h >> 4], axis=-1)  # (..., D/2, 2)
+        scale = row[HIDDEN_SCALE].astype(np.float32)  # (..., D/32)
+        values = NF4_LEVELS[code.reshape(*scale.shape, NF4_BLOCK)] * scale[..., None]  # (..., D/32, 32)
+        return values.reshape(*h.shape[:-1], h.shape[-1] * 2)
     raise ValueError(f"unknown hidden dtype {dtype}")
 
 

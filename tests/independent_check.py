@@ -18,6 +18,35 @@ import numpy as np
 import torch
 
 
+# QLoRA's NormalFloat-4 levels, copied from the paper's appendix (Dettmers et al. 2023), not from tcache.
+NF4 = np.array([-1.0, -0.6961928009986877, -0.5250730514526367, -0.39491748809814453, -0.28444138169288635,
+                -0.18477343022823334, -0.09105003625154495, 0.0, 0.07958029955625534, 0.16093020141124725,
+                0.24611230194568634, 0.33791524171829224, 0.44070982933044434, 0.5626170039176941,
+                0.7229568362236023, 1.0])
+
+
+def decode_nf4(raw: np.ndarray, scale: np.ndarray) -> np.ndarray:
+    """(..., D/2) uint8 codes, (..., D/32) scales -> (..., D) float64 values."""
+    codes = np.stack([raw & 0x0F, raw >> 4], axis=-1)  # (..., D/2, 2): low nibble is the even index
+    values = NF4[codes.reshape(*scale.shape, 32)] * scale.astype(np.float64)[..., None]  # (..., D/32, 32)
+    return values.reshape(*raw.shape[:-1], raw.shape[-1] * 2)
+
+
+def _check_nf4(raw: np.ndarray, scale: np.ndarray, ref_h: np.ndarray) -> np.ndarray:
+    """Decode nf4 (two codes a byte, low nibble first; 32-value blocks, fp16 absmax) and check that every
+    code is the level nearest to ref / absmax. Returns the decoded values, shaped like ref_h."""
+    codes = np.stack([raw & 0x0F, raw >> 4], axis=-1).reshape(ref_h.shape)  # (T, G, D)
+    blocks = ref_h.reshape(*ref_h.shape[:-1], -1, 32)  # (T, G, D/32, 32)
+    scale = scale.astype(np.float64).reshape(blocks.shape[:-1])  # (T, G, D/32)
+    absmax = np.abs(blocks).max(-1)
+    np.testing.assert_allclose(scale, absmax, rtol=2e-3, atol=1e-6)  # fp16 rounding + recompute noise
+    x = blocks / np.where(scale > 0, scale, 1)[..., None]  # (T, G, D/32, 32), in [-1, 1]
+    dist = np.abs(x[..., None] - NF4)  # (T, G, D/32, 32, 16)
+    chosen = np.take_along_axis(dist, codes.reshape(x.shape)[..., None].astype(np.int64), -1)[..., 0]
+    assert np.all(chosen <= dist.min(-1) + 2e-3), "nf4 code is not the nearest level"
+    return (NF4[codes.reshape(x.shape)] * scale[..., None]).reshape(ref_h.shape)
+
+
 def _sha256(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
@@ -85,6 +114,8 @@ def check_cache(cache: Path, teacher_dir: Path, data_jsonl: Path | None = None, 
                 got_h = raw.astype(np.float32).reshape(ref_h.shape) * scale
                 bound = 0.505 * scale + 1e-3 * np.abs(ref_h).max(-1, keepdims=True)
                 assert np.all(np.abs(got_h - ref_h) <= bound), "int8 hidden off by more than half a step"
+            elif kind == "nf4":
+                got_h = _check_nf4(raw, data["hidden_scale"][r], ref_h)
             else:
                 got_h = (raw.astype(np.float32) if kind == "float16" else
                          torch.from_numpy(raw.view(np.int16)).view(torch.bfloat16).float().numpy()).reshape(ref_h.shape)

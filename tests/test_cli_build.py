@@ -46,8 +46,9 @@ def test_build_then_stats(tmp_path, tiny_args):
     assert r.exit_code == 0, r.output
     s = json.loads(r.output)
     assert s["tokens"] == 256 and s["rows"] == 4 and s["top_k"] == 4 and s["seq_len"] == 64
-    # bytes per token by field follow from the dtypes: int8 hidden (D=32) + fp16 scale, uint16 ids, fp16 log-probs
-    assert s["fields"]["hidden"]["bytes_per_token"] == 32 and s["fields"]["hidden_scale"]["bytes_per_token"] == 2
+    # bytes per token by field follow from the dtypes: nf4 hidden (D=32: 16 B) + one fp16 scale per 32 values,
+    # uint16 ids, fp16 log-probs
+    assert s["fields"]["hidden"]["bytes_per_token"] == 16 and s["fields"]["hidden_scale"]["bytes_per_token"] == 2
     assert s["fields"]["topk_logprobs"]["bytes_per_token"] == 2 * 4
     assert s["fields"]["topk_ids"]["bytes_per_token"] == 2 * 4
     assert 0 < s["topk_mass"]["p1"] <= s["topk_mass"]["p50"] <= s["topk_mass"]["p99"] <= 1 + 1e-6
@@ -57,7 +58,7 @@ def test_build_then_stats(tmp_path, tiny_args):
 
 def test_stats_values_match_raw_file(shared_cache):
     """Mass and RMS recomputed from the raw shards with h5py."""
-    from independent_check import read_cache
+    from independent_check import decode_nf4, read_cache
     import numpy as np
 
     r = run("stats", shared_cache, "--json")
@@ -66,7 +67,7 @@ def test_stats_values_match_raw_file(shared_cache):
     mass = np.exp(raw["topk_logprobs"].astype(np.float64)).sum(-1).ravel()
     assert s["topk_mass"]["mean"] == pytest.approx(mass.mean(), rel=1e-6)
     assert s["topk_mass"]["p5"] == pytest.approx(np.percentile(mass, 5), rel=1e-9)
-    h = raw["hidden"].astype(np.float64) * raw["hidden_scale"].astype(np.float64)[..., None]  # int8 * scale
+    h = decode_nf4(raw["hidden"], raw["hidden_scale"])  # the default nf4 hidden
     rms = np.sqrt((h ** 2).mean())
     assert s["hidden_rms"][0] == pytest.approx(rms, rel=1e-6)
 
@@ -189,8 +190,8 @@ def test_plan_reports_exact_bytes_and_an_estimate(tmp_path, tiny_args):
     r = run("plan", *tiny_args[1:], "--tokens", "1M", "--out", tmp_path / "c", "--json")
     assert r.exit_code == 0, r.output
     p = json.loads(r.output)
-    # int8 hidden D=32 + fp16 scale + top-4 fp16 log-probs + top-4 uint16 ids + uint16 input id
-    assert p["bytes_per_token"] == 32 + 2 + 2 * 4 + 2 * 4 + 2
+    # nf4 hidden D=32 (16 B) + one fp16 scale + top-4 fp16 log-probs + top-4 uint16 ids + uint16 input id
+    assert p["bytes_per_token"] == 16 + 2 + 2 * 4 + 2 * 4 + 2
     assert p["total_bytes"] == int(p["bytes_per_token"] * p["tokens"]) + p["teacher_files_bytes"]
     assert p["tokens"] == (10**6 // 64) * 64 and p["estimated_seconds"] > 0
     assert not (tmp_path / "c").exists() and not list(tmp_path.glob(".tcache-plan-*"))  # a plan writes nothing
