@@ -48,7 +48,7 @@ def smol_teacher(path: Path, tokenizer_from: str) -> None:
 
 def timed(fn, rows: np.ndarray) -> float:
     """tokens/s of fn over all rows in batches of B, after one warm-up batch."""
-    batches = [torch.from_numpy(rows[i:i + B]).cuda() for i in range(0, len(rows) - B + 1, B)]
+    batches = [torch.from_numpy(rows[i:i + B]).cuda().long() for i in range(0, len(rows) - B + 1, B)]
     fn(batches[0])
     torch.cuda.synchronize()
     t = time.perf_counter()
@@ -98,7 +98,7 @@ def measure(name: str, teacher: str, data: str, tokens: int, work: Path) -> dict
         "ratio_build_vs_bare": loop / bare, "ratio_build_sync_vs_bare": m.tokens / (m.build["seconds"] + sync_s) / bare,
         "ratio_reference_vs_bare": ref / bare,
         "bytes_per_token": bytes_per_token, "bytes_per_token_total": sum(bytes_per_token.values()),
-        "hooked_hidden": m.build.get("hooked_hidden"),
+        "hooked_hidden": m.build.get("hooked_hidden"), "tokenizer_workers": m.build.get("tokenizer_workers"),
         "loop_s": m.build["seconds"], "waited_for_rows_s": m.build.get("waited_for_rows_s"),
         "waited_for_writer_s": m.build.get("waited_for_writer_s"), "writer_busy_s": m.build.get("writer_busy_s"),
     }

@@ -46,7 +46,7 @@ def main() -> None:
     acc: dict[str, list[float]] = {}
     with torch.no_grad():
         for ids_np in np.array_split(rows, max(len(rows) // 8, 1)):
-            ids = torch.from_numpy(ids_np)  # (B, T)
+            ids = torch.from_numpy(ids_np).long()  # (B, T)
             tgt = tp(ids)
             logits, h_s = student(ids, groups=1)  # (B, T, V), (B, T, 1, D)
             ref = {"align": float(losses.align_loss(h_s, tgt.hidden))}

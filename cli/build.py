@@ -47,6 +47,8 @@ _OPTIONS = [
     click.option("--text-field", default="text", show_default=True, help="Column holding the text."),
     click.option("--batch-size", default=0, show_default=True, help="Rows per teacher forward; 0: automatic."),
     click.option("--shard-rows", default=1024, show_default=True, help="Rows per HDF5 shard."),
+    click.option("--tokenizer-workers", default=-1, show_default=True,
+                 help="Processes tokenising ahead of the teacher; 0: a thread; -1: min(8, cores/2) on GPU, 0 on CPU."),
     click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda, cuda:N."),
     click.option("--dtype", default="auto", show_default=True, help="auto (bf16 GPU / fp32 CPU), bf16, fp16, fp32."),
     click.option("--revision", default=None, help="Hub revision of the teacher."),
@@ -62,7 +64,8 @@ def build_options(fn):
 
 
 def build_config(teacher, data, tokens, out, seq_len, top_k, hidden_groups, hidden_dtype, logprob_dtype,
-                 data_config, split, text_field, batch_size, shard_rows, device, dtype, revision, overwrite):
+                 data_config, split, text_field, batch_size, shard_rows, tokenizer_workers, device, dtype, revision,
+                 overwrite):
     from teachercache.build import BuildConfig, parse_count
     from teachercache.data import DataSpec
 
@@ -70,7 +73,7 @@ def build_config(teacher, data, tokens, out, seq_len, top_k, hidden_groups, hidd
         teacher=teacher, out=out, tokens=parse_count(tokens), seq_len=seq_len, top_k=top_k,
         data=DataSpec(path=data, config=data_config, split=split, text_field=text_field),
         hidden_groups=hidden_groups, hidden_dtype=hidden_dtype, logprob_dtype=logprob_dtype, batch_size=batch_size,
-        rows_per_shard=shard_rows, device=device, dtype=dtype, revision=revision, overwrite=overwrite,
+        rows_per_shard=shard_rows, tokenizer_workers=tokenizer_workers, device=device, dtype=dtype, revision=revision, overwrite=overwrite,
     )
 
 

@@ -72,7 +72,7 @@ def perplexity(cfg: EvalConfig, on_progress=None) -> dict:
     nll, scored, windows = 0.0, 0, 0
     autocast = device.type == "cuda" and dtype is not torch.float32
     while batch := list(itertools.islice(rows, cfg.batch_size)):
-        ids = torch.from_numpy(np.stack(batch)).to(device)  # (B, T)
+        ids = torch.from_numpy(np.stack(batch)).to(device=device, dtype=torch.long)  # (B, T)
         with torch.autocast(device.type, dtype=dtype, enabled=autocast):
             logits = logits_fn(ids)  # (B, T, V)
         V = logits.shape[-1]

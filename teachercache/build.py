@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import os
 import re
 import shutil
 import time
@@ -14,12 +15,12 @@ import torch
 
 import teachercache
 from teachercache import schema
-from teachercache.data import DataSpec, iter_texts, pack_rows
+from teachercache.data import DataSpec, TokenizerPool, iter_texts, pack_rows
 from teachercache.errors import TcacheError
 from teachercache.pipeline import AsyncWriter, Prefetcher, batched_rows
 from teachercache.schema import Manifest
-from teachercache.teacher import (TeacherPass, load_config, load_teacher, num_layers, resolve_device, resolve_dtype,
-                                  text_config, tokenizer_sha256)
+from teachercache.teacher import (TeacherPass, load_config, load_model, load_tokenizer, num_layers, resolve_device,
+                                  resolve_dtype, text_config, tokenizer_sha256)
 from teachercache.writer import CacheWriter
 
 _SUFFIX = {"": 1, "k": 10**3, "m": 10**6, "g": 10**9, "b": 10**9}
@@ -63,6 +64,9 @@ class BuildConfig:
     """Rows per teacher forward; 0 = automatic: 8 on CPU, on a GPU up to 64 as its free memory allows (--batch-size)."""
     rows_per_shard: int = 1024
     """Rows per HDF5 shard (--shard-rows)."""
+    tokenizer_workers: int = -1
+    """Processes that tokenise ahead of the teacher; 0 tokenises in a thread of the build; -1 = automatic:
+    min(8, cores / 2) with a GPU teacher, 0 on CPU, where the teacher needs the cores (--tokenizer-workers)."""
     device: str = "auto"
     """auto, cpu, cuda, cuda:N (--device)."""
     dtype: str = "auto"
@@ -75,6 +79,8 @@ class BuildConfig:
     def __post_init__(self) -> None:
         if self.hidden_groups < 0:
             raise TcacheError(f"--hidden-groups must be 0 (no hidden states) or more, got {self.hidden_groups}")
+        if self.tokenizer_workers < -1:
+            raise TcacheError(f"--tokenizer-workers must be -1 (automatic), 0 (a thread) or more, got {self.tokenizer_workers}")
         if self.batch_size < 0:
             raise TcacheError(f"--batch-size must be 0 (automatic) or more, got {self.batch_size}")
         for flag, value in (("--seq-len", self.seq_len), ("--top-k", self.top_k),
@@ -162,14 +168,18 @@ class TeacherSetup:
     specs: dict[str, schema.FieldSpec]
 
 
-def setup_teacher(cfg: BuildConfig) -> TeacherSetup:
-    """Every argument check against the teacher's config runs before its weights load."""
+def setup_teacher(cfg: BuildConfig, before_weights: Callable[[object], None] | None = None) -> TeacherSetup:
+    """Every argument check against the teacher's config runs before its weights load;
+    `before_weights(tokenizer)` runs between loading the tokenizer and the weights."""
     device = resolve_device(cfg.device)
     dtype = resolve_dtype(cfg.dtype, device)
     config = load_config(cfg.teacher, cfg.revision)
     _check_against_teacher(cfg, config)
     groups = schema.layer_groups(num_layers(config), cfg.hidden_groups)
-    model, tokenizer = load_teacher(cfg.teacher, device, dtype, cfg.revision)
+    tokenizer = load_tokenizer(cfg.teacher, cfg.revision)
+    if before_weights is not None:
+        before_weights(tokenizer)
+    model = load_model(cfg.teacher, device, dtype, cfg.revision)
     vocab_size = int(model.get_output_embeddings().weight.shape[0])  # logits width, may pad the tokenizer's
     hidden_size = int(model.get_input_embeddings().weight.shape[1])
     specs = schema.field_specs(cfg.seq_len, hidden_size, cfg.hidden_groups, cfg.top_k, vocab_size,
@@ -177,13 +187,36 @@ def setup_teacher(cfg: BuildConfig) -> TeacherSetup:
     return TeacherSetup(device, dtype, config, groups, model, tokenizer, vocab_size, hidden_size, specs)
 
 
+def tokenizer_workers(cfg: BuildConfig, tokenizer) -> int:
+    if getattr(tokenizer, "backend_tokenizer", None) is None:
+        return 0  # a slow (Python) tokenizer cannot be shipped to the workers cheaply
+    if cfg.tokenizer_workers >= 0:
+        return cfg.tokenizer_workers
+    return min(8, (os.cpu_count() or 2) // 2) if resolve_device(cfg.device).type == "cuda" else 0
+
+
 def build(cfg: BuildConfig, on_progress: ProgressFn | None = None) -> Manifest:
     # 1. setup: every check that can fail runs before anything is written
     out = _check_out_dir(cfg)
-    ts = setup_teacher(cfg)
+    pools: list[TokenizerPool] = []
+
+    def start_pool(tokenizer) -> None:  # worker start-up overlaps loading the weights
+        if n := tokenizer_workers(cfg, tokenizer):
+            pools.append(TokenizerPool(tokenizer, n))
+
+    try:
+        ts = setup_teacher(cfg, before_weights=start_pool)
+        return _build(cfg, out, ts, pools[0] if pools else None, on_progress)
+    finally:
+        for p in pools:
+            p.close()
+
+
+def _build(cfg: BuildConfig, out: Path, ts: TeacherSetup, pool: TokenizerPool | None,
+           on_progress: ProgressFn | None) -> Manifest:
     device, dtype, config, groups, model, tokenizer = ts.device, ts.dtype, ts.config, ts.groups, ts.model, ts.tokenizer
     vocab_size, hidden_size, specs = ts.vocab_size, ts.hidden_size, ts.specs
-    rows = pack_rows(iter_texts(cfg.data), tokenizer, cfg.seq_len, tokenizer.eos_token_id)
+    rows = pack_rows(iter_texts(cfg.data), tokenizer, cfg.seq_len, tokenizer.eos_token_id, pool=pool)
     first = next(rows, None)  # surfaces dataset / text-field errors before the output directory is touched
     if first is None:
         raise TcacheError(f"--data {cfg.data.path} holds fewer than {cfg.seq_len} tokens; nothing to cache")
@@ -222,7 +255,10 @@ def build(cfg: BuildConfig, on_progress: ProgressFn | None = None) -> Manifest:
         sink = AsyncWriter(writer.add)
         try:
             for ids_np in batches:
-                ids = torch.from_numpy(ids_np).to(device)  # (B, T)
+                ids = torch.from_numpy(ids_np)  # (B, T) int32
+                if device.type == "cuda":  # pinned + non_blocking: no wait for the GPU to drain
+                    ids = ids.pin_memory().to(device, non_blocking=True)
+                ids = ids.to(device=device, dtype=torch.long)
                 tgt = teacher(ids)
                 sink.put(schema.encode_fields(ids, tgt.hidden, tgt.topk_logprobs, tgt.topk_ids, specs))
                 done += ids.numel()
@@ -245,6 +281,7 @@ def build(cfg: BuildConfig, on_progress: ProgressFn | None = None) -> Manifest:
             "device": str(device) if device.type != "cuda" else torch.cuda.get_device_name(device),
             "dtype": str(dtype).removeprefix("torch."),
             "batch_size": batch_size,
+            "tokenizer_workers": pool.workers if pool is not None else 0,
             "hooked_hidden": teacher.hooked,
             # where the loop waited: for tokenised rows, for the writer; and how busy the writer was
             "waited_for_rows_s": round(batches.wait_s, 3),

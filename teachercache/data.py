@@ -8,8 +8,11 @@ mid-document, as in GPT-style pretraining packing.
 
 from __future__ import annotations
 
+import collections
 import itertools
+import multiprocessing
 import os
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Iterator
@@ -132,17 +135,83 @@ def _text_batches(texts: Iterable[str], chars_per_call: int, max_docs: int) -> I
         yield batch
 
 
-def pack_rows(texts: Iterable[str], tokenizer, seq_len: int, eos_id: int,
+def _encode(tokenizer, texts: list[str], eos_id: int) -> np.ndarray:
+    """Token ids of each text followed by EOS, concatenated (int32). A fast tokenizer's backend is called
+    directly (the ids transformers would return, without building its per-text dicts)."""
+    backend = getattr(tokenizer, "backend_tokenizer", tokenizer)
+    if hasattr(backend, "encode_batch"):
+        seqs = [e.ids for e in backend.encode_batch(texts, add_special_tokens=False)]
+    else:
+        seqs = tokenizer(texts, add_special_tokens=False)["input_ids"]
+    out = np.empty(sum(len(s) + 1 for s in seqs), dtype=np.int32)
+    pos = 0
+    for ids in seqs:
+        out[pos:pos + len(ids)] = ids
+        out[pos + len(ids)] = eos_id
+        pos += len(ids) + 1
+    return out
+
+
+_worker_tokenizer = None
+
+
+def _worker_init(backend) -> None:
+    global _worker_tokenizer
+    os.environ["TOKENIZERS_PARALLELISM"] = "false"  # the processes are the parallelism
+    _worker_tokenizer = backend
+
+
+def _worker_encode(texts: list[str], eos_id: int) -> np.ndarray:
+    return _encode(_worker_tokenizer, texts, eos_id)
+
+
+class TokenizerPool:
+    """Tokenises documents in worker processes, results in document order.
+
+    Why processes: in a thread, turning the tokenizer's output into Python ints holds the GIL and stalls
+    the loop that feeds the GPU (measured: the build waited 4.4 s of 10.5 s for rows). Why not
+    multiprocessing.Pool.imap: it reads its input eagerly; here at most `window` calls are in flight,
+    so a 512M-token build never holds more than a few calls of text. Workers are spawned (CUDA and
+    fork do not mix) as soon as the pool is made, so their start-up overlaps loading the teacher."""
+
+    def __init__(self, tokenizer, workers: int, chars_per_task: int = 1_000_000, max_docs: int = 1024):
+        backend = getattr(tokenizer, "backend_tokenizer", None)
+        if backend is None:
+            raise ValueError("TokenizerPool needs a fast (Rust) tokenizer")
+        self.workers, self.chars_per_task, self.max_docs = workers, chars_per_task, max_docs
+        self._ex = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"),
+                                       initializer=_worker_init, initargs=(backend,))
+        for f in [self._ex.submit(len, "") for _ in range(workers)]:  # start every worker now
+            f.add_done_callback(lambda _: None)
+
+    def encode(self, texts: Iterable[str], eos_id: int) -> Iterator[np.ndarray]:
+        """Token arrays (docs + EOS) of consecutive groups of texts, in order."""
+        pending: collections.deque = collections.deque()
+        for batch in _text_batches(texts, self.chars_per_task, self.max_docs):
+            pending.append(self._ex.submit(_worker_encode, batch, eos_id))
+            if len(pending) >= 2 * self.workers:
+                yield pending.popleft().result()
+        while pending:
+            yield pending.popleft().result()
+
+    def close(self) -> None:
+        self._ex.shutdown(wait=False, cancel_futures=True)
+
+
+def pack_rows(texts: Iterable[str], tokenizer, seq_len: int, eos_id: int, pool: TokenizerPool | None = None,
               chars_per_call: int = 4_000_000, max_docs: int = 1024) -> Iterator[np.ndarray]:
-    """Yield int64 rows (seq_len,) of the packed token stream, in order."""
-    buf: list[int] = []
-    for batch in _text_batches(texts, chars_per_call, max_docs):
+    """Yield int32 rows (seq_len,) of the packed token stream, in order; tokenised in `pool`'s processes
+    when given, else in the calling thread (the rows are the same either way)."""
+    if pool is not None:
+        arrays = pool.encode(texts, eos_id)
+    else:
         # Batched calls let a fast tokenizer use its own threads; the result is the same as one by one.
-        for ids in tokenizer(batch, add_special_tokens=False)["input_ids"]:
-            buf.extend(ids)
-            buf.append(eos_id)
+        arrays = (_encode(tokenizer, batch, eos_id) for batch in _text_batches(texts, chars_per_call, max_docs))
+    buf = np.empty(0, dtype=np.int32)
+    for arr in arrays:
+        buf = np.concatenate([buf, arr])
         n_full = len(buf) // seq_len
         if n_full:
-            block = np.asarray(buf[: n_full * seq_len], dtype=np.int64).reshape(n_full, seq_len)
-            del buf[: n_full * seq_len]
+            block = buf[: n_full * seq_len].reshape(n_full, seq_len)  # (n, T)
+            buf = buf[n_full * seq_len:].copy()
             yield from block

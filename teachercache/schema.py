@@ -291,14 +291,19 @@ def encode_hidden(hidden: "torch.Tensor", dtype: str) -> dict[str, "torch.Tensor
 
 def encode_fields(input_ids: "torch.Tensor", hidden: "torch.Tensor | None", topk_logprobs: "torch.Tensor",
                   topk_ids: "torch.Tensor", specs: dict[str, FieldSpec]) -> dict[str, "torch.Tensor"]:
-    """One batch of teacher targets -> the tensors a shard stores, in the dtypes of `specs`
-    (ids as int32: the writer narrows them to the stored integer type)."""
+    """One batch of teacher targets -> the tensors a shard stores, in the dtypes of `specs`. Ids are
+    narrowed on the device (uint16 storage comes back as int16 with the same bits) so that copies to the
+    host move no more bytes than the shard stores."""
     import torch
 
+    def ids(t: "torch.Tensor") -> "torch.Tensor":
+        t = t.to(torch.int32)
+        return t.to(torch.int16) if specs[INPUT_IDS].storage_dtype == "uint16" else t  # int32 -> int16 wraps
+
     fields = {
-        INPUT_IDS: input_ids,  # (B, T)
+        INPUT_IDS: ids(input_ids),  # (B, T)
         TOPK_LOGPROBS: topk_logprobs.to(getattr(torch, specs[TOPK_LOGPROBS].dtype)),  # (B, T, k)
-        TOPK_IDS: topk_ids.to(torch.int32),  # (B, T, k)
+        TOPK_IDS: ids(topk_ids),  # (B, T, k)
     }
     if HIDDEN in specs:
         fields.update(encode_hidden(hidden, specs[HIDDEN].dtype))  # (B, T, [G,] D)

@@ -59,20 +59,36 @@ def load_config(name: str, revision: str | None = None):
         ) from None
 
 
-def load_teacher(name: str, device: torch.device, dtype: torch.dtype, revision: str | None = None):
-    """(model, tokenizer) from a hub id or a local path, in eval mode, on `device`, without grads."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+def load_tokenizer(name: str, revision: str | None = None):
+    """The teacher's tokenizer alone; it must have an EOS token, which packing puts between documents."""
+    from transformers import AutoTokenizer
 
     try:
         tokenizer = AutoTokenizer.from_pretrained(name, revision=revision)
+    except (OSError, ValueError) as e:
+        first = str(e).splitlines()[0][:160]
+        raise TcacheError(f"--teacher {name}: could not load the tokenizer ({first})") from None
+    if tokenizer.eos_token_id is None:
+        raise TcacheError(f"--teacher {name}: tokenizer has no EOS token, which packing needs between documents")
+    return tokenizer
+
+
+def load_model(name: str, device: torch.device, dtype: torch.dtype, revision: str | None = None):
+    """The teacher model, in eval mode, on `device`, without grads."""
+    from transformers import AutoModelForCausalLM
+
+    try:
         model = AutoModelForCausalLM.from_pretrained(name, revision=revision, dtype=dtype)
     except (OSError, ValueError) as e:
         first = str(e).splitlines()[0][:160]
-        raise TcacheError(f"--teacher {name}: could not load model or tokenizer ({first})") from None
-    if tokenizer.eos_token_id is None:
-        raise TcacheError(f"--teacher {name}: tokenizer has no EOS token, which packing needs between documents")
-    model.to(device).eval().requires_grad_(False)
-    return model, tokenizer
+        raise TcacheError(f"--teacher {name}: could not load model ({first})") from None
+    return model.to(device).eval().requires_grad_(False)
+
+
+def load_teacher(name: str, device: torch.device, dtype: torch.dtype, revision: str | None = None):
+    """(model, tokenizer) from a hub id or a local path."""
+    tokenizer = load_tokenizer(name, revision)
+    return load_model(name, device, dtype, revision), tokenizer
 
 
 def tokenizer_sha256(tokenizer) -> str:
@@ -195,7 +211,9 @@ class TeacherPass:
         B, T = input_ids.shape
         self._acc = torch.zeros(B, T, len(self.groups), self._hidden_size, device=input_ids.device)  # (B, T, G, D)
         out = self.model(input_ids=input_ids, use_cache=False)
-        hidden = self._acc / self._counts.to(input_ids.device)[:, None]  # (B, T, G, D)
+        if self._counts.device != input_ids.device:  # once: a host-to-device copy each batch would wait for the GPU
+            self._counts = self._counts.to(input_ids.device)
+        hidden = self._acc / self._counts[:, None]  # (B, T, G, D)
         self._acc = None
         values, ids = topk_logprobs(out.logits, self.top_k)
         return Targets(hidden=hidden, topk_logprobs=values, topk_ids=ids)

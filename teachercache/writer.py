@@ -70,7 +70,11 @@ class CacheWriter:
             take = min(n - start, self.rows_per_shard - self._rows_in_shard)
             lo, hi = self._rows_in_shard, self._rows_in_shard + take
             for name, spec in self.specs.items():
-                self._file[name][lo:hi] = batch[name][start:start + take].astype(spec.storage_dtype, copy=False)
+                part = batch[name][start:start + take]
+                store = np.dtype(spec.storage_dtype)
+                if part.dtype != store and part.dtype.kind in "iu" and part.dtype.itemsize == store.itemsize:
+                    part = part.view(store)  # int16 bits of uint16 ids (schema.encode_fields)
+                self._file[name][lo:hi] = part.astype(store, copy=False)
                 self.bytes_written += take * spec.bytes_per_row
             self._rows_in_shard = hi
             start += take

@@ -100,9 +100,11 @@ def test_groups_and_full_vocab_on_tiny_teacher(tmp_path, tiny_teacher, valid_jso
 
 
 def test_same_command_gives_identical_shards(tmp_path, tiny_teacher, valid_jsonl):
+    """Also across tokenisation modes: in the build's thread (a) or in worker processes (b)."""
     kw = dict(tokens=6 * 64, seq_len=64, top_k=8, batch_size=4, rows_per_shard=4)
-    a = build_cache(tmp_path / "a", tiny_teacher, valid_jsonl, **kw)
-    b = build_cache(tmp_path / "b", tiny_teacher, valid_jsonl, **kw)
+    a = build_cache(tmp_path / "a", tiny_teacher, valid_jsonl, tokenizer_workers=0, **kw)
+    b = build_cache(tmp_path / "b", tiny_teacher, valid_jsonl, tokenizer_workers=2, **kw)
+    assert a.build["tokenizer_workers"] == 0 and b.build["tokenizer_workers"] == 2
     assert [s.sha256 for s in a.shards] == [s.sha256 for s in b.shards]
     assert a.teacher_files == b.teacher_files
     for s in a.shards:
@@ -179,3 +181,23 @@ def test_kd_only_cache_without_hidden_states(tmp_path, tiny_teacher, valid_jsonl
     with h5py.File(out / "shard-00000.h5") as f:
         assert set(f) == {"input_ids", "topk_logprobs", "topk_ids"}
     assert check_cache(out, tiny_teacher, valid_jsonl)["rows_checked"] == 2
+
+
+def test_tokenizer_pool_packs_the_same_rows_as_transformers(teacher_dir, valid_jsonl):
+    """Many small tasks in flight across two processes still come back in document order, and the rows
+    equal the documented packing computed with transformers' own tokenizer call."""
+    import itertools
+
+    from independent_check import packed_reference
+    from transformers import AutoTokenizer
+
+    from teachercache.data import DataSpec, TokenizerPool, iter_texts, pack_rows
+
+    tok = AutoTokenizer.from_pretrained(teacher_dir)
+    pool = TokenizerPool(tok, 2, chars_per_task=3000, max_docs=2)
+    try:
+        got = np.stack(list(itertools.islice(
+            pack_rows(iter_texts(DataSpec(str(valid_jsonl))), tok, 128, tok.eos_token_id, pool=pool), 200)))
+    finally:
+        pool.close()
+    np.testing.assert_array_equal(got, packed_reference(valid_jsonl, tok, 128, 200))
