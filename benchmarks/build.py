@@ -88,8 +88,7 @@ def measure(name: str, teacher: str, data: str, tokens: int, work: Path) -> dict
     os.sync()
     sync_s = time.perf_counter() - ts
     loop = m.tokens / m.build["seconds"]
-    bytes_per_token = {n: float(np.prod(f["row_shape"]) * np.dtype(
-        "uint16" if f["dtype"] == "bfloat16" else f["dtype"]).itemsize / T) for n, f in m.fields.items()}
+    bytes_per_token = {n: spec.bytes_per_row / T for n, spec in m.field_specs().items()}
     res = {
         "teacher": name, "tokens": m.tokens, "batch": B, "dtype": "bf16",
         "bare_tok_s": bare, "reference_tok_s": ref, "build_loop_tok_s": loop,
