@@ -258,6 +258,19 @@ def load_manifest(cache_dir: str | os.PathLike) -> Manifest:
     return manifest
 
 
+_NF4_MIDPOINTS: dict = {}
+
+
+def _nf4_midpoints(device) -> "torch.Tensor":
+    """Decision boundaries between NF4 levels, kept per device: a host-to-device copy per batch would
+    make the build wait for the GPU to drain."""
+    import torch
+
+    if device not in _NF4_MIDPOINTS:
+        _NF4_MIDPOINTS[device] = torch.from_numpy((NF4_LEVELS[1:] + NF4_LEVELS[:-1]) / 2).to(device)
+    return _NF4_MIDPOINTS[device]
+
+
 def encode_hidden(hidden: "torch.Tensor", dtype: str) -> dict[str, "torch.Tensor"]:
     """fp32 hidden means (B, T, G, D) -> the tensors to store (on the same device), G squeezed when 1.
 
@@ -271,8 +284,7 @@ def encode_hidden(hidden: "torch.Tensor", dtype: str) -> dict[str, "torch.Tensor
         blocks = hidden.reshape(B, T, G, D // NF4_BLOCK, NF4_BLOCK)  # (B, T, G, D/32, 32)
         scale = blocks.abs().amax(-1).to(torch.float16)  # (B, T, G, D/32)
         safe = torch.where(scale > 0, scale.float(), torch.ones_like(scale, dtype=torch.float32))
-        levels = torch.from_numpy(NF4_LEVELS).to(hidden.device)
-        code = torch.bucketize(blocks / safe.unsqueeze(-1), (levels[1:] + levels[:-1]) / 2)  # nearest level, 0..15
+        code = torch.bucketize(blocks / safe.unsqueeze(-1), _nf4_midpoints(hidden.device))  # nearest level, 0..15
         code = code.to(torch.uint8).reshape(B, T, G, D // 2, 2)
         out = {HIDDEN: code[..., 0] | (code[..., 1] << 4), HIDDEN_SCALE: scale}  # (B, T, G, D/2), (B, T, G, D/32)
     elif dtype == "float16":

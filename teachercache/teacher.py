@@ -201,7 +201,7 @@ class TeacherPass:
     def _adder(self, group: int):
         def hook(module, args, output):
             h = output[0] if isinstance(output, tuple) else output  # (B, T, D)
-            self._acc[:, :, group].add_(h.float())
+            self._acc[:, :, group].add_(h)  # fp32 += bf16 converts in the kernel: no fp32 copy of h
         return hook
 
     @torch.no_grad()
