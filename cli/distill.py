@@ -63,7 +63,12 @@ def parse_int_list(text: str | None, flag: str) -> list[int] | None:
 @click.option("--precision", default="auto", show_default=True, help="auto, fp32, fp16 (T4), bf16.")
 @click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda, cuda:N.")
 @click.option("--seed", default=0, show_default=True)
-@click.option("--workers", default=0, show_default=True, help="DataLoader worker processes.")
+@click.option("--workers", default=-1, show_default=True,
+              help="DataLoader worker processes reading the cache; -1: min(4, cores/2) on GPU, 0 on CPU.")
+@click.option("--loss-chunk", default=-1, show_default=True,
+              help="Positions per chunk of the fused CE+KD (no full logits); 0: full logits; -1: 1024 on GPU, 0 on CPU.")
+@click.option("--compile", "compile_", is_flag=True, help="torch.compile each xLSTM block.")
+@click.option("--max-gpu-memory", default=None, help="Cap GPU memory, e.g. 16GB, to test a T4's budget on a larger GPU.")
 @click.option("--ckpt-every", default=0, show_default=True, help="Checkpoint every N steps (0: final only).")
 @click.option("--resume", is_flag=True, help="Continue from the newest checkpoint in --out.")
 @click.option("--overwrite", is_flag=True, help="Replace a non-empty --out.")
@@ -74,8 +79,8 @@ def parse_int_list(text: str | None, flag: str) -> list[int] | None:
               help="Comparison runs only: compute targets with this teacher on the device instead of the cache.")
 @friendly_errors
 def distill(cache, out, recipe, blocks, heads, slstm_at, tokens, steps, epochs, batch_size, grad_accum, lr,
-            warmup, alpha, beta, temperature, delta, kd_tail, precision, device, seed, workers, ckpt_every,
-            resume, overwrite, mlstm_kernel, slstm_backend, online_teacher) -> None:
+            warmup, alpha, beta, temperature, delta, kd_tail, precision, device, seed, workers, loss_chunk, compile_,
+            max_gpu_memory, ckpt_every, resume, overwrite, mlstm_kernel, slstm_backend, online_teacher) -> None:
     """Train an xLSTM student from a cache alone (the teacher is never loaded)."""
     from teachercache.build import parse_count
     from student.train import DistillConfig, distill as run_distill
@@ -87,7 +92,8 @@ def distill(cache, out, recipe, blocks, heads, slstm_at, tokens, steps, epochs, 
         batch_size=batch_size, grad_accum=grad_accum, lr=lr, warmup=warmup,
         alpha=parse_anneal(alpha, "--alpha", delta), beta=parse_anneal(beta, "--beta", delta),
         temperature=parse_anneal(temperature, "--temperature", delta), kd_tail=kd_tail,
-        precision=precision, device=device, seed=seed, workers=workers, ckpt_every=ckpt_every,
+        precision=precision, device=device, seed=seed, workers=workers, loss_chunk=loss_chunk, compile=compile_,
+        max_gpu_memory=max_gpu_memory, ckpt_every=ckpt_every,
         resume=resume, overwrite=overwrite, mlstm_kernel=mlstm_kernel, slstm_backend=slstm_backend,
         online_teacher=online_teacher,
     )

@@ -84,3 +84,37 @@ def align_loss(student_hidden: torch.Tensor, teacher_hidden: torch.Tensor) -> to
     """||h_T - h_S||_F / sqrt(numel(h_S)); both (B, T, G, D)."""
     diff = teacher_hidden.float() - student_hidden.float()
     return torch.linalg.vector_norm(diff) / math.sqrt(diff.numel())
+
+
+def _chunk_terms(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, targets: torch.Tensor,
+                 topk_logprobs: torch.Tensor, topk_ids: torch.Tensor, temperature: float,
+                 tail: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """Sums over one chunk of positions: CE (targets -100 are skipped) and the KL of kd_loss (no T^2)."""
+    logits = F.linear(x, weight, bias)[None]  # (1, n, V)
+    ce = F.cross_entropy(logits[0].float(), targets, ignore_index=-100, reduction="sum")
+    t_lp = teacher_log_probs(topk_logprobs[None], temperature, logits.shape[-1], tail)  # (1, n, k[+1])
+    s_lp = student_log_probs(logits, topk_ids[None], temperature, tail)  # (1, n, k[+1])
+    return ce, (t_lp.exp() * (t_lp - s_lp)).sum()
+
+
+def ce_kd_chunked(x: torch.Tensor, head: torch.nn.Linear, input_ids: torch.Tensor, topk_logprobs: torch.Tensor,
+                  topk_ids: torch.Tensor, temperature: float, tail: str = "bucket",
+                  chunk: int = 1024) -> tuple[torch.Tensor, torch.Tensor]:
+    """ce_loss and kd_loss of head(x) without materialising the (B, T, V) logits: `chunk` positions at a
+    time, each chunk's logits recomputed in the backward pass (activation checkpointing), so memory holds
+    one chunk's fp32 logits instead of the batch's. The price is one more head matmul per chunk.
+    x (B, T, D): the student's final (normed) hidden states."""
+    from torch.utils.checkpoint import checkpoint
+
+    if tail not in KD_TAILS:
+        raise ValueError(f"tail must be one of {KD_TAILS}, got {tail!r}")
+    B, T, D = x.shape
+    k = topk_ids.shape[-1]
+    targets = torch.cat([input_ids[:, 1:], torch.full_like(input_ids[:, :1], -100)], 1).reshape(-1).long()  # (B*T,)
+    xf, lp, ti = x.reshape(-1, D), topk_logprobs.reshape(-1, k), topk_ids.reshape(-1, k)  # (N, D), (N, k) x2
+    ce_sum = kl_sum = x.new_zeros((), dtype=torch.float32)
+    for s in range(0, B * T, chunk):
+        ce, kl = checkpoint(_chunk_terms, xf[s:s + chunk], head.weight, head.bias, targets[s:s + chunk],
+                            lp[s:s + chunk], ti[s:s + chunk], temperature, tail, use_reentrant=False)
+        ce_sum, kl_sum = ce_sum + ce, kl_sum + kl
+    return ce_sum / (B * (T - 1)), temperature**2 * kl_sum / (B * T)

@@ -217,6 +217,11 @@ class Student(nn.Module):
         """Logits (B, T, V) and, if groups > 0, the student's hidden states averaged in `groups`
         contiguous block groups, (B, T, G, D) — the mirror of the teacher's cached `hidden`:
         block outputs, the last one after the final norm (as transformers' hidden_states[1:])."""
+        x, hidden = self.features(ids, groups)
+        return self.head(x), hidden  # (B, T, V)
+
+    def features(self, ids: torch.Tensor, groups: int = 0) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """What forward computes before the head: final normed states (B, T, D) and the group means."""
         x = self.embed(ids)  # (B, T, D)
         outs = []
         for blk in self.blocks.blocks:
@@ -224,13 +229,12 @@ class Student(nn.Module):
             outs.append(x)
         x = self.norm(x)  # (B, T, D)
         outs[-1] = x
-        logits = self.head(x)  # (B, T, V)
         if not groups:
-            return logits, None
+            return x, None
         hidden = torch.stack(
             [torch.stack(outs[a:b]).mean(0) for a, b in layer_groups(len(outs), groups)], dim=2
         )  # (B, T, G, D)
-        return logits, hidden
+        return x, hidden
 
     def param_counts(self) -> dict[str, int]:
         trainable = sum(p.numel() for p in self.parameters() if p.requires_grad)

@@ -35,7 +35,34 @@ RECIPE_LOSSES = {
     "v2": {"alpha": Anneal(0.0, 0.0, 0.0), "beta": Anneal(0.8, 0.5, 0.05), "temperature": Anneal(1.0, 1.0, 0.0)},
 }
 # Fields that may differ between a run and its resumption.
-RESUMABLE_DIFFS = {"resume", "overwrite", "workers", "ckpt_every", "keep_ckpts", "device", "cache", "out"}
+RESUMABLE_DIFFS = {"resume", "overwrite", "workers", "ckpt_every", "keep_ckpts", "device", "cache", "out",
+                   "compile", "max_gpu_memory"}
+
+_BYTE_UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "kib": 2**10, "mib": 2**20, "gib": 2**30}
+
+
+def parse_bytes(text: str) -> int:
+    """'16GB' -> 16e9, '15.5GiB' -> 15.5 * 2^30 (--max-gpu-memory)."""
+    import re
+
+    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]*)\s*", str(text))
+    if not m or m.group(2).lower() not in _BYTE_UNITS or float(m.group(1)) <= 0:
+        raise TcacheError(f"--max-gpu-memory {text!r} is not a size; write e.g. 16GB or 15.5GiB")
+    return int(float(m.group(1)) * _BYTE_UNITS[m.group(2).lower()])
+
+
+def cap_gpu_memory(text: str | None, device: torch.device) -> None:
+    """A T4's budget on a larger GPU: the caching allocator refuses to grow past the cap (an OOM error
+    then means the run would not fit the smaller card)."""
+    if text is None:
+        return
+    if device.type != "cuda":
+        raise TcacheError("--max-gpu-memory needs a CUDA device; drop it on CPU")
+    total = torch.cuda.get_device_properties(device).total_memory
+    cap = parse_bytes(text)
+    if cap > total:
+        raise TcacheError(f"--max-gpu-memory {text} exceeds this GPU's {total / 2**30:.1f} GiB; lower it")
+    torch.cuda.set_per_process_memory_fraction(cap / total, device)
 
 
 @dataclass
@@ -86,8 +113,17 @@ class DistillConfig:
     """auto, cpu, cuda, cuda:N (--device)."""
     seed: int = 0
     """Model init and data order (--seed)."""
-    workers: int = 0
-    """DataLoader worker processes (--workers)."""
+    workers: int = -1
+    """DataLoader worker processes reading the cache; -1 = automatic: min(4, cores / 2) on a GPU, 0 on CPU
+    (--workers)."""
+    loss_chunk: int = -1
+    """Positions per chunk of the fused CE + KD over the vocabulary (no (B, T, V) logits kept); 0 computes
+    full logits; -1 = automatic: 1024 on a GPU, 0 on CPU (--loss-chunk)."""
+    compile: bool = False
+    """torch.compile each xLSTM block (--compile)."""
+    max_gpu_memory: str | None = None
+    """Cap this process's GPU memory, e.g. 16GB, to test a smaller card's budget on a larger one
+    (--max-gpu-memory)."""
     ckpt_every: int = 0
     """Checkpoint every N optimizer steps; 0: only the final student (--ckpt-every)."""
     keep_ckpts: int = 2
@@ -123,6 +159,12 @@ class DistillConfig:
             raise TcacheError(f"--warmup is a fraction of the run in [0, 1), got {self.warmup}")
         if self.kd_tail not in losses.KD_TAILS:
             raise TcacheError(f"--kd-tail {self.kd_tail!r} is unknown; use bucket or renorm")
+        if self.workers < -1:
+            raise TcacheError(f"--workers must be -1 (automatic), 0 or more, got {self.workers}")
+        if self.loss_chunk < -1:
+            raise TcacheError(f"--loss-chunk must be -1 (automatic), 0 (full logits) or more, got {self.loss_chunk}")
+        if self.max_gpu_memory is not None:
+            parse_bytes(self.max_gpu_memory)
         if self.precision not in ("auto", "fp32", "fp16", "bf16"):
             raise TcacheError(f"--precision {self.precision!r} is unknown; use auto, fp32, fp16 or bf16")
         defaults = RECIPE_LOSSES[self.recipe]
@@ -328,6 +370,10 @@ def distill(cfg: DistillConfig, on_start: Callable[[dict], None] | None = None,
                 f"rebuild with --hidden-groups <= {scfg.num_blocks}, raise --blocks, or pass --beta 0"
             )
     mlstm_kernel, slstm_backend = resolve_kernels(scfg, device)
+    cap_gpu_memory(cfg.max_gpu_memory, device)
+    cuda = device.type == "cuda"
+    workers = cfg.workers if cfg.workers >= 0 else (min(4, (os.cpu_count() or 2) // 2) if cuda else 0)
+    chunk = cfg.loss_chunk if cfg.loss_chunk >= 0 else (1024 if cuda else 0)
     teacher = _online_teacher(cfg, manifest, device) if cfg.online_teacher else None
     ckpt = _prepare_out(cfg)
     if ckpt is not None:
@@ -337,6 +383,9 @@ def distill(cfg: DistillConfig, on_start: Callable[[dict], None] | None = None,
     model = Student(scfg, mlstm_kernel=mlstm_kernel, slstm_backend=slstm_backend)
     model.load_teacher_parts(load_teacher_parts(cfg.cache))
     model.to(device)
+    if cfg.compile:
+        for blk in model.blocks.blocks:
+            blk.compile()
     params = [p for p in model.parameters() if p.requires_grad]
     decay = [p for p in params if p.ndim >= 2]
     no_decay = [p for p in params if p.ndim < 2]
@@ -359,6 +408,7 @@ def distill(cfg: DistillConfig, on_start: Callable[[dict], None] | None = None,
         "blocks": scfg.num_blocks, "heads": scfg.num_heads, "slstm_at": scfg.slstm_at,
         "total_steps": plan.total_steps, "tokens_per_step": cfg.batch_size * cfg.grad_accum * plan.seq_len,
         "resumed_from_step": state.step if ckpt is not None else None, "hidden_groups": plan.groups,
+        "loss_chunk": chunk, "workers": workers, "compile": cfg.compile, "max_gpu_memory": cfg.max_gpu_memory,
     }
     if on_start:
         on_start(plan.info)
@@ -367,14 +417,17 @@ def distill(cfg: DistillConfig, on_start: Callable[[dict], None] | None = None,
     rows = CacheRows(cfg.cache, with_hidden=plan.groups > 0, with_targets=teacher is None)
     model.train()
     metrics_f = open(out / METRICS_FILE, "a")
-    sums = {"ce": 0.0, "kd": 0.0, "align": 0.0, "loss": 0.0}
+    # Loss sums stay on the device until a step is logged: a float() per micro-batch would make the CPU
+    # wait for the GPU each time, and the next batch's host work would no longer overlap its compute.
+    zero = torch.zeros((), device=device)
+    sums = {"ce": zero, "kd": zero, "align": zero, "loss": zero}
     # Rate and elapsed time count from this (re)start; elapsed0 carries what a resumed run had before.
     t_start, tokens_start, elapsed0 = time.perf_counter(), state.tokens, state.elapsed
     last: dict = {}
     try:
         while state.micro < plan.total_micro:
             epoch, j = divmod(state.micro, plan.micro_per_epoch)
-            loader = epoch_loader(rows, cfg.batch_size, cfg.seed, epoch, j, cfg.workers, device.type == "cuda")
+            loader = epoch_loader(rows, cfg.batch_size, cfg.seed, epoch, j, workers, cuda)
             for batch in loader:
                 k = j // cfg.grad_accum  # optimizer step within this epoch
                 alpha = annealed(cfg.alpha, epoch, k)
@@ -384,16 +437,22 @@ def distill(cfg: DistillConfig, on_start: Callable[[dict], None] | None = None,
                 ids = batch[schema.INPUT_IDS]  # (B, T)
                 if teacher is not None:
                     batch.update(_online_targets(teacher, ids, plan.groups))
+                t_lp, t_ids = batch[schema.TOPK_LOGPROBS], batch[schema.TOPK_IDS]  # (B, T, k) x2
                 with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not torch.float32):
-                    logits, s_hidden = model(ids, groups=plan.groups)  # (B, T, V), (B, T, G, D)
-                ce = losses.ce_loss(logits, ids)
-                kd = losses.kd_loss(logits, batch[schema.TOPK_LOGPROBS], batch[schema.TOPK_IDS], temp, cfg.kd_tail)
+                    if chunk:
+                        x, s_hidden = model.features(ids, groups=plan.groups)  # (B, T, D), (B, T, G, D)
+                        ce, kd = losses.ce_kd_chunked(x, model.head, ids, t_lp, t_ids, temp, cfg.kd_tail, chunk)
+                    else:
+                        logits, s_hidden = model(ids, groups=plan.groups)  # (B, T, V), (B, T, G, D)
+                if not chunk:
+                    ce = losses.ce_loss(logits, ids)
+                    kd = losses.kd_loss(logits, t_lp, t_ids, temp, cfg.kd_tail)
                 al = (losses.align_loss(s_hidden, batch[schema.HIDDEN]) if plan.groups
                       else torch.zeros((), device=device))
                 loss = (1 - alpha - beta) * ce + alpha * kd + beta * al
                 scaler.scale(loss / cfg.grad_accum).backward()
                 for name, v in (("ce", ce), ("kd", kd), ("align", al), ("loss", loss)):
-                    sums[name] += float(v.detach()) / cfg.grad_accum
+                    sums[name] = sums[name] + v.detach().float() / cfg.grad_accum
                 state.micro += 1
                 state.tokens += ids.numel()
                 j += 1
@@ -409,7 +468,8 @@ def distill(cfg: DistillConfig, on_start: Callable[[dict], None] | None = None,
                     state.step += 1
                     now = time.perf_counter()
                     elapsed = elapsed0 + (now - t_start)
-                    last = {"step": state.step, "epoch": epoch, "tokens": state.tokens, **sums,
+                    last = {"step": state.step, "epoch": epoch, "tokens": state.tokens,
+                            **{name: float(v) for name, v in sums.items()},
                             "alpha": alpha, "beta": beta, "temperature": temp, "lr": lr, "grad_norm": float(gn),
                             "tokens_per_s": (state.tokens - tokens_start) / max(now - t_start, 1e-9),
                             "elapsed_s": elapsed}
@@ -417,7 +477,7 @@ def distill(cfg: DistillConfig, on_start: Callable[[dict], None] | None = None,
                         last["loss_scale"] = float(scaler.get_scale())
                     metrics_f.write(json.dumps(last) + "\n")
                     metrics_f.flush()
-                    sums = dict.fromkeys(sums, 0.0)
+                    sums = dict.fromkeys(sums, zero)
                     if on_step:
                         on_step(last, plan)
                     if cfg.ckpt_every and state.step % cfg.ckpt_every == 0 and state.micro < plan.total_micro:

@@ -164,6 +164,26 @@ def test_cli_bad_inputs(tmp_path, tiny_cache, tiny_teacher, valid_jsonl, shared_
     assert_clean_error(run("distill", tiny_cache, "--out", tmp_path / "x", "--alpha", "0.9", "--beta", "0.2"),
                        "exceed 1")
     assert not (tmp_path / "h").exists() and not (tmp_path / "p").exists()
+    assert_clean_error(run("distill", tiny_cache, "--out", tmp_path / "m", "--max-gpu-memory", "lots"),
+                       "--max-gpu-memory", "16GB")
+    assert_clean_error(run("distill", tiny_cache, "--out", tmp_path / "m", "--max-gpu-memory", "16GB",
+                           "--device", "cpu"), "--max-gpu-memory needs a CUDA device")
+    assert not (tmp_path / "m").exists()
+
+
+def test_chunked_loss_trains_exactly_like_full_logits(tmp_path, tiny_cache):
+    """The GPU default (CE + KD over vocabulary chunks, logits recomputed in backward) against full
+    logits: the same logged losses and gradient norms, step after step."""
+    base = dict(cache=str(tiny_cache), steps=4, batch_size=2, grad_accum=2, lr=1e-3, seed=5)
+    a = distill(DistillConfig(out=str(tmp_path / "full"), loss_chunk=0, **base))
+    b = distill(DistillConfig(out=str(tmp_path / "chunk"), loss_chunk=50, **base))
+    assert b["final_metrics"]["step"] == 4
+    ma = [json.loads(x) for x in (tmp_path / "full" / "metrics.jsonl").read_text().splitlines()]
+    mb = [json.loads(x) for x in (tmp_path / "chunk" / "metrics.jsonl").read_text().splitlines()]
+    for ra, rb in zip(ma, mb):
+        for term in ("ce", "kd", "align", "loss", "grad_norm"):
+            assert rb[term] == pytest.approx(ra[term], rel=1e-4), (term, ra, rb)
+    assert a["params"] == b["params"]
 
 
 def test_resume_with_another_configuration_is_refused(tmp_path, tiny_cache):

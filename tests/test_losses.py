@@ -118,3 +118,27 @@ def test_ce_is_next_token_nll(logits):
     logp = np.log(softmax(s))
     expected = -np.mean([logp[b, t, ids[b, t + 1]] for b in range(2) for t in range(4)])
     assert got == pytest.approx(expected, rel=1e-5)
+
+
+@pytest.mark.parametrize("tail", ["bucket", "renorm"])
+@pytest.mark.parametrize("chunk", [3, 7, 1000])
+def test_chunked_ce_kd_equals_the_full_losses_and_their_gradients(tail, chunk):
+    """The chunked path (logits never materialised for the batch) against ce_loss + kd_loss on full
+    logits: same values and same gradients for the hidden states, the head being frozen."""
+    g = torch.Generator().manual_seed(0)
+    B, T, D, V, k = 2, 9, 16, 50, 6
+    head = torch.nn.Linear(D, V, bias=True).double().requires_grad_(False)
+    x = torch.randn(B, T, D, generator=g, dtype=torch.float64, requires_grad=True)
+    ids = torch.randint(0, V, (B, T), generator=g)
+    t_lp, t_ids = cached_topk(torch.randn(B, T, V, generator=g, dtype=torch.float64).numpy() * 3, k)
+    t_lp = t_lp.double()
+    temp = 1.7
+    ce_ref = losses.ce_loss(head(x), ids)
+    kd_ref = losses.kd_loss(head(x), t_lp, t_ids, temp, tail)
+    g_ref = torch.autograd.grad(0.3 * ce_ref + 0.7 * kd_ref, x)[0]
+    ce, kd = losses.ce_kd_chunked(x, head, ids, t_lp, t_ids, temp, tail, chunk=chunk)
+    grad = torch.autograd.grad(0.3 * ce + 0.7 * kd, x)[0]
+    # the loss functions compute in float32 whatever the input; compare at float32 precision
+    assert float(ce.detach()) == pytest.approx(float(ce_ref.detach()), rel=1e-6)
+    assert float(kd.detach()) == pytest.approx(float(kd_ref.detach()), rel=1e-5)
+    torch.testing.assert_close(grad, g_ref, rtol=1e-4, atol=1e-6)
