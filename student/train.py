@@ -347,6 +347,58 @@ def _online_targets(teacher: TeacherPass, ids: torch.Tensor, groups: int) -> dic
     return out
 
 
+def make_student(cfg: DistillConfig, scfg: StudentConfig, mlstm_kernel: str, slstm_backend: str,
+                 device: torch.device, amp_dtype: torch.dtype):
+    """(model with the cache's teacher parts, trainable params, AdamW, GradScaler), seeded by --seed."""
+    torch.manual_seed(cfg.seed)
+    model = Student(scfg, mlstm_kernel=mlstm_kernel, slstm_backend=slstm_backend)
+    model.load_teacher_parts(load_teacher_parts(cfg.cache))
+    model.to(device)
+    if cfg.compile:
+        for blk in model.blocks.blocks:
+            blk.compile()
+    params = [p for p in model.parameters() if p.requires_grad]
+    decay = [p for p in params if p.ndim >= 2]
+    no_decay = [p for p in params if p.ndim < 2]
+    opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
+                             {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr, betas=(0.9, 0.95),
+                            fused=device.type == "cuda")
+    scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype is torch.float16)
+    return model, params, opt, scaler
+
+
+def forward_backward(model: Student, batch: dict, groups: int, alpha: float, beta: float, temperature: float,
+                     kd_tail: str, chunk: int, amp_dtype: torch.dtype, scaler, grad_accum: int) -> dict:
+    """One micro-batch: the student's forward, the three loss terms mixed, the backward. Returns the
+    detached fp32 terms, left on the device (reading them would wait for the GPU)."""
+    ids = batch[schema.INPUT_IDS]  # (B, T)
+    t_lp, t_ids = batch[schema.TOPK_LOGPROBS], batch[schema.TOPK_IDS]  # (B, T, k) x2
+    device = ids.device
+    with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not torch.float32):
+        if chunk:
+            x, s_hidden = model.features(ids, groups=groups)  # (B, T, D), (B, T, G, D)
+            ce, kd = losses.ce_kd_chunked(x, model.head, ids, t_lp, t_ids, temperature, kd_tail, chunk)
+        else:
+            logits, s_hidden = model(ids, groups=groups)  # (B, T, V), (B, T, G, D)
+    if not chunk:
+        ce = losses.ce_loss(logits, ids)
+        kd = losses.kd_loss(logits, t_lp, t_ids, temperature, kd_tail)
+    al = losses.align_loss(s_hidden, batch[schema.HIDDEN]) if groups else torch.zeros((), device=device)
+    loss = (1 - alpha - beta) * ce + alpha * kd + beta * al
+    scaler.scale(loss / grad_accum).backward()
+    return {name: v.detach().float() for name, v in (("ce", ce), ("kd", kd), ("align", al), ("loss", loss))}
+
+
+def optimizer_step(opt, scaler, params: list, grad_clip: float) -> torch.Tensor:
+    """Unscale, clip, step, zero; returns the gradient norm before clipping (on the device)."""
+    scaler.unscale_(opt)
+    gn = torch.nn.utils.clip_grad_norm_(params, grad_clip if grad_clip > 0 else float("inf"))
+    scaler.step(opt)
+    scaler.update()
+    opt.zero_grad(set_to_none=True)
+    return gn
+
+
 StepFn = Callable[[dict, Plan], None]
 
 
@@ -379,20 +431,7 @@ def distill(cfg: DistillConfig, on_start: Callable[[dict], None] | None = None,
     if ckpt is not None:
         _check_resume_config(cfg, ckpt)
 
-    torch.manual_seed(cfg.seed)
-    model = Student(scfg, mlstm_kernel=mlstm_kernel, slstm_backend=slstm_backend)
-    model.load_teacher_parts(load_teacher_parts(cfg.cache))
-    model.to(device)
-    if cfg.compile:
-        for blk in model.blocks.blocks:
-            blk.compile()
-    params = [p for p in model.parameters() if p.requires_grad]
-    decay = [p for p in params if p.ndim >= 2]
-    no_decay = [p for p in params if p.ndim < 2]
-    opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
-                             {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr, betas=(0.9, 0.95),
-                            fused=device.type == "cuda")
-    scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype is torch.float16)
+    model, params, opt, scaler = make_student(cfg, scfg, mlstm_kernel, slstm_backend, device, amp_dtype)
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     state = RunState()
@@ -437,22 +476,10 @@ def distill(cfg: DistillConfig, on_start: Callable[[dict], None] | None = None,
                 ids = batch[schema.INPUT_IDS]  # (B, T)
                 if teacher is not None:
                     batch.update(_online_targets(teacher, ids, plan.groups))
-                t_lp, t_ids = batch[schema.TOPK_LOGPROBS], batch[schema.TOPK_IDS]  # (B, T, k) x2
-                with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not torch.float32):
-                    if chunk:
-                        x, s_hidden = model.features(ids, groups=plan.groups)  # (B, T, D), (B, T, G, D)
-                        ce, kd = losses.ce_kd_chunked(x, model.head, ids, t_lp, t_ids, temp, cfg.kd_tail, chunk)
-                    else:
-                        logits, s_hidden = model(ids, groups=plan.groups)  # (B, T, V), (B, T, G, D)
-                if not chunk:
-                    ce = losses.ce_loss(logits, ids)
-                    kd = losses.kd_loss(logits, t_lp, t_ids, temp, cfg.kd_tail)
-                al = (losses.align_loss(s_hidden, batch[schema.HIDDEN]) if plan.groups
-                      else torch.zeros((), device=device))
-                loss = (1 - alpha - beta) * ce + alpha * kd + beta * al
-                scaler.scale(loss / cfg.grad_accum).backward()
-                for name, v in (("ce", ce), ("kd", kd), ("align", al), ("loss", loss)):
-                    sums[name] = sums[name] + v.detach().float() / cfg.grad_accum
+                terms = forward_backward(model, batch, plan.groups, alpha, beta, temp, cfg.kd_tail, chunk, amp_dtype,
+                                         scaler, cfg.grad_accum)
+                for name, v in terms.items():
+                    sums[name] = sums[name] + v / cfg.grad_accum
                 state.micro += 1
                 state.tokens += ids.numel()
                 j += 1
@@ -460,11 +487,7 @@ def distill(cfg: DistillConfig, on_start: Callable[[dict], None] | None = None,
                     lr = lr_at(state.step, plan.total_steps, cfg.lr, cfg.warmup, cfg.min_lr_ratio)
                     for group in opt.param_groups:
                         group["lr"] = lr
-                    scaler.unscale_(opt)
-                    gn = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip if cfg.grad_clip > 0 else float("inf"))
-                    scaler.step(opt)
-                    scaler.update()
-                    opt.zero_grad(set_to_none=True)
+                    gn = optimizer_step(opt, scaler, params, cfg.grad_clip)
                     state.step += 1
                     now = time.perf_counter()
                     elapsed = elapsed0 + (now - t_start)
