@@ -26,24 +26,12 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from benchmarks.shapes import make_teacher  # noqa: E402
 from teachercache.build import BuildConfig, build, parse_count  # noqa: E402
 from teachercache.data import DataSpec, iter_texts, pack_rows  # noqa: E402
 from teachercache.teacher import load_teacher, teacher_targets  # noqa: E402
 
 B, T = 64, 512
-
-
-def smol_teacher(path: Path, tokenizer_from: str) -> None:
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
-
-    cfg = LlamaConfig(vocab_size=49152, hidden_size=960, intermediate_size=2560, num_hidden_layers=32,
-                      num_attention_heads=15, num_key_value_heads=5, max_position_embeddings=2048,
-                      tie_word_embeddings=True, bos_token_id=0, eos_token_id=0, rms_norm_eps=1e-5)
-    torch.manual_seed(0)
-    with torch.device("cuda"):
-        model = LlamaForCausalLM(cfg).to(torch.bfloat16)
-    model.save_pretrained(path)
-    AutoTokenizer.from_pretrained(tokenizer_from).save_pretrained(path)
 
 
 def timed(fn, rows: np.ndarray) -> float:
@@ -119,8 +107,7 @@ def main() -> None:
     work.mkdir(parents=True, exist_ok=True)
     out.mkdir(parents=True, exist_ok=True)
     results = [measure("shared-teacher", a.teacher, a.train, parse_count(a.tokens), work)]
-    smol = work / "smol-teacher"
-    smol_teacher(smol, a.teacher)
+    smol = make_teacher("smollm2-360m", work / "smol-teacher", a.teacher)
     results.append(measure("smollm2-360m-shape", str(smol), a.train, parse_count(a.smol_tokens), work))
     doc = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "command": " ".join(sys.argv),
            "results": results}

@@ -1,0 +1,209 @@
+"""Distillation speed and memory at the seeds' scale, side by side in one run.
+
+    python benchmarks/distill.py --tokenizer TEACHER_DIR --train TRAIN.jsonl.xz --out RESULTS \
+        [--shape smollm2-360m|qwen2.5-1.5b] [--variants] [--profile]
+
+A random-weight teacher of the shape (benchmarks/shapes.py) builds a small cache with `tcache build`;
+the student is the recipe's (smollm2-360m: v2, 32 mLSTM blocks, D 960, 16 heads; qwen2.5-1.5b: v1, 14
+alternating sLSTM/mLSTM blocks, D 1536) trained on CE + top-64 KD + alignment (alpha 0.5, beta 0.1),
+fp16 autocast, batch 8 x 512, no accumulation. Measured, in this order, one at a time on the GPU:
+  step      forward_backward + optimizer_step of student/train.py on batches already in GPU memory;
+            with --variants: today's path (parallel mLSTM, full logits), the fused chunked CE+KD, the
+            Triton chunkwise mLSTM kernel, torch.compile of the blocks
+  disk      `distill()` reading the on-disk cache (loader workers, pinned memory), the step's settings
+  online    `distill()` with the teacher on the GPU computing the targets of every batch
+  capped    disk and online again under --max-gpu-memory (a 16 GB card's budget)
+tokens/s over the steps after the warm-up; peak = torch.cuda.max_memory_allocated, reset before each.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import sys
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from benchmarks.shapes import make_teacher  # noqa: E402
+from student.data import CacheRows  # noqa: E402
+from student.model import resolve_kernels  # noqa: E402
+from student.schedules import Anneal  # noqa: E402
+from student.train import (DistillConfig, distill, forward_backward, make_student, optimizer_step,  # noqa: E402
+                           plan_budget, student_config)
+from teachercache import schema  # noqa: E402
+from teachercache.build import BuildConfig, build  # noqa: E402
+from teachercache.data import DataSpec  # noqa: E402
+
+B, T = 8, 512
+RECIPE = {"smollm2-360m": "v2", "qwen2.5-1.5b": "v1", "tiny": "v1"}
+CUDA = torch.cuda.is_available()
+DEVICE = torch.device("cuda" if CUDA else "cpu")
+AMP = torch.float16 if CUDA else torch.float32  # CPU: a smoke test of the script only (--shape tiny)
+
+
+def sync() -> None:
+    if CUDA:
+        torch.cuda.synchronize()
+
+
+def peak() -> float:
+    return gib(torch.cuda.max_memory_allocated()) if CUDA else float("nan")
+
+
+def reset_peak() -> None:
+    if CUDA:
+        torch.cuda.reset_peak_memory_stats()
+        torch.cuda.empty_cache()
+
+
+def gib(n: int) -> float:
+    return round(n / 2**30, 3)
+
+
+def step_rate(cfg: DistillConfig, batches: list[dict], warmup: int, steps: int, profile: Path | None = None) -> dict:
+    """tokens/s and peak memory of the training step on in-GPU batches."""
+    manifest = schema.load_manifest(cfg.cache)
+    scfg = student_config(cfg, manifest)
+    mk, sb = resolve_kernels(scfg, DEVICE)
+    reset_peak()
+    model, params, opt, scaler = make_student(cfg, scfg, mk, sb, DEVICE, AMP)
+    groups = plan_budget(cfg, manifest).groups
+
+    def one(i: int) -> None:
+        forward_backward(model, batches[i % len(batches)], groups, cfg.alpha.start, cfg.beta.start,
+                         cfg.temperature.start, cfg.kd_tail, cfg.loss_chunk, AMP, scaler, 1)
+        optimizer_step(opt, scaler, params, cfg.grad_clip)
+
+    t0 = time.perf_counter()
+    for i in range(warmup):
+        one(i)
+    sync()
+    warm_s = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    for i in range(steps):
+        one(i)
+    sync()
+    sec = time.perf_counter() - t0
+    res = {"tokens_per_s": steps * B * T / sec, "peak_gib": peak(),
+           "warmup_s": round(warm_s, 1), "mlstm_kernel": mk, "slstm_backend": sb, "loss_chunk": cfg.loss_chunk,
+           "compile": cfg.compile, "params": model.param_counts()}
+    if profile is not None:
+        from torch.profiler import ProfilerActivity, profile as prof
+
+        with prof(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as p:
+            for i in range(3):
+                one(i)
+            sync()
+        profile.write_text(p.key_averages().table(sort_by="cuda_time_total", row_limit=40))
+    return res
+
+
+def gpu_batches(cache: str, groups: int, n: int) -> list[dict]:
+    rows = CacheRows(cache, with_hidden=groups > 0)
+    out = []
+    for b in range(n):
+        items = [rows[b * B + i] for i in range(B)]
+        out.append({k: torch.stack([it[k] for it in items]).to(DEVICE) for k in items[0]})
+    return out
+
+
+def run_distill(cfg: DistillConfig, warmup: int) -> dict:
+    """`distill()` end to end; the rate over the steps after `warmup` from its metrics."""
+    shutil.rmtree(cfg.out, ignore_errors=True)
+    reset_peak()
+    try:
+        meta = distill(cfg)
+    except Exception as e:  # an out-of-memory under the cap is a result, not a crash
+        res = {"error": f"{type(e).__name__}: {str(e).splitlines()[0][:200]}", "peak_gib": peak()}
+        reset_peak()
+        return res
+    m = [json.loads(x) for x in (Path(cfg.out) / "metrics.jsonl").read_text().splitlines()]
+    a, b = m[warmup - 1], m[-1]
+    reset_peak()
+    return {"tokens_per_s": (b["tokens"] - a["tokens"]) / (b["elapsed_s"] - a["elapsed_s"]),
+            "peak_gib": meta.get("peak_gpu_memory_gib"), "steps": b["step"], "final_loss": b["loss"]}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--tokenizer", required=True, help="a HF model dir whose tokenizer the random teachers use")
+    ap.add_argument("--train", required=True)
+    ap.add_argument("--out", required=True)
+    ap.add_argument("--work", default="/tmp/tcache-distill-bench")
+    ap.add_argument("--shape", default="smollm2-360m", choices=sorted(RECIPE))
+    ap.add_argument("--variants", action="store_true", help="also time the step variants")
+    ap.add_argument("--profile", action="store_true", help="write profiler tables of the step")
+    ap.add_argument("--steps", type=int, default=30)
+    ap.add_argument("--cap", default="16GiB")
+    a = ap.parse_args()
+    work, out = Path(a.work), Path(a.out)
+    work.mkdir(parents=True, exist_ok=True)
+    out.mkdir(parents=True, exist_ok=True)
+    teacher = make_teacher(a.shape, work / a.shape, a.tokenizer)
+    cache = work / f"cache-{a.shape}"
+    rows = (a.steps + 2) * B
+    t = time.perf_counter()
+    if not (cache / schema.MANIFEST_FILE).exists():
+        build(BuildConfig(teacher=str(teacher), data=DataSpec(a.train), out=str(cache), tokens=rows * T, seq_len=T,
+                          top_k=64, overwrite=True))
+    build_s = time.perf_counter() - t
+    base = DistillConfig(cache=str(cache), out=str(work / "run"), recipe=RECIPE[a.shape], steps=a.steps,
+                         batch_size=B, grad_accum=1, precision="fp16" if CUDA else "fp32", alpha=Anneal(0.5, 0.5, 0.0),
+                         beta=Anneal(0.1, 0.1, 0.0), temperature=Anneal(2.0, 2.0, 0.0), loss_chunk=1024)
+    groups = plan_budget(base, schema.load_manifest(cache)).groups
+    batches = gpu_batches(str(cache), groups, 4)
+    res: dict = {"shape": a.shape, "recipe": base.recipe, "batch": [B, T], "precision": "fp16",
+                 "build_s": round(build_s, 1), "step": {}}
+
+    def record(section: dict, name: str, value: dict) -> None:
+        section[name] = value
+        print(json.dumps({name: value}), flush=True)
+
+    variants = {"chunked-loss (default)": base}
+    if a.variants:
+        variants = {
+            "today: parallel mLSTM, full logits": replace(base, loss_chunk=0, mlstm_kernel="parallel"),
+            "parallel, chunked CE+KD": replace(base, mlstm_kernel="parallel"),
+            "triton_xl_chunk, chunked CE+KD": replace(base, mlstm_kernel="chunkwise--triton_xl_chunk"),
+            "parallel, chunked, compiled blocks": replace(base, mlstm_kernel="parallel", compile=True),
+            "triton_xl_chunk, chunked, compiled blocks": replace(base, mlstm_kernel="chunkwise--triton_xl_chunk",
+                                                                 compile=True),
+        }
+    for i, (name, cfg) in enumerate(variants.items()):
+        prof = out / f"profile-{a.shape}-{i}.txt" if a.profile else None
+        try:
+            record(res["step"], name, step_rate(cfg, batches, warmup=3, steps=10, profile=prof))
+            reset_peak()
+        except Exception as e:
+            record(res["step"], name, {"error": f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"})
+            torch.cuda.empty_cache()
+    ok = {n: r for n, r in res["step"].items() if "tokens_per_s" in r}
+    best_name = max(ok, key=lambda n: ok[n]["tokens_per_s"])
+    best = variants[best_name]
+    res["best_step"] = best_name
+    del batches
+    reset_peak()
+    warm = min(5, a.steps - 1)
+    record(res, "disk", run_distill(replace(best, out=str(work / "disk")), warm))
+    record(res, "online", run_distill(replace(best, out=str(work / "online"), online_teacher=str(teacher)), warm))
+    if CUDA:  # the cap stays for the rest of the process: these run last
+        record(res, f"disk, capped {a.cap}",
+               run_distill(replace(best, out=str(work / "disk-cap"), max_gpu_memory=a.cap), warm))
+        record(res, f"online, capped {a.cap}", run_distill(
+            replace(best, out=str(work / "online-cap"), online_teacher=str(teacher), max_gpu_memory=a.cap), warm))
+    res["device"] = torch.cuda.get_device_name() if CUDA else "cpu"
+    res["torch"], res["command"] = torch.__version__, " ".join(sys.argv)
+    (out / f"distill-{a.shape}.json").write_text(json.dumps(res, indent=2))
+    print(f"\n| {a.shape} ({base.recipe}) | tokens/s | peak GiB |\n|---|---|---|")
+    for name, r in list(res["step"].items()) + [(k, res[k]) for k in res if k.startswith(("disk", "online"))]:
+        print(f"| {name} | {r.get('tokens_per_s', float('nan')):,.0f} | {r.get('peak_gib')} | {r.get('error', '')}")
+
+
+if __name__ == "__main__":
+    main()
