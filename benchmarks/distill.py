@@ -9,7 +9,7 @@ alternating sLSTM/mLSTM blocks, D 1536) trained on CE + top-64 KD + alignment (a
 fp16 autocast, batch 8 x 512, no accumulation. Measured, in this order, one at a time on the GPU:
   step      forward_backward + optimizer_step of student/train.py on batches already in GPU memory;
             with --variants: today's path (parallel mLSTM, full logits), the fused chunked CE+KD, the
-            Triton chunkwise mLSTM kernel, torch.compile of the blocks
+            Triton chunkwise mLSTM kernel, torch.compile of the blocks (with CUDA graphs)
   disk      `distill()` reading the on-disk cache (loader workers, pinned memory), the step's settings
   online    `distill()` with the teacher on the GPU computing the targets of every batch
   capped    disk and online again under --max-gpu-memory (a 16 GB card's budget)
@@ -165,15 +165,16 @@ def main() -> None:
         section[name] = value
         print(json.dumps({name: value}), flush=True)
 
-    variants = {"chunked-loss (default)": base}
+    variants = {"default": base}
     if a.variants:
+        par, tri = "parallel", "chunkwise--triton_xl_chunk"
         variants = {
-            "today: parallel mLSTM, full logits": replace(base, loss_chunk=0, mlstm_kernel="parallel"),
-            "parallel, chunked CE+KD": replace(base, mlstm_kernel="parallel"),
-            "triton_xl_chunk, chunked CE+KD": replace(base, mlstm_kernel="chunkwise--triton_xl_chunk"),
-            "parallel, chunked, compiled blocks": replace(base, mlstm_kernel="parallel", compile=True),
-            "triton_xl_chunk, chunked, compiled blocks": replace(base, mlstm_kernel="chunkwise--triton_xl_chunk",
-                                                                 compile=True),
+            "today: parallel mLSTM, full logits, eager": replace(base, loss_chunk=0, mlstm_kernel=par),
+            "parallel, full logits, compiled": replace(base, loss_chunk=0, mlstm_kernel=par, compile="on"),
+            "parallel, full logits, cudagraphs": replace(base, loss_chunk=0, mlstm_kernel=par, compile="cudagraphs"),
+            "parallel, chunked CE+KD, cudagraphs": replace(base, mlstm_kernel=par, compile="cudagraphs"),
+            "triton_xl_chunk, full logits, cudagraphs": replace(base, loss_chunk=0, mlstm_kernel=tri,
+                                                                compile="cudagraphs"),
         }
     for i, (name, cfg) in enumerate(variants.items()):
         prof = out / f"profile-{a.shape}-{i}.txt" if a.profile else None

@@ -38,6 +38,8 @@ RECIPE_LOSSES = {
 RESUMABLE_DIFFS = {"resume", "overwrite", "workers", "ckpt_every", "keep_ckpts", "device", "cache", "out",
                    "compile", "max_gpu_memory"}
 
+# --compile -> torch.compile mode (None: eager)
+COMPILE_MODES = {"off": None, "on": "default", "cudagraphs": "reduce-overhead"}
 _BYTE_UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "kib": 2**10, "mib": 2**20, "gib": 2**30}
 
 
@@ -62,7 +64,7 @@ def cap_gpu_memory(text: str | None, device: torch.device) -> None:
     cap = parse_bytes(text)
     if cap > total:
         raise TcacheError(f"--max-gpu-memory {text} exceeds this GPU's {total / 2**30:.1f} GiB; lower it")
-    torch.cuda.set_per_process_memory_fraction(cap / total, device)
+    torch.cuda.set_per_process_memory_fraction(cap / total, device.index if device.index is not None else 0)
 
 
 @dataclass
@@ -119,8 +121,9 @@ class DistillConfig:
     loss_chunk: int = -1
     """Positions per chunk of the fused CE + KD over the vocabulary (no (B, T, V) logits kept); 0 computes
     full logits; -1 = automatic: 1024 on a GPU, 0 on CPU (--loss-chunk)."""
-    compile: bool = False
-    """torch.compile each xLSTM block (--compile)."""
+    compile: str = "off"
+    """torch.compile each xLSTM block: off, on (fused kernels), cudagraphs (also replays each block's
+    kernels as a CUDA graph: the step is bound by Python's kernel launches otherwise) (--compile)."""
     max_gpu_memory: str | None = None
     """Cap this process's GPU memory, e.g. 16GB, to test a smaller card's budget on a larger one
     (--max-gpu-memory)."""
@@ -165,6 +168,8 @@ class DistillConfig:
             raise TcacheError(f"--loss-chunk must be -1 (automatic), 0 (full logits) or more, got {self.loss_chunk}")
         if self.max_gpu_memory is not None:
             parse_bytes(self.max_gpu_memory)
+        if self.compile not in COMPILE_MODES:
+            raise TcacheError(f"--compile {self.compile!r} is unknown; use one of {', '.join(COMPILE_MODES)}")
         if self.precision not in ("auto", "fp32", "fp16", "bf16"):
             raise TcacheError(f"--precision {self.precision!r} is unknown; use auto, fp32, fp16 or bf16")
         defaults = RECIPE_LOSSES[self.recipe]
@@ -354,9 +359,9 @@ def make_student(cfg: DistillConfig, scfg: StudentConfig, mlstm_kernel: str, sls
     model = Student(scfg, mlstm_kernel=mlstm_kernel, slstm_backend=slstm_backend)
     model.load_teacher_parts(load_teacher_parts(cfg.cache))
     model.to(device)
-    if cfg.compile:
+    if COMPILE_MODES[cfg.compile] is not None:
         for blk in model.blocks.blocks:
-            blk.compile()
+            blk.compile(mode=COMPILE_MODES[cfg.compile])
     params = [p for p in model.parameters() if p.requires_grad]
     decay = [p for p in params if p.ndim >= 2]
     no_decay = [p for p in params if p.ndim < 2]
@@ -374,6 +379,8 @@ def forward_backward(model: Student, batch: dict, groups: int, alpha: float, bet
     ids = batch[schema.INPUT_IDS]  # (B, T)
     t_lp, t_ids = batch[schema.TOPK_LOGPROBS], batch[schema.TOPK_IDS]  # (B, T, k) x2
     device = ids.device
+    if device.type == "cuda":
+        torch.compiler.cudagraph_mark_step_begin()  # CUDA-graph outputs of the last step may be overwritten
     with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not torch.float32):
         if chunk:
             x, s_hidden = model.features(ids, groups=groups)  # (B, T, D), (B, T, G, D)
