@@ -13,7 +13,8 @@ fp16 autocast, batch 8 x 512, no accumulation. Measured, in this order, one at a
   disk      `distill()` reading the on-disk cache (loader workers, pinned memory), the step's settings
   online    `distill()` with the teacher on the GPU computing the targets of every batch
   capped    disk and online again under --max-gpu-memory (a 16 GB card's budget)
-tokens/s over the steps after the warm-up; peak = torch.cuda.max_memory_allocated, reset before each.
+disk, online and capped each run in a fresh process (clean peaks; a cap is per process). tokens/s over
+the steps after the warm-up; peak = torch.cuda.max_memory_allocated, reset before each.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from __future__ import annotations
 import argparse
 import json
 import shutil
+import subprocess
 import sys
 import time
 from dataclasses import replace
@@ -104,6 +106,14 @@ def step_rate(cfg: DistillConfig, batches: list[dict], warmup: int, steps: int, 
     return res
 
 
+def resolved(cfg: DistillConfig) -> DistillConfig:
+    """The automatic choices distill() makes, made explicit (the step is timed outside distill)."""
+    from student.train import resolve_compile
+
+    chunk = cfg.loss_chunk if cfg.loss_chunk >= 0 else (1024 if CUDA else 0)
+    return replace(cfg, loss_chunk=chunk, compile=resolve_compile(cfg.compile, DEVICE))
+
+
 def gpu_batches(cache: str, groups: int, n: int) -> list[dict]:
     rows = CacheRows(cache, with_hidden=groups > 0)
     out = []
@@ -141,6 +151,7 @@ def main() -> None:
     ap.add_argument("--profile", action="store_true", help="write profiler tables of the step")
     ap.add_argument("--steps", type=int, default=30)
     ap.add_argument("--cap", default="16GiB")
+    ap.add_argument("--single", default=None, help=argparse.SUPPRESS)  # internal: one distill run, as JSON
     a = ap.parse_args()
     work, out = Path(a.work), Path(a.out)
     work.mkdir(parents=True, exist_ok=True)
@@ -155,7 +166,10 @@ def main() -> None:
     build_s = time.perf_counter() - t
     base = DistillConfig(cache=str(cache), out=str(work / "run"), recipe=RECIPE[a.shape], steps=a.steps,
                          batch_size=B, grad_accum=1, precision="fp16" if CUDA else "fp32", alpha=Anneal(0.5, 0.5, 0.0),
-                         beta=Anneal(0.1, 0.1, 0.0), temperature=Anneal(2.0, 2.0, 0.0), loss_chunk=1024)
+                         beta=Anneal(0.1, 0.1, 0.0), temperature=Anneal(2.0, 2.0, 0.0))  # library defaults otherwise
+    if a.single:  # one distill run in this fresh process
+        print("RESULT " + json.dumps(run_distill(replace(base, **json.loads(a.single)), min(5, a.steps - 1))))
+        return
     groups = plan_budget(base, schema.load_manifest(cache)).groups
     batches = gpu_batches(str(cache), groups, 4)
     res: dict = {"shape": a.shape, "recipe": base.recipe, "batch": [B, T], "precision": "fp16",
@@ -172,14 +186,14 @@ def main() -> None:
             "today: parallel mLSTM, full logits, eager": replace(base, loss_chunk=0, mlstm_kernel=par),
             "parallel, full logits, compiled": replace(base, loss_chunk=0, mlstm_kernel=par, compile="on"),
             "parallel, full logits, cudagraphs": replace(base, loss_chunk=0, mlstm_kernel=par, compile="cudagraphs"),
-            "parallel, chunked CE+KD, cudagraphs": replace(base, mlstm_kernel=par, compile="cudagraphs"),
+            "parallel, chunked CE+KD, cudagraphs (default)": replace(base, mlstm_kernel=par, compile="cudagraphs"),
             "triton_xl_chunk, full logits, cudagraphs": replace(base, loss_chunk=0, mlstm_kernel=tri,
                                                                 compile="cudagraphs"),
         }
     for i, (name, cfg) in enumerate(variants.items()):
         prof = out / f"profile-{a.shape}-{i}.txt" if a.profile else None
         try:
-            record(res["step"], name, step_rate(cfg, batches, warmup=3, steps=10, profile=prof))
+            record(res["step"], name, step_rate(resolved(cfg), batches, warmup=3, steps=10, profile=prof))
             reset_peak()
         except Exception as e:
             record(res["step"], name, {"error": f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"})
@@ -190,14 +204,19 @@ def main() -> None:
     res["best_step"] = best_name
     del batches
     reset_peak()
-    warm = min(5, a.steps - 1)
-    record(res, "disk", run_distill(replace(best, out=str(work / "disk")), warm))
-    record(res, "online", run_distill(replace(best, out=str(work / "online"), online_teacher=str(teacher)), warm))
-    if CUDA:  # the cap stays for the rest of the process: these run last
-        record(res, f"disk, capped {a.cap}",
-               run_distill(replace(best, out=str(work / "disk-cap"), max_gpu_memory=a.cap), warm))
-        record(res, f"online, capped {a.cap}", run_distill(
-            replace(best, out=str(work / "online-cap"), online_teacher=str(teacher), max_gpu_memory=a.cap), warm))
+    runs = {"disk": {}, "online": {"online_teacher": str(teacher)}}
+    if CUDA:
+        runs[f"disk, capped {a.cap}"] = {"max_gpu_memory": a.cap}
+        runs[f"online, capped {a.cap}"] = {"online_teacher": str(teacher), "max_gpu_memory": a.cap}
+    for name, extra in runs.items():
+        spec = {"mlstm_kernel": best.mlstm_kernel, "loss_chunk": best.loss_chunk, "compile": best.compile,
+                "out": str(work / name.replace(", ", "-").replace(" ", "-")), **extra}
+        cmd = [sys.executable, __file__, "--tokenizer", a.tokenizer, "--train", a.train, "--out", a.out,
+               "--work", a.work, "--shape", a.shape, "--steps", str(a.steps), "--single", json.dumps(spec)]
+        p = subprocess.run(cmd, capture_output=True, text=True)
+        lines = [x for x in p.stdout.splitlines() if x.startswith("RESULT ")]
+        value = json.loads(lines[-1][7:]) if lines else {"error": (p.stderr.strip().splitlines() or ["?"])[-1][:300]}
+        record(res, name, value)
     res["device"] = torch.cuda.get_device_name() if CUDA else "cpu"
     res["torch"], res["command"] = torch.__version__, " ".join(sys.argv)
     (out / f"distill-{a.shape}.json").write_text(json.dumps(res, indent=2))

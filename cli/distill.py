@@ -67,8 +67,10 @@ def parse_int_list(text: str | None, flag: str) -> list[int] | None:
               help="DataLoader worker processes reading the cache; -1: min(4, cores/2) on GPU, 0 on CPU.")
 @click.option("--loss-chunk", default=-1, show_default=True,
               help="Positions per chunk of the fused CE+KD (no full logits); 0: full logits; -1: 1024 on GPU, 0 on CPU.")
-@click.option("--compile", "compile_", default="off", show_default=True, type=click.Choice(["off", "on", "cudagraphs"]),
-              help="torch.compile each xLSTM block; cudagraphs also replays them as CUDA graphs.")
+@click.option("--compile", "compile_", default="auto", show_default=True,
+              type=click.Choice(["auto", "off", "on", "cudagraphs"]),
+              help="torch.compile each xLSTM block; cudagraphs also replays them as CUDA graphs; auto: cudagraphs on "
+                   "GPUs of compute capability >= 8.0, off on a T4 or CPU.")
 @click.option("--max-gpu-memory", default=None, help="Cap GPU memory, e.g. 16GB, to test a T4's budget on a larger GPU.")
 @click.option("--ckpt-every", default=0, show_default=True, help="Checkpoint every N steps (0: final only).")
 @click.option("--resume", is_flag=True, help="Continue from the newest checkpoint in --out.")
