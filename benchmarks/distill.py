@@ -37,7 +37,7 @@ from student.data import CacheRows  # noqa: E402
 from student.model import resolve_kernels  # noqa: E402
 from student.schedules import Anneal  # noqa: E402
 from student.train import (DistillConfig, distill, forward_backward, make_student, optimizer_step,  # noqa: E402
-                           plan_budget, student_config)
+                           parse_bytes, plan_budget, student_config)
 from teachercache import schema  # noqa: E402
 from teachercache.build import BuildConfig, build  # noqa: E402
 from teachercache.data import DataSpec  # noqa: E402
@@ -72,7 +72,7 @@ def step_rate(cfg: DistillConfig, batches: list[dict], warmup: int, steps: int, 
     """tokens/s and peak memory of the training step on in-GPU batches."""
     manifest = schema.load_manifest(cfg.cache)
     scfg = student_config(cfg, manifest)
-    mk, sb = resolve_kernels(scfg, DEVICE)
+    mk, sb = resolve_kernels(scfg, DEVICE, parse_bytes(cfg.max_gpu_memory) if cfg.max_gpu_memory else None)
     reset_peak()
     model, params, opt, scaler = make_student(cfg, scfg, mk, sb, DEVICE, AMP)
     groups = plan_budget(cfg, manifest).groups
@@ -137,7 +137,8 @@ def run_distill(cfg: DistillConfig, warmup: int) -> dict:
     a, b = m[warmup - 1], m[-1]
     reset_peak()
     return {"tokens_per_s": (b["tokens"] - a["tokens"]) / (b["elapsed_s"] - a["elapsed_s"]),
-            "peak_gib": meta.get("peak_gpu_memory_gib"), "steps": b["step"], "final_loss": b["loss"]}
+            "peak_gib": meta.get("peak_gpu_memory_gib"), "steps": b["step"], "final_loss": b["loss"],
+            "kernels": meta.get("kernels")}
 
 
 def main() -> None:
@@ -151,6 +152,7 @@ def main() -> None:
     ap.add_argument("--profile", action="store_true", help="write profiler tables of the step")
     ap.add_argument("--steps", type=int, default=30)
     ap.add_argument("--cap", default="16GiB")
+    ap.add_argument("--only", default=None, help="with --variants: those whose name contains this")
     ap.add_argument("--single", default=None, help=argparse.SUPPRESS)  # internal: one distill run, as JSON
     a = ap.parse_args()
     work, out = Path(a.work), Path(a.out)
@@ -189,7 +191,10 @@ def main() -> None:
             "parallel, chunked CE+KD, cudagraphs (default)": replace(base, mlstm_kernel=par, compile="cudagraphs"),
             "triton_xl_chunk, full logits, cudagraphs": replace(base, loss_chunk=0, mlstm_kernel=tri,
                                                                 compile="cudagraphs"),
+            "triton_xl_chunk, chunked CE+KD, cudagraphs": replace(base, mlstm_kernel=tri, compile="cudagraphs"),
+            "triton_xl_chunk, chunked CE+KD, eager (a T4's choice)": replace(base, mlstm_kernel=tri, compile="off"),
         }
+        variants = {n: v for n, v in variants.items() if a.only is None or a.only in n}
     for i, (name, cfg) in enumerate(variants.items()):
         prof = out / f"profile-{a.shape}-{i}.txt" if a.profile else None
         try:
@@ -205,12 +210,13 @@ def main() -> None:
     del batches
     reset_peak()
     runs = {"disk": {}, "online": {"online_teacher": str(teacher)}}
-    if CUDA:
-        runs[f"disk, capped {a.cap}"] = {"max_gpu_memory": a.cap}
-        runs[f"online, capped {a.cap}"] = {"online_teacher": str(teacher), "max_gpu_memory": a.cap}
-    for name, extra in runs.items():
-        spec = {"mlstm_kernel": best.mlstm_kernel, "loss_chunk": best.loss_chunk, "compile": best.compile,
-                "out": str(work / name.replace(", ", "-").replace(" ", "-")), **extra}
+    # under the cap, the library's automatic choices (which consult the cap), as a T4 user would run
+    capped = {f"disk, capped {a.cap}": {"max_gpu_memory": a.cap},
+              f"online, capped {a.cap}": {"online_teacher": str(teacher), "max_gpu_memory": a.cap}} if CUDA else {}
+    for name, extra in {**runs, **capped}.items():
+        spec = {"out": str(work / name.replace(", ", "-").replace(" ", "-")), **extra}
+        if name in runs:
+            spec.update(mlstm_kernel=best.mlstm_kernel, loss_chunk=best.loss_chunk, compile=best.compile)
         cmd = [sys.executable, __file__, "--tokenizer", a.tokenizer, "--train", a.train, "--out", a.out,
                "--work", a.work, "--shape", a.shape, "--steps", str(a.steps), "--single", json.dumps(spec)]
         p = subprocess.run(cmd, capture_output=True, text=True)

@@ -105,16 +105,23 @@ def recipe_sizes(recipe: str, teacher_layers: int, teacher_heads: int) -> tuple[
     raise TcacheError(f"--recipe {recipe!r} is unknown; use v1 or v2")
 
 
-def resolve_kernels(cfg: StudentConfig, device: torch.device) -> tuple[str, str]:
-    """Pick the mLSTM kernel and sLSTM backend for this device; explicit choices are checked."""
+SMALL_GPU_BYTES = 32 * 2**30
+
+
+def resolve_kernels(cfg: StudentConfig, device: torch.device, memory_budget: int | None = None) -> tuple[str, str]:
+    """Pick the mLSTM kernel and sLSTM backend for this device; explicit choices are checked.
+    `memory_budget`: bytes the run may use (--max-gpu-memory), else the GPU's total."""
     cuda = device.type == "cuda"
     mk = cfg.mlstm_kernel
     if mk == "auto":
-        # Measured on an H100 (benchmarks/gpu_probe.py, 8 x 512, D=384, bf16): the parallel form ran 1.47x
-        # faster than triton_xl_chunk. Its memory grows with S^2, so the chunkwise kernel takes over for long
-        # contexts, where it also pays off.
+        # Measured on an H100 (benchmarks/distill.py, seeds' scale: 32 blocks, D 960, 8 x 512, fp16): the
+        # parallel form is the faster (34k vs 21k tok/s with CUDA graphs) but keeps S x S matrices per
+        # head for the backward (peak 20-24 GiB vs 15-19 GiB). So: parallel on large GPUs, the chunkwise
+        # Triton kernel on small ones (a 16 GB T4, or a --max-gpu-memory cap) and for long contexts.
+        budget = memory_budget or (torch.cuda.get_device_properties(device).total_memory if cuda else None)
+        small = budget is not None and budget < SMALL_GPU_BYTES
         long_context = cfg.context_length > PARALLEL_MAX_CONTEXT
-        mk = "chunkwise--triton_xl_chunk" if cuda and long_context and _triton_available() else "parallel"
+        mk = "chunkwise--triton_xl_chunk" if cuda and (long_context or small) and _triton_available() else "parallel"
     if "triton" in mk and not cuda:
         raise TcacheError(f"--mlstm-kernel {mk} needs a CUDA GPU; use parallel or chunkwise--native_autograd on CPU")
     sb = cfg.slstm_backend
@@ -161,8 +168,10 @@ def _mlstm_kernel_fn(name: str, chunk_size: int = 64):
         # (B, NH, S, DH) x3, (B, NH, S, 1) x2 -> (B, NH, S, DH)
         S = queries.shape[2]
         cs = chunk_size if S % chunk_size == 0 else math.gcd(S, chunk_size)
+        # The kernel computes in fp32 unless told otherwise: run it in the autocast dtype (fp16 on a T4).
+        dtype = queries.dtype if queries.dtype in (torch.float16, torch.bfloat16) else torch.float32
         return kernel(q=queries, k=keys, v=values, i=igate_preact.squeeze(-1), f=fgate_preact.squeeze(-1),
-                      chunk_size=cs)
+                      chunk_size=cs, autocast_kernel_dtype=dtype)
 
     return fn
 

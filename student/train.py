@@ -478,7 +478,8 @@ def distill(cfg: DistillConfig, on_start: Callable[[dict], None] | None = None,
                 f"the cache has {plan.groups} hidden groups but the student only {scfg.num_blocks} blocks; "
                 f"rebuild with --hidden-groups <= {scfg.num_blocks}, raise --blocks, or pass --beta 0"
             )
-    mlstm_kernel, slstm_backend = resolve_kernels(scfg, device)
+    budget = parse_bytes(cfg.max_gpu_memory) if cfg.max_gpu_memory else None
+    mlstm_kernel, slstm_backend = resolve_kernels(scfg, device, budget)
     cap_gpu_memory(cfg.max_gpu_memory, device)
     cuda = device.type == "cuda"
     workers = cfg.workers if cfg.workers >= 0 else (min(4, (os.cpu_count() or 2) // 2) if cuda else 0)
