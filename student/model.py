@@ -168,11 +168,10 @@ def _mlstm_kernel_fn(name: str, chunk_size: int = 64):
         # (B, NH, S, DH) x3, (B, NH, S, 1) x2 -> (B, NH, S, DH)
         S = queries.shape[2]
         cs = chunk_size if S % chunk_size == 0 else math.gcd(S, chunk_size)
-        # The kernel computes in fp32 unless told otherwise. Half-precision inputs run it in bf16 where the
-        # GPU has it (xlstm_large's choice); its fp16 build crashed Triton's compiler on the H100 (LLVM
-        # SLPVectorizer assertion, triton 3.x), so fp16 runs (a T4) keep the fp32 kernel.
-        half = queries.dtype in (torch.float16, torch.bfloat16)
-        dtype = torch.bfloat16 if half and torch.cuda.is_bf16_supported() else torch.float32
+        # The kernel's own compute dtype stays fp32: its bf16 and fp16 builds crashed Triton's compiler on
+        # the H100 here (LLVM SLPVectorizer assertion, triton 3.x); fp32 is the path validated against the
+        # parallel form (benchmarks/gpu_probe.py).
+        dtype = torch.float32
         return kernel(q=queries, k=keys, v=values, i=igate_preact.squeeze(-1), f=fgate_preact.squeeze(-1),
                       chunk_size=cs, autocast_kernel_dtype=dtype)
 
