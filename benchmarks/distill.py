@@ -185,7 +185,7 @@ def main() -> None:
     if a.variants:
         par, tri = "parallel", "chunkwise--triton_xl_chunk"
         variants = {
-            "today: parallel mLSTM, full logits, eager": replace(base, loss_chunk=0, mlstm_kernel=par),
+            "today: parallel mLSTM, full logits, eager": replace(base, loss_chunk=0, mlstm_kernel=par, compile="off"),
             "parallel, full logits, compiled": replace(base, loss_chunk=0, mlstm_kernel=par, compile="on"),
             "parallel, full logits, cudagraphs": replace(base, loss_chunk=0, mlstm_kernel=par, compile="cudagraphs"),
             "parallel, chunked CE+KD, cudagraphs (default)": replace(base, mlstm_kernel=par, compile="cudagraphs"),
