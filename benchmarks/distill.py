@@ -108,10 +108,10 @@ def step_rate(cfg: DistillConfig, batches: list[dict], warmup: int, steps: int, 
 
 def resolved(cfg: DistillConfig) -> DistillConfig:
     """The automatic choices distill() makes, made explicit (the step is timed outside distill)."""
-    from student.train import resolve_compile
+    from student.train import resolve_compile, resolve_loss_chunk
 
-    chunk = cfg.loss_chunk if cfg.loss_chunk >= 0 else (1024 if CUDA else 0)
-    return replace(cfg, loss_chunk=chunk, compile=resolve_compile(cfg.compile, DEVICE))
+    return replace(cfg, loss_chunk=resolve_loss_chunk(cfg.loss_chunk, DEVICE),
+                   compile=resolve_compile(cfg.compile, DEVICE))
 
 
 def gpu_batches(cache: str, groups: int, n: int) -> list[dict]:

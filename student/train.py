@@ -62,11 +62,11 @@ def parse_bytes(text: str) -> int:
     return int(float(m.group(1)) * _BYTE_UNITS[m.group(2).lower()])
 
 
-def cap_gpu_memory(text: str | None, device: torch.device) -> None:
+def cap_gpu_memory(text: str | None, device: torch.device) -> int | None:
     """A T4's budget on a larger GPU: the caching allocator refuses to grow past the cap (an OOM error
-    then means the run would not fit the smaller card)."""
+    then means the run would not fit the smaller card). Returns the cap in bytes (None: no cap)."""
     if text is None:
-        return
+        return None
     if device.type != "cuda":
         raise TcacheError("--max-gpu-memory needs a CUDA device; drop it on CPU")
     total = torch.cuda.get_device_properties(device).total_memory
@@ -74,6 +74,12 @@ def cap_gpu_memory(text: str | None, device: torch.device) -> None:
     if cap > total:
         raise TcacheError(f"--max-gpu-memory {text} exceeds this GPU's {total / 2**30:.1f} GiB; lower it")
     torch.cuda.set_per_process_memory_fraction(cap / total, device.index if device.index is not None else 0)
+    return cap
+
+
+def resolve_loss_chunk(loss_chunk: int, device: torch.device) -> int:
+    """--loss-chunk -1 -> 1024 positions on a GPU (saves the (B, T, V) logits), full logits on CPU."""
+    return loss_chunk if loss_chunk >= 0 else (1024 if device.type == "cuda" else 0)
 
 
 @dataclass
@@ -375,8 +381,8 @@ class _MetricsLog:
         """Queue this step's record; returns the previous step's completed record, if any."""
         done = self.flush()
         names = list(values)
-        stacked = torch.stack([torch.as_tensor(values[n], dtype=torch.float32).reshape(()).to(
-            next(v for v in values.values() if torch.is_tensor(v)).device) for n in names])  # (n,)
+        device = values["loss"].device
+        stacked = torch.stack([torch.as_tensor(values[n], device=device).float().reshape(()) for n in names])  # (n,)
         if stacked.is_cuda:
             host = torch.empty(stacked.shape, dtype=stacked.dtype, pin_memory=True)
             host.copy_(stacked, non_blocking=True)
@@ -478,12 +484,11 @@ def distill(cfg: DistillConfig, on_start: Callable[[dict], None] | None = None,
                 f"the cache has {plan.groups} hidden groups but the student only {scfg.num_blocks} blocks; "
                 f"rebuild with --hidden-groups <= {scfg.num_blocks}, raise --blocks, or pass --beta 0"
             )
-    budget = parse_bytes(cfg.max_gpu_memory) if cfg.max_gpu_memory else None
+    budget = cap_gpu_memory(cfg.max_gpu_memory, device)
     mlstm_kernel, slstm_backend = resolve_kernels(scfg, device, budget)
-    cap_gpu_memory(cfg.max_gpu_memory, device)
     cuda = device.type == "cuda"
     workers = cfg.workers if cfg.workers >= 0 else (min(4, (os.cpu_count() or 2) // 2) if cuda else 0)
-    chunk = cfg.loss_chunk if cfg.loss_chunk >= 0 else (1024 if cuda else 0)
+    chunk = resolve_loss_chunk(cfg.loss_chunk, device)
     teacher = _online_teacher(cfg, manifest, device) if cfg.online_teacher else None
     ckpt = _prepare_out(cfg)
     if ckpt is not None:

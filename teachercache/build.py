@@ -168,9 +168,10 @@ class TeacherSetup:
     specs: dict[str, schema.FieldSpec]
 
 
-def setup_teacher(cfg: BuildConfig, before_weights: Callable[[object], None] | None = None) -> TeacherSetup:
+def setup_teacher(cfg: BuildConfig, before_weights: Callable[[object, torch.device], None] | None = None
+                  ) -> TeacherSetup:
     """Every argument check against the teacher's config runs before its weights load;
-    `before_weights(tokenizer)` runs between loading the tokenizer and the weights."""
+    `before_weights(tokenizer, device)` runs between loading the tokenizer and the weights."""
     device = resolve_device(cfg.device)
     dtype = resolve_dtype(cfg.dtype, device)
     config = load_config(cfg.teacher, cfg.revision)
@@ -178,7 +179,7 @@ def setup_teacher(cfg: BuildConfig, before_weights: Callable[[object], None] | N
     groups = schema.layer_groups(num_layers(config), cfg.hidden_groups)
     tokenizer = load_tokenizer(cfg.teacher, cfg.revision)
     if before_weights is not None:
-        before_weights(tokenizer)
+        before_weights(tokenizer, device)
     model = load_model(cfg.teacher, device, dtype, cfg.revision)
     vocab_size = int(model.get_output_embeddings().weight.shape[0])  # logits width, may pad the tokenizer's
     hidden_size = int(model.get_input_embeddings().weight.shape[1])
@@ -187,12 +188,12 @@ def setup_teacher(cfg: BuildConfig, before_weights: Callable[[object], None] | N
     return TeacherSetup(device, dtype, config, groups, model, tokenizer, vocab_size, hidden_size, specs)
 
 
-def tokenizer_workers(cfg: BuildConfig, tokenizer) -> int:
+def tokenizer_workers(cfg: BuildConfig, tokenizer, device: torch.device) -> int:
     if getattr(tokenizer, "backend_tokenizer", None) is None:
         return 0  # a slow (Python) tokenizer cannot be shipped to the workers cheaply
     if cfg.tokenizer_workers >= 0:
         return cfg.tokenizer_workers
-    return min(8, (os.cpu_count() or 2) // 2) if resolve_device(cfg.device).type == "cuda" else 0
+    return min(8, (os.cpu_count() or 2) // 2) if device.type == "cuda" else 0
 
 
 def build(cfg: BuildConfig, on_progress: ProgressFn | None = None) -> Manifest:
@@ -200,8 +201,8 @@ def build(cfg: BuildConfig, on_progress: ProgressFn | None = None) -> Manifest:
     out = _check_out_dir(cfg)
     pools: list[TokenizerPool] = []
 
-    def start_pool(tokenizer) -> None:  # worker start-up overlaps loading the weights
-        if n := tokenizer_workers(cfg, tokenizer):
+    def start_pool(tokenizer, device: torch.device) -> None:  # worker start-up overlaps loading the weights
+        if n := tokenizer_workers(cfg, tokenizer, device):
             pools.append(TokenizerPool(tokenizer, n))
 
     try:
