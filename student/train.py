@@ -425,6 +425,13 @@ def make_student(cfg: DistillConfig, scfg: StudentConfig, mlstm_kernel: str, sls
                              {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr, betas=(0.9, 0.95),
                             fused=device.type == "cuda")
     scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype is torch.float16)
+    # Gradients live from the start and are zeroed in place, never set to None. Under CUDA graphs
+    # (--compile cudagraphs) the backward's outputs are buffers the next replay overwrites: with
+    # .grad None, autograd installs that buffer itself as .grad, and the next micro-batch's replay
+    # overwrites it ("accessing tensor output of CUDAGraphs that has been overwritten", or silently
+    # wrong sums; pytorch/pytorch#169545). With .grad allocated, each backward adds into it at once.
+    for p in params:
+        p.grad = torch.zeros_like(p)
     return model, params, opt, scaler
 
 
@@ -458,7 +465,7 @@ def optimizer_step(opt, scaler, params: list, grad_clip: float) -> torch.Tensor:
     gn = torch.nn.utils.clip_grad_norm_(params, grad_clip if grad_clip > 0 else float("inf"))
     scaler.step(opt)
     scaler.update()
-    opt.zero_grad(set_to_none=True)
+    opt.zero_grad(set_to_none=False)  # in place: see make_student (CUDA graphs and accumulation)
     return gn
 
 
