@@ -8,6 +8,7 @@ from rich.progress import BarColumn, Progress, ProgressColumn, TextColumn, TimeE
 from rich.text import Text
 
 from cli.format import human_bytes, human_count
+from cli.interrupts import stops_cleanly
 from cli.main import friendly_errors
 from teachercache import schema
 
@@ -52,7 +53,10 @@ _OPTIONS = [
     click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda, cuda:N."),
     click.option("--dtype", default="auto", show_default=True, help="auto (bf16 GPU / fp32 CPU), bf16, fp16, fp32."),
     click.option("--revision", default=None, help="Hub revision of the teacher."),
-    click.option("--overwrite", is_flag=True, help="Replace a non-empty --out."),
+    click.option("--overwrite", is_flag=True,
+                 help="Replace the cache (or interrupted build) at --out: built beside it, swapped in when complete."),
+    click.option("--resume", is_flag=True,
+                 help="Continue an interrupted build (same options) from its last complete shard."),
 ]
 
 
@@ -65,7 +69,7 @@ def build_options(fn):
 
 def build_config(teacher, data, tokens, out, seq_len, top_k, hidden_groups, hidden_dtype, logprob_dtype,
                  data_config, split, text_field, batch_size, shard_rows, tokenizer_workers, device, dtype, revision,
-                 overwrite):
+                 overwrite, resume):
     from teachercache.build import BuildConfig, parse_count
     from teachercache.data import DataSpec
 
@@ -74,12 +78,14 @@ def build_config(teacher, data, tokens, out, seq_len, top_k, hidden_groups, hidd
         data=DataSpec(path=data, config=data_config, split=split, text_field=text_field),
         hidden_groups=hidden_groups, hidden_dtype=hidden_dtype, logprob_dtype=logprob_dtype, batch_size=batch_size,
         rows_per_shard=shard_rows, tokenizer_workers=tokenizer_workers, device=device, dtype=dtype, revision=revision, overwrite=overwrite,
+        resume=resume,
     )
 
 
 @click.command()
 @build_options
 @friendly_errors
+@stops_cleanly
 def build(**options) -> None:
     """Run the teacher once over a token budget and write the cache."""
     from teachercache.build import build as run_build
@@ -97,6 +103,8 @@ def build(**options) -> None:
 
         manifest = run_build(cfg, on_progress)
     b = manifest.build
+    if b.get("resumed_at_row") is not None:
+        console.print(f"resumed after {b['resumed_at_row']:,} rows in complete shards")
     console.print(
         f"[green]cache written[/]: {out}  {manifest.tokens:,} tokens in {manifest.rows:,} rows, "
         f"{len(manifest.shards)} shard(s), {b['tokens_per_s']:,.0f} tok/s on {b['device']} ({b['dtype']})"

@@ -11,6 +11,7 @@ from rich.table import Table
 from cli.build import build_config, build_options
 from cli.format import human_bytes, human_count
 from cli.main import friendly_errors
+from teachercache.errors import TcacheError
 
 
 @click.command()
@@ -24,6 +25,7 @@ def plan(as_json: bool, **options) -> None:
     p = run_plan(build_config(**options))
     if as_json:
         click.echo(json.dumps(p, indent=2))
+        _refuse_if_no_room(p)
         return
     t = Table(title=f"plan: {p['tokens']:,} tokens of {p['teacher']} ({p['device']}, {p['dtype']}, batch {p['batch_size']})")
     t.add_column("field")
@@ -43,3 +45,12 @@ def plan(as_json: bool, **options) -> None:
         f"{human_bytes(m['disk_bytes_per_s'])}/s = {human_count(m['disk_tokens_per_s'])} tok/s at these fields\n"
         f"estimated build time: {p['estimated_seconds'] / 60:.1f} min ({p['bound_by']}-bound, tokenisation not counted)"
     )
+    console.print(f"disk: needs {human_bytes(p['disk_needed_bytes'])} (with HDF5 overhead), "
+                  f"{human_bytes(p['disk_free_bytes'])} free at --out")
+    _refuse_if_no_room(p)
+
+
+def _refuse_if_no_room(p: dict) -> None:
+    if not p["fits"]:
+        raise TcacheError(f"this build needs {human_bytes(p['disk_needed_bytes'])} but the filesystem at --out has "
+                          f"{human_bytes(p['disk_free_bytes'])} free; free space, lower --tokens, or choose another --out")

@@ -10,13 +10,14 @@ from pathlib import Path
 import torch
 
 from teachercache import schema
-from teachercache.build import BuildConfig, auto_batch_size, setup_teacher
+from teachercache import outdir
+from teachercache.build import BuildConfig, auto_batch_size, bytes_needed, setup_teacher, teacher_files_bytes
 from teachercache.data import iter_texts, pack_rows
 from teachercache.errors import TcacheError
 from teachercache.pipeline import batched_rows
 from teachercache.schema import Manifest
 from teachercache.teacher import TeacherPass
-from teachercache.writer import CacheWriter
+from teachercache.writer import BuildState, CacheWriter
 
 
 def plan(cfg: BuildConfig, measure_batches: int = 3) -> dict:
@@ -25,7 +26,7 @@ def plan(cfg: BuildConfig, measure_batches: int = 3) -> dict:
     V, D, specs = ts.vocab_size, ts.hidden_size, ts.specs
     per_token = {name: s.bytes_per_row / cfg.seq_len for name, s in specs.items()}
     tokens = cfg.rows * cfg.seq_len
-    teacher_bytes = 2 * V * D * 4 + D * 4  # embeddings.safetensors: fp32 embedding, head, final norm
+    teacher_bytes = teacher_files_bytes(ts)
 
     # A short measured run: the teacher pass on real rows, then writing those rows to a shard on --out's disk.
     batch_size = cfg.batch_size or auto_batch_size(device, cfg.seq_len, V, D)
@@ -59,7 +60,7 @@ def plan(cfg: BuildConfig, measure_batches: int = 3) -> dict:
                             tokens_requested=0,
                             fields=schema.fields_record(specs))
         t = time.perf_counter()
-        with CacheWriter(Path(tmp) / "c", manifest) as w:
+        with CacheWriter(Path(tmp) / "c", manifest, BuildState({}, batch_size)) as w:
             for e in encoded:
                 w.add(e)
         write_s = time.perf_counter() - t
@@ -69,7 +70,9 @@ def plan(cfg: BuildConfig, measure_batches: int = 3) -> dict:
     disk_tok_s = disk_bytes_s / bytes_per_token
     # The build overlaps the teacher and the writes: the slower one sets the pace.
     rate = min(teacher_tok_s or disk_tok_s, disk_tok_s)
+    need, free = bytes_needed(cfg, ts, cfg.rows), outdir.free_bytes(Path(cfg.out))
     return {
+        "disk_needed_bytes": need, "disk_free_bytes": free, "fits": need <= free,
         "teacher": cfg.teacher, "device": str(device), "dtype": str(dtype).removeprefix("torch."),
         "tokens": tokens, "rows": cfg.rows, "seq_len": cfg.seq_len, "top_k": cfg.top_k,
         "hidden_groups": cfg.hidden_groups, "batch_size": batch_size,

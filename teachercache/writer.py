@@ -1,48 +1,100 @@
-"""CacheWriter: appends packed rows to HDF5 shards; the manifest is written last and makes the cache real.
+"""CacheWriter: appends packed rows to HDF5 shards; it owns the build state and the manifest, written last.
 
-Visibility rules (so that nothing half-written ever looks like a cache):
-- a shard is written as `shard-NNNNN.h5.partial` and renamed once it is complete and closed;
-- manifest.json is written (via a temporary file and an atomic rename) only on a clean exit;
-- on any exception inside the `with` block, every file this writer created is removed.
+Visibility rules (nothing half-written ever looks like a cache, and no complete shard is ever lost):
+- a shard is written as `shard-NNNNN.h5.partial`, flushed to disk, and renamed once complete;
+- `build-state.json` (atomic rewrite) lists every complete shard as soon as it is renamed: an
+  interrupted build (an exception, Ctrl-C, SIGTERM, kill -9, a full disk) leaves the complete shards
+  and this state, which `tcache build --resume` continues from; a shard file it does not list is redone;
+- manifest.json is written (via a temporary file and an atomic rename) only on a clean exit; the build
+  state is removed after it. Only a directory with manifest.json is a cache.
 """
 
 from __future__ import annotations
 
+import errno
+import json
 import os
-import shutil
+import threading
 from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Mapping
+from typing import Any, Mapping
 
 import h5py
 import numpy as np
 
 from teachercache import schema
+from teachercache.errors import TcacheError
+from teachercache.outdir import BUILD_STATE, fsync_dir
 from teachercache.schema import FieldSpec, Manifest, ShardInfo
+
+STATE_FORMAT = "tcache-build-state"
+
+
+@dataclass
+class BuildState:
+    """What a resumed build must match (identity) and what an interrupted one already wrote (shards)."""
+
+    identity: dict[str, Any]
+    """The options, teacher and data that determine the shards' bytes; a resume must match all of them."""
+    batch_size: int
+    """Rows per teacher forward, as resolved (an automatic choice is kept: batches shape the bytes)."""
+    shards: list[dict[str, Any]] = field(default_factory=list)
+    """Complete shards in order, as ShardInfo dicts (sha256 "" until hashed)."""
+    format: str = STATE_FORMAT
+
+    def save(self, out_dir: Path) -> None:
+        tmp = out_dir / (BUILD_STATE + schema.PARTIAL_SUFFIX)
+        with open(tmp, "w") as f:
+            f.write(json.dumps(asdict(self), indent=2, sort_keys=True))
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, out_dir / BUILD_STATE)
+
+    @classmethod
+    def load(cls, out_dir: Path) -> "BuildState":
+        path = out_dir / BUILD_STATE
+        try:
+            raw = json.loads(path.read_text())
+            state = cls(**raw)
+        except (OSError, ValueError, TypeError) as e:
+            raise TcacheError(f"{path} is unreadable ({type(e).__name__}); start over with --overwrite") from None
+        if state.format != STATE_FORMAT:
+            raise TcacheError(f"{path} is not a tcache build state; start over with --overwrite")
+        return state
+
+
+def is_disk_full(e: BaseException) -> bool:
+    """h5py reports a full disk as OSError with errno 28, or only in its message."""
+    return isinstance(e, OSError) and (e.errno == errno.ENOSPC or "No space left" in str(e))
 
 
 class CacheWriter:
-    def __init__(self, out_dir: str | os.PathLike, manifest: Manifest):
+    def __init__(self, out_dir: str | os.PathLike, manifest: Manifest, state: BuildState):
         self.out_dir = Path(out_dir)
         self.manifest = manifest
+        self.state = state
         self.specs: dict[str, FieldSpec] = manifest.field_specs()
         self.rows_per_shard = manifest.rows_per_shard
         self._file: h5py.File | None = None
         self._rows_in_shard = 0
-        self._created: list[Path] = []
-        self._created_dir = False
         self.bytes_written = 0
+        self._state_lock = threading.Lock()
         # Hashing a finished shard (GBs) overlaps the writing of the next; hashlib releases the GIL.
         self._hasher = ThreadPoolExecutor(max_workers=2)
         self._hashes: list[Future] = []
 
+    @property
+    def rows_done(self) -> int:
+        """Rows in complete shards (a resumed build starts after them)."""
+        return self.manifest.rows
+
     # -- context manager -------------------------------------------------------------------------
     def __enter__(self) -> "CacheWriter":
-        if not self.out_dir.exists():
-            self.out_dir.mkdir(parents=True)
-            self._created_dir = True
+        self.out_dir.mkdir(parents=True, exist_ok=True)
         (self.out_dir / schema.TEACHER_DIR).mkdir(exist_ok=True)
-        self._created.append(self.out_dir / schema.TEACHER_DIR)
+        self._adopt_complete_shards()
+        self._save_state()
         return self
 
     def __exit__(self, exc_type, exc, tb) -> None:
@@ -50,6 +102,7 @@ class CacheWriter:
             if exc_type is None:
                 self.finish()
                 self._write_manifest()
+                (self.out_dir / BUILD_STATE).unlink(missing_ok=True)
         finally:
             self._hasher.shutdown(wait=True)
             if exc_type is not None:
@@ -58,6 +111,21 @@ class CacheWriter:
     # -- rows ------------------------------------------------------------------------------------
     def add(self, batch: Mapping[str, np.ndarray]) -> None:
         """Append a batch of rows: every field of the schema, leading dimension = rows."""
+        try:
+            self._add(batch)
+        except OSError as e:
+            if is_disk_full(e):
+                raise self.disk_full_error() from None
+            raise
+
+    def disk_full_error(self) -> TcacheError:
+        from teachercache.outdir import free_bytes
+
+        return TcacheError(
+            f"--out {self.out_dir}: the disk is full ({free_bytes(self.out_dir) / 2**20:.0f} MiB free) after "
+            f"{len(self.manifest.shards)} complete shard(s), which are kept; free space, then rerun with --resume")
+
+    def _add(self, batch: Mapping[str, np.ndarray]) -> None:
         n = len(batch[schema.INPUT_IDS])
         for name, spec in self.specs.items():
             arr = batch[name]
@@ -83,23 +151,49 @@ class CacheWriter:
 
     def finish(self) -> None:
         """Close the last shard and wait for every shard's hash (idempotent); the manifest follows on exit."""
-        self._close_shard()
-        for info, fut in zip(self.manifest.shards, self._hashes):
-            info.sha256 = fut.result()
+        try:
+            self._close_shard()
+        except OSError as e:
+            if is_disk_full(e):
+                raise self.disk_full_error() from None
+            raise
+        for fut in self._hashes:
+            fut.result()
+        for info in self.manifest.shards:
+            if not info.sha256:  # adopted from a resumed state before its hash was recorded
+                info.sha256 = schema.sha256_file(self.out_dir / info.file)
 
     def add_teacher_file(self, relpath: str) -> Path:
-        """Register a file the caller writes under the cache (teacher config, tokenizer, embeddings)."""
-        path = self.out_dir / relpath
-        self._created.append(path)
-        return path
+        """Where the caller writes a teacher file under the cache (config, tokenizer, embeddings)."""
+        return self.out_dir / relpath
 
     # -- internals -------------------------------------------------------------------------------
+    def _adopt_complete_shards(self) -> None:
+        """Resume: keep the shards the state lists (present, of the recorded size); remove every other shard
+        file (an unlisted one was renamed but not recorded before the stop: it is redone)."""
+        listed = {s["file"] for s in self.state.shards}
+        for p in self.out_dir.glob("shard-*.h5*"):
+            if p.name not in listed:
+                p.unlink()
+        for s in self.state.shards:
+            path = self.out_dir / s["file"]
+            if not path.is_file() or path.stat().st_size != s["bytes"]:
+                raise TcacheError(f"--resume: {path} is missing or changed since it was written; "
+                                  "start over with --overwrite")
+            self.manifest.shards.append(ShardInfo(**s))
+            self.manifest.rows += s["rows"]
+            self.manifest.tokens += s["rows"] * self.manifest.seq_len
+
+    def _save_state(self) -> None:
+        with self._state_lock:
+            self.state.shards = [asdict(s) for s in self.manifest.shards]
+            self.state.save(self.out_dir)
+
     def _shard_path(self) -> Path:
         return self.out_dir / schema.shard_name(len(self.manifest.shards))
 
     def _open_shard(self) -> None:
         partial = self._shard_path().with_name(self._shard_path().name + schema.PARTIAL_SUFFIX)
-        self._created.append(partial)
         # track_times=False keeps shards byte-identical across identical builds (no timestamps).
         f = h5py.File(partial, "w", track_order=False)
         for name, spec in self.specs.items():
@@ -119,20 +213,30 @@ class CacheWriter:
     def _close_shard(self) -> None:
         if self._file is None:
             return
+        # Detached first: a close that fails (a full disk) must not be retried by _abort, which made
+        # h5py crash the process (segmentation fault) when the file was closed twice.
+        f, self._file = self._file, None
         rows = self._rows_in_shard
         for name in self.specs:
-            if self._file[name].shape[0] != rows:
-                self._file[name].resize(rows, axis=0)
-        self._file.close()
-        self._file = None
+            if f[name].shape[0] != rows:
+                f[name].resize(rows, axis=0)
+        f.close()
         final = self._shard_path()
         partial = final.with_name(final.name + schema.PARTIAL_SUFFIX)
+        with open(partial, "rb") as fh:  # on disk before it is listed: a power loss cannot list a torn shard
+            os.fsync(fh.fileno())
         os.replace(partial, final)
-        self._created.append(final)
-        self.manifest.shards.append(ShardInfo(file=final.name, rows=rows, bytes=final.stat().st_size, sha256=""))
-        self._hashes.append(self._hasher.submit(schema.sha256_file, final))
+        fsync_dir(self.out_dir)
+        info = ShardInfo(file=final.name, rows=rows, bytes=final.stat().st_size, sha256="")
+        self.manifest.shards.append(info)
         self.manifest.rows += rows
         self.manifest.tokens += rows * self.manifest.seq_len
+        self._save_state()
+        self._hashes.append(self._hasher.submit(self._hash, info))
+
+    def _hash(self, info: ShardInfo) -> None:
+        info.sha256 = schema.sha256_file(self.out_dir / info.file)
+        self._save_state()
 
     def _write_manifest(self) -> None:
         for rel in sorted(self._teacher_relpaths()):
@@ -140,24 +244,20 @@ class CacheWriter:
         tmp = self.out_dir / (schema.MANIFEST_FILE + schema.PARTIAL_SUFFIX)
         tmp.write_text(self.manifest.to_json())
         os.replace(tmp, self.out_dir / schema.MANIFEST_FILE)
+        fsync_dir(self.out_dir)
 
     def _teacher_relpaths(self) -> list[str]:
         root = self.out_dir / schema.TEACHER_DIR
         return [p.relative_to(self.out_dir).as_posix() for p in root.rglob("*") if p.is_file()]
 
     def _abort(self) -> None:
-        if self._file is not None:
+        """Keep what is resumable (complete shards, the state, teacher/); drop the incomplete shard."""
+        f, self._file = self._file, None
+        if f is not None:
             try:
-                self._file.close()
+                f.close()
             except Exception:  # the original exception matters more than a close failure
                 pass
-            self._file = None
-        if self._created_dir:
-            shutil.rmtree(self.out_dir, ignore_errors=True)
-            return
-        for path in reversed(self._created):
-            if path.is_dir():
-                shutil.rmtree(path, ignore_errors=True)
-            else:
-                path.unlink(missing_ok=True)
+        for p in self.out_dir.glob(f"shard-*.h5{schema.PARTIAL_SUFFIX}"):
+            p.unlink(missing_ok=True)
         (self.out_dir / (schema.MANIFEST_FILE + schema.PARTIAL_SUFFIX)).unlink(missing_ok=True)

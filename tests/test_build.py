@@ -111,8 +111,9 @@ def test_same_command_gives_identical_shards(tmp_path, tiny_teacher, valid_jsonl
         assert (tmp_path / "a" / s.file).read_bytes() == (tmp_path / "b" / s.file).read_bytes()
 
 
-def test_failed_build_leaves_no_cache(tmp_path, tiny_teacher, valid_jsonl, monkeypatch):
-    """An error mid-build (after shards were written) removes everything: nothing looks like a cache."""
+def test_failed_build_leaves_resumable_state_and_no_cache(tmp_path, tiny_teacher, valid_jsonl, monkeypatch):
+    """An error mid-build keeps the complete shards and the build state, never a manifest; --resume then
+    finishes a cache whose shards equal an uninterrupted build's."""
     import teachercache.build as build_mod
 
     calls = {"n": 0}
@@ -124,14 +125,21 @@ def test_failed_build_leaves_no_cache(tmp_path, tiny_teacher, valid_jsonl, monke
             raise RuntimeError("simulated failure")
         return real(self, *args, **kw)
 
+    kw = dict(tokens=8 * 64, seq_len=64, top_k=4, batch_size=2, rows_per_shard=2)
     monkeypatch.setattr(build_mod.TeacherPass, "__call__", flaky)
     out = tmp_path / "c"
-    with pytest.raises(RuntimeError):
-        build_cache(out, tiny_teacher, valid_jsonl, tokens=8 * 64, seq_len=64, top_k=4, batch_size=2,
-                    rows_per_shard=2)
-    assert not out.exists()
-    with pytest.raises(TcacheError, match="not a directory"):
+    with pytest.raises(RuntimeError) as err:
+        build_cache(out, tiny_teacher, valid_jsonl, **kw)
+    assert err.value.resumable
+    assert not (out / schema.MANIFEST_FILE).exists() and (out / "build-state.json").exists()
+    assert sorted(p.name for p in out.glob("shard-*")) == ["shard-00000.h5", "shard-00001.h5"]
+    with pytest.raises(TcacheError, match="no manifest.json"):
         schema.load_manifest(out)
+    monkeypatch.setattr(build_mod.TeacherPass, "__call__", real)
+    resumed = build_cache(out, tiny_teacher, valid_jsonl, resume=True, **kw)
+    full = build_cache(tmp_path / "full", tiny_teacher, valid_jsonl, **kw)
+    assert resumed.build["resumed_at_row"] == 4 and not (out / "build-state.json").exists()
+    assert [s.sha256 for s in resumed.shards] == [s.sha256 for s in full.shards]
 
 
 def test_hooked_teacher_pass_equals_hidden_states_reference(tiny_teacher):

@@ -1,0 +1,150 @@
+"""Output directories: what tcache may replace, where a replacement is built, and the atomic swap.
+
+A user's data is never deleted: `--overwrite` replaces a directory only when every entry in it is one
+tcache writes (a cache, an interrupted build's resumable state, or a distill run); anything else is
+refused by name. A replacement is built beside the old output, in `.NAME.tcache-new`, and swapped in
+only when complete, so an interrupted or failed `--overwrite` leaves the old output intact.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import errno
+import os
+import re
+import shutil
+from pathlib import Path
+
+from teachercache.errors import TcacheError
+
+MANIFEST = "manifest.json"
+BUILD_STATE = "build-state.json"
+STUDENT = "student.json"
+STAGING_SUFFIX = ".tcache-new"
+
+# Every entry tcache writes, by kind of output (file names and the teacher/ or checkpoints/ folders).
+_CACHE = re.compile(r"(manifest\.json|build-state\.json|shard-\d{5}\.h5)(\.partial)?|teacher")
+_RUN = re.compile(r"(student\.json|model\.safetensors|metrics\.jsonl|distill_config\.json)(\.partial)?"
+                  r"|checkpoints|tokenizer[\w.-]*|special_tokens_map\.json|vocab\.json|merges\.txt"
+                  r"|added_tokens\.json|chat_template\.\w+")
+
+
+def kind(path: Path) -> str:
+    """missing, file, empty, cache (manifest.json), build (resumable state, no manifest), run, or other."""
+    if not path.exists():
+        return "missing"
+    if not path.is_dir():
+        return "file"
+    names = {p.name for p in path.iterdir()}
+    if not names:
+        return "empty"
+    if MANIFEST in names:
+        return "cache"
+    if BUILD_STATE in names:
+        return "build"
+    if STUDENT in names or "checkpoints" in names or "metrics.jsonl" in names:
+        return "run"
+    return "other"
+
+
+def foreign_entries(path: Path, what: str) -> list[str]:
+    """Entries of `path` that tcache does not write for an output of kind `what` (cache/build or run)."""
+    pattern = _RUN if what == "run" else _CACHE
+    return sorted(p.name for p in path.iterdir() if not pattern.fullmatch(p.name))
+
+
+def staging(path: Path) -> Path:
+    """Where a replacement of `path` is built: a hidden sibling on the same filesystem (rename is atomic)."""
+    return path.parent / f".{path.name}{STAGING_SUFFIX}"
+
+
+def refuse_foreign(path: Path, what: str, flag: str = "--out") -> None:
+    names = foreign_entries(path, what)
+    if names:
+        shown = ", ".join(names[:3]) + (f" and {len(names) - 3} more" if len(names) > 3 else "")
+        raise TcacheError(f"{flag} {path} holds files tcache did not write ({shown}); "
+                          f"move them away or choose another {flag}")
+
+
+def remove_ours(path: Path, what: str) -> None:
+    """Delete the entries tcache wrote for an output of kind `what`, then the directory if empty.
+    The manifest / student file goes first, so a removal cut short never leaves a valid-looking output."""
+    if not path.is_dir():
+        return
+    pattern = _RUN if what == "run" else _CACHE
+    for first in (MANIFEST, STUDENT, BUILD_STATE):
+        (path / first).unlink(missing_ok=True)
+    for p in path.iterdir():
+        if pattern.fullmatch(p.name):
+            shutil.rmtree(p) if p.is_dir() and not p.is_symlink() else p.unlink()
+    try:
+        path.rmdir()
+    except OSError:  # something tcache did not write appeared meanwhile: left in place
+        pass
+
+
+_RENAME_EXCHANGE = 2
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Atomically swap two directories (Linux renameat2 RENAME_EXCHANGE); False where unsupported."""
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or None, use_errno=True)
+        fn = libc.renameat2
+    except (OSError, AttributeError):
+        return False
+    at_fdcwd = -100
+    rc = fn(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), _RENAME_EXCHANGE)
+    if rc == 0:
+        return True
+    err = ctypes.get_errno()
+    if err in (errno.ENOSYS, errno.EINVAL, errno.ENOTSUP):
+        return False
+    raise OSError(err, os.strerror(err), str(a))
+
+
+def swap_in(new: Path, out: Path, what: str) -> None:
+    """Make the complete output `new` live at `out`, then delete the old one. With renameat2 the swap
+    is one atomic step; elsewhere two renames, with the old output kept until the new one is in place."""
+    if not out.exists():
+        os.replace(new, out)
+        return
+    if _exchange(new, out):
+        remove_ours(new, what)  # `new` now holds the old output
+        return
+    old = out.parent / f".{out.name}.tcache-old"
+    remove_ours(old, what)
+    os.replace(out, old)
+    os.replace(new, out)
+    remove_ours(old, what)
+
+
+def fsync_dir(path: Path) -> None:
+    """Make a rename inside `path` durable (a power loss after it keeps the new name)."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def free_bytes(path: Path) -> int:
+    """Free bytes on the filesystem that holds (or will hold) `path`."""
+    p = path.resolve()
+    while not p.exists():
+        p = p.parent
+    return shutil.disk_usage(p).free
+
+
+def fmt_bytes(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(n) < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} TiB"
