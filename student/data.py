@@ -7,6 +7,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from teachercache import schema
+from teachercache.errors import TcacheError
 from teachercache.reader import CacheReader
 
 
@@ -22,12 +23,14 @@ class CacheRows(Dataset):
         self.hidden_dtype = probe.fields.get(schema.HIDDEN, {}).get("dtype")
         self.reader = CacheReader(cache_dir, fields=tuple(fields))
         self.groups = probe.hidden_groups
+        self.vocab_size = probe.vocab_size
 
     def __len__(self) -> int:
         return len(self.reader)
 
     def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
         row = self.reader.row(int(i))
+        self._check_ids(int(i), row)
         out = {schema.INPUT_IDS: torch.from_numpy(row[schema.INPUT_IDS].astype(np.int64))}
         if schema.TOPK_LOGPROBS in row:
             out[schema.TOPK_LOGPROBS] = torch.from_numpy(row[schema.TOPK_LOGPROBS].astype(np.float32))
@@ -36,6 +39,18 @@ class CacheRows(Dataset):
             h = schema.decode_hidden(row, self.hidden_dtype).astype(np.float16)
             out[schema.HIDDEN] = torch.from_numpy(h.reshape(h.shape[0], self.groups, -1))  # (T, G, D)
         return out
+
+    def _check_ids(self, i: int, row: dict[str, np.ndarray]) -> None:
+        """An id outside the vocabulary would index past the embedding (an IndexError on CPU, a
+        device-side assert on a GPU); the whole-cache hash check may not have reached this shard yet."""
+        for name in (schema.INPUT_IDS, schema.TOPK_IDS):
+            ids = row.get(name)
+            if ids is not None and ids.size and (int(ids.min()) < 0 or int(ids.max()) >= self.vocab_size):
+                raise TcacheError(
+                    f"{self.reader.root}: {self.reader.where(i)} has {name} "
+                    f"outside [0, {self.vocab_size}) (cache row {i}); the cache is corrupt, "
+                    f"run `tcache verify {self.reader.root}` and rebuild it"
+                )
 
 
 def epoch_order(n_rows: int, seed: int, epoch: int) -> np.ndarray:
