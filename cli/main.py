@@ -10,6 +10,19 @@ import click
 from teachercache.errors import TcacheError
 
 
+WRAPPED_MARKER = "Original Traceback"
+ERROR_PREFIX = "TcacheError: "
+
+
+def one_line(message: str) -> str:
+    """The user's line of a TcacheError message. A DataLoader worker's error comes back to the main process
+    re-raised as TcacheError("Caught TcacheError in DataLoader worker process 0.\nOriginal Traceback ...
+    teachercache.errors.TcacheError: <message>"): only <message> is meant for the user."""
+    if WRAPPED_MARKER in message and ERROR_PREFIX in message:
+        return message.rsplit(ERROR_PREFIX, 1)[1].strip()
+    return message
+
+
 def friendly_errors(fn):
     """TcacheError -> `Error: <one line>` and exit 1, never a traceback."""
 
@@ -18,7 +31,7 @@ def friendly_errors(fn):
         try:
             return fn(*args, **kwargs)
         except TcacheError as e:
-            raise click.ClickException(str(e)) from None
+            raise click.ClickException(one_line(str(e))) from None
 
     return wrapper
 
@@ -36,11 +49,12 @@ def main() -> None:
 
 
 def _register() -> None:
-    from cli import build, distill, eval, plan, stats
+    from cli import build, distill, eval, plan, stats, verify
 
     main.add_command(build.build)
     main.add_command(plan.plan)
     main.add_command(stats.stats)
+    main.add_command(verify.verify)
     main.add_command(distill.distill)
     main.add_command(eval.eval_cmd)
 
