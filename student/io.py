@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
@@ -38,7 +39,11 @@ def save_student(out: str | os.PathLike, model: Student, meta: dict, tokenizer_d
     os.replace(tmp, out / STUDENT_FILE)
 
 
-def load_student(path: str | os.PathLike, device: torch.device) -> tuple[Student, dict]:
+def load_student(path: str | os.PathLike, device: torch.device,
+                 context_length: int | None = None) -> tuple[Student, dict]:
+    """(model in eval mode, student.json). `context_length`: the length it will run at (eval's --seq-len);
+    the kernel is picked for that length by `resolve_kernels`, as training picks it for the training
+    length (default). doc["config"]["context_length"] stays the training length."""
     from safetensors.torch import load_model
 
     path = Path(path)
@@ -49,6 +54,10 @@ def load_student(path: str | os.PathLike, device: torch.device) -> tuple[Student
     if doc.get("format") != FORMAT:
         raise TcacheError(f"{path}/{STUDENT_FILE} is not a tcache student file; pass the --out of `tcache distill`")
     cfg = StudentConfig(**doc["config"])
+    if context_length is not None:
+        if context_length < 1:
+            raise TcacheError(f"a student runs at 1 token or more, not {context_length}; pass a positive length")
+        cfg = dataclasses.replace(cfg, context_length=context_length)
     mk, sb = resolve_kernels(cfg, device)
     model = Student(cfg, mlstm_kernel=mk, slstm_backend=sb)
     load_model(model, str(path / WEIGHTS_FILE), strict=True)

@@ -8,6 +8,10 @@ count (32 mLSTM blocks at D = 960: 184M trainable).
 
 The final norm is an RMSNorm initialised from the teacher's final norm weight (when the cache has
 one), so the frozen head sees inputs on the scale it was trained for; it is small and trainable.
+
+The student runs at any sequence length: no weight depends on the length (mLSTM and sLSTM are
+recurrent); only xlstm's parallel mLSTM kernel holds a length-sized causal mask, which `Student`
+grows on demand (`set_context_length`).
 """
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ import math
 from dataclasses import asdict, dataclass, field
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from teachercache.errors import TcacheError
@@ -25,6 +30,8 @@ MLSTM_KERNELS = ("auto", "parallel", "chunkwise--native_autograd", "chunkwise--t
                  "chunkwise--triton_limit_chunk")
 SLSTM_BACKENDS = ("auto", "vanilla", "cuda")
 PARALLEL_MAX_CONTEXT = 1024
+MIN_CHUNK = 16
+"""Smallest chunk the chunkwise adapter runs (Triton's smallest matmul tile); shorter ones pad instead."""
 
 
 @dataclass
@@ -40,7 +47,9 @@ class StudentConfig:
     slstm_at: list[int] = field(default_factory=list)
     """Block indices that are sLSTM, the rest mLSTM (--slstm-at)."""
     context_length: int = 512
-    """Training sequence length; the mLSTM parallel kernel's mask size."""
+    """Sequence length the student is built for: the training seq_len (saved in student.json), or the eval
+    length when `load_student` builds it for another. Picks the automatic mLSTM kernel and sizes the
+    parallel kernel's causal mask; the forward still runs at any length."""
     mlstm_proj_factor: float = 2.0
     """mLSTM up-projection factor (--mlstm-proj-factor)."""
     slstm_ffn_proj_factor: float = 1.3
@@ -121,7 +130,19 @@ def resolve_kernels(cfg: StudentConfig, device: torch.device, memory_budget: int
         budget = memory_budget or (torch.cuda.get_device_properties(device).total_memory if cuda else None)
         small = budget is not None and budget < SMALL_GPU_BYTES
         long_context = cfg.context_length > PARALLEL_MAX_CONTEXT
-        mk = "chunkwise--triton_xl_chunk" if cuda and (long_context or small) and _triton_available() else "parallel"
+        if cuda and (long_context or small) and _triton_available():
+            mk = "chunkwise--triton_xl_chunk"
+        elif long_context:
+            # Without Triton (any CPU, or a GPU lacking it) long contexts take the pure-PyTorch chunkwise
+            # kernel. The parallel form would run too, but it materialises several (B, NH, S, S) fp32
+            # matrices: at 4096 tokens, 8 heads, batch 8 that is 4 GiB each, growing with S^2, where the
+            # chunkwise form's memory grows with S. Both compute the same function (tests/test_student.py,
+            # tests/test_eval_length.py). On CPU the chunkwise forward was not slower at shorter lengths
+            # either (2 blocks, D 384, batch 2, 2 busy cores: 0.16 vs 0.34 s at 512 tokens); parallel stays
+            # the choice up to 1024 so CPU training keeps the kernel (and numbers) it always had.
+            mk = "chunkwise--native_autograd"
+        else:
+            mk = "parallel"
     if "triton" in mk and not cuda:
         raise TcacheError(f"--mlstm-kernel {mk} needs a CUDA GPU; use parallel or chunkwise--native_autograd on CPU")
     sb = cfg.slstm_backend
@@ -167,13 +188,23 @@ def _mlstm_kernel_fn(name: str, chunk_size: int = 64):
     def fn(queries, keys, values, igate_preact, fgate_preact, **_):
         # (B, NH, S, DH) x3, (B, NH, S, 1) x2 -> (B, NH, S, DH)
         S = queries.shape[2]
+        i, f = igate_preact.squeeze(-1), fgate_preact.squeeze(-1)  # (B, NH, S) x2
         cs = chunk_size if S % chunk_size == 0 else math.gcd(S, chunk_size)
+        pad = 0
+        if cs < MIN_CHUNK:
+            # An eval length like 131 would give chunks of 1 token (a Python loop over S chunks in the native
+            # kernel; below Triton's smallest tile). Zero-padding the end instead is exact: the mLSTM is
+            # causal, so positions < S never see the padding, and the padded outputs are cut off.
+            pad = -S % MIN_CHUNK
+            cs = math.gcd(S + pad, chunk_size)
+            queries, keys, values, i, f = (F.pad(t, (0, 0, 0, pad)) if t.dim() == 4 else F.pad(t, (0, pad))
+                                           for t in (queries, keys, values, i, f))  # (B, NH, S + pad, ...)
         # The kernel's own compute dtype stays fp32: its bf16 and fp16 builds crashed Triton's compiler on
         # the H100 here (LLVM SLPVectorizer assertion, triton 3.x); fp32 is the path validated against the
         # parallel form (benchmarks/gpu_probe.py).
         dtype = torch.float32
-        return kernel(q=queries, k=keys, v=values, i=igate_preact.squeeze(-1), f=fgate_preact.squeeze(-1),
-                      chunk_size=cs, autocast_kernel_dtype=dtype)
+        h = kernel(q=queries, k=keys, v=values, i=i, f=f, chunk_size=cs, autocast_kernel_dtype=dtype)
+        return h[:, :, :S] if pad else h  # (B, NH, S, DH)
 
     return fn
 
@@ -198,17 +229,19 @@ class Student(nn.Module):
                                        conv1d_kernel_size=cfg.conv_kernel, bias_init="powerlaw_blockdependent"),
                 feedforward=FeedForwardConfig(proj_factor=cfg.slstm_ffn_proj_factor, act_fn="gelu"),
             ) if cfg.slstm_at else None,
-            context_length=cfg.context_length, num_blocks=cfg.num_blocks, embedding_dim=D,
-            slstm_at=list(cfg.slstm_at), add_post_blocks_norm=False,
+            # xlstm sizes each mLSTM cell's causal mask (a non-persistent buffer, the only thing that depends
+            # on the length) from this; the chunkwise kernels ignore the mask, so they get an empty one
+            # rather than S x S bools per block.
+            context_length=cfg.context_length if mlstm_kernel == "parallel" else 0,
+            num_blocks=cfg.num_blocks, embedding_dim=D, slstm_at=list(cfg.slstm_at), add_post_blocks_norm=False,
         )
         self.blocks = xLSTMBlockStack(stack_cfg)
         self.blocks.reset_parameters()
+        self.mask_length = stack_cfg.context_length  # longest input the parallel kernel's masks cover now
         if mlstm_kernel != "parallel":
             fn = _mlstm_kernel_fn(mlstm_kernel)
-            for blk in self.blocks.blocks:
-                cell = getattr(getattr(blk, "xlstm", None), "mlstm_cell", None)
-                if cell is not None:
-                    cell.backend_fn = fn
+            for cell in self._mlstm_cells():
+                cell.backend_fn = fn
         self.norm = nn.RMSNorm(D, eps=cfg.norm_eps)
         self.head = nn.Linear(D, cfg.vocab_size, bias=cfg.head_bias)
         self.embed.requires_grad_(False)
@@ -233,6 +266,8 @@ class Student(nn.Module):
 
     def features(self, ids: torch.Tensor, groups: int = 0) -> tuple[torch.Tensor, torch.Tensor | None]:
         """What forward computes before the head: final normed states (B, T, D) and the group means."""
+        if ids.shape[1] > self.mask_length and self.kernels["mlstm"] == "parallel":
+            self.set_context_length(ids.shape[1])  # never at the training length: training is unchanged
         x = self.embed(ids)  # (B, T, D)
         outs = []
         for blk in self.blocks.blocks:
@@ -246,6 +281,25 @@ class Student(nn.Module):
             [torch.stack(outs[a:b]).mean(0) for a, b in layer_groups(len(outs), groups)], dim=2
         )  # (B, T, G, D)
         return x, hidden
+
+    def _mlstm_cells(self) -> list[nn.Module]:
+        cells = (getattr(getattr(blk, "xlstm", None), "mlstm_cell", None) for blk in self.blocks.blocks)
+        return [c for c in cells if c is not None]
+
+    def set_context_length(self, length: int) -> None:
+        """Make the parallel kernel's causal masks length x length, on their current device.
+
+        xlstm builds the mask once at its context length and the parallel kernel fails on longer inputs
+        (shorter ones get a fresh mask per call). The mask is not in the state dict and no weight depends
+        on it, so this changes which lengths run, not the function computed. The chunkwise kernels use no
+        mask: for them this is a no-op.
+        """
+        if self.kernels["mlstm"] != "parallel":
+            return
+        for cell in self._mlstm_cells():
+            cell.causal_mask = torch.tril(torch.ones(length, length, dtype=torch.bool,
+                                                     device=cell.causal_mask.device))  # (S, S)
+        self.mask_length = length
 
     def param_counts(self) -> dict[str, int]:
         trainable = sum(p.numel() for p in self.parameters() if p.requires_grad)
