@@ -47,6 +47,9 @@ def eval_cmd(model, data, tokens, seq_len, data_config, split, text_field, batch
     t.add_row(r["model"], r["kind"], f"{r['perplexity']:.3f}", f"{r['tokens_scored']:,}",
               f"{r['windows']} x {r['seq_len']}", f"{r['params']:,}")
     Console().print(t)
+    if "kernels" in r:  # a tcache student: which kernel scored it, and at what length it was trained
+        k = r["kernels"]
+        click.echo(f"kernels: mLSTM {k['mlstm']}, sLSTM {k['slstm']} (trained at {r['trained_seq_len']} tokens)")
 
 
 @contextlib.contextmanager

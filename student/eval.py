@@ -4,6 +4,9 @@ Windows are the build's packed rows (teachercache.data.pack_rows: documents + EO
 `seq_len` tokens), so a student and its teacher are scored on identical tokens. Each window is
 scored independently (no carried state); the first token of a window has no prediction, so a window
 scores seq_len - 1 tokens. Perplexity = exp(total NLL / tokens scored).
+
+A student runs at any seq_len, shorter or longer than it was trained at; its result also records the
+mLSTM kernel and sLSTM backend that ran ("kernels") and its training length ("trained_seq_len").
 """
 
 from __future__ import annotations
@@ -49,23 +52,27 @@ class EvalConfig:
 
 
 def _load(cfg: EvalConfig, device: torch.device, dtype: torch.dtype):
-    """(logits_fn, tokenizer, kind): logits_fn maps ids (B, T) to logits (B, T, V)."""
+    """(logits_fn, tokenizer, kind, model, extra): logits_fn maps ids (B, T) to logits (B, T, V); extra
+    holds what the result reports about the model beyond the common keys."""
     from transformers import AutoTokenizer
 
     if is_student_dir(cfg.model):
-        model, _ = load_student(cfg.model, device)
+        # Built for the window length, not the training length: the kernel is chosen for --seq-len
+        # (parallel up to 1024 tokens, chunkwise beyond), and the parallel kernel's mask fits the window.
+        model, doc = load_student(cfg.model, device, context_length=cfg.seq_len)
         tokenizer = AutoTokenizer.from_pretrained(cfg.model)
-        return (lambda ids: model(ids)[0]), tokenizer, "tcache-student", model
+        extra = {"kernels": dict(model.kernels), "trained_seq_len": doc["config"]["context_length"]}
+        return (lambda ids: model(ids)[0]), tokenizer, "tcache-student", model, extra
     load_config(cfg.model)  # clear error for a path or id that is not a model
     model, tokenizer = load_teacher(cfg.model, device, dtype)
-    return (lambda ids: model(input_ids=ids, use_cache=False).logits), tokenizer, "hf", model
+    return (lambda ids: model(input_ids=ids, use_cache=False).logits), tokenizer, "hf", model, {}
 
 
 @torch.no_grad()
 def perplexity(cfg: EvalConfig, on_progress=None) -> dict:
     device = resolve_device(cfg.device)
     dtype = resolve_dtype(cfg.dtype, device)
-    logits_fn, tokenizer, kind, model = _load(cfg, device, dtype)
+    logits_fn, tokenizer, kind, model, extra = _load(cfg, device, dtype)
     n_windows = cfg.tokens // cfg.seq_len
     rows = itertools.islice(pack_rows(iter_texts(cfg.data), tokenizer, cfg.seq_len, tokenizer.eos_token_id),
                             n_windows)
@@ -88,5 +95,5 @@ def perplexity(cfg: EvalConfig, on_progress=None) -> dict:
         "tokens_scored": scored, "windows": windows, "seq_len": cfg.seq_len,
         "data": cfg.data.describe(), "tokenizer_sha256": tokenizer_sha256(tokenizer),
         "device": str(device), "dtype": str(dtype).removeprefix("torch."),
-        "params": sum(p.numel() for p in model.parameters()),
+        "params": sum(p.numel() for p in model.parameters()), **extra,
     }
