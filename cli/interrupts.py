@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import os
 import shlex
 import sys
 
@@ -32,6 +33,13 @@ def stops_cleanly(fn):
                 click.echo(f"Resume with: {resume_command()}", err=True)
             sys.exit(e.exit_code)
         except TcacheError as e:
+            if getattr(e, "hdf5_unclosed", False):
+                # End here: at interpreter exit HDF5 retries flushing the file that hit the full disk
+                # and crashed the process (segmentation fault). Everything resumable is on disk already.
+                click.echo(f"Error: {e} (resume with: {resume_command()})", err=True)
+                sys.stderr.flush()
+                sys.stdout.flush()
+                os._exit(1)
             if e.resumable:
                 raise click.ClickException(f"{e} (resume with: {resume_command()})") from None
             raise

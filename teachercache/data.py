@@ -158,10 +158,26 @@ def _encode(tokenizer, texts: list[str], eos_id: int) -> np.ndarray:
 _worker_tokenizer = None
 
 
-def _worker_init(backend) -> None:
+def _worker_init(backend, parent: int) -> None:
     global _worker_tokenizer
     os.environ["TOKENIZERS_PARALLELISM"] = "false"  # the processes are the parallelism
     _worker_tokenizer = backend
+    die_with_parent(parent)
+
+
+def die_with_parent(parent: int, every_s: float = 0.2) -> None:
+    """End this worker when its parent is gone, even by kill -9 (no cleanup runs there): a daemon thread
+    watches for the re-parenting that follows the parent's death. Polling rather than Linux's
+    PR_SET_PDEATHSIG, which fires when the parent's spawning *thread* ends, not the process."""
+    import threading
+    import time
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(every_s)
+        os._exit(1)
+
+    threading.Thread(target=watch, daemon=True, name="die-with-parent").start()
 
 
 def _worker_encode(texts: list[str], eos_id: int) -> np.ndarray:
@@ -200,7 +216,7 @@ class TokenizerPool:
             raise ValueError("TokenizerPool needs a fast (Rust) tokenizer")
         self.workers, self.chars_per_task, self.max_docs = workers, chars_per_task, max_docs
         self._ex = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"),
-                                       initializer=_worker_init, initargs=(backend,))
+                                       initializer=_worker_init, initargs=(backend, os.getpid()))
         with _without_main_import():  # one submit per worker starts them all now
             for _ in range(workers):
                 self._ex.submit(len, "")
@@ -216,7 +232,13 @@ class TokenizerPool:
             yield pending.popleft().result()
 
     def close(self) -> None:
+        """Stop now: queued calls are cancelled and the workers terminated (a Ctrl-C must not wait for
+        them, nor leave them behind)."""
+        procs = list(getattr(self._ex, "_processes", {}).values())
         self._ex.shutdown(wait=False, cancel_futures=True)
+        for p in procs:
+            if p.is_alive():
+                p.terminate()
 
 
 def pack_rows(texts: Iterable[str], tokenizer, seq_len: int, eos_id: int, pool: TokenizerPool | None = None,

@@ -25,7 +25,7 @@ import numpy as np
 
 from teachercache import schema
 from teachercache.errors import TcacheError
-from teachercache.outdir import BUILD_STATE, fsync_dir
+from teachercache.outdir import BUILD_STATE, free_bytes, fsync_dir
 from teachercache.schema import FieldSpec, Manifest, ShardInfo
 
 STATE_FORMAT = "tcache-build-state"
@@ -69,6 +69,25 @@ def is_disk_full(e: BaseException) -> bool:
     return isinstance(e, OSError) and (e.errno == errno.ENOSPC or "No space left" in str(e))
 
 
+def _quiet_hdf5_disk_full() -> None:
+    """h5py reports a failed flush while freeing a dataset or file as an 'Exception ignored in ...
+    __dealloc__' traceback per object (119 of them were seen for one full disk); the writer raises one
+    clear error for the full disk, so these echoes are dropped. Other unraisable errors pass through."""
+    import sys
+
+    previous = sys.unraisablehook
+    if getattr(previous, "_tcache", False):
+        return
+
+    def hook(unraisable) -> None:
+        if is_disk_full(unraisable.exc_value) and "h5py" in repr(unraisable.object) + str(unraisable.err_msg):
+            return
+        previous(unraisable)
+
+    hook._tcache = True
+    sys.unraisablehook = hook
+
+
 class CacheWriter:
     def __init__(self, out_dir: str | os.PathLike, manifest: Manifest, state: BuildState):
         self.out_dir = Path(out_dir)
@@ -77,6 +96,7 @@ class CacheWriter:
         self.specs: dict[str, FieldSpec] = manifest.field_specs()
         self.rows_per_shard = manifest.rows_per_shard
         self._file: h5py.File | None = None
+        self._unclosed = False  # an HDF5 file that a full disk kept from closing
         self._rows_in_shard = 0
         self.bytes_written = 0
         self._state_lock = threading.Lock()
@@ -91,6 +111,7 @@ class CacheWriter:
 
     # -- context manager -------------------------------------------------------------------------
     def __enter__(self) -> "CacheWriter":
+        _quiet_hdf5_disk_full()
         self.out_dir.mkdir(parents=True, exist_ok=True)
         (self.out_dir / schema.TEACHER_DIR).mkdir(exist_ok=True)
         self._adopt_complete_shards()
@@ -115,15 +136,18 @@ class CacheWriter:
             self._add(batch)
         except OSError as e:
             if is_disk_full(e):
+                self._discard_open_shard()
                 raise self.disk_full_error() from None
             raise
 
     def disk_full_error(self) -> TcacheError:
-        from teachercache.outdir import free_bytes
-
-        return TcacheError(
+        e = TcacheError(
             f"--out {self.out_dir}: the disk is full ({free_bytes(self.out_dir) / 2**20:.0f} MiB free) after "
             f"{len(self.manifest.shards)} complete shard(s), which are kept; free space, then rerun with --resume")
+        # An HDF5 file that could not be closed is flushed again at interpreter exit, which crashed the
+        # process (segmentation fault): the CLI then ends the process at once, after its one line.
+        e.hdf5_unclosed = self._unclosed
+        return e
 
     def _add(self, batch: Mapping[str, np.ndarray]) -> None:
         n = len(batch[schema.INPUT_IDS])
@@ -155,6 +179,7 @@ class CacheWriter:
             self._close_shard()
         except OSError as e:
             if is_disk_full(e):
+                self._discard_open_shard()
                 raise self.disk_full_error() from None
             raise
         for fut in self._hashes:
@@ -193,9 +218,16 @@ class CacheWriter:
         return self.out_dir / schema.shard_name(len(self.manifest.shards))
 
     def _open_shard(self) -> None:
+        # A shard is only started with room for all of it: HDF5 handles ENOSPC badly (errors from every
+        # dataset's dealloc, a crash at exit), so another writer filling the disk is caught here instead.
+        need = int(self.rows_per_shard * sum(s.bytes_per_row for s in self.specs.values()) * 1.02) + 2**20
+        if free_bytes(self.out_dir) < need and os.environ.get("TCACHE_NO_SPACE_CHECK") != "1":
+            raise self.disk_full_error()
         partial = self._shard_path().with_name(self._shard_path().name + schema.PARTIAL_SUFFIX)
         # track_times=False keeps shards byte-identical across identical builds (no timestamps).
-        f = h5py.File(partial, "w", track_order=False)
+        # No chunk cache (rows are written once, in order): a write that meets a full disk then fails in the
+        # write call, not later while h5py frees the dataset, where the error cannot be caught.
+        f = h5py.File(partial, "w", track_order=False, rdcc_nbytes=0)
         for name, spec in self.specs.items():
             f.create_dataset(
                 name,
@@ -213,14 +245,13 @@ class CacheWriter:
     def _close_shard(self) -> None:
         if self._file is None:
             return
-        # Detached first: a close that fails (a full disk) must not be retried by _abort, which made
-        # h5py crash the process (segmentation fault) when the file was closed twice.
-        f, self._file = self._file, None
+        f = self._file
         rows = self._rows_in_shard
         for name in self.specs:
             if f[name].shape[0] != rows:
                 f[name].resize(rows, axis=0)
         f.close()
+        self._file = None
         final = self._shard_path()
         partial = final.with_name(final.name + schema.PARTIAL_SUFFIX)
         with open(partial, "rb") as fh:  # on disk before it is listed: a power loss cannot list a torn shard
@@ -250,6 +281,25 @@ class CacheWriter:
         root = self.out_dir / schema.TEACHER_DIR
         return [p.relative_to(self.out_dir).as_posix() for p in root.rglob("*") if p.is_file()]
 
+    def _discard_open_shard(self) -> None:
+        """Close the incomplete shard after a full disk. HDF5 cannot close a file whose metadata it cannot
+        flush, and retries at every later dealloc and at exit, where it crashed the process (segmentation
+        fault, "Exception ignored in h5py ... __dealloc__"). Emptying the file first frees its space, so the
+        close (a few KiB of metadata) succeeds; the file is then deleted."""
+        f, self._file = self._file, None
+        if f is None:
+            return
+        partial = self._shard_path().with_name(self._shard_path().name + schema.PARTIAL_SUFFIX)
+        try:
+            os.truncate(partial, 0)
+        except OSError:
+            pass
+        try:
+            f.close()
+        except Exception:  # the disk-full error already on its way matters more
+            self._unclosed = True
+        partial.unlink(missing_ok=True)
+
     def _abort(self) -> None:
         """Keep what is resumable (complete shards, the state, teacher/); drop the incomplete shard."""
         f, self._file = self._file, None
@@ -257,7 +307,8 @@ class CacheWriter:
             try:
                 f.close()
             except Exception:  # the original exception matters more than a close failure
-                pass
+                self._file = f
+                self._discard_open_shard()
         for p in self.out_dir.glob(f"shard-*.h5{schema.PARTIAL_SUFFIX}"):
             p.unlink(missing_ok=True)
         (self.out_dir / (schema.MANIFEST_FILE + schema.PARTIAL_SUFFIX)).unlink(missing_ok=True)

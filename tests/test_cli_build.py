@@ -144,16 +144,21 @@ def test_tokens_less_than_one_row(tmp_path, tiny_args):
     assert_clean_error(r, "--tokens 10", "--seq-len 64")
 
 
-def test_out_not_empty_needs_overwrite(tmp_path, tiny_args):
+def test_out_not_empty_needs_overwrite_and_overwrite_replaces_only_caches(tmp_path, tiny_args):
     out = tmp_path / "c"
     out.mkdir()
     (out / "precious.txt").write_text("keep me")
+    for extra in ([], ["--overwrite"]):
+        r = run(*tiny_args, "--tokens", "128", "--out", out, *extra)
+        assert_clean_error(r, "--out", "precious.txt", "did not write")
+        assert (out / "precious.txt").read_text() == "keep me"
+    (out / "precious.txt").unlink()
     r = run(*tiny_args, "--tokens", "128", "--out", out)
-    assert_clean_error(r, "--out", "not empty", "--overwrite")
-    assert (out / "precious.txt").read_text() == "keep me"
-    r = run(*tiny_args, "--tokens", "128", "--out", out, "--overwrite")
     assert r.exit_code == 0, r.output
-    assert not (out / "precious.txt").exists() and schema.load_manifest(out).rows == 2
+    assert_clean_error(run(*tiny_args, "--tokens", "192", "--out", out), "--out", "tcache cache", "--overwrite")
+    r = run(*tiny_args, "--tokens", "192", "--out", out, "--overwrite")
+    assert r.exit_code == 0, r.output
+    assert schema.load_manifest(out).rows == 3 and not (tmp_path / ".c.tcache-new").exists()
 
 
 def test_stats_on_a_directory_that_is_not_a_cache(tmp_path):

@@ -1,0 +1,244 @@
+"""Interrupted builds: kill -9 / SIGTERM / SIGINT / a full disk leave a resumable state, never a cache,
+and `--resume` gives shards byte-identical to an uninterrupted build; --overwrite never loses data."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from conftest import REPO, build_cache
+from teachercache import schema
+from test_cli_build import assert_clean_error, run
+
+# A build slow enough on CPU to be stopped at many points: the shared teacher, 28 rows of 128 tokens in
+# 14 shards of 2 rows; batches of 3 rows, so a shard boundary falls inside a batch (the resume must start
+# at the batch boundary of the uninterrupted build and drop the rows already in complete shards).
+ROWS, SEQ, PER_SHARD, BATCH = 28, 128, 2, 3
+
+
+def build_args(teacher_dir, valid_jsonl, out, *extra):
+    return ["build", "--teacher", teacher_dir, "--data", valid_jsonl, "--tokens", ROWS * SEQ, "--seq-len", SEQ,
+            "--top-k", 8, "--batch-size", BATCH, "--shard-rows", PER_SHARD, "--device", "cpu", "--out", out,
+            *extra]
+
+
+def spawn(args) -> subprocess.Popen:
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    return subprocess.Popen([sys.executable, "-m", "cli", *map(str, args)], env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+
+
+def children(pid: int) -> list[int]:
+    """Every descendant process of `pid` (from /proc, so the test needs no psutil)."""
+    parent = {}
+    for d in Path("/proc").iterdir():
+        if d.name.isdigit():
+            try:
+                fields = (d / "stat").read_text().rsplit(")", 1)[1].split()
+                parent[int(d.name)] = int(fields[1])
+            except (OSError, IndexError, ValueError):
+                pass
+    out, frontier = [], [pid]
+    while frontier:
+        p = frontier.pop()
+        kids = [c for c, pp in parent.items() if pp == p]
+        out += kids
+        frontier += kids
+    return out
+
+
+def alive(pid: int) -> bool:
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return stat.rsplit(")", 1)[1].split()[0] != "Z"  # a zombie has exited
+
+
+def complete_shards(out: Path) -> int:
+    try:
+        return len(json.loads((out / "build-state.json").read_text())["shards"])
+    except (OSError, ValueError, KeyError):
+        return 0
+
+
+def stop_when(proc: subprocess.Popen, out: Path, shards: int, sig: int, timeout: float = 120) -> None:
+    """Send `sig` once the build state lists at least `shards` complete shards."""
+    t = time.time()
+    while complete_shards(out) < shards:
+        assert proc.poll() is None, f"the build ended before it could be stopped: {proc.communicate()}"
+        assert time.time() - t < timeout
+        time.sleep(0.01)
+    proc.send_signal(sig)
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory, teacher_dir, valid_jsonl):
+    out = tmp_path_factory.mktemp("ref") / "cache"
+    r = run(*build_args(teacher_dir, valid_jsonl, out))
+    assert r.exit_code == 0, r.output
+    return schema.load_manifest(out)
+
+
+def test_kill_9_at_ten_points_then_resume_is_byte_identical(tmp_path, teacher_dir, valid_jsonl, reference):
+    """One build, killed with SIGKILL ten times (after 1, 2, ... complete shards, wherever the writer is),
+    each time resumed; tokenizer worker processes die with their parent."""
+    out = tmp_path / "cache"
+    args = build_args(teacher_dir, valid_jsonl, out, "--tokenizer-workers", 2)
+    kills = 0
+    for target in range(1, 11):
+        proc = spawn(args + (["--resume"] if kills else []))
+        t = time.time()
+        while complete_shards(out) < target and proc.poll() is None and time.time() - t < 120:
+            time.sleep(0.005)
+        kids = children(proc.pid)
+        proc.kill()
+        proc.communicate()
+        if complete_shards(out) >= target and not (out / schema.MANIFEST_FILE).exists():
+            kills += 1
+        deadline = time.time() + 5
+        while any(alive(k) for k in kids) and time.time() < deadline:
+            time.sleep(0.05)
+        assert not [k for k in kids if alive(k)], "worker processes outlived a kill -9 of the build"
+        assert not (out / schema.MANIFEST_FILE).exists()
+    assert kills == 10
+    r = run(*args, "--resume")
+    assert r.exit_code == 0, r.output
+    resumed = schema.load_manifest(out)
+    assert [s.sha256 for s in resumed.shards] == [s.sha256 for s in reference.shards]
+    assert resumed.teacher_files == reference.teacher_files
+    assert not (out / "build-state.json").exists() and not list(out.glob("*.partial"))
+
+
+@pytest.mark.parametrize("sig, code", [(signal.SIGTERM, 143), (signal.SIGINT, 130)])
+def test_signal_stops_cleanly_and_prints_the_resume_command(tmp_path, teacher_dir, valid_jsonl, reference, sig, code):
+    out = tmp_path / "cache"
+    args = build_args(teacher_dir, valid_jsonl, out, "--tokenizer-workers", 2)
+    proc = spawn(args)
+    stop_when(proc, out, 2, sig)
+    kids = children(proc.pid)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == code, err
+    assert "Traceback" not in err and f"Stopped by {signal.Signals(sig).name}" in err
+    assert "Resume with: tcache build" in err and "--resume" in err
+    time.sleep(0.5)
+    assert not [k for k in kids if alive(k)], "worker processes outlived the build"
+    assert not (out / schema.MANIFEST_FILE).exists() and not list(out.glob("*.partial"))
+    r = run(*args, "--resume")
+    assert r.exit_code == 0, r.output
+    assert [s.sha256 for s in schema.load_manifest(out).shards] == [s.sha256 for s in reference.shards]
+
+
+def test_resume_refuses_other_options_and_needs_a_state(tmp_path, teacher_dir, valid_jsonl):
+    out = tmp_path / "cache"
+    assert_clean_error(run(*build_args(teacher_dir, valid_jsonl, out, "--resume")), "--resume", "no interrupted build")
+    proc = spawn(build_args(teacher_dir, valid_jsonl, out))
+    stop_when(proc, out, 1, signal.SIGKILL)
+    proc.communicate()
+    other = build_args(teacher_dir, valid_jsonl, out, "--resume")
+    other[other.index("--top-k") + 1] = 4
+    assert_clean_error(run(*other), "--resume", "top_k (8 -> 4)")
+    assert_clean_error(run(*build_args(teacher_dir, valid_jsonl, out)), "interrupted build", "--resume")
+
+
+def test_overwrite_refuses_a_directory_with_foreign_files(tmp_path, tiny_teacher, valid_jsonl):
+    out = tmp_path / "thesis"
+    (out / "sub").mkdir(parents=True)
+    (out / "thesis.tex").write_text("my thesis")
+    (out / "sub" / "data.csv").write_text("1,2")
+    r = run("build", "--teacher", tiny_teacher, "--data", valid_jsonl, "--tokens", 256, "--seq-len", 64,
+            "--device", "cpu", "--out", out, "--overwrite")
+    assert_clean_error(r, "sub", "thesis.tex", "did not write")
+    assert (out / "thesis.tex").read_text() == "my thesis" and (out / "sub" / "data.csv").read_text() == "1,2"
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_interrupted_overwrite_keeps_the_old_cache(tmp_path, teacher_dir, valid_jsonl, reference, sig):
+    """--overwrite builds beside the old cache: stopped, the old cache still verifies; resumed, the new
+    cache replaces it."""
+    out = tmp_path / "cache"
+    shutil.copytree(reference_dir(reference, tmp_path), out)
+    old = {s.file: s.sha256 for s in schema.load_manifest(out).shards}
+    args = build_args(teacher_dir, valid_jsonl, out, "--overwrite", "--top-k", 4)
+    args.remove("--top-k"), args.remove(8)
+    proc = spawn(args)
+    stop_when(proc, out.parent / ".cache.tcache-new", 1, sig)
+    proc.communicate(timeout=60)
+    assert proc.returncode == 128 + sig
+    m = schema.load_manifest(out)
+    assert {s.file: schema.sha256_file(out / s.file) for s in m.shards} == old and m.top_k == 8
+    r = run(*args, "--resume")
+    assert r.exit_code == 0, r.output
+    assert schema.load_manifest(out).top_k == 4 and not (out.parent / ".cache.tcache-new").exists()
+
+
+def reference_dir(manifest, tmp_path) -> Path:
+    return next(p for p in Path(tmp_path).parent.parent.rglob("ref*/cache") if (p / "manifest.json").exists())
+
+
+def test_no_room_refused_up_front_and_full_disk_is_one_line(tmp_path, tiny_teacher, valid_jsonl, monkeypatch):
+    """Up front: the bytes needed against the free bytes. While writing (another writer filled the disk,
+    injected here as ENOSPC from h5py): one line, exit != 0, the complete shards kept for --resume."""
+    import errno
+
+    import teachercache.outdir as outdir
+    import teachercache.writer as writer
+
+    base = ["build", "--teacher", tiny_teacher, "--data", valid_jsonl, "--seq-len", 64, "--top-k", 4,
+            "--device", "cpu", "--shard-rows", 2, "--batch-size", 2]
+    monkeypatch.setattr(outdir, "free_bytes", lambda path: 3 * 2**20)
+    r = run(*base, "--tokens", "20k", "--out", tmp_path / "a")
+    assert_clean_error(r, "needs", "3.0 MiB free", "--tokens")
+    assert not (tmp_path / "a").exists()
+    monkeypatch.undo()
+
+    real_close = writer.h5py.File.close
+    closes = {"n": 0}
+
+    def full_disk(self):
+        closes["n"] += 1
+        if closes["n"] == 3:
+            real_close(self)
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_close(self)
+
+    monkeypatch.setattr(writer.h5py.File, "close", full_disk)
+    out = tmp_path / "b"
+    r = run(*base, "--tokens", 16 * 64, "--out", out)
+    assert_clean_error(r, "disk is full", "2 complete shard(s)", "--resume")
+    assert not (out / schema.MANIFEST_FILE).exists() and len(list(out.glob("shard-*.h5"))) == 2
+
+
+def test_real_full_disk_in_a_small_tmpfs(tmp_path, tiny_teacher, valid_jsonl):
+    """A real full filesystem (a 6 MiB tmpfs; needs root): refused up front when the need is known, and a
+    clean one-line error, no segfault, when something else fills it during the build."""
+    mnt = tmp_path / "small"
+    mnt.mkdir()
+    if os.geteuid() != 0 or subprocess.run(["mount", "-t", "tmpfs", "-o", "size=6m", "tmpfs", str(mnt)],
+                                            capture_output=True).returncode:
+        pytest.skip("cannot mount a tmpfs here (needs root)")
+    try:
+        args = ["build", "--teacher", tiny_teacher, "--data", valid_jsonl, "--seq-len", 64, "--top-k", 64,
+                "--hidden-dtype", "fp16", "--device", "cpu", "--shard-rows", 16, "--out", mnt / "c"]
+        p = subprocess.run([sys.executable, "-m", "cli", *map(str, args), "--tokens", "200k"],
+                           env={**os.environ, "PYTHONPATH": str(REPO)}, capture_output=True, text=True)
+        assert p.returncode == 1 and "needs" in p.stderr and "free" in p.stderr and "Traceback" not in p.stderr
+        # the disk fills during the build: the up-front check is switched off (as for a filesystem that
+        # misreports its free space), so the build meets ENOSPC while writing shards
+        env = {**os.environ, "PYTHONPATH": str(REPO), "TCACHE_NO_SPACE_CHECK": "1"}
+        p = subprocess.run([sys.executable, "-m", "cli", *map(str, args), "--tokens", "200k"], env=env,
+                           capture_output=True, text=True)
+        assert p.returncode == 1, p.stderr
+        errors = [x for x in p.stderr.splitlines() if x.startswith("Error:")]
+        assert len(errors) == 1 and "disk is full" in errors[0] and "Traceback" not in p.stderr, p.stderr
+        assert "--resume" in errors[0] and not (mnt / "c" / schema.MANIFEST_FILE).exists()
+    finally:
+        subprocess.run(["umount", "-l", str(mnt)])
