@@ -69,7 +69,8 @@ def gib(n: int) -> float:
 
 
 def step_rate(cfg: DistillConfig, batches: list[dict], warmup: int, steps: int, profile: Path | None = None) -> dict:
-    """tokens/s and peak memory of the training step on in-GPU batches."""
+    """tokens/s and peak memory of the training step on in-GPU batches; `warmup` and `steps` count
+    micro-batches, with an optimizer step after every cfg.grad_accum of them."""
     manifest = schema.load_manifest(cfg.cache)
     scfg = student_config(cfg, manifest)
     mk, sb = resolve_kernels(scfg, DEVICE, parse_bytes(cfg.max_gpu_memory) if cfg.max_gpu_memory else None)
@@ -79,8 +80,9 @@ def step_rate(cfg: DistillConfig, batches: list[dict], warmup: int, steps: int, 
 
     def one(i: int) -> None:
         forward_backward(model, batches[i % len(batches)], groups, cfg.alpha.start, cfg.beta.start,
-                         cfg.temperature.start, cfg.kd_tail, cfg.loss_chunk, AMP, scaler, 1)
-        optimizer_step(opt, scaler, params, cfg.grad_clip)
+                         cfg.temperature.start, cfg.kd_tail, cfg.loss_chunk, AMP, scaler, cfg.grad_accum)
+        if (i + 1) % cfg.grad_accum == 0:
+            optimizer_step(opt, scaler, params, cfg.grad_clip)
 
     t0 = time.perf_counter()
     for i in range(warmup):
@@ -94,7 +96,7 @@ def step_rate(cfg: DistillConfig, batches: list[dict], warmup: int, steps: int, 
     sec = time.perf_counter() - t0
     res = {"tokens_per_s": steps * B * T / sec, "peak_gib": peak(),
            "warmup_s": round(warm_s, 1), "mlstm_kernel": mk, "slstm_backend": sb, "loss_chunk": cfg.loss_chunk,
-           "compile": cfg.compile, "params": model.param_counts()}
+           "compile": cfg.compile, "grad_accum": cfg.grad_accum, "params": model.param_counts()}
     if profile is not None:
         from torch.profiler import ProfilerActivity, profile as prof
 
@@ -153,6 +155,9 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=30)
     ap.add_argument("--cap", default="16GiB")
     ap.add_argument("--only", default=None, help="with --variants: those whose name contains this")
+    ap.add_argument("--accum", action="store_true",
+                    help="gradient accumulation 1 vs 4 (the recipes' default) side by side: the default step, the "
+                         "eager step, and distill from disk")
     ap.add_argument("--single", default=None, help=argparse.SUPPRESS)  # internal: one distill run, as JSON
     a = ap.parse_args()
     work, out = Path(a.work), Path(a.out)
@@ -195,10 +200,16 @@ def main() -> None:
             "triton_xl_chunk, chunked CE+KD, eager (a T4's choice)": replace(base, mlstm_kernel=tri, compile="off"),
         }
         variants = {n: v for n, v in variants.items() if a.only is None or a.only in n}
+    if a.accum:
+        variants = {"default (auto: cudagraphs), accum 1": base,
+                    "default (auto: cudagraphs), accum 4": replace(base, grad_accum=4),
+                    "eager, accum 1": replace(base, compile="off"),
+                    "eager, accum 4": replace(base, compile="off", grad_accum=4)}
     for i, (name, cfg) in enumerate(variants.items()):
         prof = out / f"profile-{a.shape}-{i}.txt" if a.profile else None
         try:
-            record(res["step"], name, step_rate(resolved(cfg), batches, warmup=3, steps=10, profile=prof))
+            record(res["step"], name, step_rate(resolved(cfg), batches, warmup=8 if a.accum else 3,
+                                                 steps=16 if a.accum else 10, profile=prof))
             reset_peak()
         except Exception as e:
             record(res["step"], name, {"error": f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"})
@@ -210,9 +221,13 @@ def main() -> None:
     del batches
     reset_peak()
     runs = {"disk": {}, "online": {"online_teacher": str(teacher)}}
+    if a.accum:  # the same tokens per run: a quarter of the optimizer steps at accumulation 4
+        runs = {"disk, accum 1": {}, "disk, accum 4": {"grad_accum": 4, "steps": max(a.steps // 4, 6)}}
     # under the cap, the library's automatic choices (which consult the cap), as a T4 user would run
     capped = {f"disk, capped {a.cap}": {"max_gpu_memory": a.cap},
               f"online, capped {a.cap}": {"online_teacher": str(teacher), "max_gpu_memory": a.cap}} if CUDA else {}
+    if a.accum:
+        capped = {}
     for name, extra in {**runs, **capped}.items():
         spec = {"out": str(work / name.replace(", ", "-").replace(" ", "-")), **extra}
         if name in runs:
@@ -225,10 +240,19 @@ def main() -> None:
         record(res, name, value)
     res["device"] = torch.cuda.get_device_name() if CUDA else "cpu"
     res["torch"], res["command"] = torch.__version__, " ".join(sys.argv)
-    (out / f"distill-{a.shape}.json").write_text(json.dumps(res, indent=2))
+    if not a.accum:
+        (out / f"distill-{a.shape}.json").write_text(json.dumps(res, indent=2))
     print(f"\n| {a.shape} ({base.recipe}) | tokens/s | peak GiB |\n|---|---|---|")
     for name, r in list(res["step"].items()) + [(k, res[k]) for k in res if k.startswith(("disk", "online"))]:
         print(f"| {name} | {r.get('tokens_per_s', float('nan')):,.0f} | {r.get('peak_gib')} | {r.get('error', '')}")
+    if a.accum:
+        pairs = [(res["step"].get(n + ", accum 4"), res["step"].get(n + ", accum 1"))
+                 for n in ("default (auto: cudagraphs)", "eager")] + [(res.get("disk, accum 4"), res.get("disk, accum 1"))]
+        names = ("default step", "eager step", "distill from disk")
+        res["accum4_over_accum1"] = {n: round(p4["tokens_per_s"] / p1["tokens_per_s"], 3) for n, (p4, p1) in
+                                     zip(names, pairs) if p4 and p1 and "tokens_per_s" in p4 and "tokens_per_s" in p1}
+        print("accumulation 4 / accumulation 1 tokens/s:", res["accum4_over_accum1"])
+        (out / f"distill-{a.shape}-accum.json").write_text(json.dumps(res, indent=2))
 
 
 if __name__ == "__main__":

@@ -42,8 +42,9 @@ def matrix() -> dict[str, list[str]]:
                 runs[f"{recipe} {compile_} accum{accum} fp16"] = [
                     "--recipe", recipe, "--compile", compile_, "--grad-accum", str(accum), "--precision", "fp16"]
         for compile_ in ("off", "cudagraphs"):
-            runs[f"{recipe} {compile_} accum4 bf16"] = [
-                "--recipe", recipe, "--compile", compile_, "--grad-accum", "4", "--precision", "bf16"]
+            for accum in (1, 4):
+                runs[f"{recipe} {compile_} accum{accum} bf16"] = [
+                    "--recipe", recipe, "--compile", compile_, "--grad-accum", str(accum), "--precision", "bf16"]
         runs[f"{recipe} auto accum4 online"] = ["--recipe", recipe, "--online-teacher", "{teacher}"]
         runs[f"{recipe} auto accum4 ckpt"] = ["--recipe", recipe, "--ckpt-every", str(STEPS // 2)]
     return runs
@@ -68,7 +69,7 @@ def main() -> None:
     t0 = time.time()
     results: dict = {"runs": {}, "evals": {}}
 
-    def run(name: str, cmd: list[str], timeout: float = 540) -> dict:
+    def run(name: str, cmd: list[str], timeout: float = 420) -> dict:
         t = time.time()
         log = out / "logs.txt"
         try:
@@ -105,6 +106,8 @@ def main() -> None:
             r.update(steps=s["trained"]["steps"], tokens_per_s=round(s["trained"]["tokens"] / s["trained"]["seconds"]),
                      peak_gib=s.get("peak_gpu_memory_gib"), kernels=s["kernels"])
         r["losses"] = [round(x["loss"], 5) for x in m]
+        r["grad_norms"] = [round(x["grad_norm"], 4) for x in m]
+        r["loss_scales"] = [x.get("loss_scale") for x in m]
         if name.endswith("ckpt") and r["rc"] == 0:  # resume from the middle checkpoint in a copy of the run
             c = work / (d.name + "-resumed")
             shutil.copytree(d, c)
@@ -113,14 +116,46 @@ def main() -> None:
             rr = run(name + " resume", tcache("distill", cache, "--out", c, *budget, *flags, "--resume"))
             r["resume_rc"], r["resume_error"] = rr["rc"], rr["error"]
             r["resumed_losses"] = [round(x["loss"], 5) for x in metrics(c)]
-            r["resume_equal"] = r["resumed_losses"] == r["losses"]
+            # GPU kernels (atomics in backward passes) are not bitwise deterministic run to run: equal
+            # means within 1e-4 relative at every step
+            diffs = [abs(x - y) / abs(y) for x, y in zip(r["resumed_losses"], r["losses"])]
+            r["resume_max_rel_diff"] = max(diffs) if diffs else None
+            r["resume_equal"] = len(r["resumed_losses"]) == len(r["losses"]) and max(diffs) <= 1e-4
         results["runs"][name] = r
 
     # 2. + 3. the README's commands and the matrix, several processes at a time
+    def build_resume() -> None:
+        """A GPU build stopped by SIGTERM after 2 of its shards, resumed: shards equal an uninterrupted build's."""
+        common = ["--teacher", a.teacher, "--data", a.train, "--tokens", a.build_tokens, "--shard-rows", "128"]
+        full = run("build full", tcache("build", *common, "--out", work / "b-full"))
+        b = work / "b-resumed"
+        p = subprocess.Popen(tcache("build", *common, "--out", b), env=env, stdout=subprocess.DEVNULL,
+                             stderr=subprocess.PIPE, text=True)
+        while p.poll() is None:
+            try:
+                if len(json.loads((b / "build-state.json").read_text())["shards"]) >= 2:
+                    break
+            except (OSError, ValueError, KeyError):
+                pass
+            time.sleep(0.01)
+        p.send_signal(15)
+        err = p.communicate()[1]
+        res = run("build resume", tcache("build", *common, "--out", b, "--resume"))
+        r = {"stopped_rc": p.returncode, "stop_message": [x for x in err.splitlines() if x.strip()][-2:],
+             "resume_rc": res["rc"], "full_rc": full["rc"]}
+        if res["rc"] == 0 and full["rc"] == 0:
+            ma, mb = (json.loads((d / "manifest.json").read_text()) for d in (work / "b-full", b))
+            r.update(shards=len(ma["shards"]), resumed_at_row=mb["build"].get("resumed_at_row"),
+                     identical=[x["sha256"] for x in ma["shards"]] == [x["sha256"] for x in mb["shards"]])
+        results["build_resume"] = r
+        print("build resume:", r, flush=True)
+
     jobs = {"readme v1": ["--recipe", "v1"], "readme v2": ["--recipe", "v2"], **matrix()}
     if results["build"]["rc"] == 0:
         with ThreadPoolExecutor(a.parallel) as pool:
+            resume_job = pool.submit(build_resume)
             list(pool.map(lambda kv: distill_run(*kv), jobs.items()))
+            resume_job.result()
         evals = {"teacher 512": (a.teacher, 512), "teacher 2048": (a.teacher, 2048)}
         for name in ("readme v1", "readme v2"):
             d = work / name.replace(" ", "-")
@@ -162,7 +197,10 @@ def eval_json(job) -> None:
     name, (model, seq), a, env, out, results = job
     cmd = tcache("eval", model, "--data", a.valid, "--tokens", a.eval_tokens, "--seq-len", seq, "--json")
     t = time.time()
-    p = subprocess.run(cmd, env=env, capture_output=True, text=True)
+    try:
+        p = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120)
+    except subprocess.TimeoutExpired:
+        p = subprocess.CompletedProcess(cmd, -9, "", "killed after 120 s")
     r = {"cmd": " ".join(cmd), "rc": p.returncode, "wall_s": round(time.time() - t, 1), "error": None}
     if p.returncode == 0:
         d = json.loads(p.stdout)

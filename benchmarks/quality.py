@@ -109,11 +109,12 @@ def main() -> None:
                         "--overwrite",
                         *[x.format(teacher=a.teacher) for x in extra]), out / f"{name}.log")
         if rc == 0:
-            (run_dir / "wall.json").write_text(json.dumps({"distill_wall_s": round(time.time() - t, 1)}))
-            with open(run_dir / "eval.json.partial", "w") as f:
+            # beside the run, not in it: a run directory holds only what tcache writes (--overwrite checks)
+            (work / f"{name}.wall.json").write_text(json.dumps({"distill_wall_s": round(time.time() - t, 1)}))
+            with open(work / f"{name}.eval.json.partial", "w") as f:
                 if run(tcache("eval", str(run_dir), "--data", a.valid, "--tokens", a.eval_tokens, "--json"),
                        out / f"{name}.log", stdout=f) == 0:
-                    os.replace(run_dir / "eval.json.partial", run_dir / "eval.json")
+                    os.replace(work / f"{name}.eval.json.partial", work / f"{name}.eval.json")
 
     teacher_eval = work / "teacher_eval.json"
 
@@ -144,17 +145,18 @@ def collect(work: Path, names: list[str], a, build: dict, wall: float) -> dict:
     rows = {}
     for name in names:
         d = work / name
-        r = {"name": name, "recipe": RUNS[name][0], "flags": RUNS[name][1], "finished": (d / "eval.json").exists()}
+        r = {"name": name, "recipe": RUNS[name][0], "flags": RUNS[name][1],
+             "finished": (work / f"{name}.eval.json").exists()}
         if (d / "student.json").exists():
             s = json.loads((d / "student.json").read_text())
             r.update(tokens=s["trained"]["tokens"], steps=s["trained"]["steps"], train_s=s["trained"]["seconds"],
                      tokens_per_s=s["trained"]["tokens"] / max(s["trained"]["seconds"], 1e-9),
                      peak_gpu_gib=s.get("peak_gpu_memory_gib"), params=s["params"], kernels=s["kernels"],
                      final=s["final_metrics"])
-        if (d / "wall.json").exists():
-            r.update(json.loads((d / "wall.json").read_text()))
+        if (work / f"{name}.wall.json").exists():
+            r.update(json.loads((work / f"{name}.wall.json").read_text()))
         if r["finished"]:
-            e = load_json_output(d / "eval.json")
+            e = load_json_output(work / f"{name}.eval.json")
             r.update(perplexity=e["perplexity"], eval_tokens=e["tokens_scored"])
         elif (d / "metrics.jsonl").exists():
             lines = (d / "metrics.jsonl").read_text().splitlines()

@@ -7,6 +7,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 from cli.format import human_count
+from cli.interrupts import stops_cleanly
 from cli.main import friendly_errors
 from teachercache.errors import TcacheError
 
@@ -73,14 +74,17 @@ def parse_int_list(text: str | None, flag: str) -> list[int] | None:
                    "GPUs of compute capability >= 8.0, off on a T4 or CPU.")
 @click.option("--max-gpu-memory", default=None, help="Cap GPU memory, e.g. 16GB, to test a T4's budget on a larger GPU.")
 @click.option("--ckpt-every", default=0, show_default=True, help="Checkpoint every N steps (0: final only).")
-@click.option("--resume", is_flag=True, help="Continue from the newest checkpoint in --out.")
-@click.option("--overwrite", is_flag=True, help="Replace a non-empty --out.")
+@click.option("--resume", is_flag=True,
+              help="Continue from the newest checkpoint in --out that loads (same options and cache).")
+@click.option("--overwrite", is_flag=True,
+              help="Replace the run at --out: the new student is trained beside it and swapped in when complete.")
 @click.option("--mlstm-kernel", default="auto", show_default=True,
               help="auto, parallel, chunkwise--native_autograd, chunkwise--triton_xl_chunk.")
 @click.option("--slstm-backend", default="auto", show_default=True, help="auto, vanilla, cuda.")
 @click.option("--online-teacher", default=None,
               help="Comparison runs only: compute targets with this teacher on the device instead of the cache.")
 @friendly_errors
+@stops_cleanly
 def distill(cache, out, recipe, blocks, heads, slstm_at, tokens, steps, epochs, batch_size, grad_accum, lr,
             warmup, alpha, beta, temperature, delta, kd_tail, precision, device, seed, workers, loss_chunk, compile_,
             max_gpu_memory, ckpt_every, resume, overwrite, mlstm_kernel, slstm_backend, online_teacher) -> None:
@@ -127,7 +131,7 @@ def distill(cache, out, recipe, blocks, heads, slstm_at, tokens, steps, epochs, 
             f"T {r['temperature']:.2f} lr {r['lr']:.1e} gn {r['grad_norm']:.2f} {human_count(r['tokens_per_s'])} tok/s"))
 
     try:
-        meta = run_distill(cfg, on_start, on_step)
+        meta = run_distill(cfg, on_start, on_step, warn=lambda msg: console.print(f"[yellow]warning[/]: {msg}"))
     finally:
         progress.stop()
     t = meta["trained"]

@@ -21,8 +21,10 @@ from student.data import CacheRows, epoch_loader
 from student.io import load_teacher_parts, save_student
 from student.model import Student, StudentConfig, recipe_sizes, resolve_kernels
 from student.schedules import Anneal, annealed, lr_at
-from teachercache import schema
-from teachercache.errors import TcacheError
+from teachercache import outdir, schema
+from teachercache.errors import Interrupted, TcacheError
+from teachercache.reader import ShardHasher
+from teachercache.signals import stop_on_signals
 from teachercache.teacher import TeacherPass, load_teacher, resolve_device, resolve_dtype, tokenizer_sha256
 
 CKPT_DIR = "checkpoints"
@@ -263,19 +265,55 @@ def plan_budget(cfg: DistillConfig, manifest: schema.Manifest) -> Plan:
     return Plan(micro_per_epoch, total_steps * cfg.grad_accum, total_steps, manifest.seq_len, groups)
 
 
-def _prepare_out(cfg: DistillConfig) -> Path | None:
-    """The out directory, and the checkpoint to resume from (None for a fresh run)."""
+def cache_identity(manifest: schema.Manifest) -> str:
+    """What a resumed run must train on: the cache's shard hashes, fields and teacher (not its path)."""
+    import hashlib
+
+    key = {"shards": [s.sha256 for s in manifest.shards], "fields": manifest.fields, "seq_len": manifest.seq_len,
+           "top_k": manifest.top_k, "tokenizer": manifest.tokenizer.get("sha256"),
+           "teacher": [manifest.teacher.get("name_or_path"), manifest.teacher.get("revision")]}
+    return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()
+
+
+def _checkpoints(run: Path) -> list[Path]:
+    return sorted((run / CKPT_DIR).glob("step-*[0-9]")) if (run / CKPT_DIR).is_dir() else []
+
+
+def run_dir(cfg: DistillConfig) -> Path:
+    """Where this run writes: --out itself, or (--overwrite of a finished run) its staging sibling, swapped
+    in when the new student is complete. Never deletes what tcache did not write, nor the input cache."""
+    out, cache = Path(cfg.out).resolve(), Path(cfg.cache).resolve()
+    if out == cache or cache in out.parents:
+        raise TcacheError(f"--out {cfg.out} is inside the input cache {cfg.cache}; choose another --out")
+    if out in cache.parents:
+        raise TcacheError(f"--out {cfg.out} contains the input cache {cfg.cache}; choose another --out")
     out = Path(cfg.out)
-    if cfg.resume:
-        ckpts = sorted((out / CKPT_DIR).glob("step-*[0-9]")) if out.is_dir() else []
-        if not ckpts:
+    k = outdir.kind(out)
+    if k == "file":
+        raise TcacheError(f"--out {out} is a file; pass a directory path")
+    if k in ("cache", "build"):
+        raise TcacheError(f"--out {out} is a tcache cache, not a distill run; choose another --out")
+    if k in ("missing", "empty"):
+        if cfg.resume:
             raise TcacheError(f"--resume: no checkpoint in {out / CKPT_DIR}; run without --resume (and --ckpt-every N)")
-        return ckpts[-1]
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        if not cfg.overwrite:
-            raise TcacheError(f"--out {out} is not empty; pass --overwrite to replace it, or --resume to continue it")
-        shutil.rmtree(out) if out.is_dir() else out.unlink()
-    return None
+        return out
+    outdir.refuse_foreign(out, "run")
+    stage = outdir.staging(out)
+    if cfg.resume:
+        if cfg.overwrite and _checkpoints(stage):
+            return stage
+        if not _checkpoints(out):
+            raise TcacheError(f"--resume: no checkpoint in {out / CKPT_DIR}; run without --resume (and --ckpt-every N)")
+        return out
+    if not cfg.overwrite:
+        raise TcacheError(f"--out {out} is not empty; pass --overwrite to replace it, or --resume to continue it")
+    if not (out / "student.json").exists():  # an unfinished run: no student to protect
+        outdir.remove_ours(out, "run")
+        return out
+    if outdir.kind(stage) != "missing":
+        outdir.refuse_foreign(stage, "run", flag="staging directory")
+        outdir.remove_ours(stage, "run")
+    return stage
 
 
 def _check_resume_config(cfg: DistillConfig, ckpt: Path) -> None:
@@ -310,7 +348,8 @@ def _trainable_state(model: Student) -> dict[str, torch.Tensor]:
     return {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items() if k not in frozen}
 
 
-def save_checkpoint(out: Path, cfg: DistillConfig, model: Student, opt, scaler, state: RunState) -> Path:
+def save_checkpoint(out: Path, cfg: DistillConfig, model: Student, opt, scaler, state: RunState,
+                    identity: str = "") -> Path:
     """A checkpoint directory appears only complete (written as .partial, then renamed)."""
     from safetensors.torch import save_file
 
@@ -320,7 +359,7 @@ def save_checkpoint(out: Path, cfg: DistillConfig, model: Student, opt, scaler, 
     tmp.mkdir(parents=True)
     save_file(_trainable_state(model), str(tmp / "trainable.safetensors"))
     torch.save({"optimizer": opt.state_dict(), "scaler": scaler.state_dict(), "rng": _rng_state(),
-                "state": asdict(state)}, tmp / "trainer.pt")
+                "state": asdict(state), "cache_identity": identity}, tmp / "trainer.pt")
     (tmp / CONFIG_FILE).write_text(json.dumps(cfg.to_dict(), indent=2))
     shutil.rmtree(final, ignore_errors=True)
     os.replace(tmp, final)
@@ -329,25 +368,52 @@ def save_checkpoint(out: Path, cfg: DistillConfig, model: Student, opt, scaler, 
     return final
 
 
-def load_checkpoint(ckpt: Path, model: Student, opt, scaler) -> RunState:
+def load_checkpoint(ckpt: Path, model: Student, opt, scaler, identity: str = "") -> RunState:
     from safetensors.torch import load_file
 
+    blob = torch.load(ckpt / "trainer.pt", map_location="cpu", weights_only=False)
+    if identity and blob.get("cache_identity", identity) != identity:
+        raise TcacheError(f"--resume: the checkpoint in {ckpt.parent.parent} was trained on another cache (other "
+                          "shards or fields); pass the cache it was trained on, or start a new --out")
     missing, unexpected = model.load_state_dict(load_file(str(ckpt / "trainable.safetensors")), strict=False)
     frozen = {n for n, p in model.named_parameters() if not p.requires_grad}
     if unexpected or set(missing) - frozen:
         raise TcacheError(f"--resume: checkpoint {ckpt} does not fit this student; start a new --out")
-    blob = torch.load(ckpt / "trainer.pt", map_location="cpu", weights_only=False)
     opt.load_state_dict(blob["optimizer"])
     scaler.load_state_dict(blob["scaler"])
     _set_rng_state(blob["rng"])
     return RunState(**blob["state"])
 
 
+def resume_from(run: Path, cfg: DistillConfig, model: Student, opt, scaler, identity: str,
+                warn: Callable[[str], None]) -> tuple[Path, RunState]:
+    """The newest checkpoint that loads; a torn or truncated one (a crash while the disk filled, say) is
+    skipped with a warning. A checkpoint of another configuration or cache is refused, not skipped."""
+    for ckpt in reversed(_checkpoints(run)):
+        try:
+            _check_resume_config(cfg, ckpt)
+            return ckpt, load_checkpoint(ckpt, model, opt, scaler, identity)
+        except TcacheError:
+            raise
+        except Exception as e:  # unreadable files: safetensors, pickle, json, OSError
+            warn(f"checkpoint {ckpt.name} does not load ({type(e).__name__}); trying the one before it")
+    raise TcacheError(f"--resume: no checkpoint in {run / CKPT_DIR} loads; start a new --out")
+
+
 def _truncate_metrics(path: Path, step: int) -> None:
+    """Keep the records up to `step`; a torn last line (a kill during a write) is dropped."""
     if not path.exists():
         return
-    keep = [line for line in path.read_text().splitlines() if line and json.loads(line)["step"] <= step]
-    path.write_text("".join(line + "\n" for line in keep))
+    keep = []
+    for line in path.read_text().splitlines():
+        try:
+            if json.loads(line)["step"] <= step:
+                keep.append(line)
+        except (ValueError, KeyError, TypeError):
+            continue
+    tmp = path.with_name(path.name + ".partial")
+    tmp.write_text("".join(line + "\n" for line in keep))
+    os.replace(tmp, path)
 
 
 def _online_teacher(cfg: DistillConfig, manifest: schema.Manifest, device: torch.device) -> TeacherPass:
@@ -473,9 +539,23 @@ StepFn = Callable[[dict, Plan], None]
 
 
 def distill(cfg: DistillConfig, on_start: Callable[[dict], None] | None = None,
-            on_step: StepFn | None = None) -> dict:
+            on_step: StepFn | None = None, warn: Callable[[str], None] | None = None) -> dict:
+    """Train (or resume) a student. The first SIGINT / SIGTERM ends the run at the next optimizer step with
+    a checkpoint (Interrupted, resumable); a second one stops at once, keeping the last checkpoint. Every
+    shard's sha256 is checked in a background thread while training reads it; no checkpoint or student is
+    saved before its shards have passed."""
+    with stop_on_signals(graceful=True) as stop:
+        manifest = schema.load_manifest(cfg.cache)
+        hasher = ShardHasher(cfg.cache, manifest)
+        try:
+            return _distill(cfg, manifest, hasher, stop, on_start, on_step, warn or (lambda msg: None))
+        finally:
+            hasher.close()
+
+
+def _distill(cfg: DistillConfig, manifest: schema.Manifest, hasher: ShardHasher, stop, on_start, on_step,
+             warn: Callable[[str], None]) -> dict:
     # 1. setup: everything that can be refused is refused before the first write
-    manifest = schema.load_manifest(cfg.cache)
     device = resolve_device(cfg.device)
     amp_dtype = resolve_precision(cfg.precision, device)
     scfg = student_config(cfg, manifest)
@@ -497,18 +577,20 @@ def distill(cfg: DistillConfig, on_start: Callable[[dict], None] | None = None,
     workers = cfg.workers if cfg.workers >= 0 else (min(4, (os.cpu_count() or 2) // 2) if cuda else 0)
     chunk = resolve_loss_chunk(cfg.loss_chunk, device)
     teacher = _online_teacher(cfg, manifest, device) if cfg.online_teacher else None
-    ckpt = _prepare_out(cfg)
-    if ckpt is not None:
-        _check_resume_config(cfg, ckpt)
+    work = run_dir(cfg)
+    identity = cache_identity(manifest)
+    hasher.check()
 
     model, params, opt, scaler = make_student(cfg, scfg, mlstm_kernel, slstm_backend, device, amp_dtype)
-    out = Path(cfg.out)
-    out.mkdir(parents=True, exist_ok=True)
-    state = RunState()
+    state, ckpt = RunState(), None
+    if cfg.resume:
+        ckpt, state = resume_from(work, cfg, model, opt, scaler, identity, warn)
+    if stop.requested:
+        raise Interrupted(stop.signum, "nothing was trained")
+    work.mkdir(parents=True, exist_ok=True)
     if ckpt is not None:
-        state = load_checkpoint(ckpt, model, opt, scaler)
-        _truncate_metrics(out / METRICS_FILE, state.step)
-    (out / CONFIG_FILE).write_text(json.dumps(cfg.to_dict(), indent=2))
+        _truncate_metrics(work / METRICS_FILE, state.step)
+    (work / CONFIG_FILE).write_text(json.dumps(cfg.to_dict(), indent=2))
 
     counts = model.param_counts()
     plan.info = {
@@ -526,7 +608,7 @@ def distill(cfg: DistillConfig, on_start: Callable[[dict], None] | None = None,
     # 2. fit
     rows = CacheRows(cfg.cache, with_hidden=plan.groups > 0, with_targets=teacher is None)
     model.train()
-    metrics_f = open(out / METRICS_FILE, "a")
+    metrics_f = open(work / METRICS_FILE, "a")
     # Loss sums stay on the device until a step is logged: a float() per micro-batch would make the CPU
     # wait for the GPU each time, and the next batch's host work would no longer overlap its compute.
     zero = torch.zeros((), device=device)
@@ -573,13 +655,26 @@ def distill(cfg: DistillConfig, on_start: Callable[[dict], None] | None = None,
                         values["loss_scale"] = getattr(scaler, "_get_scale_async", scaler.get_scale)()
                     last = log.put(record, values) or last
                     sums = dict.fromkeys(sums, zero)
-                    if cfg.ckpt_every and state.step % cfg.ckpt_every == 0 and state.micro < plan.total_micro:
+                    hasher.check()  # a corrupt shard ends the run as soon as its hash is known
+                    due = cfg.ckpt_every and state.step % cfg.ckpt_every == 0
+                    if (due or stop.requested) and state.micro < plan.total_micro:
                         last = log.flush() or last
                         state.elapsed = elapsed
-                        save_checkpoint(out, cfg, model, opt, scaler, state)
+                        hasher.wait()  # a checkpoint holds only training on verified shards
+                        ckpt = save_checkpoint(work, cfg, model, opt, scaler, state, identity)
+                    if stop.requested and state.micro < plan.total_micro:
+                        e = Interrupted(stop.signum, f"checkpoint at step {state.step} saved in {work}")
+                        e.resumable = True
+                        raise e
                 if state.micro >= plan.total_micro:
                     break
         last = log.flush() or last
+    except Interrupted as e:
+        e.resumable = e.resumable or ckpt is not None
+        if not e.detail:
+            e.detail = (f"the checkpoint of step {ckpt.name.removeprefix('step-').lstrip('0') or 0} is kept"
+                        if ckpt is not None else "no checkpoint to resume from (use --ckpt-every N)")
+        raise
     finally:
         metrics_f.close()
     state.elapsed = elapsed0 + (time.perf_counter() - t_start)
@@ -597,5 +692,8 @@ def distill(cfg: DistillConfig, on_start: Callable[[dict], None] | None = None,
     }
     if device.type == "cuda":
         meta["peak_gpu_memory_gib"] = round(torch.cuda.max_memory_allocated(device) / 2**30, 3)
-    save_student(out, model, meta, Path(cfg.cache) / schema.TEACHER_DIR)
+    hasher.wait()
+    save_student(work, model, meta, Path(cfg.cache) / schema.TEACHER_DIR)
+    if work != Path(cfg.out):
+        outdir.swap_in(work, Path(cfg.out), "run")
     return meta
