@@ -239,6 +239,10 @@ class TokenizerPool:
         for p in procs:
             if p.is_alive():
                 p.terminate()
+        # Join the executor's manager thread now: left running, it closes its wake-up pipe while
+        # concurrent.futures' exit hook may still write to it (a race in CPython 3.11: "OSError: Bad file
+        # descriptor" traceback at exit). With the workers gone it ends at once.
+        self._ex.shutdown(wait=True)
 
 
 def pack_rows(texts: Iterable[str], tokenizer, seq_len: int, eos_id: int, pool: TokenizerPool | None = None,
