@@ -305,9 +305,10 @@ def tokenizer_workers(cfg: BuildConfig, tokenizer, device: torch.device) -> int:
 
 
 def build(cfg: BuildConfig, on_progress: ProgressFn | None = None) -> Manifest:
-    """Build (or resume) the cache at cfg.out. SIGINT / SIGTERM raise Interrupted; once anything was
-    written, every exception carries `resumable` (and a note) and the state stays for --resume."""
-    with stop_on_signals():
+    """Build (or resume) the cache at cfg.out. The first SIGINT / SIGTERM stops the build before its next
+    batch (Interrupted), a second one at once; once anything was written, every exception carries
+    `resumable` (and a note) and the state stays for --resume."""
+    with stop_on_signals(graceful=True) as stop:
         # 1. setup: every check that can fail runs before anything is written
         work = work_dir(cfg)
         pools: list[TokenizerPool] = []
@@ -318,7 +319,9 @@ def build(cfg: BuildConfig, on_progress: ProgressFn | None = None) -> Manifest:
 
         try:
             ts = setup_teacher(cfg, before_weights=start_pool)
-            manifest = _build(cfg, work, ts, pools[0] if pools else None, on_progress)
+            if stop.requested:
+                raise Interrupted(stop.signum, "nothing was written")
+            manifest = _build(cfg, work, ts, pools[0] if pools else None, on_progress, stop)
         finally:
             for p in pools:
                 p.close()
@@ -328,7 +331,7 @@ def build(cfg: BuildConfig, on_progress: ProgressFn | None = None) -> Manifest:
 
 
 def _build(cfg: BuildConfig, work: Path, ts: TeacherSetup, pool: TokenizerPool | None,
-           on_progress: ProgressFn | None) -> Manifest:
+           on_progress: ProgressFn | None, stop) -> Manifest:
     device, dtype, config, groups, model, tokenizer = ts.device, ts.dtype, ts.config, ts.groups, ts.model, ts.tokenizer
     vocab_size, hidden_size, specs = ts.vocab_size, ts.hidden_size, ts.specs
     identity = build_identity(cfg, ts)
@@ -380,6 +383,8 @@ def _build(cfg: BuildConfig, work: Path, ts: TeacherSetup, pool: TokenizerPool |
             sink = AsyncWriter(writer.add)
             try:
                 for ids_np in batches:
+                    if stop.requested:  # between batches: the writer keeps every complete shard
+                        raise Interrupted(stop.signum)
                     ids = torch.from_numpy(ids_np)  # (B, T) int32
                     if device.type == "cuda":  # pinned + non_blocking: no wait for the GPU to drain
                         ids = ids.pin_memory().to(device, non_blocking=True)

@@ -81,18 +81,29 @@ def stop_when(proc: subprocess.Popen, out: Path, shards: int, sig: int, timeout:
 
 
 @pytest.fixture(scope="module")
-def reference(tmp_path_factory, teacher_dir, valid_jsonl):
+def small_text(tmp_path_factory, valid_jsonl) -> Path:
+    """The first 20k characters of three held-out books: each build process would otherwise tokenise all
+    of valid.jsonl (4 MB, ~10 s on 2 cores) before its first row."""
+    out = tmp_path_factory.mktemp("text") / "small.jsonl"
+    with open(valid_jsonl) as f:
+        docs = [json.loads(next(f))["text"][:20_000] for _ in range(3)]
+    out.write_text("".join(json.dumps({"text": d}) + "\n" for d in docs))
+    return out
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory, teacher_dir, small_text):
     out = tmp_path_factory.mktemp("ref") / "cache"
-    r = run(*build_args(teacher_dir, valid_jsonl, out))
+    r = run(*build_args(teacher_dir, small_text, out))
     assert r.exit_code == 0, r.output
-    return schema.load_manifest(out)
+    return out
 
 
-def test_kill_9_at_ten_points_then_resume_is_byte_identical(tmp_path, teacher_dir, valid_jsonl, reference):
+def test_kill_9_at_ten_points_then_resume_is_byte_identical(tmp_path, teacher_dir, small_text, reference):
     """One build, killed with SIGKILL ten times (after 1, 2, ... complete shards, wherever the writer is),
     each time resumed; tokenizer worker processes die with their parent."""
     out = tmp_path / "cache"
-    args = build_args(teacher_dir, valid_jsonl, out, "--tokenizer-workers", 2)
+    args = build_args(teacher_dir, small_text, out, "--tokenizer-workers", 2)
     kills = 0
     for target in range(1, 11):
         proc = spawn(args + (["--resume"] if kills else []))
@@ -113,15 +124,15 @@ def test_kill_9_at_ten_points_then_resume_is_byte_identical(tmp_path, teacher_di
     r = run(*args, "--resume")
     assert r.exit_code == 0, r.output
     resumed = schema.load_manifest(out)
-    assert [s.sha256 for s in resumed.shards] == [s.sha256 for s in reference.shards]
-    assert resumed.teacher_files == reference.teacher_files
+    assert [s.sha256 for s in resumed.shards] == [s.sha256 for s in schema.load_manifest(reference).shards]
+    assert resumed.teacher_files == schema.load_manifest(reference).teacher_files
     assert not (out / "build-state.json").exists() and not list(out.glob("*.partial"))
 
 
 @pytest.mark.parametrize("sig, code", [(signal.SIGTERM, 143), (signal.SIGINT, 130)])
-def test_signal_stops_cleanly_and_prints_the_resume_command(tmp_path, teacher_dir, valid_jsonl, reference, sig, code):
+def test_signal_stops_cleanly_and_prints_the_resume_command(tmp_path, teacher_dir, small_text, reference, sig, code):
     out = tmp_path / "cache"
-    args = build_args(teacher_dir, valid_jsonl, out, "--tokenizer-workers", 2)
+    args = build_args(teacher_dir, small_text, out, "--tokenizer-workers", 2)
     proc = spawn(args)
     stop_when(proc, out, 2, sig)
     kids = children(proc.pid)
@@ -134,19 +145,19 @@ def test_signal_stops_cleanly_and_prints_the_resume_command(tmp_path, teacher_di
     assert not (out / schema.MANIFEST_FILE).exists() and not list(out.glob("*.partial"))
     r = run(*args, "--resume")
     assert r.exit_code == 0, r.output
-    assert [s.sha256 for s in schema.load_manifest(out).shards] == [s.sha256 for s in reference.shards]
+    assert [s.sha256 for s in schema.load_manifest(out).shards] == [s.sha256 for s in schema.load_manifest(reference).shards]
 
 
-def test_resume_refuses_other_options_and_needs_a_state(tmp_path, teacher_dir, valid_jsonl):
+def test_resume_refuses_other_options_and_needs_a_state(tmp_path, teacher_dir, small_text):
     out = tmp_path / "cache"
-    assert_clean_error(run(*build_args(teacher_dir, valid_jsonl, out, "--resume")), "--resume", "no interrupted build")
-    proc = spawn(build_args(teacher_dir, valid_jsonl, out))
+    assert_clean_error(run(*build_args(teacher_dir, small_text, out, "--resume")), "--resume", "no interrupted build")
+    proc = spawn(build_args(teacher_dir, small_text, out))
     stop_when(proc, out, 1, signal.SIGKILL)
     proc.communicate()
-    other = build_args(teacher_dir, valid_jsonl, out, "--resume")
+    other = build_args(teacher_dir, small_text, out, "--resume")
     other[other.index("--top-k") + 1] = 4
     assert_clean_error(run(*other), "--resume", "top_k (8 -> 4)")
-    assert_clean_error(run(*build_args(teacher_dir, valid_jsonl, out)), "interrupted build", "--resume")
+    assert_clean_error(run(*build_args(teacher_dir, small_text, out)), "interrupted build", "--resume")
 
 
 def test_overwrite_refuses_a_directory_with_foreign_files(tmp_path, tiny_teacher, valid_jsonl):
@@ -161,13 +172,13 @@ def test_overwrite_refuses_a_directory_with_foreign_files(tmp_path, tiny_teacher
 
 
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
-def test_interrupted_overwrite_keeps_the_old_cache(tmp_path, teacher_dir, valid_jsonl, reference, sig):
+def test_interrupted_overwrite_keeps_the_old_cache(tmp_path, teacher_dir, small_text, reference, sig):
     """--overwrite builds beside the old cache: stopped, the old cache still verifies; resumed, the new
     cache replaces it."""
     out = tmp_path / "cache"
-    shutil.copytree(reference_dir(reference, tmp_path), out)
+    shutil.copytree(reference, out)
     old = {s.file: s.sha256 for s in schema.load_manifest(out).shards}
-    args = build_args(teacher_dir, valid_jsonl, out, "--overwrite", "--top-k", 4)
+    args = build_args(teacher_dir, small_text, out, "--overwrite", "--top-k", 4)
     args.remove("--top-k"), args.remove(8)
     proc = spawn(args)
     stop_when(proc, out.parent / ".cache.tcache-new", 1, sig)
@@ -180,11 +191,7 @@ def test_interrupted_overwrite_keeps_the_old_cache(tmp_path, teacher_dir, valid_
     assert schema.load_manifest(out).top_k == 4 and not (out.parent / ".cache.tcache-new").exists()
 
 
-def reference_dir(manifest, tmp_path) -> Path:
-    return next(p for p in Path(tmp_path).parent.parent.rglob("ref*/cache") if (p / "manifest.json").exists())
-
-
-def test_no_room_refused_up_front_and_full_disk_is_one_line(tmp_path, tiny_teacher, valid_jsonl, monkeypatch):
+def test_no_room_refused_up_front_and_full_disk_is_one_line(tmp_path, tiny_teacher, small_text, monkeypatch):
     """Up front: the bytes needed against the free bytes. While writing (another writer filled the disk,
     injected here as ENOSPC from h5py): one line, exit != 0, the complete shards kept for --resume."""
     import errno
@@ -192,7 +199,7 @@ def test_no_room_refused_up_front_and_full_disk_is_one_line(tmp_path, tiny_teach
     import teachercache.outdir as outdir
     import teachercache.writer as writer
 
-    base = ["build", "--teacher", tiny_teacher, "--data", valid_jsonl, "--seq-len", 64, "--top-k", 4,
+    base = ["build", "--teacher", tiny_teacher, "--data", small_text, "--seq-len", 64, "--top-k", 4,
             "--device", "cpu", "--shard-rows", 2, "--batch-size", 2]
     monkeypatch.setattr(outdir, "free_bytes", lambda path: 3 * 2**20)
     r = run(*base, "--tokens", "20k", "--out", tmp_path / "a")
@@ -217,7 +224,7 @@ def test_no_room_refused_up_front_and_full_disk_is_one_line(tmp_path, tiny_teach
     assert not (out / schema.MANIFEST_FILE).exists() and len(list(out.glob("shard-*.h5"))) == 2
 
 
-def test_real_full_disk_in_a_small_tmpfs(tmp_path, tiny_teacher, valid_jsonl):
+def test_real_full_disk_in_a_small_tmpfs(tmp_path, tiny_teacher, small_text):
     """A real full filesystem (a 6 MiB tmpfs; needs root): refused up front when the need is known, and a
     clean one-line error, no segfault, when something else fills it during the build."""
     mnt = tmp_path / "small"
@@ -226,7 +233,7 @@ def test_real_full_disk_in_a_small_tmpfs(tmp_path, tiny_teacher, valid_jsonl):
                                             capture_output=True).returncode:
         pytest.skip("cannot mount a tmpfs here (needs root)")
     try:
-        args = ["build", "--teacher", tiny_teacher, "--data", valid_jsonl, "--seq-len", 64, "--top-k", 64,
+        args = ["build", "--teacher", tiny_teacher, "--data", small_text, "--seq-len", 64, "--top-k", 64,
                 "--hidden-dtype", "fp16", "--device", "cpu", "--shard-rows", 16, "--out", mnt / "c"]
         p = subprocess.run([sys.executable, "-m", "cli", *map(str, args), "--tokens", "200k"],
                            env={**os.environ, "PYTHONPATH": str(REPO)}, capture_output=True, text=True)
