@@ -184,8 +184,10 @@ def test_interrupted_overwrite_keeps_the_old_cache(tmp_path, teacher_dir, small_
     stop_when(proc, out.parent / ".cache.tcache-new", 1, sig)
     proc.communicate(timeout=60)
     assert proc.returncode == 128 + sig
+    from teachercache.verify import verify_cache
+
     m = schema.load_manifest(out)
-    assert {s.file: schema.sha256_file(out / s.file) for s in m.shards} == old and m.top_k == 8
+    assert verify_cache(out)["ok"] and {s.file: s.sha256 for s in m.shards} == old and m.top_k == 8
     r = run(*args, "--resume")
     assert r.exit_code == 0, r.output
     assert schema.load_manifest(out).top_k == 4 and not (out.parent / ".cache.tcache-new").exists()
