@@ -2,13 +2,11 @@
 
 from __future__ import annotations
 
+from teachercache.outdir import fmt_bytes
+
 
 def human_bytes(n: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if abs(n) < 1024 or unit == "TiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
-        n /= 1024
-    return f"{n:.2f} TiB"
+    return fmt_bytes(n, digits=2)
 
 
 def human_count(n: float) -> str:

@@ -288,18 +288,13 @@ def run_dir(cfg: DistillConfig) -> Path:
     if out in cache.parents:
         raise TcacheError(f"--out {cfg.out} contains the input cache {cfg.cache}; choose another --out")
     out = Path(cfg.out)
-    k = outdir.kind(out)
-    if k == "file":
-        raise TcacheError(f"--out {out} is a file; pass a directory path")
-    if k in ("cache", "build"):
-        raise TcacheError(f"--out {out} is a tcache cache, not a distill run; choose another --out")
+    k = outdir.classify(out, "run")
     if k in ("missing", "empty"):
         if cfg.resume:
             raise TcacheError(f"--resume: no checkpoint in {out / CKPT_DIR}; run without --resume (and --ckpt-every N)")
         return out
-    outdir.refuse_foreign(out, "run")
-    stage = outdir.staging(out)
     if cfg.resume:
+        stage = outdir.staging(out)
         if cfg.overwrite and _checkpoints(stage):
             return stage
         if not _checkpoints(out):
@@ -310,10 +305,7 @@ def run_dir(cfg: DistillConfig) -> Path:
     if not (out / "student.json").exists():  # an unfinished run: no student to protect
         outdir.remove_ours(out, "run")
         return out
-    if outdir.kind(stage) != "missing":
-        outdir.refuse_foreign(stage, "run", flag="staging directory")
-        outdir.remove_ours(stage, "run")
-    return stage
+    return outdir.fresh_staging(out, "run")
 
 
 def _check_resume_config(cfg: DistillConfig, ckpt: Path) -> None:

@@ -110,16 +110,11 @@ def work_dir(cfg: BuildConfig) -> Path:
     """Where this build writes: --out itself, or (--overwrite of a cache) its staging sibling, swapped in
     when complete. Refuses anything that would delete what tcache did not write."""
     out = Path(cfg.out)
-    k = outdir.kind(out)
-    if k == "file":
-        raise TcacheError(f"--out {out} is a file; pass a directory path")
-    if k == "run":
-        raise TcacheError(f"--out {out} is a tcache distill run, not a cache; choose another --out")
+    k = outdir.classify(out, "cache")
     if k in ("missing", "empty"):
         if cfg.resume:
             raise TcacheError(f"--resume: --out {out} holds no interrupted build; run without --resume")
         return out
-    outdir.refuse_foreign(out, "cache")
     if k in ("build", "other"):  # an interrupted build: no valid result to protect
         if cfg.resume:
             return out
@@ -134,20 +129,14 @@ def work_dir(cfg: BuildConfig) -> Path:
             raise TcacheError(f"--resume: --out {out} is a complete cache, nothing to resume; "
                               "pass --overwrite to rebuild it")
         raise TcacheError(f"--out {out} is a tcache cache; pass --overwrite to replace it or choose another --out")
-    stage = outdir.staging(out)
-    sk = outdir.kind(stage)
     if cfg.resume:
-        if sk not in ("build", "other"):
+        stage = outdir.staging(out)
+        if outdir.kind(stage) not in ("build", "other"):
             raise TcacheError(f"--resume --overwrite: no interrupted replacement of {out} to resume (looked for "
                               f"{stage}); run without --resume")
         outdir.refuse_foreign(stage, "cache", flag="staging directory")
         return stage
-    if sk == "file":
-        raise TcacheError(f"{stage} is a file in the way of --overwrite; remove it")
-    if sk != "missing":
-        outdir.refuse_foreign(stage, "cache", flag="staging directory")
-        outdir.remove_ours(stage, "cache")
-    return stage
+    return outdir.fresh_staging(out, "cache")
 
 
 def _teacher_fingerprint(name: str) -> str | None:

@@ -67,6 +67,32 @@ def refuse_foreign(path: Path, what: str, flag: str = "--out") -> None:
                           f"move them away or choose another {flag}")
 
 
+def classify(out: Path, what: str) -> str:
+    """kind(out) for a command that writes an output of kind `what` (cache or run), refusing a file, the
+    other kind of output, and a directory holding anything tcache did not write."""
+    k = kind(out)
+    if k == "file":
+        raise TcacheError(f"--out {out} is a file; pass a directory path")
+    if (what == "cache" and k == "run") or (what == "run" and k in ("cache", "build")):
+        other, mine = ("distill run", "cache") if what == "cache" else ("cache", "distill run")
+        raise TcacheError(f"--out {out} is a tcache {other}, not a {mine}; choose another --out")
+    if k not in ("missing", "empty"):
+        refuse_foreign(out, what)
+    return k
+
+
+def fresh_staging(out: Path, what: str) -> Path:
+    """The staging sibling of `out`, emptied of what an earlier replacement left there."""
+    stage = staging(out)
+    k = kind(stage)
+    if k == "file":
+        raise TcacheError(f"{stage} is a file in the way of --overwrite; remove it")
+    if k != "missing":
+        refuse_foreign(stage, what, flag="staging directory")
+        remove_ours(stage, what)
+    return stage
+
+
 def remove_ours(path: Path, what: str) -> None:
     """Delete the entries tcache wrote for an output of kind `what`, then the directory if empty.
     The manifest / student file goes first, so a removal cut short never leaves a valid-looking output."""
@@ -142,9 +168,10 @@ def free_bytes(path: Path) -> int:
     return shutil.disk_usage(p).free
 
 
-def fmt_bytes(n: float) -> str:
+def fmt_bytes(n: float, digits: int = 1) -> str:
+    """1536 -> '1.5 KiB' (binary units, as free space is reported)."""
     for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
         if abs(n) < 1024 or unit == "TiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.{digits}f} {unit}"
         n /= 1024
-    return f"{n:.1f} TiB"
+    return f"{n:.{digits}f} TiB"
