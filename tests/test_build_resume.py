@@ -207,6 +207,8 @@ def test_no_room_refused_up_front_and_full_disk_is_one_line(tmp_path, tiny_teach
     r = run(*base, "--tokens", "20k", "--out", tmp_path / "a")
     assert_clean_error(r, "needs", "3.0 MiB free", "--tokens")
     assert not (tmp_path / "a").exists()
+    r = run("plan", *base[1:], "--tokens", "20k", "--out", tmp_path / "a")  # plan says so too
+    assert_clean_error(r, "needs", "3.00 MiB free", "--tokens")
     monkeypatch.undo()
 
     real_close = writer.h5py.File.close
