@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import REPO, build_cache
+from conftest import REPO
 from teachercache import schema
 from test_cli_build import assert_clean_error, run
 
