@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import REPO
+from conftest import REPO, text_head
 from teachercache import schema
 from test_cli_build import assert_clean_error, run
 
@@ -84,11 +84,7 @@ def stop_when(proc: subprocess.Popen, out: Path, shards: int, sig: int, timeout:
 def small_text(tmp_path_factory, valid_jsonl) -> Path:
     """The first 20k characters of three held-out books: each build process would otherwise tokenise all
     of valid.jsonl (4 MB, ~10 s on 2 cores) before its first row."""
-    out = tmp_path_factory.mktemp("text") / "small.jsonl"
-    with open(valid_jsonl) as f:
-        docs = [json.loads(next(f))["text"][:20_000] for _ in range(3)]
-    out.write_text("".join(json.dumps({"text": d}) + "\n" for d in docs))
-    return out
+    return text_head(valid_jsonl, tmp_path_factory.mktemp("text") / "small.jsonl", 20_000)
 
 
 @pytest.fixture(scope="module")

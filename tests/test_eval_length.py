@@ -10,7 +10,7 @@ import torch
 from click.testing import CliRunner
 
 from cli.main import main
-from conftest import build_cache
+from conftest import build_cache, text_head
 from student.io import load_student
 from student.model import PARALLEL_MAX_CONTEXT, Student, StudentConfig, resolve_kernels
 from student.train import DistillConfig, distill
@@ -26,11 +26,7 @@ def run(*args):
 @pytest.fixture(scope="module")
 def text(tmp_path_factory, valid_jsonl):
     """The head of three held-out books (~6k tokens): tokenising whole books would cost seconds a run."""
-    out = tmp_path_factory.mktemp("text") / "valid-head.jsonl"
-    with open(valid_jsonl) as f:
-        docs = [json.loads(next(f))["text"][:8000] for _ in range(3)]
-    out.write_text("".join(json.dumps({"text": d}) + "\n" for d in docs))
-    return out
+    return text_head(valid_jsonl, tmp_path_factory.mktemp("text") / "valid-head.jsonl", 8000)
 
 
 @pytest.fixture(scope="module")
