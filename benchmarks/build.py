@@ -27,9 +27,12 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.shapes import make_teacher  # noqa: E402
-from teachercache.build import BuildConfig, build, parse_count  # noqa: E402
-from teachercache.data import DataSpec, iter_texts, pack_rows  # noqa: E402
-from teachercache.teacher import load_teacher, teacher_targets  # noqa: E402
+from tcache.teachercache.config import BuildConfig  # noqa: E402
+from tcache.teachercache.build import build  # noqa: E402
+from tcache.units import parse_count  # noqa: E402
+from tcache.text import DataSpec, iter_texts, pack_rows  # noqa: E402
+from tcache.hf import load_teacher  # noqa: E402
+from tcache.teachercache.teacher import teacher_targets  # noqa: E402
 
 B, T = 64, 512
 

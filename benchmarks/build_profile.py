@@ -18,8 +18,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from teachercache import schema  # noqa: E402
-from teachercache.teacher import TeacherPass, load_teacher, topk_logprobs  # noqa: E402
+from tcache.teachercache import schema  # noqa: E402
+from tcache.teachercache.teacher import TeacherPass, topk_logprobs  # noqa: E402
+from tcache.hf import load_teacher  # noqa: E402
 
 B, T, K = 64, 512, 64
 

@@ -33,14 +33,16 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.shapes import make_teacher  # noqa: E402
-from student.data import CacheRows  # noqa: E402
-from student.model import resolve_kernels  # noqa: E402
-from student.schedules import Anneal  # noqa: E402
-from student.train import (DistillConfig, distill, forward_backward, make_student, optimizer_step,  # noqa: E402
-                           parse_bytes, plan_budget, student_config)
-from teachercache import schema  # noqa: E402
-from teachercache.build import BuildConfig, build  # noqa: E402
-from teachercache.data import DataSpec  # noqa: E402
+from tcache.student.data import CacheRows  # noqa: E402
+from tcache.student.model import resolve_kernels  # noqa: E402
+from tcache.student.schedules import Anneal  # noqa: E402
+from tcache.student.train import (DistillConfig, distill, forward_backward, make_student, optimizer_step,  # noqa: E402
+                                  plan_budget, student_config)
+from tcache.units import parse_bytes  # noqa: E402
+from tcache.teachercache import schema  # noqa: E402
+from tcache.teachercache.config import BuildConfig  # noqa: E402
+from tcache.teachercache.build import build  # noqa: E402
+from tcache.text import DataSpec  # noqa: E402
 
 B, T = 8, 512
 RECIPE = {"smollm2-360m": "v2", "qwen2.5-1.5b": "v1", "tiny": "v1"}
@@ -110,7 +112,7 @@ def step_rate(cfg: DistillConfig, batches: list[dict], warmup: int, steps: int, 
 
 def resolved(cfg: DistillConfig) -> DistillConfig:
     """The automatic choices distill() makes, made explicit (the step is timed outside distill)."""
-    from student.train import resolve_compile, resolve_loss_chunk
+    from tcache.student.train import resolve_compile, resolve_loss_chunk
 
     return replace(cfg, loss_chunk=resolve_loss_chunk(cfg.loss_chunk, DEVICE),
                    compile=resolve_compile(cfg.compile, DEVICE))

@@ -31,7 +31,7 @@ STEPS = 8
 
 
 def tcache(*args: str) -> list[str]:
-    return [sys.executable, "-m", "cli", *map(str, args)]
+    return [sys.executable, "-m", "tcache", *map(str, args)]
 
 
 def matrix() -> dict[str, list[str]]:

@@ -20,11 +20,12 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from student import losses  # noqa: E402
-from student.io import load_student  # noqa: E402
-from teachercache import schema  # noqa: E402
-from teachercache.data import DataSpec, iter_texts, pack_rows  # noqa: E402
-from teachercache.teacher import TeacherPass, load_teacher  # noqa: E402
+from tcache.student import losses  # noqa: E402
+from tcache.student.io import load_student  # noqa: E402
+from tcache.teachercache import schema  # noqa: E402
+from tcache.text import DataSpec, iter_texts, pack_rows  # noqa: E402
+from tcache.teachercache.teacher import TeacherPass  # noqa: E402
+from tcache.hf import load_teacher  # noqa: E402
 
 
 def main() -> None:

@@ -20,8 +20,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from student import losses  # noqa: E402
-from student.model import Student, StudentConfig  # noqa: E402
+from tcache.student import losses  # noqa: E402
+from tcache.student.model import Student, StudentConfig  # noqa: E402
 
 
 def check_triton(results: dict) -> None:
@@ -94,7 +94,7 @@ def main() -> None:
         res["steps"].append(r)
         print(json.dumps(r), flush=True)
     t = time.perf_counter()
-    p = subprocess.run([sys.executable, "-m", "cli.main", "build", "--teacher", a.teacher, "--data", a.train,
+    p = subprocess.run([sys.executable, "-m", "tcache", "build", "--teacher", a.teacher, "--data", a.train,
                         "--tokens", "2M", "--out", str(out / "cache"), "--batch-size", "64", "--overwrite"],
                        capture_output=True, text=True)
     res["build_2M"] = {"rc": p.returncode, "wall_s": time.perf_counter() - t, "tail": (p.stdout + p.stderr)[-600:]}

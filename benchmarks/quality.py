@@ -43,7 +43,7 @@ DEFAULT_RUNS = ["v1", "v1-ce-only", "v1-ce+kd", "v1-ce+align", "v1-online", "v2"
 
 
 def tcache(*args: str) -> list[str]:
-    return [sys.executable, "-m", "cli", *args]
+    return [sys.executable, "-m", "tcache", *args]
 
 
 def main() -> None:

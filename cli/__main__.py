@@ -1,5 +1,5 @@
-"""`python -m cli` runs the `tcache` command (for machines where the package is not installed)."""
+"""`python -m tcache.cli` runs the `tcache` command."""
 
-from cli.main import main
+from tcache.cli.main import main
 
 main()

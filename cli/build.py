@@ -7,10 +7,10 @@ from rich.console import Console
 from rich.progress import BarColumn, Progress, ProgressColumn, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.text import Text
 
-from cli.format import human_bytes, human_count
-from cli.interrupts import stops_cleanly
-from cli.main import friendly_errors
-from teachercache import schema
+from tcache.cli.format import human_bytes, human_count
+from tcache.cli.interrupts import stops_cleanly
+from tcache.cli.errors import friendly_errors
+from tcache.teachercache import schema
 
 
 class _TokensColumn(ProgressColumn):
@@ -70,8 +70,9 @@ def build_options(fn):
 def build_config(teacher, data, tokens, out, seq_len, top_k, hidden_groups, hidden_dtype, logprob_dtype,
                  data_config, split, text_field, batch_size, shard_rows, tokenizer_workers, device, dtype, revision,
                  overwrite, resume):
-    from teachercache.build import BuildConfig, parse_count
-    from teachercache.data import DataSpec
+    from tcache.teachercache.config import BuildConfig
+    from tcache.units import parse_count
+    from tcache.text import DataSpec
 
     return BuildConfig(
         teacher=teacher, out=out, tokens=parse_count(tokens), seq_len=seq_len, top_k=top_k,
@@ -88,7 +89,7 @@ def build_config(teacher, data, tokens, out, seq_len, top_k, hidden_groups, hidd
 @stops_cleanly
 def build(**options) -> None:
     """Run the teacher once over a token budget and write the cache."""
-    from teachercache.build import build as run_build
+    from tcache.teachercache.build import build as run_build
 
     cfg = build_config(**options)
     out = cfg.out

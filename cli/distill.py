@@ -6,15 +6,15 @@ import click
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
-from cli.format import human_count
-from cli.interrupts import stops_cleanly
-from cli.main import friendly_errors
-from teachercache.errors import TcacheError
+from tcache.cli.format import human_count
+from tcache.cli.interrupts import stops_cleanly
+from tcache.cli.errors import friendly_errors
+from tcache.errors import TcacheError
 
 
 def parse_anneal(text: str | None, flag: str, delta: float):
     """'0.8:0.5' -> Anneal(0.8, 0.5, delta); '0.3' -> fixed 0.3; None -> the recipe's default."""
-    from student.schedules import Anneal
+    from tcache.student.schedules import Anneal
 
     if text is None:
         return None
@@ -89,8 +89,8 @@ def distill(cache, out, recipe, blocks, heads, slstm_at, tokens, steps, epochs, 
             warmup, alpha, beta, temperature, delta, kd_tail, precision, device, seed, workers, loss_chunk, compile_,
             max_gpu_memory, ckpt_every, resume, overwrite, mlstm_kernel, slstm_backend, online_teacher) -> None:
     """Train an xLSTM student from a cache alone (the teacher is never loaded)."""
-    from teachercache.build import parse_count
-    from student.train import DistillConfig, distill as run_distill
+    from tcache.units import parse_count
+    from tcache.student.train import DistillConfig, distill as run_distill
 
     cfg = DistillConfig(
         cache=cache, out=out, recipe=recipe, blocks=blocks, heads=heads,

@@ -11,7 +11,7 @@ import click
 from rich.console import Console
 from rich.table import Table
 
-from cli.main import friendly_errors
+from tcache.cli.errors import friendly_errors
 
 
 @click.command(name="eval")
@@ -29,9 +29,9 @@ from cli.main import friendly_errors
 @friendly_errors
 def eval_cmd(model, data, tokens, seq_len, data_config, split, text_field, batch_size, device, dtype, as_json) -> None:
     """Perplexity of MODEL (a `tcache distill` --out, or a HF causal LM) on the same windows for any model."""
-    from student.eval import EvalConfig, perplexity
-    from teachercache.build import parse_count
-    from teachercache.data import DataSpec
+    from tcache.student.eval import EvalConfig, perplexity
+    from tcache.units import parse_count
+    from tcache.text import DataSpec
 
     cfg = EvalConfig(model=model, data=DataSpec(data, data_config, split, text_field), tokens=parse_count(tokens),
                      seq_len=seq_len, batch_size=batch_size, device=device, dtype=dtype)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from teachercache.outdir import fmt_bytes
+from tcache.units import fmt_bytes
 
 
 def human_bytes(n: float) -> str:

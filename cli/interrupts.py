@@ -9,7 +9,7 @@ import sys
 
 import click
 
-from teachercache.errors import Interrupted, TcacheError
+from tcache.errors import Interrupted, TcacheError
 
 
 def resume_command() -> str:

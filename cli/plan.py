@@ -8,10 +8,10 @@ import click
 from rich.console import Console
 from rich.table import Table
 
-from cli.build import build_config, build_options
-from cli.format import human_bytes, human_count
-from cli.main import friendly_errors
-from teachercache.errors import TcacheError
+from tcache.cli.build import build_config, build_options
+from tcache.cli.format import human_bytes, human_count
+from tcache.cli.errors import friendly_errors
+from tcache.errors import TcacheError
 
 
 @click.command()
@@ -20,7 +20,7 @@ from teachercache.errors import TcacheError
 @friendly_errors
 def plan(as_json: bool, **options) -> None:
     """Before a build: exact bytes per token by field, disk needed, and an estimated time measured here."""
-    from teachercache.plan import plan as run_plan
+    from tcache.teachercache.plan import plan as run_plan
 
     p = run_plan(build_config(**options))
     if as_json:

@@ -9,8 +9,8 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from cli.format import human_bytes, human_count
-from cli.main import friendly_errors
+from tcache.cli.format import human_bytes, human_count
+from tcache.cli.errors import friendly_errors
 
 
 @click.command()
@@ -20,7 +20,7 @@ from cli.main import friendly_errors
 @friendly_errors
 def stats(cache, as_json, sample_rows) -> None:
     """Show what a cache holds."""
-    from teachercache.stats import cache_stats
+    from tcache.teachercache.stats import cache_stats
 
     s = cache_stats(cache, max_rows=sample_rows)
     if as_json:

@@ -10,9 +10,9 @@ from rich.markup import escape
 from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
 
-from cli.format import human_bytes
-from cli.main import friendly_errors
-from teachercache.errors import TcacheError
+from tcache.cli.format import human_bytes
+from tcache.cli.errors import friendly_errors
+from tcache.errors import TcacheError
 
 
 def failure_line(report: dict) -> str:
@@ -36,7 +36,7 @@ def verify(cache, as_json) -> None:
 
     Exits 0 when everything matches, 1 with one line naming each bad file otherwise.
     """
-    from teachercache.verify import verify_cache
+    from tcache.teachercache.verify import verify_cache
 
     err = Console(stderr=True)
     # transient, and off when stderr is not a terminal: the bar is for watching, never for logs or pipes

@@ -6,9 +6,9 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from teachercache import schema
-from teachercache.errors import TcacheError
-from teachercache.reader import CacheReader
+from tcache.teachercache import schema
+from tcache.errors import TcacheError
+from tcache.teachercache.reader import CacheReader
 
 
 class CacheRows(Dataset):

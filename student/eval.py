@@ -1,6 +1,6 @@
 """Perplexity of a student directory or any HF causal LM, on the same windows for both.
 
-Windows are the build's packed rows (teachercache.data.pack_rows: documents + EOS, cut into
+Windows are the build's packed rows (tcache.text.pack_rows: documents + EOS, cut into
 `seq_len` tokens), so a student and its teacher are scored on identical tokens. Each window is
 scored independently (no carried state); the first token of a window has no prediction, so a window
 scores seq_len - 1 tokens. Perplexity = exp(total NLL / tokens scored).
@@ -19,10 +19,11 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from student.io import is_student_dir, load_student
-from teachercache.data import DataSpec, iter_texts, pack_rows
-from teachercache.errors import TcacheError
-from teachercache.teacher import load_config, load_teacher, resolve_device, resolve_dtype, tokenizer_sha256
+from tcache.student.io import is_student_dir, load_student
+from tcache.text import DataSpec, iter_texts, pack_rows
+from tcache.errors import TcacheError
+from tcache.hf import load_config, load_teacher, tokenizer_sha256
+from tcache.device import resolve_device, resolve_dtype
 
 
 @dataclass

@@ -10,9 +10,9 @@ from pathlib import Path
 
 import torch
 
-from student.model import Student, StudentConfig, resolve_kernels
-from teachercache import schema
-from teachercache.errors import TcacheError
+from tcache.student.model import Student, StudentConfig, resolve_kernels
+from tcache.teachercache import schema
+from tcache.errors import TcacheError
 
 STUDENT_FILE = "student.json"
 WEIGHTS_FILE = "model.safetensors"

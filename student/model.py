@@ -23,8 +23,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from teachercache.errors import TcacheError
-from teachercache.schema import layer_groups
+from tcache.errors import TcacheError
+from tcache.teachercache.schema import layer_groups
 
 MLSTM_KERNELS = ("auto", "parallel", "chunkwise--native_autograd", "chunkwise--triton_xl_chunk",
                  "chunkwise--triton_limit_chunk")

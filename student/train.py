@@ -15,17 +15,21 @@ from typing import Callable
 import numpy as np
 import torch
 
-import teachercache
-from student import losses
-from student.data import CacheRows, epoch_loader
-from student.io import load_teacher_parts, save_student
-from student.model import Student, StudentConfig, recipe_sizes, resolve_kernels
-from student.schedules import Anneal, annealed, lr_at
-from teachercache import outdir, schema
-from teachercache.errors import Interrupted, TcacheError
-from teachercache.reader import ShardHasher
-from teachercache.signals import stop_on_signals
-from teachercache.teacher import TeacherPass, load_teacher, resolve_device, resolve_dtype, tokenizer_sha256
+import tcache
+from tcache.student import losses
+from tcache.student.data import CacheRows, epoch_loader
+from tcache.student.io import load_teacher_parts, save_student
+from tcache.student.model import Student, StudentConfig, recipe_sizes, resolve_kernels
+from tcache.student.schedules import Anneal, annealed, lr_at
+from tcache import outdir
+from tcache.teachercache import schema
+from tcache.units import parse_bytes
+from tcache.errors import Interrupted, TcacheError
+from tcache.teachercache.reader import ShardHasher
+from tcache.signals import stop_on_signals
+from tcache.teachercache.teacher import TeacherPass
+from tcache.hf import load_teacher, tokenizer_sha256
+from tcache.device import resolve_device, resolve_dtype
 
 CKPT_DIR = "checkpoints"
 METRICS_FILE = "metrics.jsonl"
@@ -51,17 +55,6 @@ def resolve_compile(choice: str, device: torch.device) -> str:
     if device.type == "cuda" and torch.cuda.get_device_capability(device) >= (8, 0):
         return "cudagraphs"
     return "off"
-_BYTE_UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "kib": 2**10, "mib": 2**20, "gib": 2**30}
-
-
-def parse_bytes(text: str) -> int:
-    """'16GB' -> 16e9, '15.5GiB' -> 15.5 * 2^30 (--max-gpu-memory)."""
-    import re
-
-    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]*)\s*", str(text))
-    if not m or m.group(2).lower() not in _BYTE_UNITS or float(m.group(1)) <= 0:
-        raise TcacheError(f"--max-gpu-memory {text!r} is not a size; write e.g. 16GB or 15.5GiB")
-    return int(float(m.group(1)) * _BYTE_UNITS[m.group(2).lower()])
 
 
 def cap_gpu_memory(text: str | None, device: torch.device) -> int | None:
@@ -674,7 +667,7 @@ def _distill(cfg: DistillConfig, manifest: schema.Manifest, hasher: ShardHasher,
     # 3. save: the student directory, student.json last
     model.eval()
     meta = {
-        "tcache_version": teachercache.__version__,
+        "tcache_version": tcache.__version__,
         "cache": {"path": str(cfg.cache), "teacher": manifest.teacher.get("name_or_path"),
                   "tokenizer_sha256": manifest.tokenizer["sha256"], "seq_len": manifest.seq_len,
                   "top_k": manifest.top_k, "hidden_groups": plan.groups},

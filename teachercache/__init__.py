@@ -1,3 +1,1 @@
-"""tcache's teacher cache: format (schema), writer, reader, build loop and stats."""
-
-__version__ = "0.1.0"
+"""tcache's teacher cache: format (schema, manifest, codecs), writer, reader, build loop, plan, stats, verify."""

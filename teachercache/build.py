@@ -13,95 +13,19 @@ from typing import Callable
 
 import torch
 
-import teachercache
-from teachercache import schema
-from teachercache.data import DataSpec, TokenizerPool, iter_texts, pack_rows
-from teachercache import outdir
-from teachercache.errors import Interrupted, TcacheError
-from teachercache.pipeline import AsyncWriter, Prefetcher, batched_rows
-from teachercache.schema import Manifest
-from teachercache.teacher import (TeacherPass, load_config, load_model, load_tokenizer, num_layers, resolve_device,
-                                  resolve_dtype, text_config, tokenizer_sha256)
-from teachercache.signals import stop_on_signals
-from teachercache.writer import BuildState, CacheWriter, is_disk_full
-
-_SUFFIX = {"": 1, "k": 10**3, "m": 10**6, "g": 10**9, "b": 10**9}
-
-
-def parse_count(text: str | int, flag: str = "--tokens") -> int:
-    """'512M' -> 512_000_000, '2.5k' -> 2500, '100000' -> 100000 (decimal units, as token budgets are quoted)."""
-    if isinstance(text, int):
-        value = text
-    else:
-        m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([kKmMgGbB]?)\s*", str(text).replace("_", ""))
-        if not m:
-            raise TcacheError(f"{flag} {text!r} is not a count; write e.g. 100000, 2.5k, 512M or 1B")
-        value = int(round(float(m.group(1)) * _SUFFIX[m.group(2).lower()]))
-    if value <= 0:
-        raise TcacheError(f"{flag} must be positive, got {text!r}")
-    return value
-
-
-@dataclass
-class BuildConfig:
-    teacher: str
-    """Hub id or local directory of a HF causal LM (--teacher)."""
-    data: DataSpec
-    """Where the text comes from (--data, --data-config, --split, --text-field)."""
-    out: str
-    """Cache directory to create (--out)."""
-    tokens: int
-    """Token budget; rounded down to whole rows of seq_len (--tokens)."""
-    seq_len: int = 512
-    """Tokens per packed row (--seq-len)."""
-    top_k: int = 64
-    """Teacher log-probs kept per position (--top-k)."""
-    hidden_groups: int = 1
-    """Contiguous teacher-layer groups to average separately, 0 for none; storage grows linearly (--hidden-groups)."""
-    hidden_dtype: str = schema.DEFAULT_HIDDEN_DTYPE
-    """Stored hidden dtype: nf4 (4-bit NormalFloat, per 32-value block), int8 (absmax-scaled per position), fp16, bf16 (--hidden-dtype)."""
-    logprob_dtype: str = schema.DEFAULT_LOGPROB_DTYPE
-    """Stored top-k log-prob dtype: fp16, fp32 (--logprob-dtype)."""
-    batch_size: int = 0
-    """Rows per teacher forward; 0 = automatic: 8 on CPU, on a GPU up to 64 as its free memory allows (--batch-size)."""
-    rows_per_shard: int = 1024
-    """Rows per HDF5 shard (--shard-rows)."""
-    tokenizer_workers: int = -1
-    """Processes that tokenise ahead of the teacher; 0 tokenises in a thread of the build; -1 = automatic:
-    min(8, cores / 2) with a GPU teacher, 0 on CPU, where the teacher needs the cores (--tokenizer-workers)."""
-    device: str = "auto"
-    """auto, cpu, cuda, cuda:N (--device)."""
-    dtype: str = "auto"
-    """Teacher compute dtype: auto (bf16 on GPU, fp16 without bf16, fp32 on CPU), bf16, fp16, fp32 (--dtype)."""
-    revision: str | None = None
-    """Hub revision of the teacher (--revision)."""
-    overwrite: bool = False
-    """Replace an existing cache (or an interrupted build) at --out; the new cache is built beside it and
-    swapped in when complete (--overwrite)."""
-    resume: bool = False
-    """Continue an interrupted build of the same options from its last complete shard (--resume)."""
-
-    def __post_init__(self) -> None:
-        if self.hidden_groups < 0:
-            raise TcacheError(f"--hidden-groups must be 0 (no hidden states) or more, got {self.hidden_groups}")
-        if self.tokenizer_workers < -1:
-            raise TcacheError(f"--tokenizer-workers must be -1 (automatic), 0 (a thread) or more, got {self.tokenizer_workers}")
-        if self.batch_size < 0:
-            raise TcacheError(f"--batch-size must be 0 (automatic) or more, got {self.batch_size}")
-        for flag, value in (("--seq-len", self.seq_len), ("--top-k", self.top_k),
-                            ("--shard-rows", self.rows_per_shard), ("--tokens", self.tokens)):
-            if value < 1:
-                raise TcacheError(f"{flag} must be at least 1, got {value}")
-        schema.field_specs(1, 1, 0, 1, 1, self.hidden_dtype, self.logprob_dtype)  # validates both names
-        if self.tokens < self.seq_len:
-            raise TcacheError(
-                f"--tokens {self.tokens} is less than one row of --seq-len {self.seq_len}; raise --tokens"
-            )
-
-    @property
-    def rows(self) -> int:
-        return self.tokens // self.seq_len
-
+import tcache
+from tcache.teachercache import schema
+from tcache.text import DataSpec, TokenizerPool, iter_texts, pack_rows
+from tcache import outdir
+from tcache.units import fmt_bytes
+from tcache.errors import Interrupted, TcacheError
+from tcache.teachercache.pipeline import AsyncWriter, Prefetcher, batched_rows
+from tcache.teachercache.schema import Manifest
+from tcache.teachercache.teacher import TeacherPass
+from tcache.hf import load_config, load_model, load_tokenizer, num_layers, text_config, tokenizer_sha256
+from tcache.device import resolve_device, resolve_dtype
+from tcache.signals import stop_on_signals
+from tcache.teachercache.writer import BuildState, CacheWriter, is_disk_full
 
 ProgressFn = Callable[[int, int, int], None]  # (tokens_done, tokens_budget, bytes_written)
 
@@ -203,9 +127,9 @@ def check_free_space(cfg: BuildConfig, ts: "TeacherSetup", work: Path, rows: int
     need, free = bytes_needed(cfg, ts, rows), outdir.free_bytes(work)
     # TCACHE_NO_SPACE_CHECK=1: for filesystems that misreport free space (some network mounts, quotas)
     if need > free and os.environ.get("TCACHE_NO_SPACE_CHECK") != "1":
-        raise TcacheError(f"--out {cfg.out}: this build needs {outdir.fmt_bytes(need)} ({rows:,} rows of "
+        raise TcacheError(f"--out {cfg.out}: this build needs {fmt_bytes(need)} ({rows:,} rows of "
                           f"{cfg.seq_len} tokens and the teacher files) but its filesystem has "
-                          f"{outdir.fmt_bytes(free)} free; free space, lower --tokens, or choose another --out")
+                          f"{fmt_bytes(free)} free; free space, lower --tokens, or choose another --out")
 
 
 def _check_against_teacher(cfg: BuildConfig, config) -> None:
@@ -399,7 +323,7 @@ def _build(cfg: BuildConfig, work: Path, ts: TeacherSetup, pool: TokenizerPool |
             # 3. the manifest is written when the `with` block closes: last, and only on success
             manifest.data_exhausted = manifest.rows < cfg.rows
             manifest.build = {
-                "tcache_version": teachercache.__version__,
+                "tcache_version": tcache.__version__,
                 "torch_version": torch.__version__,
                 "device": str(device) if device.type != "cuda" else torch.cuda.get_device_name(device),
                 "dtype": str(dtype).removeprefix("torch."),

@@ -9,15 +9,16 @@ from pathlib import Path
 
 import torch
 
-from teachercache import schema
-from teachercache import outdir
-from teachercache.build import BuildConfig, auto_batch_size, bytes_needed, setup_teacher, teacher_files_bytes
-from teachercache.data import iter_texts, pack_rows
-from teachercache.errors import TcacheError
-from teachercache.pipeline import batched_rows
-from teachercache.schema import Manifest
-from teachercache.teacher import TeacherPass
-from teachercache.writer import BuildState, CacheWriter
+from tcache.teachercache import schema
+from tcache import outdir
+from tcache.teachercache.config import BuildConfig
+from tcache.teachercache.build import auto_batch_size, bytes_needed, setup_teacher, teacher_files_bytes
+from tcache.text import iter_texts, pack_rows
+from tcache.errors import TcacheError
+from tcache.teachercache.pipeline import batched_rows
+from tcache.teachercache.schema import Manifest
+from tcache.teachercache.teacher import TeacherPass
+from tcache.teachercache.writer import BuildState, CacheWriter
 
 
 def plan(cfg: BuildConfig, measure_batches: int = 3) -> dict:

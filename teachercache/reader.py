@@ -13,9 +13,9 @@ from typing import Callable
 import h5py
 import numpy as np
 
-from teachercache import schema
-from teachercache.errors import TcacheError
-from teachercache.schema import Manifest
+from tcache.teachercache import schema
+from tcache.errors import TcacheError
+from tcache.teachercache.schema import Manifest
 
 
 class CacheReader:

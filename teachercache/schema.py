@@ -40,7 +40,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from teachercache.errors import TcacheError
+from tcache.errors import TcacheError
 
 if TYPE_CHECKING:
     import torch

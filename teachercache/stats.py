@@ -8,8 +8,8 @@ from pathlib import Path
 import h5py
 import numpy as np
 
-from teachercache import schema
-from teachercache.reader import CacheReader
+from tcache.teachercache import schema
+from tcache.teachercache.reader import CacheReader
 
 PERCENTILES = (1, 5, 50, 95, 99)
 

@@ -10,10 +10,10 @@ from typing import Any, Callable
 import h5py
 import numpy as np
 
-from teachercache import schema
-from teachercache.errors import TcacheError
-from teachercache.reader import hash_file
-from teachercache.schema import Manifest
+from tcache.teachercache import schema
+from tcache.errors import TcacheError
+from tcache.teachercache.reader import hash_file
+from tcache.teachercache.schema import Manifest
 
 # fp16 rounds a log-prob just below 0 to at most this much above it.
 LOGPROB_SLACK = 1e-3

@@ -23,10 +23,10 @@ from typing import Any, Mapping
 import h5py
 import numpy as np
 
-from teachercache import schema
-from teachercache.errors import TcacheError
-from teachercache.outdir import BUILD_STATE, free_bytes, fsync_dir
-from teachercache.schema import FieldSpec, Manifest, ShardInfo
+from tcache.teachercache import schema
+from tcache.errors import TcacheError
+from tcache.outdir import BUILD_STATE, free_bytes, fsync_dir
+from tcache.teachercache.schema import FieldSpec, Manifest, ShardInfo
 
 STATE_FORMAT = "tcache-build-state"
 

@@ -61,8 +61,9 @@ def text_head(valid_jsonl: Path, out: Path, chars: int, docs: int = 3) -> Path:
 
 
 def build_cache(out: Path, teacher: Path, data: Path, tokens: int, **kw):
-    from teachercache.build import BuildConfig, build
-    from teachercache.data import DataSpec
+    from tcache.teachercache.config import BuildConfig
+    from tcache.teachercache.build import build
+    from tcache.text import DataSpec
 
     cfg = BuildConfig(teacher=str(teacher), data=DataSpec(str(data)), out=str(out), tokens=tokens,
                       device="cpu", **kw)

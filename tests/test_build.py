@@ -10,10 +10,10 @@ import pytest
 
 from independent_check import check_cache, read_cache
 from conftest import build_cache
-from teachercache import schema
-from teachercache.build import parse_count
-from teachercache.errors import TcacheError
-from teachercache.reader import CacheReader
+from tcache.teachercache import schema
+from tcache.units import parse_count
+from tcache.errors import TcacheError
+from tcache.teachercache.reader import CacheReader
 
 
 def test_shared_teacher_cache_matches_transformers(shared_cache, teacher_dir, valid_jsonl):
@@ -114,7 +114,7 @@ def test_same_command_gives_identical_shards(tmp_path, tiny_teacher, valid_jsonl
 def test_failed_build_leaves_resumable_state_and_no_cache(tmp_path, tiny_teacher, valid_jsonl, monkeypatch):
     """An error mid-build keeps the complete shards and the build state, never a manifest; --resume then
     finishes a cache whose shards equal an uninterrupted build's."""
-    import teachercache.build as build_mod
+    import tcache.teachercache.build as build_mod
 
     calls = {"n": 0}
     real = build_mod.TeacherPass.__call__
@@ -147,7 +147,7 @@ def test_hooked_teacher_pass_equals_hidden_states_reference(tiny_teacher):
     import torch
     from transformers import AutoModelForCausalLM
 
-    from teachercache.teacher import TeacherPass, teacher_targets
+    from tcache.teachercache.teacher import TeacherPass, teacher_targets
 
     model = AutoModelForCausalLM.from_pretrained(tiny_teacher, dtype=torch.float32).eval()
     ids = torch.randint(0, 16384, (3, 40))
@@ -199,7 +199,7 @@ def test_tokenizer_pool_packs_the_same_rows_as_transformers(teacher_dir, valid_j
     from independent_check import packed_reference
     from transformers import AutoTokenizer
 
-    from teachercache.data import DataSpec, TokenizerPool, iter_texts, pack_rows
+    from tcache.text import DataSpec, TokenizerPool, iter_texts, pack_rows
 
     tok = AutoTokenizer.from_pretrained(teacher_dir)
     pool = TokenizerPool(tok, 2, chars_per_task=3000, max_docs=2)

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from conftest import REPO, text_head
-from teachercache import schema
+from tcache.teachercache import schema
 from test_cli_build import assert_clean_error, run
 
 # A build slow enough on CPU to be stopped at many points: the shared teacher, 28 rows of 128 tokens in
@@ -32,7 +32,7 @@ def build_args(teacher_dir, valid_jsonl, out, *extra):
 
 def spawn(args) -> subprocess.Popen:
     env = {**os.environ, "PYTHONPATH": str(REPO)}
-    return subprocess.Popen([sys.executable, "-m", "cli", *map(str, args)], env=env, stdout=subprocess.PIPE,
+    return subprocess.Popen([sys.executable, "-m", "tcache", *map(str, args)], env=env, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)
 
 
@@ -180,7 +180,7 @@ def test_interrupted_overwrite_keeps_the_old_cache(tmp_path, teacher_dir, small_
     stop_when(proc, out.parent / ".cache.tcache-new", 1, sig)
     proc.communicate(timeout=60)
     assert proc.returncode == 128 + sig
-    from teachercache.verify import verify_cache
+    from tcache.teachercache.verify import verify_cache
 
     m = schema.load_manifest(out)
     assert verify_cache(out)["ok"] and {s.file: s.sha256 for s in m.shards} == old and m.top_k == 8
@@ -194,8 +194,8 @@ def test_no_room_refused_up_front_and_full_disk_is_one_line(tmp_path, tiny_teach
     injected here as ENOSPC from h5py): one line, exit != 0, the complete shards kept for --resume."""
     import errno
 
-    import teachercache.outdir as outdir
-    import teachercache.writer as writer
+    import tcache.outdir as outdir
+    import tcache.teachercache.writer as writer
 
     base = ["build", "--teacher", tiny_teacher, "--data", small_text, "--seq-len", 64, "--top-k", 4,
             "--device", "cpu", "--shard-rows", 2, "--batch-size", 2]
@@ -235,13 +235,13 @@ def test_real_full_disk_in_a_small_tmpfs(tmp_path, tiny_teacher, small_text):
     try:
         args = ["build", "--teacher", tiny_teacher, "--data", small_text, "--seq-len", 64, "--top-k", 64,
                 "--hidden-dtype", "fp16", "--device", "cpu", "--shard-rows", 16, "--out", mnt / "c"]
-        p = subprocess.run([sys.executable, "-m", "cli", *map(str, args), "--tokens", "200k"],
+        p = subprocess.run([sys.executable, "-m", "tcache", *map(str, args), "--tokens", "200k"],
                            env={**os.environ, "PYTHONPATH": str(REPO)}, capture_output=True, text=True)
         assert p.returncode == 1 and "needs" in p.stderr and "free" in p.stderr and "Traceback" not in p.stderr
         # the disk fills during the build: the up-front check is switched off (as for a filesystem that
         # misreports its free space), so the build meets ENOSPC while writing shards
         env = {**os.environ, "PYTHONPATH": str(REPO), "TCACHE_NO_SPACE_CHECK": "1"}
-        p = subprocess.run([sys.executable, "-m", "cli", *map(str, args), "--tokens", "200k"], env=env,
+        p = subprocess.run([sys.executable, "-m", "tcache", *map(str, args), "--tokens", "200k"], env=env,
                            capture_output=True, text=True)
         assert p.returncode == 1, p.stderr
         errors = [x for x in p.stderr.splitlines() if x.startswith("Error:")]

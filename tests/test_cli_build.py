@@ -7,8 +7,8 @@ import json
 import pytest
 from click.testing import CliRunner
 
-from cli.main import main
-from teachercache import schema
+from tcache.cli.main import main
+from tcache.teachercache import schema
 
 
 def run(*args):

@@ -10,15 +10,15 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from cli.main import main
+from tcache.cli.main import main
 from conftest import build_cache
-from student import losses
-from student.io import load_student, load_teacher_parts
-from student.model import Student
-from student.train import DistillConfig, distill, student_config
-from student.schedules import Anneal
-from teachercache import schema
-from teachercache.reader import CacheReader
+from tcache.student import losses
+from tcache.student.io import load_student, load_teacher_parts
+from tcache.student.model import Student
+from tcache.student.train import DistillConfig, distill, student_config
+from tcache.student.schedules import Anneal
+from tcache.teachercache import schema
+from tcache.teachercache.reader import CacheReader
 from test_cli_build import assert_clean_error
 
 
@@ -198,7 +198,7 @@ def test_resume_with_another_configuration_is_refused(tmp_path, tiny_cache):
 
 
 def test_anneal_options_parse(tmp_path, tiny_cache):
-    from cli.distill import parse_anneal
+    from tcache.cli.distill import parse_anneal
 
     assert parse_anneal("0.8:0.5", "--alpha", 0.05) == Anneal(0.8, 0.5, 0.05)
     assert parse_anneal("0.3", "--beta", 0.05) == Anneal(0.3, 0.3, 0.0)

@@ -15,8 +15,8 @@ from pathlib import Path
 import pytest
 
 from conftest import REPO, build_cache
-from student.train import DistillConfig, distill
-from teachercache import schema
+from tcache.student.train import DistillConfig, distill
+from tcache.teachercache import schema
 from test_cli_build import assert_clean_error, run
 
 
@@ -41,7 +41,7 @@ def metrics(run_dir: Path) -> list[dict]:
 
 def spawn(args) -> subprocess.Popen:
     env = {**os.environ, "PYTHONPATH": str(REPO)}
-    return subprocess.Popen([sys.executable, "-m", "cli", *map(str, args)], env=env, stdout=subprocess.PIPE,
+    return subprocess.Popen([sys.executable, "-m", "tcache", *map(str, args)], env=env, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)
 
 
@@ -114,7 +114,7 @@ def test_overwrite_refuses_foreign_files_and_the_input_cache(tmp_path, cache):
     assert_clean_error(run(*cli_args(cache, cache / "sub", "--overwrite")), "inside the input cache")
     assert_clean_error(run(*cli_args(cache, cache.parent, "--overwrite")), "contains the input cache")
     schema.load_manifest(cache)  # still a cache
-    from teachercache.verify import verify_cache
+    from tcache.teachercache.verify import verify_cache
 
     assert all(s["ok"] for s in verify_cache(cache)["shards"])
 

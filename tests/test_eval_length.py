@@ -9,11 +9,11 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from cli.main import main
+from tcache.cli.main import main
 from conftest import build_cache, text_head
-from student.io import load_student
-from student.model import PARALLEL_MAX_CONTEXT, Student, StudentConfig, resolve_kernels
-from student.train import DistillConfig, distill
+from tcache.student.io import load_student
+from tcache.student.model import PARALLEL_MAX_CONTEXT, Student, StudentConfig, resolve_kernels
+from tcache.student.train import DistillConfig, distill
 
 T = 32  # the students' training length
 CPU = torch.device("cpu")

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from student import losses
+from tcache.student import losses
 
 
 def softmax(x, axis=-1):

@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from student.model import Student, StudentConfig, recipe_sizes, resolve_kernels
-from student.train import resolve_precision
-from teachercache.errors import TcacheError
+from tcache.student.model import Student, StudentConfig, recipe_sizes, resolve_kernels
+from tcache.student.train import resolve_precision
+from tcache.errors import TcacheError
 
 
 def test_recipe_sizes_for_the_shared_teacher():

@@ -12,12 +12,13 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from cli.main import friendly_errors, main
-from student.data import CacheRows
-from teachercache import schema
-from teachercache.errors import TcacheError
-from teachercache.reader import CacheReader, ShardHasher
-from teachercache.verify import verify_cache
+from tcache.cli.errors import friendly_errors
+from tcache.cli.main import main
+from tcache.student.data import CacheRows
+from tcache.teachercache import schema
+from tcache.errors import TcacheError
+from tcache.teachercache.reader import CacheReader, ShardHasher
+from tcache.teachercache.verify import verify_cache
 from test_cli_build import assert_clean_error
 
 

@@ -16,7 +16,7 @@ import re
 import shutil
 from pathlib import Path
 
-from teachercache.errors import TcacheError
+from tcache.errors import TcacheError
 
 MANIFEST = "manifest.json"
 BUILD_STATE = "build-state.json"
@@ -166,12 +166,3 @@ def free_bytes(path: Path) -> int:
     while not p.exists():
         p = p.parent
     return shutil.disk_usage(p).free
-
-
-def fmt_bytes(n: float, digits: int = 1) -> str:
-    """1536 -> '1.5 KiB' (binary units, as free space is reported)."""
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if abs(n) < 1024 or unit == "TiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.{digits}f} {unit}"
-        n /= 1024
-    return f"{n:.{digits}f} TiB"

@@ -22,7 +22,7 @@ from typing import Iterable, Iterator
 
 import numpy as np
 
-from teachercache.errors import TcacheError
+from tcache.errors import TcacheError
 
 # Extension -> `datasets` packaged builder. Compression suffixes are stripped first.
 _BUILDERS = {".json": "json", ".jsonl": "json", ".txt": "text", ".parquet": "parquet", ".csv": "csv"}

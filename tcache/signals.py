@@ -12,7 +12,7 @@ import contextlib
 import signal
 import threading
 
-from teachercache.errors import Interrupted
+from tcache.errors import Interrupted
 
 SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
