@@ -18,7 +18,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from tcache.teachercache import schema  # noqa: E402
+from tcache.teachercache.codecs import encode_hidden  # noqa: E402
 from tcache.teachercache.teacher import TeacherPass, topk_logprobs  # noqa: E402
 from tcache.hf import load_teacher  # noqa: E402
 
@@ -67,8 +67,8 @@ def main() -> None:
         res["topk_bf16_only_ms"] = ms(lambda: torch.topk(logits, K, -1))
         res["logsumexp_fp32_ms"] = ms(lambda: torch.logsumexp(logits.float(), -1))
         h = torch.randn(B, T, 1, model.config.hidden_size, device="cuda")
-        res["encode_int8_ms"] = ms(lambda: schema.encode_hidden(h, "int8"))
-        res["encode_nf4_ms"] = ms(lambda: schema.encode_hidden(h, "nf4"))
+        res["encode_int8_ms"] = ms(lambda: encode_hidden(h, "int8"))
+        res["encode_nf4_ms"] = ms(lambda: encode_hidden(h, "nf4"))
 
         def two_stage():  # top-k of per-block top-k's: exact, fewer elements in the final selection
             n = logits.shape[-1] // 1024 * 1024
@@ -80,7 +80,7 @@ def main() -> None:
 
         if V % 1024 == 0:
             res["topk_two_stage_ms"] = ms(two_stage)
-        enc = schema.encode_hidden(h, "int8")
+        enc = encode_hidden(h, "int8")
         lp, tid = topk_logprobs(logits, K)
         fields = {**enc, "lp": lp.half(), "ids": tid.int(), "in": ids}
 

@@ -40,6 +40,7 @@ from tcache.student.train import (DistillConfig, distill, forward_backward, make
                                   plan_budget, student_config)
 from tcache.units import parse_bytes  # noqa: E402
 from tcache.teachercache import schema  # noqa: E402
+from tcache.teachercache.manifest import load_manifest  # noqa: E402
 from tcache.teachercache.config import BuildConfig  # noqa: E402
 from tcache.teachercache.build import build  # noqa: E402
 from tcache.text import DataSpec  # noqa: E402
@@ -73,7 +74,7 @@ def gib(n: int) -> float:
 def step_rate(cfg: DistillConfig, batches: list[dict], warmup: int, steps: int, profile: Path | None = None) -> dict:
     """tokens/s and peak memory of the training step on in-GPU batches; `warmup` and `steps` count
     micro-batches, with an optimizer step after every cfg.grad_accum of them."""
-    manifest = schema.load_manifest(cfg.cache)
+    manifest = load_manifest(cfg.cache)
     scfg = student_config(cfg, manifest)
     mk, sb = resolve_kernels(scfg, DEVICE, parse_bytes(cfg.max_gpu_memory) if cfg.max_gpu_memory else None)
     reset_peak()
@@ -179,7 +180,7 @@ def main() -> None:
     if a.single:  # one distill run in this fresh process
         print("RESULT " + json.dumps(run_distill(replace(base, **json.loads(a.single)), min(5, a.steps - 1))))
         return
-    groups = plan_budget(base, schema.load_manifest(cache)).groups
+    groups = plan_budget(base, load_manifest(cache)).groups
     batches = gpu_batches(str(cache), groups, 4)
     res: dict = {"shape": a.shape, "recipe": base.recipe, "batch": [B, T], "precision": "fp16",
                  "build_s": round(build_s, 1), "step": {}}

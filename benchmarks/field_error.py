@@ -23,6 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from tcache.student import losses  # noqa: E402
 from tcache.student.io import load_student  # noqa: E402
 from tcache.teachercache import schema  # noqa: E402
+from tcache.teachercache.codecs import decode_hidden, encode_hidden  # noqa: E402
 from tcache.text import DataSpec, iter_texts, pack_rows  # noqa: E402
 from tcache.teachercache.teacher import TeacherPass  # noqa: E402
 from tcache.hf import load_teacher  # noqa: E402
@@ -55,8 +56,8 @@ def main() -> None:
                 for tail in losses.KD_TAILS:
                     ref[f"kd_T{T:g}_{tail}"] = float(losses.kd_loss(logits, tgt.topk_logprobs, tgt.topk_ids, T, tail))
             for name, dtype in schema.HIDDEN_DTYPES.items():
-                enc = {k: v.numpy() for k, v in schema.encode_hidden(tgt.hidden, dtype).items()}
-                h = torch.from_numpy(schema.decode_hidden(enc, dtype)).reshape(tgt.hidden.shape)
+                enc = {k: v.numpy() for k, v in encode_hidden(tgt.hidden, dtype).items()}
+                h = torch.from_numpy(decode_hidden(enc, dtype)).reshape(tgt.hidden.shape)
                 err = abs(float(losses.align_loss(h_s, h)) - ref["align"]) / ref["align"]
                 acc.setdefault(f"hidden={name}: align", []).append(err)
                 acc.setdefault(f"hidden={name}: hidden rel. RMS error", []).append(

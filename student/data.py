@@ -7,6 +7,8 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from tcache.teachercache import schema
+from tcache.teachercache.codecs import decode_hidden
+from tcache.teachercache.manifest import load_manifest
 from tcache.errors import TcacheError
 from tcache.teachercache.reader import CacheReader
 
@@ -17,7 +19,7 @@ class CacheRows(Dataset):
 
     def __init__(self, cache_dir: str, with_hidden: bool = True, with_targets: bool = True):
         fields = [schema.INPUT_IDS] + ([schema.TOPK_LOGPROBS, schema.TOPK_IDS] if with_targets else [])
-        probe = schema.load_manifest(cache_dir)
+        probe = load_manifest(cache_dir)
         if with_targets and with_hidden and schema.HIDDEN in probe.fields:
             fields += [schema.HIDDEN, schema.HIDDEN_SCALE]  # the reader drops fields a cache lacks
         self.hidden_dtype = probe.fields.get(schema.HIDDEN, {}).get("dtype")
@@ -36,7 +38,7 @@ class CacheRows(Dataset):
             out[schema.TOPK_LOGPROBS] = torch.from_numpy(row[schema.TOPK_LOGPROBS].astype(np.float32))
             out[schema.TOPK_IDS] = torch.from_numpy(row[schema.TOPK_IDS].astype(np.int64))
         if schema.HIDDEN in row:
-            h = schema.decode_hidden(row, self.hidden_dtype).astype(np.float16)
+            h = decode_hidden(row, self.hidden_dtype).astype(np.float16)
             out[schema.HIDDEN] = torch.from_numpy(h.reshape(h.shape[0], self.groups, -1))  # (T, G, D)
         return out
 

@@ -23,6 +23,7 @@ from tcache.student.model import Student, StudentConfig, recipe_sizes, resolve_k
 from tcache.student.schedules import Anneal, annealed, lr_at
 from tcache import outdir
 from tcache.teachercache import schema
+from tcache.teachercache.manifest import Manifest, load_manifest
 from tcache.units import parse_bytes
 from tcache.errors import Interrupted, TcacheError
 from tcache.teachercache.reader import ShardHasher
@@ -226,7 +227,7 @@ def resolve_precision(precision: str, device: torch.device) -> torch.dtype:
     return resolve_dtype(precision, device, flag="--precision")
 
 
-def student_config(cfg: DistillConfig, manifest: schema.Manifest) -> StudentConfig:
+def student_config(cfg: DistillConfig, manifest: Manifest) -> StudentConfig:
     t = manifest.teacher
     blocks, heads, slstm_at = recipe_sizes(cfg.recipe, manifest.num_layers, int(t.get("num_attention_heads") or 0))
     if cfg.blocks is not None and cfg.slstm_at is None and cfg.recipe == "v1":
@@ -242,7 +243,7 @@ def student_config(cfg: DistillConfig, manifest: schema.Manifest) -> StudentConf
     )
 
 
-def plan_budget(cfg: DistillConfig, manifest: schema.Manifest) -> Plan:
+def plan_budget(cfg: DistillConfig, manifest: Manifest) -> Plan:
     micro_per_epoch = manifest.rows // cfg.batch_size
     if micro_per_epoch < 1:
         raise TcacheError(f"the cache has {manifest.rows} rows, fewer than --batch-size {cfg.batch_size}; lower it")
@@ -258,7 +259,7 @@ def plan_budget(cfg: DistillConfig, manifest: schema.Manifest) -> Plan:
     return Plan(micro_per_epoch, total_steps * cfg.grad_accum, total_steps, manifest.seq_len, groups)
 
 
-def cache_identity(manifest: schema.Manifest) -> str:
+def cache_identity(manifest: Manifest) -> str:
     """What a resumed run must train on: the cache's shard hashes, fields and teacher (not its path)."""
     import hashlib
 
@@ -401,7 +402,7 @@ def _truncate_metrics(path: Path, step: int) -> None:
     os.replace(tmp, path)
 
 
-def _online_teacher(cfg: DistillConfig, manifest: schema.Manifest, device: torch.device) -> TeacherPass:
+def _online_teacher(cfg: DistillConfig, manifest: Manifest, device: torch.device) -> TeacherPass:
     """The build's own teacher pass, so online targets come from the code that made the cache."""
     model, tokenizer = load_teacher(cfg.online_teacher, device, resolve_dtype("auto", device))
     if tokenizer_sha256(tokenizer) != manifest.tokenizer["sha256"]:
@@ -530,7 +531,7 @@ def distill(cfg: DistillConfig, on_start: Callable[[dict], None] | None = None,
     shard's sha256 is checked in a background thread while training reads it; no checkpoint or student is
     saved before its shards have passed."""
     with stop_on_signals(graceful=True) as stop:
-        manifest = schema.load_manifest(cfg.cache)
+        manifest = load_manifest(cfg.cache)
         hasher = ShardHasher(cfg.cache, manifest)
         try:
             return _distill(cfg, manifest, hasher, stop, on_start, on_step, warn or (lambda msg: None))
@@ -538,7 +539,7 @@ def distill(cfg: DistillConfig, on_start: Callable[[dict], None] | None = None,
             hasher.close()
 
 
-def _distill(cfg: DistillConfig, manifest: schema.Manifest, hasher: ShardHasher, stop, on_start, on_step,
+def _distill(cfg: DistillConfig, manifest: Manifest, hasher: ShardHasher, stop, on_start, on_step,
              warn: Callable[[str], None]) -> dict:
     # 1. setup: everything that can be refused is refused before the first write
     device = resolve_device(cfg.device)

@@ -20,7 +20,8 @@ from tcache import outdir
 from tcache.units import fmt_bytes
 from tcache.errors import Interrupted, TcacheError
 from tcache.teachercache.pipeline import AsyncWriter, Prefetcher, batched_rows
-from tcache.teachercache.schema import Manifest
+from tcache.teachercache.codecs import encode_fields
+from tcache.teachercache.manifest import Manifest, fields_record
 from tcache.teachercache.teacher import TeacherPass
 from tcache.hf import load_config, load_model, load_tokenizer, num_layers, text_config, tokenizer_sha256
 from tcache.device import resolve_device, resolve_dtype
@@ -278,7 +279,7 @@ def _build(cfg: BuildConfig, work: Path, ts: TeacherSetup, pool: TokenizerPool |
         vocab_size=vocab_size, hidden_size=hidden_size, num_layers=num_layers(config), seq_len=cfg.seq_len,
         top_k=cfg.top_k, hidden_groups=cfg.hidden_groups, layer_groups=groups,
         rows_per_shard=cfg.rows_per_shard, tokens_requested=cfg.tokens,
-        fields=schema.fields_record(specs),
+        fields=fields_record(specs),
     )
 
     # 2. fit: rows are tokenised ahead in a thread, the teacher runs, shards are written behind it
@@ -303,7 +304,7 @@ def _build(cfg: BuildConfig, work: Path, ts: TeacherSetup, pool: TokenizerPool |
                         ids = ids.pin_memory().to(device, non_blocking=True)
                     ids = ids.to(device=device, dtype=torch.long)
                     tgt = teacher(ids)
-                    fields = schema.encode_fields(ids, tgt.hidden, tgt.topk_logprobs, tgt.topk_ids, specs)
+                    fields = encode_fields(ids, tgt.hidden, tgt.topk_logprobs, tgt.topk_ids, specs)
                     if skip:
                         fields = {k: v[skip:] for k, v in fields.items()}  # (B - skip, ...)
                     sink.put(fields)

@@ -16,7 +16,8 @@ from tcache.teachercache.build import auto_batch_size, bytes_needed, setup_teach
 from tcache.text import iter_texts, pack_rows
 from tcache.errors import TcacheError
 from tcache.teachercache.pipeline import batched_rows
-from tcache.teachercache.schema import Manifest
+from tcache.teachercache.codecs import encode_fields
+from tcache.teachercache.manifest import Manifest, fields_record
 from tcache.teachercache.teacher import TeacherPass
 from tcache.teachercache.writer import BuildState, CacheWriter
 
@@ -45,7 +46,7 @@ def plan(cfg: BuildConfig, measure_batches: int = 3) -> dict:
             t0 = time.perf_counter()
         ids = torch.from_numpy(b).to(device)
         tgt = tp(ids)
-        fields = schema.encode_fields(ids, tgt.hidden, tgt.topk_logprobs, tgt.topk_ids, specs)
+        fields = encode_fields(ids, tgt.hidden, tgt.topk_logprobs, tgt.topk_ids, specs)
         encoded.append({k: v.cpu().numpy() for k, v in fields.items()})
     sync()
     timed = batches[1:] or batches
@@ -59,7 +60,7 @@ def plan(cfg: BuildConfig, measure_batches: int = 3) -> dict:
                             seq_len=cfg.seq_len, top_k=cfg.top_k, hidden_groups=cfg.hidden_groups,
                             layer_groups=groups, rows_per_shard=sum(len(e[schema.INPUT_IDS]) for e in encoded),
                             tokens_requested=0,
-                            fields=schema.fields_record(specs))
+                            fields=fields_record(specs))
         t = time.perf_counter()
         with CacheWriter(Path(tmp) / "c", manifest, BuildState({}, batch_size)) as w:
             for e in encoded:

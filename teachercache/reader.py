@@ -15,7 +15,7 @@ import numpy as np
 
 from tcache.teachercache import schema
 from tcache.errors import TcacheError
-from tcache.teachercache.schema import Manifest
+from tcache.teachercache.manifest import Manifest, load_manifest
 
 
 class CacheReader:
@@ -24,7 +24,7 @@ class CacheReader:
 
     def __init__(self, cache_dir: str | os.PathLike, fields: tuple[str, ...] = schema.FIELDS):
         self.root = Path(cache_dir)
-        self.manifest: Manifest = schema.load_manifest(self.root)
+        self.manifest: Manifest = load_manifest(self.root)
         self.fields = tuple(f for f in fields if f in self.manifest.fields)
         self._starts = np.cumsum([0] + [s.rows for s in self.manifest.shards]).tolist()
         self._files: dict[int, h5py.File] = {}
@@ -84,7 +84,7 @@ class CacheReader:
     def verify(self) -> None:
         """Recompute every shard's sha256 against the manifest."""
         for shard in self.manifest.shards:
-            digest = schema.sha256_file(self.root / shard.file)
+            digest = hash_file(self.root / shard.file)
             if digest != shard.sha256:
                 raise TcacheError(f"{self.root}: shard {shard.file} fails its sha256 check; rebuild the cache")
 
@@ -139,7 +139,7 @@ class ShardHasher:
 
     def __init__(self, cache_dir: str | os.PathLike, manifest: Manifest | None = None):
         self.root = Path(cache_dir)
-        self.manifest = manifest if manifest is not None else schema.load_manifest(self.root)
+        self.manifest = manifest if manifest is not None else load_manifest(self.root)
         self.checked = 0  # shards whose sha256 matched
         self._error: str | None = None
         self._stop = threading.Event()

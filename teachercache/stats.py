@@ -9,6 +9,7 @@ import h5py
 import numpy as np
 
 from tcache.teachercache import schema
+from tcache.teachercache.codecs import decode_hidden
 from tcache.teachercache.reader import CacheReader
 
 PERCENTILES = (1, 5, 50, 95, 99)
@@ -41,7 +42,7 @@ def cache_stats(cache_dir: str | os.PathLike, max_rows: int = 256) -> dict:
         lp = row[schema.TOPK_LOGPROBS].astype(np.float64)  # (T, k)
         mass.append(np.exp(lp).sum(-1))  # (T,)
         if schema.HIDDEN in row:
-            h = schema.decode_hidden(row, m.fields[schema.HIDDEN]["dtype"]).astype(np.float64)
+            h = decode_hidden(row, m.fields[schema.HIDDEN]["dtype"]).astype(np.float64)
             h = h.reshape(m.seq_len, m.hidden_groups, m.hidden_size)  # (T, G, D)
             sq_sum += (h**2).sum(axis=(0, 2))  # (G,)
             sq_n += m.seq_len * m.hidden_size

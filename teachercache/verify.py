@@ -13,7 +13,8 @@ import numpy as np
 from tcache.teachercache import schema
 from tcache.errors import TcacheError
 from tcache.teachercache.reader import hash_file
-from tcache.teachercache.schema import Manifest
+from tcache.teachercache.codecs import decode_hidden
+from tcache.teachercache.manifest import Manifest, ShardInfo, load_manifest
 
 # fp16 rounds a log-prob just below 0 to at most this much above it.
 LOGPROB_SLACK = 1e-3
@@ -28,7 +29,7 @@ def _load(root: Path) -> Manifest:
     """The manifest, also when load_manifest refuses it only for missing or resized shards: those are
     what verify reports shard by shard (load_manifest stops at the first)."""
     try:
-        return schema.load_manifest(root)
+        return load_manifest(root)
     except TcacheError as e:
         try:
             raw = json.loads((root / schema.MANIFEST_FILE).read_text())
@@ -88,14 +89,14 @@ def _check_values(f: h5py.File, m: Manifest, rows: int, present: set[str]) -> li
                 flag("scale", f"hidden_scale not finite or negative (row {_first(bad, start)})")
         if schema.HIDDEN in data and (schema.HIDDEN_SCALE in data or schema.HIDDEN_SCALE not in specs):
             with np.errstate(all="ignore"):  # inf * 0 and friends: what we are looking for, not a warning
-                h = schema.decode_hidden(data, hidden_dtype)
+                h = decode_hidden(data, hidden_dtype)
             bad = ~np.isfinite(h)
             if bad.any():
                 flag("hidden", f"hidden not finite (row {_first(bad, start)})")
     return list(problems.values())
 
 
-def _check_shard(root: Path, m: Manifest, shard: schema.ShardInfo, on_bytes: Callable[[int], None]) -> dict:
+def _check_shard(root: Path, m: Manifest, shard: ShardInfo, on_bytes: Callable[[int], None]) -> dict:
     path = root / shard.file
     report: dict[str, Any] = {"file": shard.file, "rows": shard.rows, "bytes": shard.bytes, "ok": False,
                               "problems": []}

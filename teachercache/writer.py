@@ -26,7 +26,9 @@ import numpy as np
 from tcache.teachercache import schema
 from tcache.errors import TcacheError
 from tcache.outdir import BUILD_STATE, free_bytes, fsync_dir
-from tcache.teachercache.schema import FieldSpec, Manifest, ShardInfo
+from tcache.teachercache.manifest import Manifest, ShardInfo
+from tcache.teachercache.reader import hash_file
+from tcache.teachercache.schema import FieldSpec
 
 STATE_FORMAT = "tcache-build-state"
 
@@ -165,7 +167,7 @@ class CacheWriter:
                 part = batch[name][start:start + take]
                 store = np.dtype(spec.storage_dtype)
                 if part.dtype != store and part.dtype.kind in "iu" and part.dtype.itemsize == store.itemsize:
-                    part = part.view(store)  # int16 bits of uint16 ids (schema.encode_fields)
+                    part = part.view(store)  # int16 bits of uint16 ids (codecs.encode_fields)
                 self._file[name][lo:hi] = part.astype(store, copy=False)
                 self.bytes_written += take * spec.bytes_per_row
             self._rows_in_shard = hi
@@ -186,7 +188,7 @@ class CacheWriter:
             fut.result()
         for info in self.manifest.shards:
             if not info.sha256:  # adopted from a resumed state before its hash was recorded
-                info.sha256 = schema.sha256_file(self.out_dir / info.file)
+                info.sha256 = hash_file(self.out_dir / info.file)
 
     def add_teacher_file(self, relpath: str) -> Path:
         """Where the caller writes a teacher file under the cache (config, tokenizer, embeddings)."""
@@ -266,12 +268,12 @@ class CacheWriter:
         self._hashes.append(self._hasher.submit(self._hash, info))
 
     def _hash(self, info: ShardInfo) -> None:
-        info.sha256 = schema.sha256_file(self.out_dir / info.file)
+        info.sha256 = hash_file(self.out_dir / info.file)
         self._save_state()
 
     def _write_manifest(self) -> None:
         for rel in sorted(self._teacher_relpaths()):
-            self.manifest.teacher_files[rel] = schema.sha256_file(self.out_dir / rel)
+            self.manifest.teacher_files[rel] = hash_file(self.out_dir / rel)
         tmp = self.out_dir / (schema.MANIFEST_FILE + schema.PARTIAL_SUFFIX)
         tmp.write_text(self.manifest.to_json())
         os.replace(tmp, self.out_dir / schema.MANIFEST_FILE)

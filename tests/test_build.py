@@ -11,9 +11,11 @@ import pytest
 from independent_check import check_cache, read_cache
 from conftest import build_cache
 from tcache.teachercache import schema
+from tcache.teachercache.codecs import decode_hidden
+from tcache.teachercache.manifest import load_manifest
 from tcache.units import parse_count
 from tcache.errors import TcacheError
-from tcache.teachercache.reader import CacheReader
+from tcache.teachercache.reader import CacheReader, hash_file
 
 
 def test_shared_teacher_cache_matches_transformers(shared_cache, teacher_dir, valid_jsonl):
@@ -33,7 +35,7 @@ def test_manifest_describes_the_shards(shared_cache):
     assert manifest["layer_groups"] == [[0, 8]]
     assert "hidden_states[1:]" in manifest["hidden_source"]
     for rel, digest in manifest["teacher_files"].items():
-        assert schema.sha256_file(shared_cache / rel) == digest
+        assert hash_file(shared_cache / rel) == digest
     assert {"teacher/config.json", "teacher/embeddings.safetensors", "teacher/tokenizer.json"} <= set(
         manifest["teacher_files"])
     assert not list(shared_cache.glob("*.partial"))
@@ -67,7 +69,7 @@ def test_every_field_dtype_matches_transformers(tmp_path, tiny_teacher, valid_js
     assert check_cache(out, tiny_teacher, valid_jsonl)["rows_checked"] == 2
     with CacheReader(out) as r:  # the library's decoding agrees with the raw values
         row = r.row(1)
-        h = schema.decode_hidden(row, m.fields["hidden"]["dtype"])
+        h = decode_hidden(row, m.fields["hidden"]["dtype"])
     assert h.shape == (64, 2, 32) and h.dtype == np.float32
 
 
@@ -78,7 +80,7 @@ def test_version_1_caches_stay_readable(tmp_path, tiny_teacher, valid_jsonl):
     m = json.loads((out / "manifest.json").read_text())
     m["schema_version"] = 1
     (out / "manifest.json").write_text(json.dumps(m))
-    assert schema.load_manifest(out).schema_version == 1
+    assert load_manifest(out).schema_version == 1
 
 
 def test_groups_and_full_vocab_on_tiny_teacher(tmp_path, tiny_teacher, valid_jsonl):
@@ -134,7 +136,7 @@ def test_failed_build_leaves_resumable_state_and_no_cache(tmp_path, tiny_teacher
     assert not (out / schema.MANIFEST_FILE).exists() and (out / "build-state.json").exists()
     assert sorted(p.name for p in out.glob("shard-*")) == ["shard-00000.h5", "shard-00001.h5"]
     with pytest.raises(TcacheError, match="no manifest.json"):
-        schema.load_manifest(out)
+        load_manifest(out)
     monkeypatch.setattr(build_mod.TeacherPass, "__call__", real)
     resumed = build_cache(out, tiny_teacher, valid_jsonl, resume=True, **kw)
     full = build_cache(tmp_path / "full", tiny_teacher, valid_jsonl, **kw)

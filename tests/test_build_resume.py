@@ -16,6 +16,7 @@ import pytest
 
 from conftest import REPO, text_head
 from tcache.teachercache import schema
+from tcache.teachercache.manifest import load_manifest
 from test_cli_build import assert_clean_error, run
 
 # A build slow enough on CPU to be stopped at many points: the shared teacher, 28 rows of 128 tokens in
@@ -119,9 +120,9 @@ def test_kill_9_at_ten_points_then_resume_is_byte_identical(tmp_path, teacher_di
     assert kills == 10
     r = run(*args, "--resume")
     assert r.exit_code == 0, r.output
-    resumed = schema.load_manifest(out)
-    assert [s.sha256 for s in resumed.shards] == [s.sha256 for s in schema.load_manifest(reference).shards]
-    assert resumed.teacher_files == schema.load_manifest(reference).teacher_files
+    resumed = load_manifest(out)
+    assert [s.sha256 for s in resumed.shards] == [s.sha256 for s in load_manifest(reference).shards]
+    assert resumed.teacher_files == load_manifest(reference).teacher_files
     assert not (out / "build-state.json").exists() and not list(out.glob("*.partial"))
 
 
@@ -141,7 +142,7 @@ def test_signal_stops_cleanly_and_prints_the_resume_command(tmp_path, teacher_di
     assert not (out / schema.MANIFEST_FILE).exists() and not list(out.glob("*.partial"))
     r = run(*args, "--resume")
     assert r.exit_code == 0, r.output
-    assert [s.sha256 for s in schema.load_manifest(out).shards] == [s.sha256 for s in schema.load_manifest(reference).shards]
+    assert [s.sha256 for s in load_manifest(out).shards] == [s.sha256 for s in load_manifest(reference).shards]
 
 
 def test_resume_refuses_other_options_and_needs_a_state(tmp_path, teacher_dir, small_text):
@@ -173,7 +174,7 @@ def test_interrupted_overwrite_keeps_the_old_cache(tmp_path, teacher_dir, small_
     cache replaces it."""
     out = tmp_path / "cache"
     shutil.copytree(reference, out)
-    old = {s.file: s.sha256 for s in schema.load_manifest(out).shards}
+    old = {s.file: s.sha256 for s in load_manifest(out).shards}
     args = build_args(teacher_dir, small_text, out, "--overwrite", "--top-k", 4)
     args.remove("--top-k"), args.remove(8)
     proc = spawn(args)
@@ -182,11 +183,11 @@ def test_interrupted_overwrite_keeps_the_old_cache(tmp_path, teacher_dir, small_
     assert proc.returncode == 128 + sig
     from tcache.teachercache.verify import verify_cache
 
-    m = schema.load_manifest(out)
+    m = load_manifest(out)
     assert verify_cache(out)["ok"] and {s.file: s.sha256 for s in m.shards} == old and m.top_k == 8
     r = run(*args, "--resume")
     assert r.exit_code == 0, r.output
-    assert schema.load_manifest(out).top_k == 4 and not (out.parent / ".cache.tcache-new").exists()
+    assert load_manifest(out).top_k == 4 and not (out.parent / ".cache.tcache-new").exists()
 
 
 def test_no_room_refused_up_front_and_full_disk_is_one_line(tmp_path, tiny_teacher, small_text, monkeypatch):

@@ -9,6 +9,7 @@ from click.testing import CliRunner
 
 from tcache.cli.main import main
 from tcache.teachercache import schema
+from tcache.teachercache.manifest import load_manifest
 
 
 def run(*args):
@@ -134,7 +135,7 @@ def test_tokens_beyond_data_builds_what_there_is(tmp_path, tiny_teacher):
             "--top-k", 4, "--out", out)
     assert r.exit_code == 0, r.output
     assert "held only" in r.output
-    m = schema.load_manifest(out)
+    m = load_manifest(out)
     assert m.data_exhausted and m.tokens_requested == 10**6
     assert 0 < m.tokens < 5 * 20 * 12 and m.tokens % 64 == 0
 
@@ -158,7 +159,7 @@ def test_out_not_empty_needs_overwrite_and_overwrite_replaces_only_caches(tmp_pa
     assert_clean_error(run(*tiny_args, "--tokens", "192", "--out", out), "--out", "tcache cache", "--overwrite")
     r = run(*tiny_args, "--tokens", "192", "--out", out, "--overwrite")
     assert r.exit_code == 0, r.output
-    assert schema.load_manifest(out).rows == 3 and not (tmp_path / ".c.tcache-new").exists()
+    assert load_manifest(out).rows == 3 and not (tmp_path / ".c.tcache-new").exists()
 
 
 def test_stats_on_a_directory_that_is_not_a_cache(tmp_path):

@@ -17,7 +17,8 @@ from tcache.student.io import load_student, load_teacher_parts
 from tcache.student.model import Student
 from tcache.student.train import DistillConfig, distill, student_config
 from tcache.student.schedules import Anneal
-from tcache.teachercache import schema
+from tcache.teachercache.codecs import decode_hidden
+from tcache.teachercache.manifest import load_manifest
 from tcache.teachercache.reader import CacheReader
 from test_cli_build import assert_clean_error
 
@@ -42,8 +43,8 @@ def losses_on(model, cache, rows, T=1.0):
         logits, h = model(ids, groups=1)
         lp = torch.from_numpy(b["topk_logprobs"])
         top = torch.from_numpy(b["topk_ids"].astype(np.int64))
-        m = schema.load_manifest(cache)
-        th = torch.from_numpy(schema.decode_hidden(b, m.fields["hidden"]["dtype"])).unsqueeze(2)  # (B, T, 1, D)
+        m = load_manifest(cache)
+        th = torch.from_numpy(decode_hidden(b, m.fields["hidden"]["dtype"])).unsqueeze(2)  # (B, T, 1, D)
         return {"ce": float(losses.ce_loss(logits, ids)), "kd": float(losses.kd_loss(logits, lp, top, T)),
                 "align": float(losses.align_loss(h, th))}
 
@@ -52,7 +53,7 @@ def test_short_distill_lowers_every_loss_term(tmp_path, shared_cache):
     """v1 student (sLSTM + mLSTM) from the shared pretrained teacher's cache: each term falls."""
     cfg = DistillConfig(cache=str(shared_cache), out=str(tmp_path / "s"), steps=40, batch_size=4, grad_accum=1,
                         lr=2e-3, warmup=0.05, seed=0)
-    manifest = schema.load_manifest(shared_cache)
+    manifest = load_manifest(shared_cache)
     torch.manual_seed(cfg.seed)  # the init distill() starts from
     init = Student(student_config(cfg, manifest))
     init.load_teacher_parts(load_teacher_parts(shared_cache))
@@ -76,7 +77,7 @@ def test_alignment_weight_drives_alignment(tmp_path, tiny_cache):
     cfg = DistillConfig(cache=str(tiny_cache), out=str(tmp_path / "s"), steps=30, batch_size=4, grad_accum=1,
                         lr=3e-3, alpha=Anneal(0.0, 0.0), beta=Anneal(0.9, 0.9), seed=0)
     torch.manual_seed(0)
-    init = Student(student_config(cfg, schema.load_manifest(tiny_cache)))
+    init = Student(student_config(cfg, load_manifest(tiny_cache)))
     init.load_teacher_parts(load_teacher_parts(tiny_cache))
     before = losses_on(init.eval(), tiny_cache, rows=8)
     distill(cfg)

@@ -16,7 +16,7 @@ import pytest
 
 from conftest import REPO, build_cache
 from tcache.student.train import DistillConfig, distill
-from tcache.teachercache import schema
+from tcache.teachercache.manifest import load_manifest
 from test_cli_build import assert_clean_error, run
 
 
@@ -113,7 +113,7 @@ def test_overwrite_refuses_foreign_files_and_the_input_cache(tmp_path, cache):
     assert_clean_error(run(*cli_args(cache, cache, "--overwrite")), "inside the input cache")
     assert_clean_error(run(*cli_args(cache, cache / "sub", "--overwrite")), "inside the input cache")
     assert_clean_error(run(*cli_args(cache, cache.parent, "--overwrite")), "contains the input cache")
-    schema.load_manifest(cache)  # still a cache
+    load_manifest(cache)  # still a cache
     from tcache.teachercache.verify import verify_cache
 
     assert all(s["ok"] for s in verify_cache(cache)["shards"])

@@ -16,8 +16,9 @@ from tcache.cli.errors import friendly_errors
 from tcache.cli.main import main
 from tcache.student.data import CacheRows
 from tcache.teachercache import schema
+from tcache.teachercache.manifest import load_manifest
 from tcache.errors import TcacheError
-from tcache.teachercache.reader import CacheReader, ShardHasher
+from tcache.teachercache.reader import CacheReader, ShardHasher, hash_file
 from tcache.teachercache.verify import verify_cache
 from test_cli_build import assert_clean_error
 
@@ -35,7 +36,7 @@ def cache(tmp_path, shared_cache):
 
 
 def shard_files(cache) -> list[str]:
-    return [s.file for s in schema.load_manifest(cache).shards]
+    return [s.file for s in load_manifest(cache).shards]
 
 
 def rewrite(cache, shard: str, edit) -> None:
@@ -47,7 +48,7 @@ def rewrite(cache, shard: str, edit) -> None:
     for s in m["shards"]:
         if s["file"] == shard:
             s["bytes"] = (cache / shard).stat().st_size
-            s["sha256"] = schema.sha256_file(cache / shard)
+            s["sha256"] = hash_file(cache / shard)
     (cache / schema.MANIFEST_FILE).write_text(json.dumps(m))
 
 
@@ -68,7 +69,7 @@ def test_good_cache_verifies(shared_cache):
     seen = []
     verify_cache(shared_cache, on_progress=lambda done, total: seen.append((done, total)))
     assert seen and seen[-1][0] == seen[-1][1] and [d for d, _ in seen] == sorted(d for d, _ in seen)
-    with ShardHasher(shared_cache, schema.load_manifest(shared_cache)) as h:
+    with ShardHasher(shared_cache, load_manifest(shared_cache)) as h:
         h.wait()
         assert h.done and h.checked == 3
         h.check()
@@ -89,7 +90,7 @@ def test_a_flipped_byte_names_exactly_that_shard(cache):
         assert all(other not in error for other in files if other != shard), error
         report = json.loads(run("verify", cache, "--json").output.split("\nError:")[0])
         assert bad_files(report) == [shard] and "sha256 mismatch" in report["shards"][files.index(shard)]["problems"]
-        h = ShardHasher(cache, schema.load_manifest(cache))
+        h = ShardHasher(cache, load_manifest(cache))
         with pytest.raises(TcacheError, match=rf"shard {shard} fails its sha256 check.*tcache verify"):
             h.wait()
         assert h.done and h.checked == files.index(shard)
@@ -100,7 +101,7 @@ def test_a_flipped_byte_names_exactly_that_shard(cache):
 
 
 def test_check_never_blocks_and_close_stops(cache):
-    h = ShardHasher(cache, schema.load_manifest(cache))
+    h = ShardHasher(cache, load_manifest(cache))
     h.check()  # whatever has been hashed so far is fine
     h.close()
     assert h.done
@@ -139,7 +140,7 @@ def test_a_changed_teacher_file_is_named(cache):
 
 @pytest.mark.parametrize("field", [schema.INPUT_IDS, schema.TOPK_IDS])
 def test_ids_out_of_range(cache, field):
-    vocab = schema.load_manifest(cache).vocab_size
+    vocab = load_manifest(cache).vocab_size
 
     def edit(f):
         f[field][3, 7, ...] = vocab  # shard-00001.h5 row 3 = cache row 8
