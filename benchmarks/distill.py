@@ -7,7 +7,8 @@ A random-weight teacher of the shape (benchmarks/shapes.py) builds a small cache
 the student is the recipe's (smollm2-360m: v2, 32 mLSTM blocks, D 960, 16 heads; qwen2.5-1.5b: v1, 14
 alternating sLSTM/mLSTM blocks, D 1536) trained on CE + top-64 KD + alignment (alpha 0.5, beta 0.1),
 fp16 autocast, batch 8 x 512, no accumulation. Measured, in this order, one at a time on the GPU:
-  step      forward_backward + optimizer_step of student/train.py on batches already in GPU memory;
+  step      the library's training step (setup() -> Trainer.micro_step + optimizer_step) on batches
+            already in GPU memory;
             with --variants: today's path (parallel mLSTM, full logits), the fused chunked CE+KD, the
             Triton chunkwise mLSTM kernel, torch.compile of the blocks (with CUDA graphs)
   disk      `distill()` reading the on-disk cache (loader workers, pinned memory), the step's settings
@@ -27,6 +28,7 @@ import sys
 import time
 from dataclasses import replace
 from pathlib import Path
+from typing import Callable
 
 import torch
 
@@ -34,11 +36,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.shapes import make_teacher  # noqa: E402
 from tcache.student.data import CacheRows  # noqa: E402
-from tcache.student.model import resolve_kernels  # noqa: E402
+from tcache.student.config import DistillConfig, plan_budget  # noqa: E402
 from tcache.student.schedules import Anneal  # noqa: E402
-from tcache.student.train import (DistillConfig, distill, forward_backward, make_student, optimizer_step,  # noqa: E402
-                                  plan_budget, student_config)
-from tcache.units import parse_bytes  # noqa: E402
+from tcache.student.train import Trainer, distill, setup  # noqa: E402
 from tcache.teachercache import schema  # noqa: E402
 from tcache.teachercache.manifest import load_manifest  # noqa: E402
 from tcache.teachercache.config import BuildConfig  # noqa: E402
@@ -71,21 +71,15 @@ def gib(n: int) -> float:
     return round(n / 2**30, 3)
 
 
-def step_rate(cfg: DistillConfig, batches: list[dict], warmup: int, steps: int, profile: Path | None = None) -> dict:
-    """tokens/s and peak memory of the training step on in-GPU batches; `warmup` and `steps` count
-    micro-batches, with an optimizer step after every cfg.grad_accum of them."""
-    manifest = load_manifest(cfg.cache)
-    scfg = student_config(cfg, manifest)
-    mk, sb = resolve_kernels(scfg, DEVICE, parse_bytes(cfg.max_gpu_memory) if cfg.max_gpu_memory else None)
-    reset_peak()
-    model, params, opt, scaler = make_student(cfg, scfg, mk, sb, DEVICE, AMP)
-    groups = plan_budget(cfg, manifest).groups
+def time_steps(tr: Trainer, batches: list[dict], warmup: int, steps: int) -> tuple[float, float, Callable]:
+    """(warm-up seconds, timed seconds, one-micro-batch fn) of the library's own training step (Trainer from
+    setup(): forward, loss mix, backward, and an optimizer step after every grad_accum micro-batches)."""
+    w = tr.weights(0, 0)
 
     def one(i: int) -> None:
-        forward_backward(model, batches[i % len(batches)], groups, cfg.alpha.start, cfg.beta.start,
-                         cfg.temperature.start, cfg.kd_tail, cfg.loss_chunk, AMP, scaler, cfg.grad_accum)
-        if (i + 1) % cfg.grad_accum == 0:
-            optimizer_step(opt, scaler, params, cfg.grad_clip)
+        tr.micro_step(batches[i % len(batches)], w)
+        if (i + 1) % tr.cfg.grad_accum == 0:
+            tr.optimizer_step(tr.cfg.lr)
 
     t0 = time.perf_counter()
     for i in range(warmup):
@@ -96,10 +90,20 @@ def step_rate(cfg: DistillConfig, batches: list[dict], warmup: int, steps: int, 
     for i in range(steps):
         one(i)
     sync()
-    sec = time.perf_counter() - t0
+    return warm_s, time.perf_counter() - t0, one
+
+
+def step_rate(cfg: DistillConfig, batches: list[dict], warmup: int, steps: int, profile: Path | None = None) -> dict:
+    """tokens/s and peak memory of the training step on in-GPU batches; `warmup` and `steps` count
+    micro-batches, with an optimizer step after every cfg.grad_accum of them."""
+    reset_peak()
+    tr = setup(cfg)
+    warm_s, sec, one = time_steps(tr, batches, warmup, steps)
+    info = tr.plan.info
     res = {"tokens_per_s": steps * B * T / sec, "peak_gib": peak(),
-           "warmup_s": round(warm_s, 1), "mlstm_kernel": mk, "slstm_backend": sb, "loss_chunk": cfg.loss_chunk,
-           "compile": cfg.compile, "grad_accum": cfg.grad_accum, "params": model.param_counts()}
+           "warmup_s": round(warm_s, 1), "mlstm_kernel": info["mlstm_kernel"], "slstm_backend": info["slstm_backend"],
+           "loss_chunk": info["loss_chunk"], "compile": info["compile"], "grad_accum": cfg.grad_accum,
+           "params": info["params"]}
     if profile is not None:
         from torch.profiler import ProfilerActivity, profile as prof
 
@@ -109,14 +113,6 @@ def step_rate(cfg: DistillConfig, batches: list[dict], warmup: int, steps: int, 
             sync()
         profile.write_text(p.key_averages().table(sort_by="cuda_time_total", row_limit=40))
     return res
-
-
-def resolved(cfg: DistillConfig) -> DistillConfig:
-    """The automatic choices distill() makes, made explicit (the step is timed outside distill)."""
-    from tcache.student.train import resolve_compile, resolve_loss_chunk
-
-    return replace(cfg, loss_chunk=resolve_loss_chunk(cfg.loss_chunk, DEVICE),
-                   compile=resolve_compile(cfg.compile, DEVICE))
 
 
 def gpu_batches(cache: str, groups: int, n: int) -> list[dict]:
@@ -133,7 +129,12 @@ def run_distill(cfg: DistillConfig, warmup: int) -> dict:
     shutil.rmtree(cfg.out, ignore_errors=True)
     reset_peak()
     try:
-        meta = distill(cfg)
+        targets = None
+        if cfg.online_teacher:  # as `tcache distill --online-teacher` wires it
+            from tcache.teachercache.online import online_targets
+
+            targets = online_targets(cfg.online_teacher, load_manifest(cfg.cache), DEVICE)
+        meta = distill(cfg, targets=targets)
     except Exception as e:  # an out-of-memory under the cap is a result, not a crash
         res = {"error": f"{type(e).__name__}: {str(e).splitlines()[0][:200]}", "peak_gib": peak()}
         reset_peak()
@@ -211,7 +212,7 @@ def main() -> None:
     for i, (name, cfg) in enumerate(variants.items()):
         prof = out / f"profile-{a.shape}-{i}.txt" if a.profile else None
         try:
-            record(res["step"], name, step_rate(resolved(cfg), batches, warmup=8 if a.accum else 3,
+            record(res["step"], name, step_rate(cfg, batches, warmup=8 if a.accum else 3,
                                                  steps=16 if a.accum else 10, profile=prof))
             reset_peak()
         except Exception as e:

@@ -12,29 +12,20 @@ from rich.console import Console
 from rich.table import Table
 
 from tcache.cli.errors import friendly_errors
+from tcache.cli.options import config_from, config_options
+from tcache.student.eval import EvalConfig
 
 
 @click.command(name="eval")
-@click.argument("model")
-@click.option("--data", required=True, help="Held-out text: a local file/directory or a HF dataset id.")
-@click.option("--tokens", default="200k", show_default=True, help="Token budget, rounded down to whole windows.")
-@click.option("--seq-len", default=512, show_default=True, help="Window length (each window scored alone).")
-@click.option("--data-config", default=None)
-@click.option("--split", default="train", show_default=True)
-@click.option("--text-field", default="text", show_default=True)
-@click.option("--batch-size", default=8, show_default=True)
-@click.option("--device", default="auto", show_default=True)
-@click.option("--dtype", default="auto", show_default=True, help="auto (bf16 GPU / fp32 CPU), fp32, fp16, bf16.")
+@config_options(EvalConfig)
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 @friendly_errors
-def eval_cmd(model, data, tokens, seq_len, data_config, split, text_field, batch_size, device, dtype, as_json) -> None:
+def eval_cmd(as_json: bool, **options) -> None:
     """Perplexity of MODEL (a `tcache distill` --out, or a HF causal LM) on the same windows for any model."""
-    from tcache.student.eval import EvalConfig, perplexity
-    from tcache.units import parse_count
-    from tcache.text import DataSpec
+    from tcache.student.eval import perplexity
 
-    cfg = EvalConfig(model=model, data=DataSpec(data, data_config, split, text_field), tokens=parse_count(tokens),
-                     seq_len=seq_len, batch_size=batch_size, device=device, dtype=dtype)
+    cfg = config_from(EvalConfig, options)
+    model = cfg.model
     # Kernel builds (xlstm's sLSTM via ninja) print to the process's stdout; --json keeps stdout pure JSON.
     with _stdout_to_stderr() if as_json else contextlib.nullcontext():
         r = perplexity(cfg)

@@ -20,30 +20,33 @@ import torch
 import torch.nn.functional as F
 
 from tcache.student.io import is_student_dir, load_student
-from tcache.text import DataSpec, iter_texts, pack_rows
+from tcache.fields import opt
+from tcache.text import DEFAULT_SEQ_LEN, DataSpec, iter_texts, pack_rows
+from tcache.units import parse_count
 from tcache.errors import TcacheError
 from tcache.hf import load_config, load_teacher, tokenizer_sha256
-from tcache.device import resolve_device, resolve_dtype
+from tcache.device import PRECISIONS, resolve_device, resolve_dtype
 
 
 @dataclass
 class EvalConfig:
-    model: str
-    """A `tcache distill` output directory, or a HF causal LM id / directory (MODEL argument)."""
-    data: DataSpec
-    """Held-out text (--data, --data-config, --split, --text-field)."""
-    tokens: int
-    """Token budget, rounded down to whole windows (--tokens)."""
-    seq_len: int = 512
-    """Window length (--seq-len)."""
+    model: str = opt(argument=True)
+    """A `tcache distill` output directory, or a HF causal LM id / directory."""
+    data: DataSpec = opt(nested=True)
+    """Held-out text."""
+    tokens: int = opt(200_000, text=True)
+    """Token budget (e.g. 200k), rounded down to whole windows."""
+    seq_len: int = DEFAULT_SEQ_LEN
+    """Window length; each window is scored alone."""
     batch_size: int = 8
-    """Windows per forward (--batch-size)."""
+    """Windows per forward."""
     device: str = "auto"
-    """auto, cpu, cuda (--device)."""
-    dtype: str = "auto"
-    """auto (bf16 GPU, fp32 CPU), fp32, fp16, bf16 (--dtype)."""
+    """auto, cpu, cuda, cuda:N."""
+    dtype: str = opt("auto", choices=PRECISIONS)
+    """auto (bf16 GPU, fp32 CPU), fp32, fp16, bf16."""
 
     def __post_init__(self) -> None:
+        self.tokens = parse_count(self.tokens, "--tokens")
         if self.seq_len < 2:
             raise TcacheError(f"--seq-len must be at least 2, got {self.seq_len}")
         if self.tokens < self.seq_len:

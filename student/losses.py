@@ -1,4 +1,4 @@
-"""The three loss terms of Delta-distillation, each a small function returning a scalar tensor.
+"""The three loss terms of Delta-distillation, each a small function returning a scalar tensor, and their mix.
 
 All softmaxes run in fp32 whatever the autocast dtype. Conventions (see docs/distill.md):
 
@@ -20,6 +20,7 @@ All softmaxes run in fp32 whatever the autocast dtype. Conventions (see docs/dis
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -118,3 +119,17 @@ def ce_kd_chunked(x: torch.Tensor, head: torch.nn.Linear, input_ids: torch.Tenso
                             lp[s:s + chunk], ti[s:s + chunk], temperature, tail, use_reentrant=False)
         ce_sum, kl_sum = ce_sum + ce, kl_sum + kl
     return ce_sum / (B * (T - 1)), temperature**2 * kl_sum / (B * T)
+
+
+@dataclass(frozen=True)
+class Weights:
+    """The mix of one optimizer step: alpha (KD), beta (alignment), CE gets the rest; T tempers KD."""
+
+    alpha: float
+    beta: float
+    temperature: float
+
+
+def mix(terms: dict[str, torch.Tensor], w: Weights) -> torch.Tensor:
+    """Delta-distillation's loss: (1 - alpha - beta) * CE + alpha * KD + beta * alignment."""
+    return (1 - w.alpha - w.beta) * terms["ce"] + w.alpha * terms["kd"] + w.beta * terms["align"]

@@ -51,7 +51,7 @@ class StudentConfig:
     length when `load_student` builds it for another. Picks the automatic mLSTM kernel and sizes the
     parallel kernel's causal mask; the forward still runs at any length."""
     mlstm_proj_factor: float = 2.0
-    """mLSTM up-projection factor (--mlstm-proj-factor)."""
+    """mLSTM up-projection factor."""
     slstm_ffn_proj_factor: float = 1.3
     """sLSTM block gated-FFN factor."""
     conv_kernel: int = 4
@@ -97,21 +97,6 @@ class StudentConfig:
 
 def roundup(x: int, multiple: int) -> int:
     return int(math.ceil(x / multiple) * multiple)
-
-
-def recipe_sizes(recipe: str, teacher_layers: int, teacher_heads: int) -> tuple[int, int, list[int]]:
-    """(blocks, heads, slstm_at) of a Distil-xLSTM recipe, from the teacher's layers L_t and heads H_t.
-
-    v1: floor(L_t / 2) blocks alternating sLSTM, mLSTM (sLSTM first); H_s = roundup(H_t, 4).
-    v2: L_t mLSTM blocks; H_s = roundup(H_t, 4).
-    """
-    heads = roundup(max(teacher_heads, 1), 4)
-    if recipe == "v1":
-        blocks = max(teacher_layers // 2, 1)
-        return blocks, heads, list(range(0, blocks, 2))
-    if recipe == "v2":
-        return teacher_layers, heads, []
-    raise TcacheError(f"--recipe {recipe!r} is unknown; use v1 or v2")
 
 
 SMALL_GPU_BYTES = 32 * 2**30

@@ -43,3 +43,20 @@ def lr_at(step: int, total_steps: int, peak: float, warmup_frac: float, min_rati
     span = max(total_steps - warmup, 1)
     progress = min((step - warmup) / span, 1.0)
     return peak * (min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+def parse_anneal(text: "str | Anneal | None", flag: str, delta: float) -> "Anneal | None":
+    """'0.8:0.5' -> Anneal(0.8, 0.5, delta); '0.3' -> fixed 0.3; None -> None (the recipe's default)."""
+    from tcache.errors import TcacheError
+
+    if text is None or isinstance(text, Anneal):
+        return text
+    try:
+        parts = [float(x) for x in str(text).split(":")]
+    except ValueError:
+        raise TcacheError(f"{flag} {text!r} is not a number or START:FINAL pair, e.g. 0.8:0.5") from None
+    if len(parts) == 1:
+        return Anneal(parts[0], parts[0], 0.0)
+    if len(parts) == 2:
+        return Anneal(parts[0], parts[1], delta)
+    raise TcacheError(f"{flag} {text!r} has too many parts; use VALUE or START:FINAL")

@@ -7,6 +7,8 @@ import torch
 from tcache.errors import TcacheError
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+PRECISIONS = ("auto", *DTYPES)
+"""What --dtype (build, eval) and --precision (distill) accept."""
 
 
 def resolve_device(device: str) -> torch.device:

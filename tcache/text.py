@@ -23,6 +23,10 @@ from typing import Iterable, Iterator
 import numpy as np
 
 from tcache.errors import TcacheError
+from tcache.fields import opt
+
+DEFAULT_SEQ_LEN = 512
+"""Tokens per packed row (build) and per scored window (eval) unless told otherwise."""
 
 # Extension -> `datasets` packaged builder. Compression suffixes are stripped first.
 _BUILDERS = {".json": "json", ".jsonl": "json", ".txt": "text", ".parquet": "parquet", ".csv": "csv"}
@@ -31,14 +35,14 @@ _COMPRESSION = (".xz", ".gz", ".bz2", ".zst", ".zstd")
 
 @dataclass(frozen=True)
 class DataSpec:
-    path: str
-    """Hub dataset id (e.g. HuggingFaceFW/fineweb-edu) or a local file / directory (--data)."""
-    config: str | None = None
-    """Hub dataset configuration name (--data-config)."""
+    path: str = opt(flag="--data")
+    """HF dataset id, or a local .json/.jsonl/.txt/.parquet/.csv file or directory (.xz/.gz ok)."""
+    config: str | None = opt(None, flag="--data-config")
+    """Hub dataset configuration name."""
     split: str = "train"
-    """Split to read (--split)."""
+    """Dataset split to read."""
     text_field: str = "text"
-    """Column that holds the document text (--text-field)."""
+    """Column that holds the document text."""
 
     def describe(self) -> dict:
         return {"path": self.path, "config": self.config, "split": self.split, "text_field": self.text_field}

@@ -15,7 +15,8 @@ from conftest import build_cache
 from tcache.student import losses
 from tcache.student.io import load_student, load_teacher_parts
 from tcache.student.model import Student
-from tcache.student.train import DistillConfig, distill, student_config
+from tcache.student.config import DistillConfig, student_config
+from tcache.student.train import distill
 from tcache.student.schedules import Anneal
 from tcache.teachercache.codecs import decode_hidden
 from tcache.teachercache.manifest import load_manifest
@@ -199,7 +200,7 @@ def test_resume_with_another_configuration_is_refused(tmp_path, tiny_cache):
 
 
 def test_anneal_options_parse(tmp_path, tiny_cache):
-    from tcache.cli.distill import parse_anneal
+    from tcache.student.schedules import parse_anneal
 
     assert parse_anneal("0.8:0.5", "--alpha", 0.05) == Anneal(0.8, 0.5, 0.05)
     assert parse_anneal("0.3", "--beta", 0.05) == Anneal(0.3, 0.3, 0.0)
@@ -213,9 +214,12 @@ def test_online_teacher_gives_the_cached_targets(tmp_path, tiny_teacher, valid_j
     cache = tmp_path / "cache"
     build_cache(cache, tiny_teacher, valid_jsonl, tokens=16 * 64, seq_len=64, top_k=8, batch_size=8,
                 logprob_dtype="fp32", hidden_dtype="fp16")
-    base = dict(cache=str(cache), steps=3, batch_size=2, grad_accum=1, lr=1e-3, seed=1)
-    distill(DistillConfig(out=str(tmp_path / "cached"), **base))
-    distill(DistillConfig(out=str(tmp_path / "online"), online_teacher=str(tiny_teacher), **base))
+    base = ["--steps", 3, "--batch-size", 2, "--grad-accum", 1, "--lr", 1e-3, "--seed", 1]
+    r = run("distill", cache, "--out", tmp_path / "cached", *base)
+    assert r.exit_code == 0, r.output
+    # as a user runs it: the CLI wires the teacher in as the training loop's target source
+    r = run("distill", cache, "--out", tmp_path / "online", "--online-teacher", tiny_teacher, *base)
+    assert r.exit_code == 0, r.output
     a = [json.loads(x) for x in (tmp_path / "cached" / "metrics.jsonl").read_text().splitlines()]
     b = [json.loads(x) for x in (tmp_path / "online" / "metrics.jsonl").read_text().splitlines()]
     for ra, rb in zip(a, b):

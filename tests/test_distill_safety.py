@@ -15,7 +15,8 @@ from pathlib import Path
 import pytest
 
 from conftest import REPO, build_cache
-from tcache.student.train import DistillConfig, distill
+from tcache.student.config import DistillConfig
+from tcache.student.train import distill
 from tcache.teachercache.manifest import load_manifest
 from test_cli_build import assert_clean_error, run
 

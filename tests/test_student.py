@@ -5,17 +5,18 @@ from __future__ import annotations
 import pytest
 import torch
 
-from tcache.student.model import Student, StudentConfig, recipe_sizes, resolve_kernels
-from tcache.student.train import resolve_precision
+from tcache.student.config import RECIPES
+from tcache.student.model import Student, StudentConfig, resolve_kernels
+from tcache.student.runtime import resolve_precision
 from tcache.errors import TcacheError
 
 
 def test_recipe_sizes_for_the_shared_teacher():
     # 8 layers, 6 heads -> v1: floor(8/2) = 4 alternating blocks starting with sLSTM, roundup(6, 4) = 8 heads
-    assert recipe_sizes("v1", 8, 6) == (4, 8, [0, 2])
-    assert recipe_sizes("v2", 8, 6) == (8, 8, [])
+    assert RECIPES["v1"].sizes(8, 6) == (4, 8, [0, 2])
+    assert RECIPES["v2"].sizes(8, 6) == (8, 8, [])
     # SmolLM2-360M: 32 layers, 15 heads -> v2: 32 mLSTM blocks, 16 heads
-    assert recipe_sizes("v2", 32, 15) == (32, 16, [])
+    assert RECIPES["v2"].sizes(32, 15) == (32, 16, [])
 
 
 def test_v2_student_reproduces_the_papers_parameter_count():

@@ -1,0 +1,88 @@
+"""Click options generated from a config dataclass (tcache.fields): the CLI writes no default, choice or help
+of its own, so `tcache X --help`, the config and the docs cannot drift apart."""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from typing import Any
+
+import click
+
+from tcache.fields import field_docs, flag_of
+
+_CLICK_TYPES = {int: int, float: float, str: str}
+
+
+def _base_type(hint: Any) -> Any:
+    """int | None -> int; anything that is not a plain int/float/str/bool -> str (the config parses it)."""
+    args = [a for a in typing.get_args(hint) if a is not type(None)]
+    if args and typing.get_origin(hint) in (typing.Union, types.UnionType):
+        hint = args[0] if len(args) == 1 else str
+    return hint if hint in (int, float, str, bool) else str
+
+
+def _params(cls: type) -> list[tuple[dataclasses.Field, Any]]:
+    hints = typing.get_type_hints(cls)
+    return [(f, hints[f.name]) for f in dataclasses.fields(cls) if f.metadata.get("cli", True)]
+
+
+def config_options(cls: type, *, skip: tuple[str, ...] = (), required: tuple[str, ...] = ()):
+    """A decorator adding one click argument or option per field of `cls` (nested dataclasses flattened),
+    in field order. `skip` leaves fields out (a command that does not use them); `required` makes a field
+    without a default in the config required on this command only."""
+    decorators = []
+    docs = field_docs(cls)
+    for f, hint in _params(cls):
+        if f.name in skip:
+            continue
+        meta = f.metadata
+        if meta.get("nested"):
+            decorators.append(config_options(hint, skip=skip, required=required))
+            continue
+        if meta.get("argument"):
+            decorators.append(click.argument(f.name, type=click.Path()))
+            continue
+        flag = flag_of(cls, f.name)
+        has_default = f.default is not dataclasses.MISSING
+        kw: dict[str, Any] = {"help": docs.get(f.name)}
+        base = _base_type(hint)
+        if base is bool:
+            kw["is_flag"] = True
+            kw["default"] = bool(f.default) if has_default else False
+        else:
+            if meta.get("choices"):
+                kw["type"] = click.Choice(list(meta["choices"]))
+            else:
+                kw["type"] = str if meta.get("text") else _CLICK_TYPES[base]
+            if meta.get("metavar"):
+                kw["metavar"] = meta["metavar"]
+            if has_default:
+                kw["default"] = f.default
+                kw["show_default"] = f.default is not None
+            else:
+                kw["required"] = True
+        if f.name in required:
+            kw["required"] = True
+        decorators.append(click.option(flag, f.name, **kw))
+
+    def apply(fn):
+        for d in reversed(decorators):
+            fn = d(fn)
+        return fn
+
+    return apply
+
+
+def config_from(cls: type, options: dict[str, Any], **overrides: Any):
+    """The config of `cls` from the options click parsed (consumed from `options`); nested dataclasses are
+    built from their own fields. Validation is the config's own (__post_init__), done once."""
+    values: dict[str, Any] = {}
+    for f, hint in _params(cls):
+        if f.metadata.get("nested"):
+            values[f.name] = config_from(hint, options)
+        elif f.name in options:
+            values[f.name] = options.pop(f.name)
+    values.update(overrides)
+    return cls(**values)

@@ -1,0 +1,157 @@
+"""The run directory and its checkpoints: where a run writes, what a checkpoint holds (trainable weights,
+optimizer, scaler, RNG, counters, config, the cache's identity), and resuming from the newest one that loads."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import random
+import shutil
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+
+from tcache import outdir
+from tcache.errors import TcacheError
+from tcache.student.config import RESUMABLE_DIFFS, DistillConfig
+from tcache.student.io import STUDENT_FILE
+
+CKPT_DIR = "checkpoints"
+CONFIG_FILE = "distill_config.json"
+
+
+@dataclass
+class RunState:
+    """Where training stands; with the config this is everything a resume needs."""
+
+    micro: int = 0          # micro-batches done, over all epochs
+    step: int = 0           # optimizer steps done
+    tokens: int = 0         # tokens trained on
+    elapsed: float = 0.0    # seconds of training so far
+
+
+def cache_identity(manifest) -> str:
+    """What a resumed run must train on: the cache's shard hashes, fields and teacher (not its path)."""
+    key = {"shards": [s.sha256 for s in manifest.shards], "fields": manifest.fields, "seq_len": manifest.seq_len,
+           "top_k": manifest.top_k, "tokenizer": manifest.tokenizer.get("sha256"),
+           "teacher": [manifest.teacher.get("name_or_path"), manifest.teacher.get("revision")]}
+    return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()
+
+
+def checkpoints(run: Path) -> list[Path]:
+    return sorted((run / CKPT_DIR).glob("step-*[0-9]")) if (run / CKPT_DIR).is_dir() else []
+
+
+def run_dir(cfg: DistillConfig) -> Path:
+    """Where this run writes: --out itself, or (--overwrite of a finished run) its staging sibling, swapped
+    in when the new student is complete. Never deletes what tcache did not write, nor the input cache."""
+    out, cache = Path(cfg.out).resolve(), Path(cfg.cache).resolve()
+    if out == cache or cache in out.parents:
+        raise TcacheError(f"--out {cfg.out} is inside the input cache {cfg.cache}; choose another --out")
+    if out in cache.parents:
+        raise TcacheError(f"--out {cfg.out} contains the input cache {cfg.cache}; choose another --out")
+    out = Path(cfg.out)
+    k = outdir.classify(out, "run")  # refuses a file, another kind of output, or entries tcache did not write
+    if cfg.resume:
+        stage = outdir.staging(out)
+        if cfg.overwrite and checkpoints(stage):
+            return stage
+        if not checkpoints(out):
+            raise TcacheError(f"--resume: no checkpoint in {out / CKPT_DIR}; run without --resume (and --ckpt-every N)")
+        return out
+    if k in ("missing", "empty"):
+        return out
+    if not cfg.overwrite:
+        raise TcacheError(f"--out {out} is not empty; pass --overwrite to replace it, or --resume to continue it")
+    if not (out / STUDENT_FILE).exists():  # an unfinished run: no student to protect
+        outdir.remove_ours(out, "run")
+        return out
+    return outdir.fresh_staging(out, "run")
+
+
+def _check_resume_config(cfg: DistillConfig, ckpt: Path) -> None:
+    saved = json.loads((ckpt / CONFIG_FILE).read_text())
+    now = json.loads(json.dumps(cfg.to_dict()))  # tuples -> lists, as saved
+    diffs = sorted(k for k in set(saved) | set(now) if k not in RESUMABLE_DIFFS and saved.get(k) != now.get(k))
+    if diffs:
+        shown = ", ".join(f"{k}: {saved.get(k)!r} -> {now.get(k)!r}" for k in diffs[:4])
+        raise TcacheError(
+            f"--resume: the checkpoint in {ckpt.parent.parent} was trained with another configuration ({shown}); "
+            "use the original options or start a new --out"
+        )
+
+
+def _rng_state() -> dict:
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: dict) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _trainable_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    frozen = {n for n, p in model.named_parameters() if not p.requires_grad}
+    return {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items() if k not in frozen}
+
+
+def save_checkpoint(out: Path, cfg: DistillConfig, model: torch.nn.Module, opt, scaler, state: RunState,
+                    identity: str = "") -> Path:
+    """A checkpoint directory appears only complete (written as .partial, then renamed)."""
+    from safetensors.torch import save_file
+
+    final = out / CKPT_DIR / f"step-{state.step:07d}"
+    tmp = final.with_name(final.name + ".partial")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    save_file(_trainable_state(model), str(tmp / "trainable.safetensors"))
+    torch.save({"optimizer": opt.state_dict(), "scaler": scaler.state_dict(), "rng": _rng_state(),
+                "state": asdict(state), "cache_identity": identity}, tmp / "trainer.pt")
+    (tmp / CONFIG_FILE).write_text(json.dumps(cfg.to_dict(), indent=2))
+    shutil.rmtree(final, ignore_errors=True)
+    os.replace(tmp, final)
+    for old in sorted((out / CKPT_DIR).glob("step-*[0-9]"))[:-max(cfg.keep_ckpts, 1)]:
+        shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def load_checkpoint(ckpt: Path, model: torch.nn.Module, opt, scaler, identity: str = "") -> RunState:
+    from safetensors.torch import load_file
+
+    blob = torch.load(ckpt / "trainer.pt", map_location="cpu", weights_only=False)
+    if identity and blob.get("cache_identity", identity) != identity:
+        raise TcacheError(f"--resume: the checkpoint in {ckpt.parent.parent} was trained on another cache (other "
+                          "shards or fields); pass the cache it was trained on, or start a new --out")
+    missing, unexpected = model.load_state_dict(load_file(str(ckpt / "trainable.safetensors")), strict=False)
+    frozen = {n for n, p in model.named_parameters() if not p.requires_grad}
+    if unexpected or set(missing) - frozen:
+        raise TcacheError(f"--resume: checkpoint {ckpt} does not fit this student; start a new --out")
+    opt.load_state_dict(blob["optimizer"])
+    scaler.load_state_dict(blob["scaler"])
+    _set_rng_state(blob["rng"])
+    return RunState(**blob["state"])
+
+
+def resume_from(run: Path, cfg: DistillConfig, model: torch.nn.Module, opt, scaler, identity: str,
+                warn: Callable[[str], None]) -> tuple[Path, RunState]:
+    """The newest checkpoint that loads; a torn or truncated one (a crash while the disk filled, say) is
+    skipped with a warning. A checkpoint of another configuration or cache is refused, not skipped."""
+    for ckpt in reversed(checkpoints(run)):
+        try:
+            _check_resume_config(cfg, ckpt)
+            return ckpt, load_checkpoint(ckpt, model, opt, scaler, identity)
+        except TcacheError:
+            raise
+        except Exception as e:  # unreadable files: safetensors, pickle, json, OSError
+            warn(f"checkpoint {ckpt.name} does not load ({type(e).__name__}); trying the one before it")
+    raise TcacheError(f"--resume: no checkpoint in {run / CKPT_DIR} loads; start a new --out")

@@ -1,0 +1,249 @@
+"""What a distill run is: the recipe table (sizes and loss schedules per recipe), DistillConfig (every option,
+validated once), and the two things derived from a config and a cache: the student's size and the budget."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field
+from typing import Callable
+
+from tcache.device import PRECISIONS
+from tcache.errors import TcacheError
+from tcache.fields import opt
+from tcache.student.losses import KD_TAILS
+from tcache.student.model import MLSTM_KERNELS, SLSTM_BACKENDS, StudentConfig, roundup
+from tcache.student.runtime import COMPILE_MODES
+from tcache.student.schedules import Anneal, parse_anneal
+from tcache.teachercache import schema
+from tcache.units import parse_bytes, parse_count
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """One student recipe: how the student is sized from the teacher, and its loss schedules' defaults
+    (docs/distill.md says where each number comes from)."""
+
+    sizes: Callable[[int, int], tuple[int, int, list[int]]]
+    """(teacher layers L_t, teacher heads H_t) -> (blocks, heads, sLSTM block indices)."""
+    alpha: Anneal
+    """KD weight."""
+    beta: Anneal
+    """Alignment weight."""
+    temperature: Anneal
+    """KD temperature."""
+    model: str = "xlstm"
+    """Model family (a module of tcache.student) the recipe builds."""
+
+
+def _v1_sizes(layers: int, heads: int) -> tuple[int, int, list[int]]:
+    """floor(L_t / 2) blocks alternating sLSTM, mLSTM (sLSTM first); H_s = roundup(H_t, 4)."""
+    blocks = max(layers // 2, 1)
+    return blocks, roundup(max(heads, 1), 4), list(range(0, blocks, 2))
+
+
+def _v2_sizes(layers: int, heads: int) -> tuple[int, int, list[int]]:
+    """L_t mLSTM blocks; H_s = roundup(H_t, 4)."""
+    return layers, roundup(max(heads, 1), 4), []
+
+
+RECIPES = {
+    "v1": Recipe(_v1_sizes, alpha=Anneal(0.8, 0.5, 0.05), beta=Anneal(0.1, 0.1, 0.0),
+                 temperature=Anneal(2.0, 1.0, 0.05)),
+    "v2": Recipe(_v2_sizes, alpha=Anneal(0.0, 0.0, 0.0), beta=Anneal(0.8, 0.5, 0.05),
+                 temperature=Anneal(1.0, 1.0, 0.0)),
+}
+
+# Fields that may differ between a run and its resumption.
+RESUMABLE_DIFFS = {"resume", "overwrite", "workers", "ckpt_every", "keep_ckpts", "device", "cache", "out",
+                   "compile", "max_gpu_memory"}
+
+
+def parse_blocks(text: str | list[int] | None, flag: str) -> list[int] | None:
+    """'0,2' -> [0, 2]; 'none' or '' -> []; None -> None (the recipe's)."""
+    if text is None or isinstance(text, list):
+        return text
+    if text.strip() in ("", "none"):
+        return []
+    try:
+        return [int(x) for x in text.split(",")]
+    except ValueError:
+        raise TcacheError(f"{flag} {text!r} is not a comma-separated list of block indices, e.g. 0,2") from None
+
+
+@dataclass
+class DistillConfig:
+    cache: str = opt(argument=True)
+    """Cache directory made by `tcache build`."""
+    out: str = opt()
+    """Run directory: student, checkpoints, metrics."""
+    recipe: str = opt("v1", choices=RECIPES)
+    """v1: floor(L/2) alternating sLSTM/mLSTM blocks, CE+KD+align. v2: L mLSTM blocks, CE+align."""
+    blocks: int | None = None
+    """Override the recipe's number of blocks."""
+    heads: int | None = None
+    """Override the recipe's heads, roundup(H_t, 4)."""
+    slstm_at: list[int] | None = opt(None, text=True)
+    """Override which blocks are sLSTM: comma-separated indices, 'none' for all mLSTM."""
+    tokens: int | None = opt(None, text=True)
+    """Token budget (e.g. 50M); exclusive with --steps and --epochs."""
+    steps: int | None = None
+    """Optimizer-step budget."""
+    epochs: float | None = None
+    """Passes over the cache; the default budget is 1 epoch."""
+    batch_size: int = 8
+    """Rows per micro-batch."""
+    grad_accum: int = 4
+    """Micro-batches per optimizer step."""
+    lr: float = 2e-4
+    """Peak learning rate (linear warmup, then cosine)."""
+    warmup: float = 0.1
+    """Warmup fraction of the steps."""
+    min_lr_ratio: float = 0.1
+    """Cosine floor as a fraction of --lr."""
+    weight_decay: float = 0.01
+    """AdamW weight decay (matrices only)."""
+    grad_clip: float = 1.0
+    """Max gradient norm; 0 disables clipping."""
+    alpha: Anneal | None = opt(None, text=True, metavar="VALUE|START:FINAL")
+    """KD weight, VALUE or START:FINAL; default: the recipe's."""
+    beta: Anneal | None = opt(None, text=True, metavar="VALUE|START:FINAL")
+    """Alignment weight, VALUE or START:FINAL; default: the recipe's."""
+    temperature: Anneal | None = opt(None, text=True, metavar="VALUE|START:FINAL")
+    """KD temperature, VALUE or START:FINAL; default: the recipe's."""
+    delta: float = 0.05
+    """Per-epoch Delta of START:FINAL schedules given on the command line."""
+    kd_tail: str = opt("bucket", choices=KD_TAILS)
+    """Teacher mass outside the top-k: a tail bucket, or renormalise over the top-k."""
+    precision: str = opt("auto", choices=PRECISIONS)
+    """auto (bf16 GPU, fp16 GPU without bf16 such as a T4, fp32 CPU), fp32, fp16, bf16."""
+    device: str = "auto"
+    """auto, cpu, cuda, cuda:N."""
+    seed: int = 0
+    """Seed of the model's initialisation and of the data order."""
+    workers: int = -1
+    """DataLoader worker processes reading the cache; -1: min(4, cores/2) on a GPU, 0 on CPU."""
+    loss_chunk: int = -1
+    """Positions per chunk of the fused CE+KD over the vocabulary (no (B, T, V) logits kept); 0: full
+    logits; -1: 1024 on a GPU, 0 on CPU."""
+    compile: str = opt("auto", choices=COMPILE_MODES)
+    """torch.compile each xLSTM block; cudagraphs also replays each block as a CUDA graph (the step is bound
+    by Python's kernel launches otherwise); auto: cudagraphs on GPUs of compute capability >= 8.0, off on a
+    T4 or CPU."""
+    max_gpu_memory: str | None = None
+    """Cap GPU memory, e.g. 16GB, to test a smaller card's budget (a T4's) on a larger GPU."""
+    ckpt_every: int = 0
+    """Checkpoint every N optimizer steps; 0: only the final student."""
+    keep_ckpts: int = 2
+    """Checkpoints kept (the newest ones)."""
+    resume: bool = False
+    """Continue from the newest checkpoint in --out that loads (same options and cache)."""
+    overwrite: bool = False
+    """Replace the run at --out: the new student is trained beside it and swapped in when complete."""
+    mlstm_kernel: str = opt("auto", choices=MLSTM_KERNELS)
+    """mLSTM kernel; auto: parallel up to 1024 tokens of context, chunkwise--triton_xl_chunk beyond on CUDA."""
+    slstm_backend: str = opt("auto", choices=SLSTM_BACKENDS)
+    """sLSTM backend; auto: cuda on compute capability >= 8.0 with nvcc, vanilla otherwise."""
+    online_teacher: str | None = None
+    """Comparison runs only: a HF teacher on the device computes every batch's targets instead of the cache
+    (same rows, top-k and layer groups)."""
+
+    def __post_init__(self) -> None:
+        def positive(flag: str, v) -> None:
+            if v is not None and not v > 0:
+                raise TcacheError(f"{flag} must be positive, got {v}")
+
+        if self.recipe not in RECIPES:
+            raise TcacheError(f"--recipe {self.recipe!r} is unknown; use one of {', '.join(RECIPES)}")
+        self.tokens = parse_count(self.tokens, "--tokens") if self.tokens is not None else None
+        self.slstm_at = parse_blocks(self.slstm_at, "--slstm-at")
+        budgets = [n for n, v in (("--tokens", self.tokens), ("--steps", self.steps), ("--epochs", self.epochs))
+                   if v is not None]
+        if len(budgets) > 1:
+            raise TcacheError(f"{' and '.join(budgets)} both set; give one budget")
+        for flag, v in (("--steps", self.steps), ("--epochs", self.epochs), ("--lr", self.lr)):
+            positive(flag, v)
+        for flag, v in (("--batch-size", self.batch_size), ("--grad-accum", self.grad_accum),
+                        ("--keep-ckpts", self.keep_ckpts)):
+            if v < 1:
+                raise TcacheError(f"{flag} must be at least 1, got {v}")
+        for flag, v, lo in (("--workers", self.workers, "-1 (automatic), 0 or more"),
+                            ("--loss-chunk", self.loss_chunk, "-1 (automatic), 0 (full logits) or more")):
+            if v < -1:
+                raise TcacheError(f"{flag} must be {lo}, got {v}")
+        for flag, v in (("--ckpt-every", self.ckpt_every), ("--weight-decay", self.weight_decay),
+                        ("--grad-clip", self.grad_clip), ("--delta", self.delta)):
+            if v < 0:
+                raise TcacheError(f"{flag} must be 0 or more, got {v}")
+        if not 0 <= self.warmup < 1:
+            raise TcacheError(f"--warmup is a fraction of the run in [0, 1), got {self.warmup}")
+        if not 0 <= self.min_lr_ratio <= 1:
+            raise TcacheError(f"--min-lr-ratio is a fraction of --lr in [0, 1], got {self.min_lr_ratio}")
+        for flag, choices, v in (("--kd-tail", KD_TAILS, self.kd_tail), ("--compile", COMPILE_MODES, self.compile),
+                                 ("--precision", PRECISIONS, self.precision)):
+            if v not in choices:
+                raise TcacheError(f"{flag} {v!r} is unknown; use one of {', '.join(choices)}")
+        if self.max_gpu_memory is not None:
+            parse_bytes(self.max_gpu_memory)
+        recipe = RECIPES[self.recipe]
+        self.alpha = parse_anneal(self.alpha, "--alpha", self.delta) or recipe.alpha
+        self.beta = parse_anneal(self.beta, "--beta", self.delta) or recipe.beta
+        self.temperature = parse_anneal(self.temperature, "--temperature", self.delta) or recipe.temperature
+        for flag, a in (("--alpha", self.alpha), ("--beta", self.beta)):
+            if not (0 <= a.final <= 1 and 0 <= a.start <= 1):
+                raise TcacheError(f"{flag} values must lie in [0, 1], got {a.start}:{a.final}")
+        if self.alpha.start + self.beta.start > 1 or self.alpha.final + self.beta.final > 1:
+            raise TcacheError("--alpha + --beta exceed 1, which would give CE a negative weight; lower one of them")
+        if min(self.temperature.start, self.temperature.final) <= 0:
+            raise TcacheError("--temperature must be positive")
+
+    @property
+    def uses_alignment(self) -> bool:
+        return self.beta.start > 0 or self.beta.final > 0
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def student_config(cfg: DistillConfig, manifest) -> StudentConfig:
+    """The student's sizes: the recipe's, from the teacher's layers and heads, then the overrides."""
+    t = manifest.teacher
+    blocks, heads, slstm_at = RECIPES[cfg.recipe].sizes(manifest.num_layers, int(t.get("num_attention_heads") or 0))
+    if cfg.blocks is not None and cfg.slstm_at is None and cfg.recipe == "v1":
+        slstm_at = list(range(0, cfg.blocks, 2))  # keep v1's alternation at the new depth
+    blocks = cfg.blocks if cfg.blocks is not None else blocks
+    slstm_at = cfg.slstm_at if cfg.slstm_at is not None else slstm_at
+    eps = (t.get("config") or {}).get("rms_norm_eps", 1e-5)
+    return StudentConfig(
+        vocab_size=manifest.vocab_size, hidden_size=manifest.hidden_size, num_blocks=blocks,
+        num_heads=cfg.heads if cfg.heads is not None else heads, slstm_at=slstm_at,
+        context_length=manifest.seq_len, norm_eps=float(eps), recipe=cfg.recipe,
+        mlstm_kernel=cfg.mlstm_kernel, slstm_backend=cfg.slstm_backend,
+    )
+
+
+@dataclass
+class Plan:
+    """The budget in micro-batches and optimizer steps, and what the run reports at its start."""
+
+    micro_per_epoch: int
+    total_micro: int
+    total_steps: int
+    seq_len: int
+    groups: int
+    info: dict = field(default_factory=dict)
+
+
+def plan_budget(cfg: DistillConfig, manifest) -> Plan:
+    micro_per_epoch = manifest.rows // cfg.batch_size
+    if micro_per_epoch < 1:
+        raise TcacheError(f"the cache has {manifest.rows} rows, fewer than --batch-size {cfg.batch_size}; lower it")
+    tokens_per_micro = cfg.batch_size * manifest.seq_len
+    if cfg.steps is not None:
+        total_micro = cfg.steps * cfg.grad_accum
+    elif cfg.tokens is not None:
+        total_micro = math.ceil(cfg.tokens / tokens_per_micro)
+    else:
+        total_micro = int((cfg.epochs or 1.0) * micro_per_epoch)
+    total_steps = max(total_micro // cfg.grad_accum, 1)
+    groups = manifest.hidden_groups if schema.HIDDEN in manifest.fields else 0
+    return Plan(micro_per_epoch, total_steps * cfg.grad_accum, total_steps, manifest.seq_len, groups)

@@ -1,0 +1,58 @@
+"""Where and how a distill run executes: device precision, torch.compile mode, GPU memory cap, loss chunking
+and DataLoader workers, each resolved from its option and the device."""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+from tcache.device import resolve_dtype
+from tcache.errors import TcacheError
+from tcache.units import parse_bytes
+
+# --compile -> torch.compile mode (None: eager)
+COMPILE_MODES = {"auto": None, "off": None, "on": "default", "cudagraphs": "reduce-overhead"}
+
+
+def resolve_precision(precision: str, device: torch.device) -> torch.dtype:
+    """The teacher's dtype rules (resolve_dtype), plus: fp16 autocast needs CUDA (CPU autocast is bf16 only)."""
+    if precision == "fp16" and device.type != "cuda":
+        raise TcacheError("--precision fp16 needs a CUDA GPU; use fp32 (or bf16) on CPU")
+    return resolve_dtype(precision, device, flag="--precision")
+
+
+def resolve_compile(choice: str, device: torch.device) -> str:
+    """auto -> cudagraphs where measured (H100, benchmarks/distill.py: 2.2x the eager step), else off."""
+    if choice != "auto":
+        return choice
+    if device.type == "cuda" and torch.cuda.get_device_capability(device) >= (8, 0):
+        return "cudagraphs"
+    return "off"
+
+
+def cap_gpu_memory(text: str | None, device: torch.device) -> int | None:
+    """A T4's budget on a larger GPU: the caching allocator refuses to grow past the cap (an OOM error
+    then means the run would not fit the smaller card). Returns the cap in bytes (None: no cap)."""
+    if text is None:
+        return None
+    if device.type != "cuda":
+        raise TcacheError("--max-gpu-memory needs a CUDA device; drop it on CPU")
+    total = torch.cuda.get_device_properties(device).total_memory
+    cap = parse_bytes(text)
+    if cap > total:
+        raise TcacheError(f"--max-gpu-memory {text} exceeds this GPU's {total / 2**30:.1f} GiB; lower it")
+    torch.cuda.set_per_process_memory_fraction(cap / total, device.index if device.index is not None else 0)
+    return cap
+
+
+def resolve_loss_chunk(loss_chunk: int, device: torch.device) -> int:
+    """--loss-chunk -1 -> 1024 positions on a GPU (saves the (B, T, V) logits), full logits on CPU."""
+    return loss_chunk if loss_chunk >= 0 else (1024 if device.type == "cuda" else 0)
+
+
+def resolve_workers(workers: int, device: torch.device) -> int:
+    """--workers -1 -> min(4, cores / 2) readers feeding a GPU; 0 on CPU, where training needs the cores."""
+    if workers >= 0:
+        return workers
+    return min(4, (os.cpu_count() or 2) // 2) if device.type == "cuda" else 0
