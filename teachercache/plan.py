@@ -12,7 +12,8 @@ import torch
 from tcache.teachercache import schema
 from tcache import outdir
 from tcache.teachercache.config import BuildConfig
-from tcache.teachercache.build import auto_batch_size, bytes_needed, setup_teacher, teacher_files_bytes
+from tcache.teachercache.setup import auto_batch_size, setup_teacher
+from tcache.teachercache.space import bytes_needed, teacher_files_bytes
 from tcache.text import iter_texts, pack_rows
 from tcache.errors import TcacheError
 from tcache.teachercache.pipeline import batched_rows

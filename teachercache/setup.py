@@ -1,0 +1,122 @@
+"""The teacher side of a build (and of a plan): load and check the teacher, start the tokenizer workers,
+choose the batch size, and save the parts of the teacher that the student reuses."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from dataclasses import dataclass
+from typing import Callable, Iterator
+
+import torch
+
+from tcache.teachercache import schema
+from tcache.errors import TcacheError
+from tcache.text import TokenizerPool
+from tcache.hf import load_config, load_model, load_tokenizer, num_layers, text_config
+from tcache.device import resolve_device, resolve_dtype
+from tcache.teachercache.config import BuildConfig
+from tcache.teachercache.writer import CacheWriter
+
+
+def auto_batch_size(device: torch.device, seq_len: int, vocab_size: int, hidden_size: int) -> int:
+    """8 rows on CPU; on a GPU, as many rows (up to 64) as fit a quarter of its free memory, counting the
+    bf16 logits and their fp32 chunk copies plus the fp32 hidden accumulator."""
+    if device.type != "cuda":
+        return 8
+    free, _ = torch.cuda.mem_get_info(device)
+    per_row = seq_len * (vocab_size * 2 + hidden_size * 16)
+    return int(max(1, min(64, free // 4 // per_row)))
+
+
+@dataclass
+class TeacherSetup:
+    """A checked, loaded teacher and what a build derives from it (shared by build and plan)."""
+
+    device: torch.device
+    dtype: torch.dtype
+    config: object
+    groups: list[tuple[int, int]]
+    model: torch.nn.Module
+    tokenizer: object
+    vocab_size: int
+    hidden_size: int
+    specs: dict[str, schema.FieldSpec]
+
+
+def _check_against_teacher(cfg: BuildConfig, config) -> None:
+    vocab_size = int(text_config(config).vocab_size)
+    if cfg.top_k > vocab_size:
+        raise TcacheError(f"--top-k {cfg.top_k} exceeds the teacher's vocabulary of {vocab_size}; use 1..{vocab_size}")
+    max_pos = getattr(text_config(config), "max_position_embeddings", None)
+    if max_pos is not None and cfg.seq_len > max_pos:
+        raise TcacheError(
+            f"--seq-len {cfg.seq_len} exceeds the teacher's max_position_embeddings {max_pos}; use at most {max_pos}"
+        )
+
+
+def setup_teacher(cfg: BuildConfig, before_weights: Callable[[object, torch.device], None] | None = None
+                  ) -> TeacherSetup:
+    """Every argument check against the teacher's config runs before its weights load;
+    `before_weights(tokenizer, device)` runs between loading the tokenizer and the weights."""
+    device = resolve_device(cfg.device)
+    dtype = resolve_dtype(cfg.dtype, device)
+    config = load_config(cfg.teacher, cfg.revision)
+    _check_against_teacher(cfg, config)
+    groups = schema.layer_groups(num_layers(config), cfg.hidden_groups)
+    tokenizer = load_tokenizer(cfg.teacher, cfg.revision)
+    if before_weights is not None:
+        before_weights(tokenizer, device)
+    model = load_model(cfg.teacher, device, dtype, cfg.revision)
+    vocab_size = int(model.get_output_embeddings().weight.shape[0])  # logits width, may pad the tokenizer's
+    hidden_size = int(model.get_input_embeddings().weight.shape[1])
+    specs = schema.field_specs(cfg.seq_len, hidden_size, cfg.hidden_groups, cfg.top_k, vocab_size,
+                               cfg.hidden_dtype, cfg.logprob_dtype)
+    return TeacherSetup(device, dtype, config, groups, model, tokenizer, vocab_size, hidden_size, specs)
+
+
+def tokenizer_workers(cfg: BuildConfig, tokenizer, device: torch.device) -> int:
+    if getattr(tokenizer, "backend_tokenizer", None) is None:
+        return 0  # a slow (Python) tokenizer cannot be shipped to the workers cheaply
+    if cfg.tokenizer_workers >= 0:
+        return cfg.tokenizer_workers
+    return min(8, (os.cpu_count() or 2) // 2) if device.type == "cuda" else 0
+
+
+@contextlib.contextmanager
+def teacher_and_pool(cfg: BuildConfig) -> Iterator[tuple[TeacherSetup, TokenizerPool | None]]:
+    """The loaded teacher and the tokenizer worker pool of --tokenizer-workers (None: tokenise in a thread);
+    the workers start while the weights load, and are stopped on exit."""
+    pools: list[TokenizerPool] = []
+
+    def start_pool(tokenizer, device: torch.device) -> None:  # worker start-up overlaps loading the weights
+        if n := tokenizer_workers(cfg, tokenizer, device):
+            pools.append(TokenizerPool(tokenizer, n))
+
+    try:
+        ts = setup_teacher(cfg, before_weights=start_pool)
+        yield ts, pools[0] if pools else None
+    finally:
+        for p in pools:
+            p.close()
+
+
+def save_teacher_parts(model, tokenizer, config, writer: CacheWriter) -> None:
+    """What the student reuses, so distillation never loads the teacher: embeddings, head, config, tokenizer."""
+    from safetensors.torch import save_file
+
+    tdir = writer.out_dir / schema.TEACHER_DIR
+    config.save_pretrained(tdir)
+    tokenizer.save_pretrained(tdir)
+    head = model.get_output_embeddings()
+    tensors = {
+        # fp32 copies: exact for fp16/bf16 weights; clone() because safetensors refuses shared (tied) storage.
+        "embed_tokens": model.get_input_embeddings().weight.detach().float().cpu().clone(),  # (V, D)
+        "lm_head": head.weight.detach().float().cpu().clone(),  # (V, D)
+    }
+    if getattr(head, "bias", None) is not None:
+        tensors["lm_head_bias"] = head.bias.detach().float().cpu().clone()  # (V,)
+    norm = getattr(model.base_model, "norm", None)
+    if norm is not None and getattr(norm, "weight", None) is not None:
+        tensors["final_norm"] = norm.weight.detach().float().cpu().clone()  # (D,)
+    save_file(tensors, str(writer.add_teacher_file(schema.EMBEDDINGS_FILE)))

@@ -1,0 +1,33 @@
+"""Disk space: the exact bytes a build will write, checked against --out's free space before it starts."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from tcache import outdir
+from tcache.units import fmt_bytes
+from tcache.errors import TcacheError
+from tcache.teachercache.config import BuildConfig
+from tcache.teachercache.setup import TeacherSetup
+
+
+def teacher_files_bytes(ts: TeacherSetup) -> int:
+    """embeddings.safetensors: fp32 embedding and head (V, D) each, plus the final norm (D,)."""
+    return 2 * ts.vocab_size * ts.hidden_size * 4 + ts.hidden_size * 4
+
+
+def bytes_needed(cfg: BuildConfig, ts: TeacherSetup, rows: int) -> int:
+    """Disk a build of `rows` more rows needs: exact field bytes, plus 2% and 1 MiB for HDF5's chunk index
+    and the manifest, plus the teacher files."""
+    per_row = sum(s.bytes_per_row for s in ts.specs.values())
+    return int(per_row * rows * 1.02) + 2**20 + teacher_files_bytes(ts)
+
+
+def check_free_space(cfg: BuildConfig, ts: TeacherSetup, work: Path, rows: int) -> None:
+    need, free = bytes_needed(cfg, ts, rows), outdir.free_bytes(work)
+    # TCACHE_NO_SPACE_CHECK=1: for filesystems that misreport free space (some network mounts, quotas)
+    if need > free and os.environ.get("TCACHE_NO_SPACE_CHECK") != "1":
+        raise TcacheError(f"--out {cfg.out}: this build needs {fmt_bytes(need)} ({rows:,} rows of "
+                          f"{cfg.seq_len} tokens and the teacher files) but its filesystem has "
+                          f"{fmt_bytes(free)} free; free space, lower --tokens, or choose another --out")
