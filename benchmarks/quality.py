@@ -1,15 +1,17 @@
-"""Quality benchmark: teacher vs distilled students vs CE-only baselines, cache vs online. One GPU call.
+"""Quality benchmark: teacher vs hybrid and Distil-xLSTM students vs baselines and ablations. One GPU call.
 
     python benchmarks/quality.py --teacher T --train TRAIN.jsonl.xz --valid VALID.jsonl --work DIR --out RESULTS
 
 1. `tcache build` over the whole training slice (seq_len 512, defaults otherwise).
 2. Students trained concurrently on the one GPU (each is launch-bound and leaves it mostly idle), all
-   with the same seed, token budget and lr, each followed by `tcache eval` on all of VALID:
-   v1 (CE+KD+align, Delta schedules), v1 CE-only, v1 CE+KD, v1 CE+align, v1 online (teacher on the GPU
-   computing the targets each step), v2 (CE+align), v2 CE-only.
+   with the same seed and data, each followed by `tcache eval` on all of VALID at 512 and at 2048 tokens:
+   Distil-xLSTM v1 and v2 (--tokens-per-run, --lr) and their CE-only baselines, a from-scratch xLSTM (CE
+   only, random embedding and head), and the hybrid recipe (stage I --stage1-tokens, stage II
+   --tokens-per-run, the recipe's learning rates) with its ablations: windows 16 / 32 / 64, no stage I,
+   mLSTM only, window only (no mLSTM), stage II CE-only.
 3. `tcache eval` of the teacher on the same windows.
-4. quality.json + a markdown table: perplexity, log-gap closed vs the same architecture's CE-only
-   baseline, tokens, wall time, tokens/s, peak GPU memory.
+4. quality.json + a markdown table: perplexity at both lengths, x the teacher, log-gap closed vs the same
+   architecture's CE-only baseline, tokens, wall time, tokens/s, peak GPU memory.
 """
 
 from __future__ import annotations
@@ -36,10 +38,23 @@ RUNS = {
     "v1-online": ("v1", ["--online-teacher", "{teacher}"], "v1-ce-only"),
     "v2": ("v2", [], "v2-ce-only"),
     "v2-ce-only": ("v2", ["--alpha", "0", "--beta", "0"], None),
+    # the papers' "xLSTM baseline": v1's blocks with a random embedding and head, CE only
+    "scratch": ("v1", ["--from-scratch", "--alpha", "0", "--beta", "0"], None),
     # knob: KD-heavy (no CE, fixed T = 1), not part of the default set
     "v1-kd-heavy": ("v1", ["--alpha", "0.9", "--beta", "0.1", "--temperature", "1"], "v1-ce-only"),
+    # the hybrid recipe (Hauzenberger et al. 2026) and its ablations; the recipe's own lr, stage I = --stage1-tokens
+    "hybrid": ("hybrid", ["--window", "32"], None),
+    "hybrid-w16": ("hybrid", ["--window", "16"], None),
+    "hybrid-w64": ("hybrid", ["--window", "64"], None),
+    "hybrid-no-stage1": ("hybrid", ["--window", "32", "--stage", "2"], None),
+    "hybrid-mlstm-only": ("hybrid", ["--branches", "mlstm"], None),
+    "window-only": ("hybrid", ["--window", "32", "--branches", "window", "--stage", "2"], None),
+    "hybrid-ce-only": ("hybrid", ["--window", "32", "--alpha", "0"], None),
+    "hybrid-mlstm-rope": ("hybrid", ["--window", "32", "--mlstm-rope"], None),
 }
-DEFAULT_RUNS = ["v1", "v1-ce-only", "v1-ce+kd", "v1-ce+align", "v1-online", "v2", "v2-ce-only"]
+DEFAULT_RUNS = ["v1", "v1-ce-only", "v2", "v2-ce-only", "scratch", "hybrid", "hybrid-w16", "hybrid-w64",
+                "hybrid-no-stage1", "hybrid-mlstm-only", "window-only", "hybrid-ce-only", "hybrid-mlstm-rope"]
+LONG = 2048  # every model is also scored on windows of this length (the shared teacher was trained at 512)
 
 
 def tcache(*args: str) -> list[str]:
@@ -54,7 +69,9 @@ def main() -> None:
     ap.add_argument("--work", required=True)
     ap.add_argument("--out", required=True)
     ap.add_argument("--build-tokens", default="100M", help="budget; the slice holds ~14M, all of it is cached")
-    ap.add_argument("--tokens-per-run", default="5M")
+    ap.add_argument("--tokens-per-run", default="5M", help="the hybrid's stage II budget too")
+    ap.add_argument("--stage1-tokens", default="2.5M", help="the hybrid's stage I budget")
+    ap.add_argument("--hybrid-batch", default="16", help="rows per step of the hybrid runs (no accumulation)")
     ap.add_argument("--lr", default="1e-3")
     ap.add_argument("--eval-tokens", default="2M", help="more than VALID holds: all of it is scored")
     ap.add_argument("--runs", default=",".join(DEFAULT_RUNS))
@@ -104,24 +121,28 @@ def main() -> None:
         recipe, extra, _ = RUNS[name]
         run_dir = work / name
         t = time.time()
+        if recipe == "hybrid":  # the recipe's own learning rates, one stage I budget
+            knobs = ["--stage1-tokens", a.stage1_tokens, "--batch-size", a.hybrid_batch, "--grad-accum", "1"]
+        else:
+            knobs = ["--lr", a.lr, "--grad-accum", a.grad_accum]
         rc = run(tcache("distill", str(cache), "--out", str(run_dir), "--recipe", recipe, "--tokens",
-                        a.tokens_per_run, "--lr", a.lr, "--grad-accum", a.grad_accum, "--seed", "0", "--workers", "1",
-                        "--overwrite",
+                        a.tokens_per_run, *knobs, "--seed", "0", "--workers", "1", "--overwrite",
                         *[x.format(teacher=a.teacher) for x in extra]), out / f"{name}.log")
         if rc == 0:
             # beside the run, not in it: a run directory holds only what tcache writes (--overwrite checks)
             (work / f"{name}.wall.json").write_text(json.dumps({"distill_wall_s": round(time.time() - t, 1)}))
-            with open(work / f"{name}.eval.json.partial", "w") as f:
-                if run(tcache("eval", str(run_dir), "--data", a.valid, "--tokens", a.eval_tokens, "--json"),
-                       out / f"{name}.log", stdout=f) == 0:
-                    os.replace(work / f"{name}.eval.json.partial", work / f"{name}.eval.json")
+            evaluate(str(run_dir), name)
 
-    teacher_eval = work / "teacher_eval.json"
+    def evaluate(model: str, name: str) -> None:
+        for suffix, seq_len in (("", "512"), (".long", str(LONG))):
+            with open(work / f"{name}.eval{suffix}.json.partial", "w") as f:
+                if run(tcache("eval", model, "--data", a.valid, "--tokens", a.eval_tokens, "--seq-len", seq_len,
+                              "--batch-size", "8" if seq_len == "512" else "2", "--json"),
+                       out / f"{name}.log", stdout=f) == 0:
+                    os.replace(work / f"{name}.eval{suffix}.json.partial", work / f"{name}.eval{suffix}.json")
 
     def teacher_job() -> None:
-        with open(teacher_eval, "w") as f:
-            run(tcache("eval", a.teacher, "--data", a.valid, "--tokens", a.eval_tokens, "--json"),
-                out / "teacher.log", stdout=f)
+        evaluate(a.teacher, "teacher")
 
     with ThreadPoolExecutor(len(names) + 1) as pool:
         futures = [pool.submit(student, n) for n in names] + [pool.submit(teacher_job)]
@@ -141,7 +162,8 @@ def load_json_output(path: Path) -> dict:
 
 
 def collect(work: Path, names: list[str], a, build: dict, wall: float) -> dict:
-    teacher = load_json_output(work / "teacher_eval.json")
+    teacher = load_json_output(work / "teacher.eval.json")
+    teacher_long = load_json_output(work / "teacher.eval.long.json") if (work / "teacher.eval.long.json").exists() else {}
     rows = {}
     for name in names:
         d = work / name
@@ -157,7 +179,11 @@ def collect(work: Path, names: list[str], a, build: dict, wall: float) -> dict:
             r.update(json.loads((work / f"{name}.wall.json").read_text()))
         if r["finished"]:
             e = load_json_output(work / f"{name}.eval.json")
-            r.update(perplexity=e["perplexity"], eval_tokens=e["tokens_scored"])
+            r.update(perplexity=e["perplexity"], eval_tokens=e["tokens_scored"],
+                     vs_teacher=e["perplexity"] / teacher["perplexity"])
+            if (work / f"{name}.eval.long.json").exists():
+                e = load_json_output(work / f"{name}.eval.long.json")
+                r.update(perplexity_long=e["perplexity"], long_vs_own_512=e["perplexity"] / r["perplexity"])
         elif (d / "metrics.jsonl").exists():
             lines = (d / "metrics.jsonl").read_text().splitlines()
             r["last_metrics"] = json.loads(lines[-1]) if lines else None
@@ -179,21 +205,28 @@ def collect(work: Path, names: list[str], a, build: dict, wall: float) -> dict:
         "command": " ".join(sys.argv), "tokens_per_run": a.tokens_per_run, "lr": a.lr, "grad_accum": a.grad_accum,
         "build": build,
         "teacher": {"perplexity": teacher["perplexity"], "eval_tokens": teacher["tokens_scored"],
-                    "params": teacher["params"]},
+                    "params": teacher["params"], "perplexity_long": teacher_long.get("perplexity")},
+        "long_seq_len": LONG, "stage1_tokens": a.stage1_tokens,
         "runs": rows, "total_wall_s": round(wall, 1),
     }
 
 
 def print_table(result: dict) -> None:
     teacher = result["teacher"]
-    print("\n| model | perplexity | log-gap closed (vs) | tokens | train s | tok/s | peak GiB |")
-    print("|---|---|---|---|---|---|---|")
-    print(f"| teacher | {teacher['perplexity']:.2f} | | | | | |")
+    long = result.get("long_seq_len", LONG)
+    print(f"\n| model | ppl @512 | x teacher | ppl @{long} | @{long} / own @512 | log-gap closed (vs) | tokens | "
+          "train s | tok/s | peak GiB |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    tl = teacher.get("perplexity_long")
+    print(f"| teacher | {teacher['perplexity']:.2f} | 1.000 | {tl or float('nan'):.2f} | "
+          f"{(tl or float('nan')) / teacher['perplexity']:.3f} | | | | | |")
     for r in result["runs"].values():
         ppl = f"{r['perplexity']:.2f}" if "perplexity" in r else "unfinished"
         gap = f"{100 * r['log_gap_closed']:.1f}% ({r['baseline']})" if "log_gap_closed" in r else ""
-        print(f"| {r['name']} | {ppl} | {gap} | {r.get('tokens', 0):,} | {r.get('train_s', 0):.0f} | "
-              f"{r.get('tokens_per_s', 0):,.0f} | {r.get('peak_gpu_gib') or 0:.2f} |")
+        print(f"| {r['name']} | {ppl} | {r.get('vs_teacher', float('nan')):.3f} | "
+              f"{r.get('perplexity_long', float('nan')):.2f} | {r.get('long_vs_own_512', float('nan')):.3f} | {gap} | "
+              f"{r.get('tokens', 0):,} | {r.get('train_s', 0):.0f} | {r.get('tokens_per_s', 0):,.0f} | "
+              f"{r.get('peak_gpu_gib') or 0:.2f} |")
 
 if __name__ == "__main__":
     main()

@@ -38,10 +38,19 @@ def distill(**options) -> None:
     def on_start(info: dict) -> None:
         nonlocal task
         p = info["params"]
-        console.print(
-            f"student: {info['blocks']} blocks (sLSTM at {info['slstm_at'] or 'none'}), {info['heads']} heads; "
-            f"params {p['total']:,} total, {p['trainable']:,} trainable, {p['frozen']:,} frozen"
-        )
+        if "window" in info:  # the hybrid: the teacher's layers, attention replaced
+            full = info["full_attention_layers"]
+            mixer = {"both": f"window {info['window']} + {info['sinks']} sinks + mLSTM", "mlstm": "mLSTM only",
+                     "window": f"window {info['window']} + {info['sinks']} sinks only"}[info["branches"]]
+            shape = (f"{info['blocks']} teacher layers, attention -> {mixer}"
+                     f"{f' (full attention kept in {full})' if full else ''}")
+        else:
+            shape = f"{info['blocks']} blocks (sLSTM at {info['slstm_at'] or 'none'}), {info['heads']} heads"
+        console.print(f"student: {shape}; params {p['total']:,} total, {p['trainable']:,} trainable, "
+                      f"{p['frozen']:,} frozen")
+        if len(info["stages"]) > 1 or info["stages"][0]["stage"] != "distill":
+            console.print("stages: " + ", ".join(f"{s['stage']} ({s['loss']}, {s['steps']} steps, lr {s['lr']:g})"
+                                                 for s in info["stages"]))
         console.print(
             f"kernels: mLSTM {info['mlstm_kernel']}, sLSTM {info['slstm_backend']}; {info['device']} "
             f"{info['precision']}; {info['total_steps']} steps x {info['tokens_per_step']:,} tokens"
@@ -52,9 +61,13 @@ def distill(**options) -> None:
                                  m="")
 
     def on_step(r: dict, plan) -> None:
+        if "match" in r:  # the hybrid's stage I
+            terms = f"stage {r['stage']} match {r['match']:.4f}"
+        else:
+            terms = (f"ce {r['ce']:.3f} kd {r['kd']:.3f} al {r['align']:.3f} a {r['alpha']:.2f} b {r['beta']:.2f} "
+                     f"T {r['temperature']:.2f}")
         progress.update(task, completed=r["step"], m=(
-            f"ce {r['ce']:.3f} kd {r['kd']:.3f} al {r['align']:.3f} a {r['alpha']:.2f} b {r['beta']:.2f} "
-            f"T {r['temperature']:.2f} lr {r['lr']:.1e} gn {r['grad_norm']:.2f} {human_count(r['tokens_per_s'])} tok/s"))
+            f"{terms} lr {r['lr']:.1e} gn {r['grad_norm']:.2f} {human_count(r['tokens_per_s'])} tok/s"))
 
     try:
         meta = run_distill(cfg, on_start, on_step, warn=lambda msg: console.print(f"[yellow]warning[/]: {msg}"),

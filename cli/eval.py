@@ -40,7 +40,9 @@ def eval_cmd(as_json: bool, **options) -> None:
     Console().print(t)
     if "kernels" in r:  # a tcache student: which kernel scored it, and at what length it was trained
         k = r["kernels"]
-        click.echo(f"kernels: mLSTM {k['mlstm']}, sLSTM {k['slstm']} (trained at {r['trained_seq_len']} tokens)")
+        names = {"mlstm": "mLSTM", "slstm": "sLSTM", "window": "window"}
+        click.echo(f"kernels: {', '.join(f'{names.get(n, n)} {v}' for n, v in k.items())} "
+                   f"(trained at {r['trained_seq_len']} tokens)")
 
 
 @contextlib.contextmanager

@@ -34,7 +34,8 @@ def plan(as_json: bool, **options) -> None:
     t.add_column("bytes", justify="right")
     for name, f in p["fields"].items():
         t.add_row(name, f["dtype"], f"{f['bytes_per_token']:.1f}", human_bytes(f["bytes_per_token"] * p["tokens"]))
-    t.add_row("teacher/ (embedding, head)", "float32", "", human_bytes(p["teacher_files_bytes"]))
+    # the whole teacher is stored once: the hybrid recipe starts from all of it
+    t.add_row("teacher/ (full weights + fp32 embedding, head)", "", "", human_bytes(p["teacher_files_bytes"]))
     t.add_row("[bold]total", "", f"[bold]{p['bytes_per_token']:.1f}", f"[bold]{human_bytes(p['total_bytes'])}")
     console = Console()
     console.print(t)
@@ -43,7 +44,7 @@ def plan(as_json: bool, **options) -> None:
     console.print(
         f"measured on {human_count(m['tokens'])} tokens: teacher {teacher_rate}, disk "
         f"{human_bytes(m['disk_bytes_per_s'])}/s = {human_count(m['disk_tokens_per_s'])} tok/s at these fields\n"
-        f"estimated build time: {p['estimated_seconds'] / 60:.1f} min ({p['bound_by']}-bound, tokenisation not counted)"
+        f"estimated build time: {p['estimated_seconds'] / 60:.1f} min ({p['bound_by']}-bound)"
     )
     console.print(f"disk: needs {human_bytes(p['disk_needed_bytes'])} (with HDF5 overhead), "
                   f"{human_bytes(p['disk_free_bytes'])} free at --out")

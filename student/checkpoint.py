@@ -102,21 +102,24 @@ def _set_rng_state(state: dict) -> None:
 
 def _trainable_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     frozen = {n for n, p in model.named_parameters() if not p.requires_grad}
-    return {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items() if k not in frozen}
+    # copies: tied weights (a hybrid's embedding and head) are one tensor under two names, which safetensors
+    # refuses to store as such
+    return {k: v.detach().to("cpu", copy=True).contiguous() for k, v in model.state_dict().items() if k not in frozen}
 
 
-def save_checkpoint(out: Path, cfg: DistillConfig, model: torch.nn.Module, opt, scaler, state: RunState,
-                    identity: str = "") -> Path:
-    """A checkpoint directory appears only complete (written as .partial, then renamed)."""
+def save_checkpoint(out: Path, cfg: DistillConfig, tr, state: RunState, identity: str = "") -> Path:
+    """A checkpoint of trainer `tr` (model, optimizer, scaler, stage): its directory appears only complete
+    (written as .partial, then renamed). Only the stage's trainable weights are saved: the rest is the
+    cache's teacher, frozen in this stage."""
     from safetensors.torch import save_file
 
     final = out / CKPT_DIR / f"step-{state.step:07d}"
     tmp = final.with_name(final.name + ".partial")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    save_file(_trainable_state(model), str(tmp / "trainable.safetensors"))
-    torch.save({"optimizer": opt.state_dict(), "scaler": scaler.state_dict(), "rng": _rng_state(),
-                "state": asdict(state), "cache_identity": identity}, tmp / "trainer.pt")
+    save_file(_trainable_state(tr.model), str(tmp / "trainable.safetensors"))
+    torch.save({"optimizer": tr.opt.state_dict(), "scaler": tr.scaler.state_dict(), "rng": _rng_state(),
+                "state": asdict(state), "cache_identity": identity, "stage": tr.stage.index}, tmp / "trainer.pt")
     (tmp / CONFIG_FILE).write_text(json.dumps(cfg.to_dict(), indent=2))
     shutil.rmtree(final, ignore_errors=True)
     os.replace(tmp, final)
@@ -125,31 +128,37 @@ def save_checkpoint(out: Path, cfg: DistillConfig, model: torch.nn.Module, opt, 
     return final
 
 
-def load_checkpoint(ckpt: Path, model: torch.nn.Module, opt, scaler, identity: str = "") -> RunState:
+def load_checkpoint(ckpt: Path, tr, identity: str = "") -> RunState:
+    """Restore trainer `tr` from `ckpt`: the weights into the stage they were trained in (with its
+    optimizer state), then the stage the run continues with (a fresh optimizer when that is the next one)."""
     from safetensors.torch import load_file
 
     blob = torch.load(ckpt / "trainer.pt", map_location="cpu", weights_only=False)
     if identity and blob.get("cache_identity", identity) != identity:
         raise TcacheError(f"--resume: the checkpoint in {ckpt.parent.parent} was trained on another cache (other "
                           "shards or fields); pass the cache it was trained on, or start a new --out")
-    missing, unexpected = model.load_state_dict(load_file(str(ckpt / "trainable.safetensors")), strict=False)
-    frozen = {n for n, p in model.named_parameters() if not p.requires_grad}
+    saved = tr.plan.stages[min(blob.get("stage", 0), len(tr.plan.stages) - 1)]
+    opt = tr.begin_stage(saved)
+    missing, unexpected = tr.model.load_state_dict(load_file(str(ckpt / "trainable.safetensors")), strict=False)
+    frozen = {n for n, p in tr.model.named_parameters() if not p.requires_grad}
     if unexpected or set(missing) - frozen:
         raise TcacheError(f"--resume: checkpoint {ckpt} does not fit this student; start a new --out")
     opt.load_state_dict(blob["optimizer"])
-    scaler.load_state_dict(blob["scaler"])
+    tr.scaler.load_state_dict(blob["scaler"])
     _set_rng_state(blob["rng"])
-    return RunState(**blob["state"])
+    state = RunState(**blob["state"])
+    if tr.plan.stage_at(state.micro) is not saved:
+        tr.begin_stage(tr.plan.stage_at(state.micro))
+    return state
 
 
-def resume_from(run: Path, cfg: DistillConfig, model: torch.nn.Module, opt, scaler, identity: str,
-                warn: Callable[[str], None]) -> tuple[Path, RunState]:
+def resume_from(run: Path, cfg: DistillConfig, tr, identity: str, warn: Callable[[str], None]) -> tuple[Path, RunState]:
     """The newest checkpoint that loads; a torn or truncated one (a crash while the disk filled, say) is
     skipped with a warning. A checkpoint of another configuration or cache is refused, not skipped."""
     for ckpt in reversed(checkpoints(run)):
         try:
             _check_resume_config(cfg, ckpt)
-            return ckpt, load_checkpoint(ckpt, model, opt, scaler, identity)
+            return ckpt, load_checkpoint(ckpt, tr, identity)
         except TcacheError:
             raise
         except Exception as e:  # unreadable files: safetensors, pickle, json, OSError

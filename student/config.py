@@ -19,20 +19,40 @@ from tcache.units import parse_bytes, parse_count
 
 
 @dataclass(frozen=True)
-class Recipe:
-    """One student recipe: how the student is sized from the teacher, and its loss schedules' defaults
-    (docs/distill.md says where each number comes from)."""
+class Stage:
+    """One stage of a recipe: what it trains, on which loss, with which learning-rate schedule."""
 
-    sizes: Callable[[int, int], tuple[int, int, list[int]]]
-    """(teacher layers L_t, teacher heads H_t) -> (blocks, heads, sLSTM block indices)."""
+    name: str
+    """'1', '2' (--stage) or 'distill' (a one-stage recipe)."""
+    loss: str = "distill"
+    """distill: CE, top-k KD and alignment mixed by alpha / beta; match: the model's hidden-state matching."""
+    train: str = "all"
+    """Which parameters train: all, new (only what the teacher did not have), mixer (new + attention)."""
+    schedule: str = "cosine"
+    """cosine (warmup, then down to --min-lr-ratio) or constant (warmup, then flat)."""
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """One student recipe: its model family, how it is sized from the teacher, its stages and the defaults
+    of its optimiser and loss schedules (docs/distill.md says where each number comes from)."""
+
     alpha: Anneal
     """KD weight."""
     beta: Anneal
     """Alignment weight."""
     temperature: Anneal
     """KD temperature."""
+    sizes: Callable[[int, int], tuple[int, int, list[int]]] | None = None
+    """xLSTM family: (teacher layers L_t, teacher heads H_t) -> (blocks, heads, sLSTM block indices)."""
     model: str = "xlstm"
-    """Model family (a module of tcache.student) the recipe builds."""
+    """Model family: xlstm (tcache.student.model) or hybrid (tcache.student.hybrid)."""
+    stages: tuple[Stage, ...] = (Stage("distill"),)
+    lr: float = 2e-4
+    """Peak learning rate of the (last) stage."""
+    weight_decay: float = 0.01
+    hidden: bool = True
+    """Whether the student yields layer-group hidden states to align with the cache's (xLSTM blocks do)."""
 
 
 def _v1_sizes(layers: int, heads: int) -> tuple[int, int, list[int]]:
@@ -47,10 +67,15 @@ def _v2_sizes(layers: int, heads: int) -> tuple[int, int, list[int]]:
 
 
 RECIPES = {
-    "v1": Recipe(_v1_sizes, alpha=Anneal(0.8, 0.5, 0.05), beta=Anneal(0.1, 0.1, 0.0),
-                 temperature=Anneal(2.0, 1.0, 0.05)),
-    "v2": Recipe(_v2_sizes, alpha=Anneal(0.0, 0.0, 0.0), beta=Anneal(0.8, 0.5, 0.05),
-                 temperature=Anneal(1.0, 1.0, 0.0)),
+    "v1": Recipe(alpha=Anneal(0.8, 0.5, 0.05), beta=Anneal(0.1, 0.1, 0.0), temperature=Anneal(2.0, 1.0, 0.05),
+                 sizes=_v1_sizes),
+    "v2": Recipe(alpha=Anneal(0.0, 0.0, 0.0), beta=Anneal(0.8, 0.5, 0.05), temperature=Anneal(1.0, 1.0, 0.0),
+                 sizes=_v2_sizes),
+    # Hauzenberger et al. 2026: stage I matches each layer's attention output (new parameters only, lr 1e-2,
+    # cosine); stage II is 0.9 CE + 0.1 KL to the cached top-k, constant lr after warm-up, weight decay 0.1.
+    "hybrid": Recipe(alpha=Anneal(0.1, 0.1, 0.0), beta=Anneal(0.0, 0.0, 0.0), temperature=Anneal(1.0, 1.0, 0.0),
+                     model="hybrid", lr=1e-5, weight_decay=0.1, hidden=False,
+                     stages=(Stage("1", loss="match", train="new"), Stage("2", schedule="constant"))),
 }
 
 # Fields that may differ between a run and its resumption.
@@ -77,7 +102,30 @@ class DistillConfig:
     out: str = opt()
     """Run directory: student, checkpoints, metrics."""
     recipe: str = opt("v1", choices=RECIPES)
-    """v1: floor(L/2) alternating sLSTM/mLSTM blocks, CE+KD+align. v2: L mLSTM blocks, CE+align."""
+    """v1: floor(L/2) alternating sLSTM/mLSTM blocks, CE+KD+align. v2: L mLSTM blocks, CE+align. hybrid: the
+    teacher with attention replaced by sliding-window attention + mLSTM, stage I then stage II."""
+    stage: str = opt("all", choices=("all", "1", "2"))
+    """Hybrid recipe: run stage I (hidden-state matching), stage II (KD from the cache), or both."""
+    window: int = 32
+    """Hybrid recipe: tokens of the sliding attention window."""
+    sinks: int = 4
+    """Hybrid recipe: first tokens every position also attends to."""
+    full_attention_layers: list[int] | None = opt(None, text=True)
+    """Hybrid recipe: comma-separated teacher layers that keep full attention (default: none)."""
+    stage1_tokens: int | None = opt(None, text=True)
+    """Hybrid recipe: stage I's token budget (default: half of stage II's); --tokens/--steps/--epochs set
+    stage II's."""
+    stage1_lr: float = 1e-2
+    """Hybrid recipe: stage I's peak learning rate (cosine)."""
+    branches: str = opt("both", choices=("both", "mlstm", "window"))
+    """Hybrid recipe: the mixer's branches: both, or one alone (ablations: mlstm has no window, window no mLSTM
+    and nothing for stage I to train)."""
+    mlstm_rope: bool = False
+    """Hybrid recipe: give the mLSTM branch RoPE-rotated q and k (the paper's reading) instead of unrotated."""
+    from_scratch: bool = False
+    """xLSTM recipes: random embedding and head, trained with the blocks (the papers' xLSTM baseline)."""
+    train: str = opt("all", choices=("all", "mixer"))
+    """Hybrid recipe: what stage II trains: every parameter, or only the mixers (new + attention)."""
     blocks: int | None = None
     """Override the recipe's number of blocks."""
     heads: int | None = None
@@ -94,14 +142,15 @@ class DistillConfig:
     """Rows per micro-batch."""
     grad_accum: int = 4
     """Micro-batches per optimizer step."""
-    lr: float = 2e-4
-    """Peak learning rate (linear warmup, then cosine)."""
+    lr: float | None = None
+    """Peak learning rate (linear warmup, then the stage's schedule); default: the recipe's (v1, v2: 2e-4;
+    hybrid stage II: 1e-5)."""
     warmup: float = 0.1
     """Warmup fraction of the steps."""
     min_lr_ratio: float = 0.1
     """Cosine floor as a fraction of --lr."""
-    weight_decay: float = 0.01
-    """AdamW weight decay (matrices only)."""
+    weight_decay: float | None = None
+    """AdamW weight decay (matrices only); default: the recipe's (v1, v2: 0.01; hybrid: 0.1)."""
     grad_clip: float = 1.0
     """Max gradient norm; 0 disables clipping."""
     alpha: Anneal | None = opt(None, text=True, metavar="VALUE|START:FINAL")
@@ -160,7 +209,7 @@ class DistillConfig:
                    if v is not None]
         if len(budgets) > 1:
             raise TcacheError(f"{' and '.join(budgets)} both set; give one budget")
-        for flag, v in (("--steps", self.steps), ("--epochs", self.epochs), ("--lr", self.lr)):
+        for flag, v in (("--steps", self.steps), ("--epochs", self.epochs)):
             positive(flag, v)
         for flag, v in (("--batch-size", self.batch_size), ("--grad-accum", self.grad_accum),
                         ("--keep-ckpts", self.keep_ckpts)):
@@ -170,8 +219,11 @@ class DistillConfig:
                             ("--loss-chunk", self.loss_chunk, "-1 (automatic), 0 (full logits) or more")):
             if v < -1:
                 raise TcacheError(f"{flag} must be {lo}, got {v}")
+        recipe = RECIPES[self.recipe]
+        self.lr = recipe.lr if self.lr is None else self.lr
+        self.weight_decay = recipe.weight_decay if self.weight_decay is None else self.weight_decay
         for flag, v in (("--ckpt-every", self.ckpt_every), ("--weight-decay", self.weight_decay),
-                        ("--grad-clip", self.grad_clip), ("--delta", self.delta)):
+                        ("--grad-clip", self.grad_clip), ("--delta", self.delta), ("--sinks", self.sinks)):
             if v < 0:
                 raise TcacheError(f"{flag} must be 0 or more, got {v}")
         if not 0 <= self.warmup < 1:
@@ -184,7 +236,12 @@ class DistillConfig:
                 raise TcacheError(f"{flag} {v!r} is unknown; use one of {', '.join(choices)}")
         if self.max_gpu_memory is not None:
             parse_bytes(self.max_gpu_memory)
-        recipe = RECIPES[self.recipe]
+        self.stage1_tokens = parse_count(self.stage1_tokens, "--stage1-tokens") if self.stage1_tokens else None
+        self.full_attention_layers = parse_blocks(self.full_attention_layers, "--full-attention-layers") or []
+        for flag, v in (("--lr", self.lr), ("--stage1-lr", self.stage1_lr), ("--window", self.window)):
+            positive(flag, v)
+        if self.stage != "all" and len(recipe.stages) == 1:
+            raise TcacheError(f"--stage {self.stage}: the {self.recipe} recipe has one stage; drop --stage")
         self.alpha = parse_anneal(self.alpha, "--alpha", self.delta) or recipe.alpha
         self.beta = parse_anneal(self.beta, "--beta", self.delta) or recipe.beta
         self.temperature = parse_anneal(self.temperature, "--temperature", self.delta) or recipe.temperature
@@ -199,6 +256,12 @@ class DistillConfig:
     @property
     def uses_alignment(self) -> bool:
         return self.beta.start > 0 or self.beta.final > 0
+
+    @property
+    def stages(self) -> tuple[Stage, ...]:
+        """The recipe's stages that this run trains (--stage)."""
+        stages = RECIPES[self.recipe].stages
+        return stages if self.stage == "all" else tuple(s for s in stages if s.name == self.stage)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -222,28 +285,59 @@ def student_config(cfg: DistillConfig, manifest) -> StudentConfig:
 
 
 @dataclass
+class StagePlan:
+    """Where a stage lies in the run: micro-batches [start_micro, end_micro), its optimizer steps and peak lr."""
+
+    stage: Stage
+    index: int
+    start_micro: int
+    end_micro: int
+    start_step: int
+    steps: int
+    lr: float
+
+
+@dataclass
 class Plan:
-    """The budget in micro-batches and optimizer steps, and what the run reports at its start."""
+    """The budget in micro-batches and optimizer steps, stage by stage, and what the run reports at its start."""
 
     micro_per_epoch: int
     total_micro: int
     total_steps: int
     seq_len: int
     groups: int
+    stages: list[StagePlan] = field(default_factory=list)
     info: dict = field(default_factory=dict)
+
+    def stage_at(self, micro: int) -> StagePlan:
+        """The stage that trains micro-batch `micro` (the last one at the end of the run)."""
+        return next((s for s in self.stages if micro < s.end_micro), self.stages[-1])
 
 
 def plan_budget(cfg: DistillConfig, manifest) -> Plan:
+    """Micro-batches per stage: --tokens / --steps / --epochs set the last stage's budget (stage II, or the
+    only stage); the hybrid's stage I gets --stage1-tokens, by default half of stage II's."""
     micro_per_epoch = manifest.rows // cfg.batch_size
     if micro_per_epoch < 1:
         raise TcacheError(f"the cache has {manifest.rows} rows, fewer than --batch-size {cfg.batch_size}; lower it")
     tokens_per_micro = cfg.batch_size * manifest.seq_len
     if cfg.steps is not None:
-        total_micro = cfg.steps * cfg.grad_accum
+        main_micro = cfg.steps * cfg.grad_accum
     elif cfg.tokens is not None:
-        total_micro = math.ceil(cfg.tokens / tokens_per_micro)
+        main_micro = math.ceil(cfg.tokens / tokens_per_micro)
     else:
-        total_micro = int((cfg.epochs or 1.0) * micro_per_epoch)
-    total_steps = max(total_micro // cfg.grad_accum, 1)
-    groups = manifest.hidden_groups if schema.HIDDEN in manifest.fields else 0
-    return Plan(micro_per_epoch, total_steps * cfg.grad_accum, total_steps, manifest.seq_len, groups)
+        main_micro = int((cfg.epochs or 1.0) * micro_per_epoch)
+    stages, micro, step = [], 0, 0
+    for i, stage in enumerate(cfg.stages):
+        n, lr = main_micro, cfg.lr
+        if stage.loss == "match":
+            lr = cfg.stage1_lr
+            if cfg.stage1_tokens is not None:
+                n = math.ceil(cfg.stage1_tokens / tokens_per_micro)
+            elif len(cfg.stages) > 1:
+                n = main_micro // 2
+        steps = max(n // cfg.grad_accum, 1)
+        stages.append(StagePlan(stage, i, micro, micro + steps * cfg.grad_accum, step, steps, lr))
+        micro, step = micro + steps * cfg.grad_accum, step + steps
+    hidden = RECIPES[cfg.recipe].hidden and schema.HIDDEN in manifest.fields
+    return Plan(micro_per_epoch, micro, step, manifest.seq_len, manifest.hidden_groups if hidden else 0, stages)

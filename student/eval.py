@@ -65,7 +65,7 @@ def _load(cfg: EvalConfig, device: torch.device, dtype: torch.dtype):
         # (parallel up to 1024 tokens, chunkwise beyond), and the parallel kernel's mask fits the window.
         model, doc = load_student(cfg.model, device, context_length=cfg.seq_len)
         tokenizer = AutoTokenizer.from_pretrained(cfg.model)
-        extra = {"kernels": dict(model.kernels), "trained_seq_len": doc["config"]["context_length"]}
+        extra = {"kernels": dict(model.kernels), "trained_seq_len": doc["cache"]["seq_len"]}
         return (lambda ids: model(ids)[0]), tokenizer, "tcache-student", model, extra
     load_config(cfg.model)  # clear error for a path or id that is not a model
     model, tokenizer = load_teacher(cfg.model, device, dtype)

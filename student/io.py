@@ -33,7 +33,9 @@ def save_student(out: str | os.PathLike, model: Student, meta: dict, tokenizer_d
     for f in Path(tokenizer_dir).iterdir():
         if f.name.startswith("tokenizer") or f.name in ("special_tokens_map.json", "vocab.json", "merges.txt"):
             shutil.copy2(f, out / f.name)
-    doc = {"format": FORMAT, "config": model.cfg.to_dict(), **meta}
+    if model.family == "hybrid":  # the converted teacher's own architecture, to rebuild it on load
+        model.lm.config.save_pretrained(out)
+    doc = {"format": FORMAT, "family": model.family, "config": model.cfg.to_dict(), **meta}
     tmp = out / (STUDENT_FILE + ".partial")
     tmp.write_text(json.dumps(doc, indent=2, sort_keys=True))
     os.replace(tmp, out / STUDENT_FILE)
@@ -53,15 +55,31 @@ def load_student(path: str | os.PathLike, device: torch.device,
         raise TcacheError(f"{path} is not a tcache student (no readable {STUDENT_FILE}); pass the --out of `tcache distill`") from None
     if doc.get("format") != FORMAT:
         raise TcacheError(f"{path}/{STUDENT_FILE} is not a tcache student file; pass the --out of `tcache distill`")
+    if context_length is not None and context_length < 1:
+        raise TcacheError(f"a student runs at 1 token or more, not {context_length}; pass a positive length")
+    if doc.get("family", "xlstm") == "hybrid":
+        return _load_hybrid(path, doc, device), doc
     cfg = StudentConfig(**doc["config"])
     if context_length is not None:
-        if context_length < 1:
-            raise TcacheError(f"a student runs at 1 token or more, not {context_length}; pass a positive length")
         cfg = dataclasses.replace(cfg, context_length=context_length)
     mk, sb = resolve_kernels(cfg, device)
     model = Student(cfg, mlstm_kernel=mk, slstm_backend=sb)
     load_model(model, str(path / WEIGHTS_FILE), strict=True)
     return model.to(device).eval(), doc
+
+
+def _load_hybrid(path: Path, doc: dict, device: torch.device):
+    """A hybrid student: the teacher's architecture from its config.json, converted, then its weights."""
+    from safetensors.torch import load_model
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from tcache.student.hybrid import HybridConfig, HybridStudent
+
+    lm = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(path), attn_implementation="sdpa")
+    model = HybridStudent(lm, HybridConfig(**doc["config"]))
+    load_model(model, str(path / WEIGHTS_FILE), strict=True)
+    model.set_kernel(device)
+    return model.to(device).eval()
 
 
 def load_teacher_parts(cache_dir: str | os.PathLike) -> dict[str, torch.Tensor]:

@@ -131,5 +131,8 @@ class Weights:
 
 
 def mix(terms: dict[str, torch.Tensor], w: Weights) -> torch.Tensor:
-    """Delta-distillation's loss: (1 - alpha - beta) * CE + alpha * KD + beta * alignment."""
+    """Delta-distillation's loss: (1 - alpha - beta) * CE + alpha * KD + beta * alignment; a hidden-state
+    matching stage (the hybrid's stage I) has the one term."""
+    if "match" in terms:
+        return terms["match"]
     return (1 - w.alpha - w.beta) * terms["ce"] + w.alpha * terms["kd"] + w.beta * terms["align"]

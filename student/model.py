@@ -160,7 +160,7 @@ def _nvcc_available() -> bool:
     return shutil.which("nvcc") is not None or CUDA_HOME is not None
 
 
-def _mlstm_kernel_fn(name: str, chunk_size: int = 64):
+def _mlstm_kernel_fn(name: str, chunk_size: int = 64, eps: float = 1e-6):
     """An adapter with xlstm's classic backend signature over an `mlstm_kernels` sequence kernel.
 
     Both compute the same stabilised, normalised mLSTM (keys scaled by DH^-1/2, eps 1e-6); the
@@ -188,13 +188,15 @@ def _mlstm_kernel_fn(name: str, chunk_size: int = 64):
         # the H100 here (LLVM SLPVectorizer assertion, triton 3.x); fp32 is the path validated against the
         # parallel form (benchmarks/gpu_probe.py).
         dtype = torch.float32
-        h = kernel(q=queries, k=keys, v=values, i=i, f=f, chunk_size=cs, autocast_kernel_dtype=dtype)
+        h = kernel(q=queries, k=keys, v=values, i=i, f=f, chunk_size=cs, autocast_kernel_dtype=dtype, eps=eps)
         return h[:, :, :S] if pad else h  # (B, NH, S, DH)
 
     return fn
 
 
 class Student(nn.Module):
+    family = "xlstm"
+
     def __init__(self, cfg: StudentConfig, mlstm_kernel: str = "parallel", slstm_backend: str = "vanilla"):
         super().__init__()
         from xlstm import (FeedForwardConfig, mLSTMBlockConfig, mLSTMLayerConfig, sLSTMBlockConfig,
@@ -285,6 +287,9 @@ class Student(nn.Module):
             cell.causal_mask = torch.tril(torch.ones(length, length, dtype=torch.bool,
                                                      device=cell.causal_mask.device))  # (S, S)
         self.mask_length = length
+
+    def set_stage(self, train: str, mode: str) -> None:
+        """One stage only: the teacher's embedding and head stay frozen, the blocks and norm train."""
 
     def param_counts(self) -> dict[str, int]:
         trainable = sum(p.numel() for p in self.parameters() if p.requires_grad)

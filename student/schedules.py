@@ -33,12 +33,16 @@ def annealed(a: Anneal, epoch: int, step_in_epoch: int) -> float:
     return a.final + (x_e - a.final) / (1.0 + math.log(step_in_epoch + 1))
 
 
-def lr_at(step: int, total_steps: int, peak: float, warmup_frac: float, min_ratio: float) -> float:
-    """Linear warmup over warmup_frac of the run, then cosine from peak down to min_ratio * peak."""
+def lr_at(step: int, total_steps: int, peak: float, warmup_frac: float, min_ratio: float,
+          schedule: str = "cosine") -> float:
+    """Linear warmup over warmup_frac of the run, then cosine from peak down to min_ratio * peak (or, for the
+    constant schedule, the peak until the end)."""
     warmup = max(int(round(warmup_frac * total_steps)), 0)
     # 1. warmup: (step + 1) / warmup, so the first step already moves
     if step < warmup:
         return peak * (step + 1) / warmup
+    if schedule == "constant":
+        return peak
     # 2. cosine decay over the remaining steps
     span = max(total_steps - warmup, 1)
     progress = min((step - warmup) / span, 1.0)

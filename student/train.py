@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
@@ -19,13 +19,12 @@ from tcache.signals import stop_on_signals
 from tcache.student import losses
 from tcache.student.checkpoint import (CONFIG_FILE, RunState, cache_identity, resume_from, run_dir,
                                        save_checkpoint)
-from tcache.student.config import DistillConfig, Plan, plan_budget, student_config
+from tcache.student.config import RECIPES, DistillConfig, Plan, StagePlan, plan_budget, student_config
 from tcache.student.data import CacheRows, epoch_loader
-from tcache.student.io import load_teacher_parts, save_student
+from tcache.student.families import FAMILIES
+from tcache.student.io import save_student
 from tcache.student.metrics import METRICS_FILE, MetricsLog, truncate_metrics
-from tcache.student.model import Student, StudentConfig, resolve_kernels
-from tcache.student.runtime import (COMPILE_MODES, cap_gpu_memory, resolve_compile, resolve_loss_chunk,
-                                    resolve_precision, resolve_workers)
+from tcache.student.runtime import cap_gpu_memory, resolve_loss_chunk, resolve_precision, resolve_workers
 from tcache.student.schedules import annealed, lr_at
 from tcache.teachercache import schema
 from tcache.teachercache.manifest import Manifest, load_manifest
@@ -43,16 +42,37 @@ class Trainer:
     manifest: Manifest
     device: torch.device
     amp_dtype: torch.dtype
-    scfg: StudentConfig
     plan: Plan
-    model: Student
-    params: list
-    opt: torch.optim.Optimizer
+    model: torch.nn.Module
     scaler: torch.amp.GradScaler
     chunk: int
     """Positions per chunk of the fused CE + KD; 0: full logits."""
     workers: int
     targets: TargetFn | None = None
+    stage: StagePlan | None = None
+    params: list = field(default_factory=list)
+    opt: torch.optim.Optimizer | None = None
+
+    def begin_stage(self, sp: StagePlan) -> torch.optim.Optimizer:
+        """Make `sp` the stage that trains: the model's trainable set and mode, and a fresh AdamW over it."""
+        stage, cfg, device = sp.stage, self.cfg, self.device
+        self.model.set_stage(stage.train if stage.loss == "match" else cfg.train,
+                             "match" if stage.loss == "match" else "hybrid")
+        self.params = [p for p in self.model.parameters() if p.requires_grad]
+        decay = [p for p in self.params if p.ndim >= 2]
+        no_decay = [p for p in self.params if p.ndim < 2]
+        self.opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
+                                      {"params": no_decay, "weight_decay": 0.0}], lr=sp.lr, betas=(0.9, 0.95),
+                                     fused=device.type == "cuda")
+        # Gradients live from the start and are zeroed in place, never set to None. Under CUDA graphs
+        # (--compile cudagraphs) the backward's outputs are buffers the next replay overwrites: with
+        # .grad None, autograd installs that buffer itself as .grad, and the next micro-batch's replay
+        # overwrites it ("accessing tensor output of CUDAGraphs that has been overwritten", or silently
+        # wrong sums; pytorch/pytorch#169545). With .grad allocated, each backward adds into it at once.
+        for p in self.model.parameters():
+            p.grad = torch.zeros_like(p) if p.requires_grad else None
+        self.stage = sp
+        return self.opt
 
     def weights(self, epoch: int, step_in_epoch: int) -> losses.Weights:
         c = self.cfg
@@ -62,6 +82,10 @@ class Trainer:
     def terms(self, batch: dict, w: losses.Weights) -> dict[str, torch.Tensor]:
         """The student's forward on one micro-batch and each loss term (fp32 scalars)."""
         ids = batch[schema.INPUT_IDS]  # (B, T)
+        if self.stage.stage.loss == "match":  # teacher-forced: the model keeps each layer's matching error
+            with torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not torch.float32):
+                self.model(ids)
+            return {"match": self.model.match_loss()}
         t_lp, t_ids = batch[schema.TOPK_LOGPROBS], batch[schema.TOPK_IDS]  # (B, T, k) x2
         groups, tail = self.plan.groups, self.cfg.kd_tail
         with torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not torch.float32):
@@ -81,7 +105,7 @@ class Trainer:
         loss, left on the device: reading them would make the CPU wait for the GPU."""
         if self.device.type == "cuda":
             torch.compiler.cudagraph_mark_step_begin()  # CUDA-graph outputs of the last step may be overwritten
-        if self.targets is not None:
+        if self.targets is not None and self.stage.stage.loss != "match":
             batch = {**batch, **self.targets(batch[schema.INPUT_IDS])}
         terms = self.terms(batch, w)
         terms["loss"] = losses.mix(terms, w)
@@ -101,34 +125,6 @@ class Trainer:
         return gn
 
 
-def make_student(cfg: DistillConfig, scfg: StudentConfig, mlstm_kernel: str, slstm_backend: str,
-                 device: torch.device, amp_dtype: torch.dtype):
-    """(model with the cache's teacher parts, trainable params, AdamW, GradScaler), seeded by --seed."""
-    torch.manual_seed(cfg.seed)
-    model = Student(scfg, mlstm_kernel=mlstm_kernel, slstm_backend=slstm_backend)
-    model.load_teacher_parts(load_teacher_parts(cfg.cache))
-    model.to(device)
-    mode = COMPILE_MODES[resolve_compile(cfg.compile, device)]
-    if mode is not None:
-        for blk in model.blocks.blocks:
-            blk.compile(mode=mode)
-    params = [p for p in model.parameters() if p.requires_grad]
-    decay = [p for p in params if p.ndim >= 2]
-    no_decay = [p for p in params if p.ndim < 2]
-    opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
-                             {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr, betas=(0.9, 0.95),
-                            fused=device.type == "cuda")
-    scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype is torch.float16)
-    # Gradients live from the start and are zeroed in place, never set to None. Under CUDA graphs
-    # (--compile cudagraphs) the backward's outputs are buffers the next replay overwrites: with
-    # .grad None, autograd installs that buffer itself as .grad, and the next micro-batch's replay
-    # overwrites it ("accessing tensor output of CUDAGraphs that has been overwritten", or silently
-    # wrong sums; pytorch/pytorch#169545). With .grad allocated, each backward adds into it at once.
-    for p in params:
-        p.grad = torch.zeros_like(p)
-    return model, params, opt, scaler
-
-
 def setup(cfg: DistillConfig, manifest: Manifest | None = None, targets: TargetFn | None = None) -> Trainer:
     """Everything before the first step, and every refusal that does not need the output directory:
     device, precision, the student's size, the budget, kernels, the model and its optimizer."""
@@ -138,30 +134,30 @@ def setup(cfg: DistillConfig, manifest: Manifest | None = None, targets: TargetF
                           "tcache.teachercache.online.online_targets and pass it as targets=")
     device = resolve_device(cfg.device)
     amp_dtype = resolve_precision(cfg.precision, device)
-    scfg = student_config(cfg, manifest)
     plan = plan_budget(cfg, manifest)
     if cfg.uses_alignment and plan.groups == 0:
         raise TcacheError(f"{cfg.cache} has no hidden states but the alignment weight (--beta) is > 0; "
                           "rebuild with --hidden-groups >= 1 or pass --beta 0")
-    if cfg.uses_alignment and plan.groups > scfg.num_blocks:
-        raise TcacheError(f"the cache has {plan.groups} hidden groups but the student only {scfg.num_blocks} "
-                          f"blocks; rebuild with --hidden-groups <= {scfg.num_blocks}, raise --blocks, "
-                          "or pass --beta 0")
+    if RECIPES[cfg.recipe].model == "xlstm":
+        blocks = student_config(cfg, manifest).num_blocks  # refuses bad sizes before anything loads
+        if cfg.uses_alignment and plan.groups > blocks:
+            raise TcacheError(f"the cache has {plan.groups} hidden groups but the student only {blocks} "
+                              f"blocks; rebuild with --hidden-groups <= {blocks}, raise --blocks, "
+                              "or pass --beta 0")
     budget = cap_gpu_memory(cfg.max_gpu_memory, device)
-    mlstm_kernel, slstm_backend = resolve_kernels(scfg, device, budget)
-    model, params, opt, scaler = make_student(cfg, scfg, mlstm_kernel, slstm_backend, device, amp_dtype)
+    model, info = FAMILIES[RECIPES[cfg.recipe].model](cfg, manifest, device, budget)
+    chunk, workers = resolve_loss_chunk(cfg.loss_chunk, device), resolve_workers(cfg.workers, device)
+    tr = Trainer(cfg, manifest, device, amp_dtype, plan, model, torch.amp.GradScaler(
+        device.type, enabled=amp_dtype is torch.float16), chunk, workers, targets)
+    tr.begin_stage(plan.stages[0])
     plan.info = {
-        "params": model.param_counts(), "mlstm_kernel": mlstm_kernel, "slstm_backend": slstm_backend,
-        "device": str(device), "precision": str(amp_dtype).removeprefix("torch."),
-        "blocks": scfg.num_blocks, "heads": scfg.num_heads, "slstm_at": scfg.slstm_at,
-        "total_steps": plan.total_steps, "tokens_per_step": cfg.batch_size * cfg.grad_accum * plan.seq_len,
-        "resumed_from_step": None, "hidden_groups": plan.groups,
-        "loss_chunk": resolve_loss_chunk(cfg.loss_chunk, device),
-        "workers": resolve_workers(cfg.workers, device), "compile": resolve_compile(cfg.compile, device),
-        "max_gpu_memory": cfg.max_gpu_memory,
+        **info, "params": model.param_counts(), "device": str(device),
+        "precision": str(amp_dtype).removeprefix("torch."), "total_steps": plan.total_steps,
+        "tokens_per_step": cfg.batch_size * cfg.grad_accum * plan.seq_len, "resumed_from_step": None,
+        "hidden_groups": plan.groups, "loss_chunk": chunk, "workers": workers, "max_gpu_memory": cfg.max_gpu_memory,
+        "stages": [{"stage": s.stage.name, "loss": s.stage.loss, "steps": s.steps, "lr": s.lr} for s in plan.stages],
     }
-    return Trainer(cfg, manifest, device, amp_dtype, scfg, plan, model, params, opt, scaler,
-                   plan.info["loss_chunk"], plan.info["workers"], targets)
+    return tr
 
 
 StepFn = Callable[[dict, Plan], None]
@@ -191,7 +187,7 @@ def _fit_and_save(tr: Trainer, work: Path, hasher: ShardHasher, stop, on_start, 
     identity = cache_identity(tr.manifest)
     state, ckpt = RunState(), None
     if cfg.resume:
-        ckpt, state = resume_from(work, cfg, tr.model, tr.opt, tr.scaler, identity, warn)
+        ckpt, state = resume_from(work, cfg, tr, identity, warn)
         plan.info["resumed_from_step"] = state.step
     if stop.requested:
         raise Interrupted(stop.signum, "nothing was trained")
@@ -208,7 +204,7 @@ def _fit_and_save(tr: Trainer, work: Path, hasher: ShardHasher, stop, on_start, 
     # Loss sums stay on the device until a step is logged: a float() per micro-batch would make the CPU
     # wait for the GPU each time, and the next batch's host work would no longer overlap its compute.
     zero = torch.zeros((), device=device)
-    sums = {"ce": zero, "kd": zero, "align": zero, "loss": zero}
+    sums: dict[str, torch.Tensor] = {}
     # Rate and elapsed time count from this (re)start; elapsed0 carries what a resumed run had before.
     t_start, tokens_start, elapsed0 = time.perf_counter(), state.tokens, state.elapsed
     last: dict = {}
@@ -217,21 +213,26 @@ def _fit_and_save(tr: Trainer, work: Path, hasher: ShardHasher, stop, on_start, 
         while state.micro < plan.total_micro:
             epoch, j = divmod(state.micro, plan.micro_per_epoch)
             for batch in epoch_loader(rows, cfg.batch_size, cfg.seed, epoch, j, tr.workers, device.type == "cuda"):
+                sp = plan.stage_at(state.micro)
+                if sp is not tr.stage:
+                    tr.begin_stage(sp)  # the next stage: its trainable set, mode and optimizer
                 w = tr.weights(epoch, j // cfg.grad_accum)  # by the optimizer step within this epoch
                 batch = {n: t.to(device, non_blocking=True) for n, t in batch.items()}
                 terms = tr.micro_step(batch, w)
                 for name, v in terms.items():
-                    sums[name] = sums[name] + v / cfg.grad_accum
+                    sums[name] = sums.get(name, zero) + v / cfg.grad_accum
                 state.micro += 1
                 state.tokens += batch[schema.INPUT_IDS].numel()
                 j += 1
                 if state.micro % cfg.grad_accum == 0:
-                    lr = lr_at(state.step, plan.total_steps, cfg.lr, cfg.warmup, cfg.min_lr_ratio)
+                    lr = lr_at(state.step - sp.start_step, sp.steps, sp.lr, cfg.warmup, cfg.min_lr_ratio,
+                               sp.stage.schedule)
                     gn = tr.optimizer_step(lr)
                     state.step += 1
                     now = time.perf_counter()
                     elapsed = elapsed0 + (now - t_start)
-                    record = {"step": state.step, "epoch": epoch, "tokens": state.tokens, "alpha": w.alpha,
+                    record = {"step": state.step, "stage": sp.stage.name, "epoch": epoch, "tokens": state.tokens,
+                              "alpha": w.alpha,
                               "beta": w.beta, "temperature": w.temperature, "lr": lr,
                               "tokens_per_s": (state.tokens - tokens_start) / max(now - t_start, 1e-9),
                               "elapsed_s": elapsed}
@@ -240,14 +241,14 @@ def _fit_and_save(tr: Trainer, work: Path, hasher: ShardHasher, stop, on_start, 
                         # the scale tensor itself: get_scale() would read it now and wait for the GPU
                         values["loss_scale"] = getattr(tr.scaler, "_get_scale_async", tr.scaler.get_scale)()
                     last = log.put(record, values) or last
-                    sums = dict.fromkeys(sums, zero)
+                    sums = {}
                     hasher.check()  # a corrupt shard ends the run as soon as its hash is known
                     due = cfg.ckpt_every and state.step % cfg.ckpt_every == 0
                     if (due or stop.requested) and state.micro < plan.total_micro:
                         last = log.flush() or last
                         state.elapsed = elapsed
                         hasher.wait()  # a checkpoint holds only training on verified shards
-                        ckpt = save_checkpoint(work, cfg, tr.model, tr.opt, tr.scaler, state, identity)
+                        ckpt = save_checkpoint(work, cfg, tr, state, identity)
                     if stop.requested and state.micro < plan.total_micro:
                         e = Interrupted(stop.signum, f"checkpoint at step {state.step} saved in {work}")
                         e.resumable = True

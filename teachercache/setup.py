@@ -101,11 +101,32 @@ def teacher_and_pool(cfg: BuildConfig) -> Iterator[tuple[TeacherSetup, Tokenizer
             p.close()
 
 
+def weights_dtype(model, config) -> torch.dtype:
+    """The dtype the teacher's full weights are stored in: the checkpoint's own (config.dtype), so a CPU build
+    that computed in fp32 stores an fp16 teacher in fp16, its exact values; the compute dtype otherwise."""
+    d = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
+    if isinstance(d, str):
+        d = getattr(torch, d, None)
+    return d if isinstance(d, torch.dtype) and d.is_floating_point else next(model.parameters()).dtype
+
+
+def full_weights_bytes(model, config) -> int:
+    """Bytes of the teacher's full weights as stored (tied tensors once)."""
+    unique = {p.data_ptr(): p.numel() for p in model.parameters()}
+    return sum(unique.values()) * torch.empty((), dtype=weights_dtype(model, config)).element_size()
+
+
 def save_teacher_parts(model, tokenizer, config, writer: CacheWriter) -> None:
-    """What the student reuses, so distillation never loads the teacher: embeddings, head, config, tokenizer."""
+    """What the students reuse, so distillation never loads the teacher: the full weights (model.safetensors
+    and config: the hybrid recipe starts from the whole teacher), and for the xLSTM recipes the embedding and
+    head in fp32 (embeddings.safetensors), and the tokenizer."""
     from safetensors.torch import save_file
 
     tdir = writer.out_dir / schema.TEACHER_DIR
+    dtype = weights_dtype(model, config)
+    converted: dict[int, torch.Tensor] = {}  # tied tensors stay one tensor, so they are stored once
+    state = {k: converted.setdefault(v.data_ptr(), v.detach().to("cpu", dtype)) for k, v in model.state_dict().items()}
+    model.save_pretrained(tdir, state_dict=state)
     config.save_pretrained(tdir)
     tokenizer.save_pretrained(tdir)
     head = model.get_output_embeddings()

@@ -13,8 +13,11 @@ from tcache.teachercache.setup import TeacherSetup
 
 
 def teacher_files_bytes(ts: TeacherSetup) -> int:
-    """embeddings.safetensors: fp32 embedding and head (V, D) each, plus the final norm (D,)."""
-    return 2 * ts.vocab_size * ts.hidden_size * 4 + ts.hidden_size * 4
+    """teacher/: the full weights in their checkpoint dtype (the hybrid recipe copies the whole teacher), and
+    embeddings.safetensors: fp32 embedding and head (V, D) each, plus the final norm (D,)."""
+    from tcache.teachercache.setup import full_weights_bytes
+
+    return full_weights_bytes(ts.model, ts.config) + 2 * ts.vocab_size * ts.hidden_size * 4 + ts.hidden_size * 4
 
 
 def bytes_needed(cfg: BuildConfig, ts: TeacherSetup, rows: int) -> int:

@@ -1,0 +1,56 @@
+"""Model families: how a recipe's student is built from the config and the cache, on a device. A recipe names
+its family (Recipe.model); the training loop only calls build() and the model's set_stage()."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from tcache.student.config import DistillConfig, student_config
+from tcache.student.io import load_teacher_parts
+from tcache.student.model import Student, resolve_kernels
+from tcache.student.runtime import COMPILE_MODES, resolve_compile
+from tcache.teachercache import schema
+
+
+def build_xlstm(cfg: DistillConfig, manifest, device: torch.device, budget: int | None):
+    """Distil-xLSTM: fresh xLSTM blocks between the teacher's frozen embedding and head."""
+    scfg = student_config(cfg, manifest)
+    mlstm_kernel, slstm_backend = resolve_kernels(scfg, device, budget)
+    torch.manual_seed(cfg.seed)
+    model = Student(scfg, mlstm_kernel=mlstm_kernel, slstm_backend=slstm_backend)
+    if cfg.from_scratch:  # the baseline: nothing of the teacher, its embedding and head learnt too
+        model.embed.requires_grad_(True)
+        model.head.requires_grad_(True)
+    else:
+        model.load_teacher_parts(load_teacher_parts(cfg.cache))
+    model.to(device)
+    compile_mode = resolve_compile(cfg.compile, device)
+    if COMPILE_MODES[compile_mode] is not None:
+        for blk in model.blocks.blocks:
+            blk.compile(mode=COMPILE_MODES[compile_mode])
+    info = {"mlstm_kernel": mlstm_kernel, "slstm_backend": slstm_backend, "blocks": scfg.num_blocks,
+            "heads": scfg.num_heads, "slstm_at": scfg.slstm_at, "compile": compile_mode}
+    return model, info
+
+
+def build_hybrid(cfg: DistillConfig, manifest, device: torch.device, budget: int | None):
+    """Hauzenberger et al.: the teacher from the cache's full weights, attention replaced by hybrid mixers."""
+    from tcache.student.hybrid import HybridConfig, load_hybrid
+
+    hcfg = HybridConfig(window=cfg.window, sinks=cfg.sinks, full_attention_layers=list(cfg.full_attention_layers),
+                        mlstm_kernel=cfg.mlstm_kernel if cfg.mlstm_kernel != "parallel" else "auto",
+                        branches=cfg.branches, mlstm_rope=cfg.mlstm_rope)
+    torch.manual_seed(cfg.seed)
+    model = load_hybrid(str(Path(cfg.cache) / schema.TEACHER_DIR), hcfg)
+    model.to(device)
+    kernel = model.set_kernel(device)
+    info = {"mlstm_kernel": kernel, "slstm_backend": "none", "blocks": len(model.lm.model.layers),
+            "heads": model.lm.config.num_attention_heads, "slstm_at": [], "compile": "off",
+            "window": cfg.window, "sinks": cfg.sinks, "full_attention_layers": hcfg.full_attention_layers,
+            "branches": cfg.branches}
+    return model, info
+
+
+FAMILIES = {"xlstm": build_xlstm, "hybrid": build_hybrid}

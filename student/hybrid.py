@@ -1,0 +1,333 @@
+"""The hybrid xLSTM student (Hauzenberger et al., 2026): the teacher itself, each attention replaced by a mixer
+of sliding-window attention (the last W tokens plus the first S sink tokens) and an mLSTM over the whole prefix.
+
+    x (B, T, D) -> q, k, v (the teacher's W_q, W_k, W_v and RoPE, frozen copies)
+      swa   = softmax attention of q over k, v at positions j <= i with i - j < W or j < S
+      mlstm = mLSTM(phi_q(q), phi_k(k), v; i = exp(x w_i), f = sigmoid(x w_f))
+      o     = sigmoid(w_o [q, k, v])                      per head
+      out   = W_o (o * mlstm + (1 - o) * swa)             the teacher's W_o
+
+Everything but the feature maps phi and the gates is the teacher's (transformers' own decoder layers, norms,
+MLPs, embedding and head, loaded from the cache's teacher/ directory). phi is Hedgehog's: per head a learned
+d x d map (identity at init) followed by [softmax(z), softmax(-z)] over the feature dimension, so phi(q) .
+phi(k) >= 0 and the mLSTM normaliser stays positive. Grouped-query teachers repeat their kv heads.
+
+Modes of a mixer: "hybrid" (the student), "match" (stage I: returns the teacher's own attention so every layer
+sees the teacher's input, and keeps the MSE between its hybrid output and that attention, both before W_o),
+"teacher" (the teacher's full causal attention: the converted model before any change).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from tcache.errors import TcacheError
+
+MODES = ("hybrid", "match", "teacher")
+BRANCHES = ("both", "mlstm", "window")
+
+
+@dataclass
+class HybridConfig:
+    window: int = 32
+    """Tokens of the sliding window, the current one included (--window)."""
+    sinks: int = 4
+    """First tokens every position also attends to (--sinks)."""
+    full_attention_layers: list[int] = field(default_factory=list)
+    """Layers that keep the teacher's full attention (--full-attention-layers)."""
+    fgate_bias: tuple[float, float] = (3.0, 6.0)
+    """Forget-gate bias at init, spread over the heads from the first to the second value (xLSTM's init)."""
+    mlstm_kernel: str = "auto"
+    """mLSTM kernel of mlstm_kernels: auto (chunkwise Triton on CUDA, native chunkwise elsewhere)."""
+    branches: str = "both"
+    """both (the hybrid), mlstm (no window branch) or window (no mLSTM): the ablations (--branches)."""
+    mlstm_rope: bool = False
+    """Feed the mLSTM branch and the output gate RoPE-rotated q, k (--mlstm-rope); by default they get the
+    unrotated projections, so nothing outside the window depends on absolute position (see docs/hybrid.md)."""
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def window_mask(T: int, window: int, sinks: int, device) -> torch.Tensor:
+    """(T, T) bool, True where query i may attend to key j: j <= i and (i - j < window or j < sinks)."""
+    i = torch.arange(T, device=device)[:, None]
+    j = torch.arange(T, device=device)[None, :]
+    return (j <= i) & ((i - j < window) | (j < sinks))
+
+
+def hedgehog(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """Hedgehog feature map per head: (B, H, T, d) with weight (H, d, d) -> (B, H, T, 2d), each half a
+    softmax over the feature dimension (fp32)."""
+    z = torch.einsum("bhtd,hde->bhte", x.float(), weight.float())  # (B, H, T, d)
+    return torch.cat([torch.softmax(z, -1), torch.softmax(-z, -1)], -1)  # (B, H, T, 2d)
+
+
+def resolve_mlstm_kernel(name: str, device: torch.device) -> str:
+    if name != "auto":
+        return name
+    from tcache.student.model import _triton_available
+
+    return "chunkwise--triton_xl_chunk" if device.type == "cuda" and _triton_available() else "chunkwise--native_autograd"
+
+
+class HybridMixer(nn.Module):
+    """Replaces one transformers attention module; same call signature, same return (output, None)."""
+
+    def __init__(self, attn: nn.Module, hidden_size: int, num_heads: int, num_kv_heads: int, cfg: HybridConfig):
+        super().__init__()
+        self.q_proj, self.k_proj, self.v_proj, self.o_proj = attn.q_proj, attn.k_proj, attn.v_proj, attn.o_proj
+        self.layer_idx = getattr(attn, "layer_idx", None)
+        self.head_dim = attn.head_dim
+        self.scaling = attn.scaling
+        self.H, self.Hkv = num_heads, num_kv_heads
+        self.window, self.sinks, self.branches, self.mlstm_rope = cfg.window, cfg.sinks, cfg.branches, cfg.mlstm_rope
+        d = self.head_dim
+        # the only parameters that do not come from the teacher
+        self.phi_q = nn.Parameter(torch.eye(d).repeat(num_heads, 1, 1))  # (H, d, d)
+        self.phi_k = nn.Parameter(torch.eye(d).repeat(num_heads, 1, 1))  # (H, d, d)
+        self.igate = nn.Linear(hidden_size, num_heads)
+        self.fgate = nn.Linear(hidden_size, num_heads)
+        self.ogate_w = nn.Parameter(torch.zeros(num_heads, 3 * d))  # (H, 3d)
+        self.ogate_b = nn.Parameter(torch.zeros(num_heads))  # (H,)
+        with torch.no_grad():  # xLSTM's gate init: zero weights, input bias ~N(0, 0.1), forget bias 3..6
+            nn.init.zeros_(self.igate.weight)
+            nn.init.normal_(self.igate.bias, std=0.1)
+            nn.init.zeros_(self.fgate.weight)
+            self.fgate.bias.copy_(torch.linspace(*cfg.fgate_bias, num_heads))
+        self.mode = "hybrid"
+        self.mlstm_fn = None  # set by HybridStudent.set_kernel
+        self.last_mse: torch.Tensor | None = None
+
+    def new_parameters(self) -> list[nn.Parameter]:
+        return [self.phi_q, self.phi_k, *self.igate.parameters(), *self.fgate.parameters(), self.ogate_w,
+                self.ogate_b]
+
+    def forward(self, hidden_states: torch.Tensor, position_embeddings=None, attention_mask=None, **kwargs):
+        from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+
+        x = hidden_states  # (B, T, D)
+        B, T, _ = x.shape
+        q = self.q_proj(x).view(B, T, self.H, self.head_dim).transpose(1, 2)  # (B, H, T, d)
+        k = self.k_proj(x).view(B, T, self.Hkv, self.head_dim).transpose(1, 2)  # (B, Hkv, T, d)
+        v = self.v_proj(x).view(B, T, self.Hkv, self.head_dim).transpose(1, 2)  # (B, Hkv, T, d)
+        cos, sin = position_embeddings  # (B, T, d) x2
+        q_sink = self.sink_queries(q, k, cos, sin, apply_rotary_pos_emb)  # (B, H, T, d) or None
+        q0, k0 = q, k  # unrotated
+        q, k = apply_rotary_pos_emb(q, k, cos, sin)
+        rep = self.H // self.Hkv
+        k, v = k.repeat_interleave(rep, 1), v.repeat_interleave(rep, 1)  # (B, H, T, d) x2
+        if self.mode == "teacher":
+            h = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=self.scaling)  # (B, H, T, d)
+        else:
+            qm, km = (q, k) if self.mlstm_rope else (q0, k0.repeat_interleave(rep, 1))  # (B, H, T, d) x2
+            h = self.mix(x, q, k, v, q_sink, qm, km)  # (B, H, T, d)
+            if self.mode == "match":
+                with torch.no_grad():
+                    full = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=self.scaling)
+                self.last_mse = F.mse_loss(h.float(), full.float())
+                h = full  # teacher forcing: the next layer sees the teacher's own input
+        return self.o_proj(h.transpose(1, 2).reshape(B, T, -1)), None
+
+    def sink_queries(self, q, k, cos, sin, rope) -> torch.Tensor | None:
+        """Queries rotated for the sink keys as StreamingLLM places them (Xiao et al., 2023: positions within
+        the cache, not the text): a query never sits more than sinks + window - 1 positions after a sink, so
+        RoPE sees no distance it was not trained on at any length. None when no query is that far."""
+        T, last = q.shape[2], self.sinks + self.window - 1
+        if self.sinks == 0 or T <= last or self.branches == "mlstm":
+            return None
+        p = torch.arange(T, device=q.device).clamp(max=last)  # (T,) the query's position in the cache
+        return rope(q, k, cos[:, p], sin[:, p])[0]  # (B, H, T, d)
+
+    def window_attention(self, q, k, v, q_sink) -> torch.Tensor:
+        """Softmax attention over the window and the sinks: (B, H, T, d). Written out rather than one SDPA call
+        because a sink's score uses the query rotated to its cache position (sink_queries)."""
+        T, S = q.shape[2], self.sinks
+        allowed = window_mask(T, self.window, S, q.device)  # (T, T)
+        if q_sink is None:
+            return F.scaled_dot_product_attention(q, k, v, attn_mask=allowed, scale=self.scaling)
+        s = (q.float() @ k.float().transpose(-1, -2)) * self.scaling  # (B, H, T, T)
+        s_sink = (q_sink.float() @ k[:, :, :S].float().transpose(-1, -2)) * self.scaling  # (B, H, T, S)
+        i = torch.arange(T, device=q.device)[:, None]
+        far = (i - torch.arange(S, device=q.device)[None, :]) >= self.window  # (T, S) sinks outside the window
+        s = torch.cat([torch.where(far, s_sink, s[..., :S]), s[..., S:]], -1).masked_fill(~allowed, -math.inf)
+        return (torch.softmax(s, -1) @ v.float()).to(q.dtype)  # (B, H, T, d)
+
+    def mix(self, x: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+            q_sink: torch.Tensor | None = None, qm: torch.Tensor | None = None,
+            km: torch.Tensor | None = None) -> torch.Tensor:
+        """The hybrid head outputs before W_o: (B, H, T, d) from x (B, T, D), q, k, v (B, H, T, d) for the window,
+        and the mLSTM's and output gate's q, k (default: the window's)."""
+        qm = q if qm is None else qm
+        km = k if km is None else km
+        if self.branches != "mlstm":
+            swa = self.window_attention(q, k, v, q_sink)  # (B, H, T, d)
+            if self.branches == "window":
+                return swa
+        qf, kf = hedgehog(qm, self.phi_q), hedgehog(km, self.phi_k)  # (B, H, T, 2d) x2
+        i = self.igate(x).float().transpose(1, 2)  # (B, H, T)
+        f = self.fgate(x).float().transpose(1, 2)  # (B, H, T)
+        m = self.mlstm_fn(qf, kf, v.float(), i.unsqueeze(-1), f.unsqueeze(-1))  # (B, H, T, d)
+        if self.branches == "mlstm":
+            return m.to(q.dtype)
+        o = torch.sigmoid(torch.einsum("bhtc,hc->bht", torch.cat([qm, km, v], -1).float(), self.ogate_w.float())
+                          + self.ogate_b.float()[None, :, None]).unsqueeze(-1)  # (B, H, T, 1)
+        return (o * m + (1 - o) * swa.float()).to(q.dtype)
+
+
+def convert(lm: nn.Module, cfg: HybridConfig) -> list[HybridMixer]:
+    """Replace each attention module of a transformers Llama / Qwen2-family causal LM by a HybridMixer (in
+    place; layers listed in cfg.full_attention_layers keep the teacher's). Returns the mixers."""
+    c = lm.config.get_text_config() if hasattr(lm.config, "get_text_config") else lm.config
+    layers = getattr(getattr(lm, "model", None), "layers", None)
+    if layers is None:
+        raise TcacheError(f"the teacher ({type(lm).__name__}) has no model.layers; the hybrid recipe converts "
+                          "Llama- and Qwen2-family causal LMs (q_proj/k_proj/v_proj/o_proj attention with RoPE)")
+    bad = [i for i in cfg.full_attention_layers if not 0 <= i < len(layers)]
+    if bad:
+        raise TcacheError(f"--full-attention-layers {bad} is outside layers 0..{len(layers) - 1}; fix it")
+    mixers = []
+    for idx, layer in enumerate(layers):
+        attn = getattr(layer, "self_attn", None)
+        missing = [n for n in ("q_proj", "k_proj", "v_proj", "o_proj", "head_dim", "scaling")
+                   if not hasattr(attn, n)]
+        if missing:
+            raise TcacheError(f"layer {idx} of the teacher ({type(lm).__name__}) lacks {', '.join(missing)} in its "
+                              "attention; the hybrid recipe converts Llama- and Qwen2-family causal LMs")
+        if idx in cfg.full_attention_layers:
+            continue
+        mixer = HybridMixer(attn, c.hidden_size, c.num_attention_heads, c.num_key_value_heads, cfg)
+        layer.self_attn = mixer
+        mixers.append(mixer)
+    return mixers
+
+
+class HybridStudent(nn.Module):
+    """The converted teacher, with the interface of the xLSTM Student: forward(ids) -> (logits, None),
+    features(ids) -> (final normed hidden, None), head."""
+
+    def __init__(self, lm: nn.Module, cfg: HybridConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.lm = lm
+        self.mixers = convert(lm, cfg)
+        self.kernels = {"mlstm": cfg.mlstm_kernel, "window": "sdpa"}
+
+    family = "hybrid"
+
+    @property
+    def head(self) -> nn.Module:
+        return self.lm.get_output_embeddings()
+
+    def set_kernel(self, device: torch.device) -> str:
+        from tcache.student.model import _mlstm_kernel_fn
+
+        name = resolve_mlstm_kernel(self.cfg.mlstm_kernel, device)
+        # eps: the kernels add it to the normaliser in their stabilised units, where 1e-6 (xLSTM's) moved the
+        # output by 4e-5 relative against the float64 equations (tests/test_hybrid.py); Hedgehog features keep
+        # n . q > 0, so the normaliser needs no eps to stay away from zero.
+        fn = _mlstm_kernel_fn(name, eps=1e-12)
+        for m in self.mixers:
+            m.mlstm_fn = fn
+        self.kernels["mlstm"] = name
+        return name
+
+    def set_mode(self, mode: str) -> None:
+        if mode not in MODES:
+            raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+        for m in self.mixers:
+            m.mode = mode
+
+    def new_parameters(self) -> list[nn.Parameter]:
+        return [p for m in self.mixers for p in m.new_parameters()]
+
+    def set_trainable(self, which: str) -> None:
+        """'new': only the feature maps and gates (stage I); 'mixer': those and the copied q/k/v/o projections;
+        'all': every parameter (stage II)."""
+        self.requires_grad_(which == "all")
+        if which in ("new", "mixer"):
+            for p in self.new_parameters():
+                p.requires_grad_(True)
+        if which == "mixer":
+            for m in self.mixers:
+                for proj in (m.q_proj, m.k_proj, m.v_proj, m.o_proj):
+                    proj.requires_grad_(True)
+
+    def set_stage(self, train: str, mode: str) -> None:
+        self.set_trainable(train)
+        self.set_mode(mode)
+
+    def features(self, ids: torch.Tensor, groups: int = 0):
+        out = self.lm.model(input_ids=ids, use_cache=False)
+        return out.last_hidden_state, None  # (B, T, D)
+
+    def forward(self, ids: torch.Tensor, groups: int = 0):
+        x, _ = self.features(ids)
+        return self.head(x), None  # (B, T, V)
+
+    def match_loss(self) -> torch.Tensor:
+        """Stage I: the sum over converted layers of the MSE kept by the last forward in "match" mode."""
+        return torch.stack([m.last_mse for m in self.mixers]).sum()
+
+    def param_counts(self) -> dict:
+        total = sum(p.numel() for p in self.parameters())
+        trainable = sum(p.numel() for p in self.parameters() if p.requires_grad)
+        new = sum(p.numel() for p in self.new_parameters())
+        return {"total": total, "trainable": trainable, "frozen": total - trainable, "new": new}
+
+    def set_context_length(self, T: int) -> None:
+        """Nothing depends on the length (the window mask is built per call)."""
+
+
+def load_hybrid(teacher_dir: str, cfg: HybridConfig, dtype: torch.dtype = torch.float32) -> HybridStudent:
+    """The teacher from a cache's teacher/ directory (full weights), converted."""
+    from transformers import AutoModelForCausalLM
+
+    try:
+        lm = AutoModelForCausalLM.from_pretrained(teacher_dir, dtype=dtype, attn_implementation="sdpa")
+    except (OSError, ValueError) as e:
+        raise TcacheError(f"{teacher_dir}: the cache holds no loadable teacher weights ({str(e).splitlines()[0][:120]}); "
+                          "rebuild the cache with this tcache (it stores the teacher's full weights)") from None
+    return HybridStudent(lm, cfg)
+
+
+def reference_mix(x, q, k, v, mixer: HybridMixer, q_sink=None, qm=None, km=None) -> torch.Tensor:
+    """The mixer's equations in float64, written out step by step (a quadratic, unstabilised mLSTM with the
+    xLSTM normaliser; each query's scores one by one): the test reference for HybridMixer.mix."""
+    x, q, k, v = (t.double() for t in (x, q, k, v))
+    B, H, T, d = q.shape
+    s = torch.full((B, H, T, T), -math.inf, dtype=torch.float64)
+    for i in range(T):
+        for j in range(i + 1):
+            if i - j < mixer.window:
+                s[:, :, i, j] = (q[:, :, i] * k[:, :, j]).sum(-1) * mixer.scaling
+            elif j < mixer.sinks:  # a sink outside the window: the query at its cache position, if given
+                qi = q[:, :, i] if q_sink is None else q_sink[:, :, i].double()
+                s[:, :, i, j] = (qi * k[:, :, j]).sum(-1) * mixer.scaling
+    swa = torch.softmax(s, -1) @ v  # (B, H, T, d)
+
+    def phi(t, w):
+        z = torch.einsum("bhtd,hde->bhte", t, w.double())
+        return torch.cat([torch.softmax(z, -1), torch.softmax(-z, -1)], -1)
+
+    qm = q if qm is None else qm.double()
+    km = k if km is None else km.double()
+    qf, kf = phi(qm, mixer.phi_q), phi(km, mixer.phi_k)  # (B, H, T, 2d)
+    i_pre = (x @ mixer.igate.weight.double().T + mixer.igate.bias.double()).transpose(1, 2)  # (B, H, T)
+    logf = F.logsigmoid((x @ mixer.fgate.weight.double().T + mixer.fgate.bias.double()).transpose(1, 2))
+    cum = torch.cumsum(logf, -1)  # (B, H, T)
+    # D[i, j] = exp(sum_{j < t <= i} log f_t + i_j) for j <= i
+    logD = cum[..., :, None] - cum[..., None, :] + i_pre[..., None, :]  # (B, H, T, T)
+    causal = torch.ones(T, T, dtype=torch.bool, device=q.device).tril()
+    Dm = torch.exp(logD.masked_fill(~causal, -math.inf))
+    C = (qf @ kf.transpose(-1, -2)) / math.sqrt(qf.shape[-1]) * Dm  # (B, H, T, T)
+    n = C.sum(-1, keepdim=True).abs().clamp(min=1.0)  # the normaliser max(|n^T q|, 1) (unstabilised form)
+    m = (C @ v) / n  # (B, H, T, d)
+    o = torch.sigmoid(torch.einsum("bhtc,hc->bht", torch.cat([qm, km, v], -1), mixer.ogate_w.double())
+                      + mixer.ogate_b.double()[None, :, None]).unsqueeze(-1)
+    return o * m + (1 - o) * swa

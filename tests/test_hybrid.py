@@ -1,0 +1,145 @@
+"""The hybrid recipe (Hauzenberger et al. 2026): conversion is exact, the mixer computes its equations (float64
+reference), stage I learns from the cache's teacher weights alone, and a two-stage run resumes exactly."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+import torch
+from click.testing import CliRunner
+from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
+
+from tcache.cli.main import main
+from tcache.errors import TcacheError
+from tcache.student.config import DistillConfig
+from tcache.student.hybrid import HybridConfig, HybridStudent, reference_mix
+from tcache.student.io import load_student
+from tcache.student.train import distill
+from conftest import build_cache
+
+
+def run(*args):
+    return CliRunner().invoke(main, [str(a) for a in args])
+
+
+def metrics(run_dir):
+    return [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.fixture(scope="module")
+def hybrid_cache(tmp_path_factory, tiny_teacher, valid_jsonl):
+    out = tmp_path_factory.mktemp("caches") / "hybrid"
+    build_cache(out, tiny_teacher, valid_jsonl, tokens=16 * 64, seq_len=64, top_k=8, batch_size=8)
+    return out
+
+
+def _converted_equals_teacher(lm, T=48):
+    """With the window covering the whole context and the mixing gate forced to the window branch, the
+    converted model is the teacher: its logits equal transformers' own forward of the original."""
+    torch.manual_seed(1)
+    ids = torch.randint(0, lm.config.vocab_size, (2, T))
+    with torch.no_grad():
+        ref = lm(input_ids=ids).logits  # (B, T, V) before conversion
+        student = HybridStudent(lm, HybridConfig(window=T, sinks=0))
+        student.set_kernel(torch.device("cpu"))
+        for m in student.mixers:
+            m.ogate_b.fill_(-1e4)  # sigmoid -> 0: the window branch only
+        got = student(ids)[0]
+    assert torch.allclose(got, ref, atol=1e-5, rtol=1e-5), (got - ref).abs().max()
+
+
+def test_conversion_is_exact_for_the_shared_llama_teacher(teacher_dir):
+    lm = AutoModelForCausalLM.from_pretrained(teacher_dir, dtype=torch.float32, attn_implementation="sdpa")
+    _converted_equals_teacher(lm)
+
+
+def test_conversion_is_exact_for_a_qwen2_teacher():
+    """Qwen2 family: bias on q, k, v."""
+    torch.manual_seed(0)
+    cfg = Qwen2Config(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128)
+    lm = Qwen2ForCausalLM(cfg).eval()
+    assert lm.model.layers[0].self_attn.q_proj.bias is not None
+    _converted_equals_teacher(lm)
+
+
+def test_a_teacher_it_cannot_convert_is_named():
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    lm = GPT2LMHeadModel(GPT2Config(vocab_size=128, n_embd=32, n_layer=1, n_head=2, n_positions=64))
+    with pytest.raises(TcacheError, match="Llama- and Qwen2-family"):
+        HybridStudent(lm, HybridConfig())
+
+
+@pytest.mark.parametrize("T,window,sinks", [(40, 8, 4), (64, 16, 0), (33, 64, 2), (50, 4, 3)])
+def test_mixer_matches_a_float64_reference(T, window, sinks):
+    """HybridMixer.mix (mlstm_kernels' chunkwise kernel, SDPA with the window mask) against the equations
+    written out in float64: quadratic mLSTM with its normaliser, masked softmax, per-head output gate."""
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=64, hidden_size=48, intermediate_size=64, num_hidden_layers=1,
+                      num_attention_heads=3, num_key_value_heads=1, head_dim=16)
+    student = HybridStudent(LlamaForCausalLM(cfg), HybridConfig(window=window, sinks=sinks))
+    student.set_kernel(torch.device("cpu"))
+    m = student.mixers[0]
+    with torch.no_grad():
+        for p in m.new_parameters():  # away from the init, so every term matters
+            p.add_(0.3 * torch.randn_like(p))
+        x = torch.randn(2, T, 48)
+        q, k, v, q_sink, qm, km = (torch.randn(2, 3, T, 16) for _ in range(6))
+        q_sink = q_sink if T > window + sinks - 1 and sinks else None  # sinks at StreamingLLM's cache positions
+        got = m.mix(x, q, k, v, q_sink, qm, km)
+    ref = reference_mix(x, q, k, v, m, q_sink, qm, km)
+    assert ((got.double() - ref).abs().max() / ref.abs().max()) < 1e-5
+
+
+def test_stage_one_matching_falls_on_the_shared_teacher(tmp_path, shared_cache):
+    """Stage I alone (teacher-forced attention-output matching, new parameters only) lowers the loss, and
+    touches no teacher weight."""
+    cfg = DistillConfig(cache=str(shared_cache), out=str(tmp_path / "s1"), recipe="hybrid", stage="1", steps=8,
+                        batch_size=4, grad_accum=1, seed=0)
+    distill(cfg)
+    m = metrics(tmp_path / "s1")
+    assert [r["stage"] for r in m] == ["1"] * 8
+    assert m[-1]["match"] < 0.6 * m[0]["match"], [r["match"] for r in m]
+    student = load_student(tmp_path / "s1", torch.device("cpu"))[0]
+    teacher = AutoModelForCausalLM.from_pretrained(shared_cache / "teacher", dtype=torch.float32)
+    mixer, attn = student.mixers[0], teacher.model.layers[0].self_attn
+    assert torch.equal(mixer.q_proj.weight, attn.q_proj.weight)
+    assert torch.equal(student.lm.model.layers[3].mlp.down_proj.weight, teacher.model.layers[3].mlp.down_proj.weight)
+
+
+def test_two_stage_run_resumes_exactly_across_the_stage_boundary(tmp_path, hybrid_cache):
+    """Stage I (2 steps) then stage II (4 steps); a run interrupted at the boundary's checkpoint continues
+    with the same losses and ends with the same weights."""
+    base = dict(cache=str(hybrid_cache), recipe="hybrid", steps=4, stage1_tokens=2 * 2 * 64, batch_size=2,
+                grad_accum=1, ckpt_every=2, seed=5, lr=1e-3)
+    distill(DistillConfig(out=str(tmp_path / "a"), **base))
+    full = metrics(tmp_path / "a")
+    assert [r["stage"] for r in full] == ["1", "1", "2", "2", "2", "2"]
+    b = tmp_path / "b"
+    b.mkdir()
+    shutil.copytree(tmp_path / "a" / "checkpoints" / "step-0000002", b / "checkpoints" / "step-0000002")
+    (b / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in full[:2]))
+    distill(DistillConfig(out=str(b), resume=True, **base))
+    resumed = metrics(b)
+    assert [r["step"] for r in resumed] == [1, 2, 3, 4, 5, 6]
+    for r_full, r_res in zip(full[2:], resumed[2:]):
+        for term in ("ce", "kd", "loss", "lr"):
+            assert r_res[term] == pytest.approx(r_full[term], rel=1e-5, abs=1e-7), (term, r_full, r_res)
+    wa = load_student(tmp_path / "a", torch.device("cpu"))[0].state_dict()
+    wb = load_student(b, torch.device("cpu"))[0].state_dict()
+    assert all(torch.allclose(wa[k], wb[k], atol=1e-6) for k in wa)
+
+
+def test_cli_hybrid_then_eval_at_four_times_the_length(tmp_path, hybrid_cache, valid_jsonl):
+    out = tmp_path / "h"
+    r = run("distill", hybrid_cache, "--out", out, "--recipe", "hybrid", "--steps", 2, "--stage1-tokens", 256,
+            "--batch-size", 2, "--grad-accum", 1, "--window", 16, "--sinks", 2)
+    assert r.exit_code == 0, r.output
+    assert "window 16 + 2 sinks + mLSTM" in r.output and "stages: 1 (match" in r.output
+    r = run("eval", out, "--data", valid_jsonl, "--tokens", 2 * 256, "--seq-len", 256, "--json")
+    assert r.exit_code == 0, r.output
+    res = json.loads(r.output[r.output.index("{"):])
+    assert res["trained_seq_len"] == 64 and res["seq_len"] == 256 and res["perplexity"] > 1
