@@ -51,9 +51,12 @@ RUNS = {
     "window-only": ("hybrid", ["--window", "32", "--branches", "window", "--stage", "2"], None),
     "hybrid-ce-only": ("hybrid", ["--window", "32", "--alpha", "0"], None),
     "hybrid-mlstm-rope": ("hybrid", ["--window", "32", "--mlstm-rope"], None),
+    # knob: stage II trains only the mixers, at 10x the recipe's lr
+    "hybrid-mixer-lr1e-4": ("hybrid", ["--window", "32", "--train", "mixer", "--lr", "1e-4"], None),
 }
 DEFAULT_RUNS = ["v1", "v1-ce-only", "v2", "v2-ce-only", "scratch", "hybrid", "hybrid-w16", "hybrid-w64",
-                "hybrid-no-stage1", "hybrid-mlstm-only", "window-only", "hybrid-ce-only", "hybrid-mlstm-rope"]
+                "hybrid-no-stage1", "hybrid-mlstm-only", "window-only", "hybrid-ce-only", "hybrid-mlstm-rope",
+                "hybrid-mixer-lr1e-4"]
 LONG = 2048  # every model is also scored on windows of this length (the shared teacher was trained at 512)
 
 
