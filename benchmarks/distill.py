@@ -115,6 +115,20 @@ def step_rate(cfg: DistillConfig, batches: list[dict], warmup: int, steps: int, 
     return res
 
 
+def hybrid_stage_rate(cfg: DistillConfig, stage: int, warmup: int = 3, steps: int = 10) -> dict:
+    """tokens/s and peak memory of one stage of the hybrid recipe's step (the library's Trainer), on cache rows
+    already on the device."""
+    reset_peak()
+    try:
+        tr = setup(cfg)
+        tr.begin_stage(tr.plan.stages[stage])
+        _, sec, _ = time_steps(tr, gpu_batches(cfg.cache, 0, 4), warmup, steps)
+    except Exception as e:  # an out-of-memory under the cap is a result, not a crash
+        return {"error": f"{type(e).__name__}: {str(e).splitlines()[0][:200]}", "peak_gib": peak()}
+    return {"tokens_per_s": steps * B * T / sec, "peak_gib": peak(), "precision": tr.plan.info["precision"],
+            "mlstm_kernel": tr.plan.info["mlstm_kernel"], "params": tr.model.param_counts()}
+
+
 def gpu_batches(cache: str, groups: int, n: int) -> list[dict]:
     rows = CacheRows(cache, with_hidden=groups > 0)
     out = []
@@ -162,7 +176,11 @@ def main() -> None:
     ap.add_argument("--accum", action="store_true",
                     help="gradient accumulation 1 vs 4 (the recipes' default) side by side: the default step, the "
                          "eager step, and distill from disk")
+    ap.add_argument("--hybrid", action="store_true",
+                    help="the hybrid recipe's stage I and stage II steps: defaults (auto precision, no cap) and fp16 "
+                         "under --cap, each stage in a fresh process")
     ap.add_argument("--single", default=None, help=argparse.SUPPRESS)  # internal: one distill run, as JSON
+    ap.add_argument("--hybrid-stage", default=None, help=argparse.SUPPRESS)  # internal: one hybrid stage, as JSON
     a = ap.parse_args()
     work, out = Path(a.work), Path(a.out)
     work.mkdir(parents=True, exist_ok=True)
@@ -180,6 +198,32 @@ def main() -> None:
                          beta=Anneal(0.1, 0.1, 0.0), temperature=Anneal(2.0, 2.0, 0.0))  # library defaults otherwise
     if a.single:  # one distill run in this fresh process
         print("RESULT " + json.dumps(run_distill(replace(base, **json.loads(a.single)), min(5, a.steps - 1))))
+        return
+    if a.hybrid_stage:  # one hybrid stage's step in this fresh process (clean peak; a cap is per process)
+        spec = json.loads(a.hybrid_stage)
+        cfg = DistillConfig(cache=str(cache), out=str(work / "hybrid"), recipe="hybrid", steps=a.steps,
+                            batch_size=B, grad_accum=1, precision=spec["precision"], max_gpu_memory=spec["cap"])
+        print("RESULT " + json.dumps(hybrid_stage_rate(cfg, spec["stage"])))
+        return
+    if a.hybrid:
+        res = {"shape": a.shape, "recipe": "hybrid", "batch": [B, T], "step": {}}
+        for prec, cap in (("auto", None), ("fp16", a.cap)):
+            for stage in (0, 1):
+                name = f"stage {'I' if stage == 0 else 'II'}, precision {prec}" + (f", capped {cap}" if cap else "")
+                cmd = [sys.executable, __file__, "--tokenizer", a.tokenizer, "--train", a.train, "--out", a.out,
+                       "--work", a.work, "--shape", a.shape, "--steps", str(a.steps),
+                       "--hybrid-stage", json.dumps({"stage": stage, "precision": prec, "cap": cap})]
+                p = subprocess.run(cmd, capture_output=True, text=True)
+                lines = [x for x in p.stdout.splitlines() if x.startswith("RESULT ")]
+                res["step"][name] = (json.loads(lines[-1][7:]) if lines else
+                                     {"error": (p.stderr.strip().splitlines() or ["?"])[-1][:300]})
+                print(json.dumps({name: res["step"][name]}), flush=True)
+        res["device"] = torch.cuda.get_device_name() if CUDA else "cpu"
+        res["torch"], res["command"] = torch.__version__, " ".join(sys.argv)
+        (out / f"distill-hybrid-{a.shape}.json").write_text(json.dumps(res, indent=2))
+        print(f"\n| {a.shape} hybrid step | tokens/s | peak GiB |\n|---|---|---|")
+        for name, r in res["step"].items():
+            print(f"| {name} | {r.get('tokens_per_s', float('nan')):,.0f} | {r.get('peak_gib')} | {r.get('error', '')}")
         return
     groups = plan_budget(base, load_manifest(cache)).groups
     batches = gpu_batches(str(cache), groups, 4)

@@ -145,18 +145,24 @@ class HybridMixer(nn.Module):
         return rope(q, k, cos[:, p], sin[:, p])[0]  # (B, H, T, d)
 
     def window_attention(self, q, k, v, q_sink) -> torch.Tensor:
-        """Softmax attention over the window and the sinks: (B, H, T, d). Written out rather than one SDPA call
-        because a sink's score uses the query rotated to its cache position (sink_queries)."""
+        """Softmax attention over the window and the sinks: (B, H, T, d), one SDPA call (memory-efficient
+        kernels, no (T, T) scores kept). A sink outside a query's window is scored with the query rotated to
+        its cache position (sink_queries): the keys are [sink keys; all keys] and the head dimension is doubled,
+        [q, q_sink] against [0, k_sink] for the sink entries and [k, 0] for the window entries."""
         T, S = q.shape[2], self.sinks
-        allowed = window_mask(T, self.window, S, q.device)  # (T, T)
         if q_sink is None:
+            allowed = window_mask(T, self.window, S, q.device)  # (T, T)
             return F.scaled_dot_product_attention(q, k, v, attn_mask=allowed, scale=self.scaling)
-        s = (q.float() @ k.float().transpose(-1, -2)) * self.scaling  # (B, H, T, T)
-        s_sink = (q_sink.float() @ k[:, :, :S].float().transpose(-1, -2)) * self.scaling  # (B, H, T, S)
+        zeros = torch.zeros_like(k[:, :, :S])  # (B, H, S, d)
+        keys = torch.cat([torch.cat([zeros, k[:, :, :S]], -1), torch.cat([k, torch.zeros_like(k)], -1)], 2)
+        values = torch.cat([v[:, :, :S], v], 2)  # (B, H, S + T, d)
         i = torch.arange(T, device=q.device)[:, None]
-        far = (i - torch.arange(S, device=q.device)[None, :]) >= self.window  # (T, S) sinks outside the window
-        s = torch.cat([torch.where(far, s_sink, s[..., :S]), s[..., S:]], -1).masked_fill(~allowed, -math.inf)
-        return (torch.softmax(s, -1) @ v.float()).to(q.dtype)  # (B, H, T, d)
+        j = torch.arange(T, device=q.device)[None, :]
+        in_window = (j <= i) & (i - j < self.window)  # (T, T)
+        far_sink = i - torch.arange(S, device=q.device)[None, :] >= self.window  # (T, S)
+        mask = torch.cat([far_sink, in_window], 1)  # (T, S + T)
+        return F.scaled_dot_product_attention(torch.cat([q, q_sink], -1), keys, values, attn_mask=mask,
+                                              scale=self.scaling)  # (B, H, T, d)
 
     def mix(self, x: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
             q_sink: torch.Tensor | None = None, qm: torch.Tensor | None = None,

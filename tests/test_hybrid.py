@@ -143,3 +143,14 @@ def test_cli_hybrid_then_eval_at_four_times_the_length(tmp_path, hybrid_cache, v
     assert r.exit_code == 0, r.output
     res = json.loads(r.output[r.output.index("{"):])
     assert res["trained_seq_len"] == 64 and res["seq_len"] == 256 and res["perplexity"] > 1
+
+
+def test_a_cache_without_the_full_teacher_is_refused_in_one_line(tmp_path, hybrid_cache):
+    """Caches built before the full weights were stored serve the xLSTM recipes, not the hybrid one."""
+    old = tmp_path / "old"
+    shutil.copytree(hybrid_cache, old)
+    (old / "teacher" / "model.safetensors").unlink()
+    r = run("distill", old, "--out", tmp_path / "h", "--recipe", "hybrid", "--steps", 1)
+    assert r.exit_code == 1 and "Traceback" not in r.output
+    errors = [x for x in r.output.splitlines() if x.startswith("Error:")]
+    assert len(errors) == 1 and "no loadable teacher weights" in errors[0] and "rebuild" in errors[0], r.output
