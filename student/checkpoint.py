@@ -56,6 +56,9 @@ def run_dir(cfg: DistillConfig) -> Path:
         raise TcacheError(f"--out {cfg.out} contains the input cache {cfg.cache}; choose another --out")
     out = Path(cfg.out)
     k = outdir.classify(out, "run")  # refuses a file, another kind of output, or entries tcache did not write
+    if k == "other":  # e.g. a HF model directory: only names a run also uses, but no run's own files
+        raise TcacheError(f"--out {out} is not a tcache distill run (no {STUDENT_FILE}, metrics.jsonl or "
+                          f"{CKPT_DIR}/); choose another --out")
     if cfg.resume:
         stage = outdir.staging(out)
         if cfg.overwrite and checkpoints(stage):

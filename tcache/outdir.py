@@ -25,7 +25,7 @@ STAGING_SUFFIX = ".tcache-new"
 
 # Every entry tcache writes, by kind of output (file names and the teacher/ or checkpoints/ folders).
 _CACHE = re.compile(r"(manifest\.json|build-state\.json|shard-\d{5}\.h5)(\.partial)?|teacher")
-_RUN = re.compile(r"(student\.json|model\.safetensors|metrics\.jsonl|distill_config\.json)(\.partial)?"
+_RUN = re.compile(r"(student\.json|model\.safetensors|metrics\.jsonl|distill_config\.json|config\.json)(\.partial)?"
                   r"|checkpoints|tokenizer[\w.-]*|special_tokens_map\.json|vocab\.json|merges\.txt"
                   r"|added_tokens\.json|chat_template\.\w+")
 

@@ -68,11 +68,9 @@ def _build(cfg: BuildConfig, work: Path, ts: TeacherSetup, pool: TokenizerPool |
     try:
         run_loop(cfg, ts, writer, rows, batch_size, start, pool, stop, on_progress,
                  resumed_at_row=rows_done if state else None)
-    except OSError as e:
-        if not is_disk_full(e):
-            raise _resumable(e, writer)
-        raise _resumable(writer.disk_full_error(), writer) from None
     except (TcacheError, Interrupted, Exception) as e:
+        if is_disk_full(e):  # h5py's OSError, or safetensors' own error while writing the teacher files
+            raise _resumable(writer.disk_full_error(), writer) from None
         raise _resumable(e, writer)
     return manifest
 

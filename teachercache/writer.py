@@ -67,8 +67,11 @@ class BuildState:
 
 
 def is_disk_full(e: BaseException) -> bool:
-    """h5py reports a full disk as OSError with errno 28, or only in its message."""
-    return isinstance(e, OSError) and (e.errno == errno.ENOSPC or "No space left" in str(e))
+    """h5py reports a full disk as OSError with errno 28, or only in its message; safetensors (the teacher
+    files) as its own SafetensorError, with the OS message inside."""
+    if isinstance(e, OSError) and e.errno == errno.ENOSPC:
+        return True
+    return isinstance(e, Exception) and "No space left" in str(e)
 
 
 def _quiet_hdf5_disk_full() -> None:

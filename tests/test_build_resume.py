@@ -226,11 +226,12 @@ def test_no_room_refused_up_front_and_full_disk_is_one_line(tmp_path, tiny_teach
 
 
 def test_real_full_disk_in_a_small_tmpfs(tmp_path, tiny_teacher, small_text):
-    """A real full filesystem (a 6 MiB tmpfs; needs root): refused up front when the need is known, and a
-    clean one-line error, no segfault, when something else fills it during the build."""
+    """A real full filesystem (an 11 MiB tmpfs: the tiny teacher's files take 9 MiB of it; needs root): refused up
+    front when the need is known, and a clean one-line error, no segfault, when something else fills it during
+    the build."""
     mnt = tmp_path / "small"
     mnt.mkdir()
-    if os.geteuid() != 0 or subprocess.run(["mount", "-t", "tmpfs", "-o", "size=6m", "tmpfs", str(mnt)],
+    if os.geteuid() != 0 or subprocess.run(["mount", "-t", "tmpfs", "-o", "size=11m", "tmpfs", str(mnt)],
                                             capture_output=True).returncode:
         pytest.skip("cannot mount a tmpfs here (needs root)")
     try:

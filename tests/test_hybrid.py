@@ -135,10 +135,21 @@ def test_two_stage_run_resumes_exactly_across_the_stage_boundary(tmp_path, hybri
 
 def test_cli_hybrid_then_eval_at_four_times_the_length(tmp_path, hybrid_cache, valid_jsonl):
     out = tmp_path / "h"
-    r = run("distill", hybrid_cache, "--out", out, "--recipe", "hybrid", "--steps", 2, "--stage1-tokens", 256,
-            "--batch-size", 2, "--grad-accum", 1, "--window", 16, "--sinks", 2)
+    args = ["distill", hybrid_cache, "--out", out, "--recipe", "hybrid", "--steps", 2, "--stage1-tokens", 256,
+            "--batch-size", 2, "--grad-accum", 1, "--window", 16, "--sinks", 2]
+    r = run(*args)
     assert r.exit_code == 0, r.output
     assert "window 16 + 2 sinks + mLSTM" in r.output and "stages: 1 (match" in r.output
+    assert (out / "config.json").is_file()  # the teacher's architecture, to rebuild the student
+    r = run(*args, "--overwrite")  # a hybrid run (with its config.json) is tcache's to replace
+    assert r.exit_code == 0, r.output
+    hf_dir = tmp_path / "hf-model"  # ...but a HF model directory, all of whose names a run also uses, is not
+    hf_dir.mkdir()
+    for f in ("config.json", "model.safetensors", "tokenizer.json"):
+        shutil.copy(out / f, hf_dir / f)
+    r = run(*args[:3], hf_dir, *args[4:], "--overwrite")
+    assert r.exit_code == 1 and "not a tcache distill run" in r.output, r.output
+    assert sorted(p.name for p in hf_dir.iterdir()) == ["config.json", "model.safetensors", "tokenizer.json"]
     r = run("eval", out, "--data", valid_jsonl, "--tokens", 2 * 256, "--seq-len", 256, "--json")
     assert r.exit_code == 0, r.output
     res = json.loads(r.output[r.output.index("{"):])
