@@ -1,0 +1,12 @@
+python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .gpu/wheels/*.whl 2>&1 | tail -1
+export PYTHONPATH=$PWD:/tmp/site HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1
+nvidia-smi --query-gpu=name --format=csv,noheader
+python3 benchmarks/quality.py --teacher .gpu/teacher --train .gpu/corpus/train.jsonl.xz --valid .gpu/corpus/valid.jsonl \
+  --work /tmp/q --out /tmp/qout --deadline 530 --runs hybrid,hybrid-w16,hybrid-w64,hybrid-no-stage1,hybrid-ce-only,hybrid-mlstm-rope --stage1-tokens 2M --tokens-per-run 4M > /tmp/qout.run.log 2>&1
+rc=$?
+mkdir -p $OUT/q
+cp /tmp/qout/quality.json $OUT/q/ 2>/dev/null
+cp /tmp/qout.run.log $OUT/q/run.log
+(cd /tmp/qout && tar czf $OUT/q/logs.tgz *.log) 2>/dev/null
+tail -30 /tmp/qout.run.log
+exit $rc

@@ -1,0 +1,13 @@
+python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .gpu/wheels/*.whl 2>&1 | tail -1
+export PYTHONPATH=$PWD:/tmp/site HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1
+nvidia-smi --query-gpu=name --format=csv,noheader
+mkdir -p $OUT/seeds
+timeout 330 python3 benchmarks/distill.py --tokenizer .gpu/teacher --train .gpu/corpus/train.jsonl.xz --out $OUT/seeds \
+  --work /tmp/bench --shape smollm2-360m --steps 12 --hybrid > $OUT/seeds/run.log 2>&1
+rc=$?
+tail -12 $OUT/seeds/run.log
+
+for L in 512 2048; do
+  timeout 100 python3 -m tcache eval /tmp/q/hybrid-no-stage1 --data .gpu/corpus/valid.jsonl --tokens 2M --seq-len $L --batch-size 4 --json > $OUT/seeds/no-stage1-$L.json 2>/dev/null
+  grep -E '"perplexity"|"seq_len"' $OUT/seeds/no-stage1-$L.json
+done
