@@ -10,6 +10,7 @@ import numpy as np
 
 from tcache.teachercache import schema
 from tcache.teachercache.codecs import decode_hidden
+from tcache.errors import TcacheError
 from tcache.teachercache.reader import CacheReader
 
 PERCENTILES = (1, 5, 50, 95, 99)
@@ -23,6 +24,8 @@ def _sample_rows(n_rows: int, max_rows: int) -> np.ndarray:
 
 
 def cache_stats(cache_dir: str | os.PathLike, max_rows: int = 256) -> dict:
+    if max_rows < 1:  # 0 rows would report statistics of nothing (a hidden RMS of 0.0000)
+        raise TcacheError(f"--sample-rows must be at least 1, got {max_rows}; the statistics need rows to read")
     reader = CacheReader(cache_dir)
     m = reader.manifest
     root = Path(cache_dir)

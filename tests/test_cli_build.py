@@ -53,6 +53,8 @@ def test_build_then_stats(tmp_path, tiny_args):
     assert s["fields"]["topk_logprobs"]["bytes_per_token"] == 2 * 4
     assert s["fields"]["topk_ids"]["bytes_per_token"] == 2 * 4
     assert 0 < s["topk_mass"]["p1"] <= s["topk_mass"]["p50"] <= s["topk_mass"]["p99"] <= 1 + 1e-6
+    for bad in ("-5", "0"):  # no statistics of zero rows (they read as a hidden RMS of 0.0000)
+        assert_clean_error(run("stats", out, "--sample-rows", bad), "--sample-rows must be at least 1")
     r = run("stats", out)
     assert r.exit_code == 0 and "top-k probability mass" in r.output and "hidden RMS" in r.output
 

@@ -92,12 +92,16 @@ def test_options_come_from_the_config_fields():
             assert p.help == field_docs(owner)[fname], (name, fname)
 
 
-def test_every_flag_the_library_names_exists():
-    """Error messages and docstrings cite options as `--name`: each one must be an option of some command."""
+def test_every_flag_the_library_and_docs_name_exists_and_every_option_has_help():
+    """Error messages, docstrings, the README and docs/ cite options as `--name`: each one must be an option of
+    some command; and no option goes without help."""
     known = {o for c in _commands().values() for p in c.params for o in getattr(p, "opts", []) if o.startswith("--")}
     known |= {"--help", "--version"}
+    no_help = [(n, p.name) for n, c in _commands().items() for p in c.params
+               if isinstance(p, click.Option) and not p.help]
+    assert not no_help, no_help
     cited: dict[str, str] = {}
-    for path in library_files():
+    for path in library_files() + [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]:
         for flag in re.findall(r"(?<![\w-])--[a-z][a-z0-9-]*[a-z0-9]", path.read_text()):
             cited.setdefault(flag, path.relative_to(ROOT).as_posix())
     unknown = {f: where for f, where in cited.items() if f not in known}
