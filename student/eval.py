@@ -24,7 +24,7 @@ from tcache.fields import opt
 from tcache.text import DEFAULT_SEQ_LEN, DataSpec, iter_texts, pack_rows
 from tcache.units import parse_count
 from tcache.errors import TcacheError
-from tcache.hf import load_config, load_teacher, tokenizer_sha256
+from tcache.hf import check_seq_len, load_config, load_teacher, tokenizer_sha256
 from tcache.device import PRECISIONS, resolve_device, resolve_dtype
 
 
@@ -67,7 +67,7 @@ def _load(cfg: EvalConfig, device: torch.device, dtype: torch.dtype):
         tokenizer = AutoTokenizer.from_pretrained(cfg.model)
         extra = {"kernels": dict(model.kernels), "trained_seq_len": doc["cache"]["seq_len"]}
         return (lambda ids: model(ids)[0]), tokenizer, "tcache-student", model, extra
-    load_config(cfg.model)  # clear error for a path or id that is not a model
+    check_seq_len(load_config(cfg.model), cfg.seq_len)  # a clear error for a path or id that is not a model, too
     model, tokenizer = load_teacher(cfg.model, device, dtype)
     return (lambda ids: model(input_ids=ids, use_cache=False).logits), tokenizer, "hf", model, {}
 

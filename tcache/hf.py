@@ -76,3 +76,12 @@ def text_config(config):
 
 def num_layers(config) -> int:
     return int(text_config(config).num_hidden_layers)
+
+
+def check_seq_len(config, seq_len: int) -> None:
+    """Refuse windows longer than the model's positions (its RoPE or position table was never made for them:
+    the shared teacher scores 286 at 4096 tokens)."""
+    max_pos = getattr(text_config(config), "max_position_embeddings", None)
+    if max_pos is not None and seq_len > max_pos:
+        raise TcacheError(f"--seq-len {seq_len} exceeds the teacher's max_position_embeddings {max_pos}; "
+                          f"use at most {max_pos}")

@@ -13,7 +13,7 @@ import torch
 from tcache.teachercache import schema
 from tcache.errors import TcacheError
 from tcache.text import TokenizerPool
-from tcache.hf import load_config, load_model, load_tokenizer, num_layers, text_config
+from tcache.hf import check_seq_len, load_config, load_model, load_tokenizer, num_layers, text_config
 from tcache.device import resolve_device, resolve_dtype
 from tcache.teachercache.config import BuildConfig
 from tcache.teachercache.writer import CacheWriter
@@ -48,11 +48,7 @@ def _check_against_teacher(cfg: BuildConfig, config) -> None:
     vocab_size = int(text_config(config).vocab_size)
     if cfg.top_k > vocab_size:
         raise TcacheError(f"--top-k {cfg.top_k} exceeds the teacher's vocabulary of {vocab_size}; use 1..{vocab_size}")
-    max_pos = getattr(text_config(config), "max_position_embeddings", None)
-    if max_pos is not None and cfg.seq_len > max_pos:
-        raise TcacheError(
-            f"--seq-len {cfg.seq_len} exceeds the teacher's max_position_embeddings {max_pos}; use at most {max_pos}"
-        )
+    check_seq_len(config, cfg.seq_len)
 
 
 def setup_teacher(cfg: BuildConfig, before_weights: Callable[[object, torch.device], None] | None = None

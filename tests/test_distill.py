@@ -141,6 +141,9 @@ def test_eval_student_and_teacher_on_the_same_windows(tmp_path, teacher_dir, val
         loss = model(ids, labels=ids).loss  # HF shifts internally: mean over 3 x 99 tokens
     assert res["windows"] == 3 and res["tokens_scored"] == 297
     assert res["perplexity"] == pytest.approx(float(torch.exp(loss)), rel=1e-4)
+    # past the teacher's positions (2048) eval refuses, as build does
+    assert_clean_error(run("eval", teacher_dir, "--data", valid_jsonl, "--seq-len", 4096, "--tokens", 8192),
+                       "--seq-len 4096 exceeds the teacher's max_position_embeddings 2048")
 
 
 def test_cli_bad_inputs(tmp_path, tiny_cache, tiny_teacher, valid_jsonl, shared_cache):
