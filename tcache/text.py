@@ -108,8 +108,62 @@ def open_dataset(spec: DataSpec):
         raise TcacheError(f"--data {spec.path}: {msg}; check --data-config and --split") from None
 
 
+def _open_text(path: str):
+    """A local data file as bytes, decompressed by its suffix (zstd files are scanned only if uncompressed)."""
+    import bz2
+    import gzip
+    import lzma
+
+    opener = {".xz": lzma.open, ".gz": gzip.open, ".bz2": bz2.open}.get(Path(path).suffix.lower(), open)
+    return opener(path, "rb")
+
+
+def first_bad_line(path: str, builder: str) -> str | None:
+    """Where a local JSON-lines or text file stops being readable: 'line N: problem', or None. Run only after
+    the `datasets` reader failed, to turn its traceback (pyarrow's "JSON parse error ... in row 2", a
+    UnicodeDecodeError) into the line a user can open: a scan written here because no library reports it."""
+    import json
+
+    with _open_text(path) as f:
+        for n, raw in enumerate(f, 1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                return (f"line {n} is not UTF-8 (byte 0x{raw[e.start]:02x} at column {e.start + 1}); re-encode the "
+                        "file as UTF-8, e.g. iconv -f latin1 -t utf-8")
+            if builder == "json" and line.strip():
+                if n == 1 and line.lstrip().startswith("["):
+                    return None  # one JSON document, not JSON lines: the scan has nothing to say per line
+                try:
+                    json.loads(line)
+                except ValueError as e:
+                    return f"line {n} is not valid JSON ({str(e).split(':')[0]}); fix or remove that line"
+    return None
+
+
+def _bad_data(spec: DataSpec, e: BaseException) -> TcacheError:
+    """The one-line error for a dataset that failed while being read."""
+    local = _local_files(spec)
+    for f in (local[1] if local else []):
+        where = first_bad_line(f, local[0]) if local[0] in ("json", "text") else None
+        if where:
+            return TcacheError(f"--data {f}: {where}")
+    first = (str(e).strip().splitlines() or [type(e).__name__])[-1][:200]
+    return TcacheError(f"--data {spec.path}: could not be read ({type(e).__name__}: {first}); check the file")
+
+
 def iter_texts(spec: DataSpec) -> Iterator[str]:
-    """Document texts in dataset order. The first record is checked for the text field."""
+    """Document texts in dataset order. The first record is checked for the text field; a record that cannot
+    be read (malformed JSON, bytes that are not UTF-8) ends the stream with one line naming file and line."""
+    try:
+        yield from _iter_texts(spec)
+    except (TcacheError, GeneratorExit):
+        raise
+    except Exception as e:  # pyarrow, pandas and codecs errors from the `datasets` readers
+        raise _bad_data(spec, e) from None
+
+
+def _iter_texts(spec: DataSpec) -> Iterator[str]:
     ds = open_dataset(spec)
     it = iter(ds)
     try:

@@ -208,3 +208,22 @@ def test_plan_reports_exact_bytes_and_an_estimate(tmp_path, tiny_args):
 def test_plan_refuses_what_build_refuses(tmp_path, tiny_args):
     assert_clean_error(run("plan", *tiny_args[1:], "--tokens", "1M", "--top-k", 20000, "--out", tmp_path / "c"),
                        "--top-k 20000 exceeds")
+
+
+def test_unreadable_data_is_one_line_naming_file_and_line(tmp_path, tiny_args, valid_jsonl):
+    """A malformed JSON line (here after a good one, in a .gz) and bytes that are not UTF-8 (a .txt): one error
+    line with the file and the line number, and no output left behind."""
+    import gzip
+
+    good = json.loads(valid_jsonl.read_text().splitlines()[0])["text"][:3000]
+    bad_json = tmp_path / "bad.jsonl.gz"
+    with gzip.open(bad_json, "wt") as f:
+        f.write(json.dumps({"text": good}) + "\n" + '{"text": "ok"} trailing\n')
+    bad_txt = tmp_path / "bad.txt"
+    bad_txt.write_bytes(good.encode() + b"\n\xff\xfe not utf-8\n")
+    bad_line = good.count("\n") + 2  # the book's paragraphs are lines of the .txt
+    for data, fragment in ((bad_json, "line 2 is not valid JSON"), (bad_txt, f"line {bad_line} is not UTF-8 (byte 0xff")):
+        args = [a if a != tiny_args[tiny_args.index("--data") + 1] else data for a in tiny_args]
+        r = run(*args, "--tokens", "20k", "--out", tmp_path / "c")
+        assert_clean_error(r, f"--data {data}: {fragment}")
+        assert not (tmp_path / "c").exists()
