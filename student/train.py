@@ -170,6 +170,7 @@ def distill(cfg: DistillConfig, on_start: Callable[[dict], None] | None = None, 
     shard's sha256 is checked in a background thread while training reads it; no checkpoint or student is
     saved before its shards have passed."""
     with stop_on_signals(graceful=True) as stop:
+        outdir.check_writable(Path(cfg.out))  # before the model loads
         manifest = load_manifest(cfg.cache)
         hasher = ShardHasher(cfg.cache, manifest)
         try:

@@ -166,3 +166,22 @@ def free_bytes(path: Path) -> int:
     while not p.exists():
         p = p.parent
     return shutil.disk_usage(p).free
+
+
+def check_writable(out: Path, flag: str = "--out") -> None:
+    """Refuse an output that cannot be written before any model loads or data is read: the nearest existing
+    directory at or above `out` must accept a new file (probed with an unnamed temporary file, which leaves
+    nothing behind; permission bits alone miss read-only mounts and /proc)."""
+    import tempfile
+
+    p = Path(os.path.abspath(os.path.expanduser(out)))
+    while not p.exists() and p != p.parent:
+        p = p.parent
+    if not p.is_dir():
+        raise TcacheError(f"{flag} {out}: {p} is a file, not a directory; choose another {flag}")
+    try:
+        with tempfile.TemporaryFile(dir=p):
+            pass
+    except OSError as e:
+        raise TcacheError(f"{flag} {out} is not writable ({p}: {e.strerror}); choose a directory you can write to") from None
+

@@ -41,6 +41,7 @@ def build(cfg: BuildConfig, on_progress: ProgressFn | None = None) -> Manifest:
     with stop_on_signals(graceful=True) as stop:
         # 1. setup: every check that can fail runs before anything is written
         work = work_dir(cfg)
+        outdir.check_writable(work)
         with teacher_and_pool(cfg) as (ts, pool):
             if stop.requested:
                 raise Interrupted(stop.signum, "nothing was written")

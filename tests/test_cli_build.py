@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
@@ -227,3 +228,28 @@ def test_unreadable_data_is_one_line_naming_file_and_line(tmp_path, tiny_args, v
         r = run(*args, "--tokens", "20k", "--out", tmp_path / "c")
         assert_clean_error(r, f"--data {data}: {fragment}")
         assert not (tmp_path / "c").exists()
+
+
+def test_an_unwritable_out_is_refused_before_the_teacher_loads(tmp_path, tiny_args, monkeypatch):
+    """/proc, and (as root) a read-only mount: one line naming --out, before any model is loaded."""
+    import os
+    import subprocess
+
+    import tcache.teachercache.setup as setup
+
+    monkeypatch.setattr(setup, "load_model", lambda *a, **k: pytest.fail("the teacher loaded"))
+    targets = [Path("/proc/tcache-test/c")]
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    mounted = os.geteuid() == 0 and subprocess.run(["mount", "-t", "tmpfs", "-o", "ro,size=1m", "tmpfs", str(ro)],
+                                                    capture_output=True).returncode == 0
+    if mounted:
+        targets.append(ro / "c")
+    try:
+        for out in targets:
+            assert_clean_error(run(*tiny_args, "--tokens", "1k", "--out", out), f"--out {out} is not writable")
+            # distill checks --out before it reads the cache or builds the student
+            assert_clean_error(run("distill", tmp_path / "no-cache", "--out", out), f"--out {out} is not writable")
+    finally:
+        if mounted:
+            subprocess.run(["umount", "-l", str(ro)])
