@@ -12,6 +12,7 @@ import torch
 
 from tcache.student.model import Student, StudentConfig, resolve_kernels
 from tcache.teachercache import schema
+from tcache import outdir
 from tcache.errors import TcacheError
 
 STUDENT_FILE = "student.json"
@@ -35,6 +36,7 @@ def save_student(out: str | os.PathLike, model: Student, meta: dict, tokenizer_d
             shutil.copy2(f, out / f.name)
     if model.family == "hybrid":  # the converted teacher's own architecture, to rebuild it on load
         model.lm.config.save_pretrained(out)
+    outdir.share_like_open(out / WEIGHTS_FILE)
     doc = {"format": FORMAT, "family": model.family, "config": model.cfg.to_dict(), **meta}
     tmp = out / (STUDENT_FILE + ".partial")
     tmp.write_text(json.dumps(doc, indent=2, sort_keys=True))

@@ -185,3 +185,23 @@ def check_writable(out: Path, flag: str = "--out") -> None:
     except OSError as e:
         raise TcacheError(f"{flag} {out} is not writable ({p}: {e.strerror}); choose a directory you can write to") from None
 
+
+def _umask() -> int:
+    """The process umask, read without changing it (os.umask would set it, briefly, for every thread)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except OSError:
+        pass
+    return 0o022
+
+
+def share_like_open(*paths: Path) -> None:
+    """Give files the mode a plain open() gives (0666 minus the umask): safetensors writes 0600, which left a
+    shared cache's weights unreadable to the people it is shared with. Directories are walked."""
+    mode = 0o666 & ~_umask()
+    for root in paths:
+        for f in ([root] if root.is_file() else [q for q in root.rglob("*") if q.is_file()]):
+            os.chmod(f, mode)
+

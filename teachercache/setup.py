@@ -10,6 +10,7 @@ from typing import Callable, Iterator
 
 import torch
 
+from tcache import outdir
 from tcache.teachercache import schema
 from tcache.errors import TcacheError
 from tcache.text import TokenizerPool
@@ -137,3 +138,4 @@ def save_teacher_parts(model, tokenizer, config, writer: CacheWriter) -> None:
     if norm is not None and getattr(norm, "weight", None) is not None:
         tensors["final_norm"] = norm.weight.detach().float().cpu().clone()  # (D,)
     save_file(tensors, str(writer.add_teacher_file(schema.EMBEDDINGS_FILE)))
+    outdir.share_like_open(tdir)

@@ -54,6 +54,11 @@ def test_build_then_stats(tmp_path, tiny_args):
     assert s["fields"]["topk_logprobs"]["bytes_per_token"] == 2 * 4
     assert s["fields"]["topk_ids"]["bytes_per_token"] == 2 * 4
     assert 0 < s["topk_mass"]["p1"] <= s["topk_mass"]["p50"] <= s["topk_mass"]["p99"] <= 1 + 1e-6
+    # every file, weights included (safetensors writes 0600), is as readable as a plain open() makes it
+    from tcache.outdir import _umask
+
+    modes = {f.relative_to(out).as_posix(): f.stat().st_mode & 0o777 for f in out.rglob("*") if f.is_file()}
+    assert "teacher/model.safetensors" in modes and set(modes.values()) == {0o666 & ~_umask()}, modes
     for bad in ("-5", "0"):  # no statistics of zero rows (they read as a hidden RMS of 0.0000)
         assert_clean_error(run("stats", out, "--sample-rows", bad), "--sample-rows must be at least 1")
     r = run("stats", out)

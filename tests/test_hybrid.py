@@ -141,6 +141,7 @@ def test_cli_hybrid_then_eval_at_four_times_the_length(tmp_path, hybrid_cache, v
     assert r.exit_code == 0, r.output
     assert "window 16 + 2 sinks + mLSTM" in r.output and "stages: 1 (match" in r.output
     assert (out / "config.json").is_file()  # the teacher's architecture, to rebuild the student
+    assert (out / "model.safetensors").stat().st_mode & 0o044 == 0o044  # readable by those it is shared with
     r = run(*args, "--overwrite")  # a hybrid run (with its config.json) is tcache's to replace
     assert r.exit_code == 0, r.output
     hf_dir = tmp_path / "hf-model"  # ...but a HF model directory, all of whose names a run also uses, is not
