@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+
 import click
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
@@ -11,6 +13,8 @@ from tcache.cli.interrupts import stops_cleanly
 from tcache.cli.errors import friendly_errors
 from tcache.cli.options import config_from, config_options
 from tcache.student.config import DistillConfig
+
+LOG_EVERY_S = 10.0  # seconds between loss lines above the bar
 
 
 @click.command()
@@ -31,9 +35,13 @@ def distill(**options) -> None:
 
         targets = online_targets(cfg.online_teacher, load_manifest(cfg.cache), resolve_device(cfg.device))
     console = Console(stderr=True)
-    progress = Progress(TextColumn("[bold]distill"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[m]}"),
-                        TimeElapsedColumn(), TimeRemainingColumn(), console=console)
+    # The bar row keeps to what fits 80 columns (bar, steps, elapsed, ETA); the loss figures go on their own
+    # lines above it, at the first step and then every LOG_EVERY_S. The ETA averages over the whole run:
+    # rich's default 30 s window never holds two CPU steps of a minute each, and showed no ETA at all.
+    progress = Progress(TextColumn("[bold]distill"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                        TimeRemainingColumn(), console=console, speed_estimate_period=24 * 3600)
     task = None
+    last_line = [float("-inf")]
 
     def on_start(info: dict) -> None:
         nonlocal task
@@ -57,8 +65,7 @@ def distill(**options) -> None:
             + (f"; resumed at step {info['resumed_from_step']}" if info["resumed_from_step"] is not None else "")
         )
         progress.start()
-        task = progress.add_task("distill", total=info["total_steps"], completed=info["resumed_from_step"] or 0,
-                                 m="")
+        task = progress.add_task("distill", total=info["total_steps"], completed=info["resumed_from_step"] or 0)
 
     def on_step(r: dict, plan) -> None:
         if "match" in r:  # the hybrid's stage I
@@ -66,8 +73,12 @@ def distill(**options) -> None:
         else:
             terms = (f"ce {r['ce']:.3f} kd {r['kd']:.3f} al {r['align']:.3f} a {r['alpha']:.2f} b {r['beta']:.2f} "
                      f"T {r['temperature']:.2f}")
-        progress.update(task, completed=r["step"], m=(
-            f"{terms} lr {r['lr']:.1e} gn {r['grad_norm']:.2f} {human_count(r['tokens_per_s'])} tok/s"))
+        progress.update(task, completed=r["step"])
+        now = time.monotonic()
+        if now - last_line[0] >= LOG_EVERY_S or r["step"] == plan.total_steps:
+            last_line[0] = now
+            progress.console.print(f"step {r['step']}/{plan.total_steps} {terms} lr {r['lr']:.1e} "
+                                   f"gn {r['grad_norm']:.2f} {human_count(r['tokens_per_s'])} tok/s")
 
     try:
         meta = run_distill(cfg, on_start, on_step, warn=lambda msg: console.print(f"[yellow]warning[/]: {msg}"),

@@ -9,11 +9,21 @@ import sys
 
 import click
 from rich.console import Console
+from rich.progress import BarColumn, Progress, ProgressColumn, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
+from rich.text import Text
 
 from tcache.cli.errors import friendly_errors
+from tcache.cli.format import human_count
 from tcache.cli.options import config_from, config_options
 from tcache.student.eval import EvalConfig
+
+
+class _TokensColumn(ProgressColumn):
+    def render(self, task) -> Text:
+        rate = task.finished_speed or task.speed
+        return Text(f"{human_count(task.completed)}/{human_count(task.total or 0)} tok"
+                    + (f" {human_count(rate)} tok/s" if rate else ""))
 
 
 @click.command(name="eval")
@@ -26,9 +36,18 @@ def eval_cmd(as_json: bool, **options) -> None:
 
     cfg = config_from(EvalConfig, options)
     model = cfg.model
+    # Progress on stderr (transient: the table or JSON is what stays): windows scored, tokens/s and the ETA.
+    progress = Progress(TextColumn("[bold]eval"), BarColumn(), _TokensColumn(), TimeElapsedColumn(),
+                        TimeRemainingColumn(), console=Console(stderr=True), transient=True,
+                        speed_estimate_period=24 * 3600)
+    task = progress.add_task("eval", total=None)
+
+    def on_progress(done: int, total: int) -> None:
+        progress.update(task, completed=done, total=total)
+
     # Kernel builds (xlstm's sLSTM via ninja) print to the process's stdout; --json keeps stdout pure JSON.
-    with _stdout_to_stderr() if as_json else contextlib.nullcontext():
-        r = perplexity(cfg)
+    with _stdout_to_stderr() if as_json else contextlib.nullcontext(), progress:
+        r = perplexity(cfg, on_progress)
     if as_json:
         click.echo(json.dumps(r, indent=2))
         return

@@ -23,7 +23,7 @@ class MetricsLog:
         self.pending: tuple[dict, list[str], torch.Tensor, object] | None = None
 
     def put(self, record: dict, values: dict) -> dict | None:
-        """Queue this step's record; returns the previous step's completed record, if any."""
+        """Queue this step's record; returns the previous step's completed record, if any (on CPU, this one's)."""
         done = self.flush()
         names = list(values)
         device = values["loss"].device
@@ -36,6 +36,8 @@ class MetricsLog:
         else:
             host, event = stacked, None
         self.pending = (record, names, host, event)
+        if event is None:  # CPU: the values are already here, so the step is shown as soon as it ends
+            return self.flush()
         return done
 
     def flush(self) -> dict | None:

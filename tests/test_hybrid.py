@@ -140,6 +140,8 @@ def test_cli_hybrid_then_eval_at_four_times_the_length(tmp_path, hybrid_cache, v
     r = run(*args)
     assert r.exit_code == 0, r.output
     assert "window 16 + 2 sinks + mLSTM" in r.output and "stages: 1 (match" in r.output
+    # the first step's figures as soon as it ends (no waiting for the next one), the last step's at the end
+    assert "step 1/4 stage 1 match" in r.output and "step 4/4 ce" in r.output, r.output
     assert (out / "config.json").is_file()  # the teacher's architecture, to rebuild the student
     assert (out / "model.safetensors").stat().st_mode & 0o044 == 0o044  # readable by those it is shared with
     r = run(*args, "--overwrite")  # a hybrid run (with its config.json) is tcache's to replace
