@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import functools
 import hashlib
+import os
 from pathlib import Path
 
 import torch
@@ -14,12 +16,46 @@ def _looks_local(name: str) -> bool:
     return name.startswith((".", "/", "~")) or name.count("/") > 1 or Path(name).exists()
 
 
+HUB_PROBE_TIMEOUT_S = 3.0
+
+
+@functools.cache
+def hub_unreachable() -> str | None:
+    """Why the hub cannot be reached (HF_HUB_OFFLINE, or no TCP connection within 3 s), or None. One probe per
+    process: without it transformers spends ~27 s in retries before it says the hub is unreachable."""
+    import socket
+    import urllib.parse
+
+    if os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes"):
+        return "HF_HUB_OFFLINE is set"
+    host = urllib.parse.urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co")).hostname or "huggingface.co"
+    try:
+        socket.create_connection((host, 443), timeout=HUB_PROBE_TIMEOUT_S).close()
+        return None
+    except OSError:
+        return f"{host} is unreachable (offline?)"
+
+
+def _offline(name: str) -> bool:
+    """A hub id read from the local HF cache only, when the hub cannot be reached (no retries)."""
+    return not _looks_local(name) and hub_unreachable() is not None
+
+
 def load_config(name: str, revision: str | None = None):
     """The teacher's config alone: cheap, so every argument check runs before weights load."""
     from transformers import AutoConfig
 
     if _looks_local(name) and not Path(name).expanduser().is_dir():
         raise TcacheError(f"--teacher {name}: no such directory; pass a HF model directory or a hub id")
+    if not _looks_local(name):
+        try:  # a hub id already in the local HF cache needs no network
+            return AutoConfig.from_pretrained(name, revision=revision, local_files_only=True)
+        except (OSError, ValueError):
+            pass
+        why = hub_unreachable()
+        if why:
+            raise TcacheError(f"--teacher {name}: not found in the local HF cache and {why}; pass a local model "
+                              "directory, or connect and retry")
     try:
         return AutoConfig.from_pretrained(name, revision=revision)
     except (OSError, ValueError) as e:
@@ -35,7 +71,7 @@ def load_tokenizer(name: str, revision: str | None = None):
     from transformers import AutoTokenizer
 
     try:
-        tokenizer = AutoTokenizer.from_pretrained(name, revision=revision)
+        tokenizer = AutoTokenizer.from_pretrained(name, revision=revision, local_files_only=_offline(name))
     except (OSError, ValueError) as e:
         first = str(e).splitlines()[0][:160]
         raise TcacheError(f"--teacher {name}: could not load the tokenizer ({first})") from None
@@ -49,7 +85,8 @@ def load_model(name: str, device: torch.device, dtype: torch.dtype, revision: st
     from transformers import AutoModelForCausalLM
 
     try:
-        model = AutoModelForCausalLM.from_pretrained(name, revision=revision, dtype=dtype)
+        model = AutoModelForCausalLM.from_pretrained(name, revision=revision, dtype=dtype,
+                                                     local_files_only=_offline(name))
     except (OSError, ValueError) as e:
         first = str(e).splitlines()[0][:160]
         raise TcacheError(f"--teacher {name}: could not load model ({first})") from None

@@ -95,6 +95,30 @@ def test_teacher_hub_id_not_found(tmp_path, valid_jsonl):
     assert not (tmp_path / "c").exists()
 
 
+def test_an_unreachable_hub_is_said_at_once(tmp_path, valid_jsonl, monkeypatch):
+    """No network and no HF_HUB_OFFLINE: one probe of the hub (no ~27 s of retries), then 'offline?'."""
+    import socket
+    import time
+
+    from tcache import hf
+
+    def no_network(*a, **k):
+        raise OSError("network is unreachable")
+
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.setattr(socket, "create_connection", no_network)
+    hf.hub_unreachable.cache_clear()
+    try:
+        t0 = time.monotonic()
+        r = run("build", "--teacher", "no-such-org/no-such-model", "--data", valid_jsonl, "--tokens", "1k",
+                "--out", tmp_path / "c")
+        assert_clean_error(r, "--teacher no-such-org/no-such-model: not found in the local HF cache",
+                           "is unreachable (offline?)")
+        assert time.monotonic() - t0 < 10
+    finally:
+        hf.hub_unreachable.cache_clear()
+
+
 def test_dataset_not_found(tmp_path, tiny_args):
     args = [a if a != tiny_args[4] else tmp_path / "missing.jsonl" for a in tiny_args]
     r = run(*args, "--tokens", "1k", "--out", tmp_path / "c")
