@@ -30,10 +30,14 @@ class _BytesColumn(ProgressColumn):
         return Text(human_bytes(task.fields.get("bytes", 0)))
 
 
-def build_options(fn):
+# What only a build does: a plan writes nothing at --out (its sample run goes to a temporary directory).
+BUILD_ONLY = ("overwrite", "resume")
+
+
+def build_options(fn, skip: tuple[str, ...] = ()):
     """The options `build` and `plan` share (BuildConfig's fields), so a plan is made for exactly the build it
     describes."""
-    return config_options(BuildConfig)(fn)
+    return config_options(BuildConfig, skip=skip)(fn)
 
 
 def build_config(**options) -> BuildConfig:

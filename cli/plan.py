@@ -2,20 +2,21 @@
 
 from __future__ import annotations
 
+import functools
 import json
 
 import click
 from rich.console import Console
 from rich.table import Table
 
-from tcache.cli.build import build_config, build_options
+from tcache.cli.build import BUILD_ONLY, build_config, build_options
 from tcache.cli.format import human_bytes, human_count
 from tcache.cli.errors import friendly_errors
 from tcache.errors import TcacheError
 
 
 @click.command()
-@build_options
+@functools.partial(build_options, skip=BUILD_ONLY)
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 @friendly_errors
 def plan(as_json: bool, **options) -> None:
