@@ -1,8 +1,9 @@
+# Extra arguments go to benchmarks/quality.py (later ones win), e.g. run2: --deadline 530 --runs hybrid,... 
 python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .gpu/wheels/*.whl 2>&1 | tail -1
 export PYTHONPATH=$PWD:/tmp/site HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1
 nvidia-smi --query-gpu=name --format=csv,noheader
 python3 benchmarks/quality.py --teacher .gpu/teacher --train .gpu/corpus/train.jsonl.xz --valid .gpu/corpus/valid.jsonl \
-  --work /tmp/q --out /tmp/qout --deadline 545 > /tmp/qout.run.log 2>&1
+  --work /tmp/q --out /tmp/qout --deadline 545 "$@" > /tmp/qout.run.log 2>&1
 rc=$?
 mkdir -p $OUT/q
 cp /tmp/qout/quality.json $OUT/q/ 2>/dev/null
