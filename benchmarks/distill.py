@@ -36,7 +36,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.shapes import make_teacher  # noqa: E402
 from tcache.student.data import CacheRows  # noqa: E402
-from tcache.student.config import DistillConfig, plan_budget  # noqa: E402
+from tcache.student.budget import plan_budget  # noqa: E402
+from tcache.student.config import DistillConfig  # noqa: E402
 from tcache.student.schedules import Anneal  # noqa: E402
 from tcache.student.train import Trainer, distill, setup  # noqa: E402
 from tcache.teachercache import schema  # noqa: E402
@@ -126,7 +127,8 @@ def hybrid_stage_rate(cfg: DistillConfig, stage: int, warmup: int = 3, steps: in
     except Exception as e:  # an out-of-memory under the cap is a result, not a crash
         return {"error": f"{type(e).__name__}: {str(e).splitlines()[0][:200]}", "peak_gib": peak()}
     return {"tokens_per_s": steps * B * T / sec, "peak_gib": peak(), "precision": tr.plan.info["precision"],
-            "mlstm_kernel": tr.plan.info["mlstm_kernel"], "params": tr.model.param_counts()}
+            "mlstm_kernel": tr.plan.info["mlstm_kernel"], "checkpointing": tr.plan.info["checkpointing"],
+            "params": tr.model.param_counts()}
 
 
 def gpu_batches(cache: str, groups: int, n: int) -> list[dict]:

@@ -47,6 +47,9 @@ RUNS = {
     "hybrid-w16": ("hybrid", ["--window", "16"], None),
     "hybrid-w64": ("hybrid", ["--window", "64"], None),
     "hybrid-no-stage1": ("hybrid", ["--window", "32", "--stage", "2"], None),
+    "hybrid-stage1-only": ("hybrid", ["--window", "32", "--stage", "1"], None),
+    # xLSTM's input-gate init (bias ~0): the mLSTM normaliser's floor holds almost everywhere (docs/hybrid.md)
+    "hybrid-igate0": ("hybrid", ["--window", "32", "--igate-bias", "0"], None),
     "hybrid-mlstm-only": ("hybrid", ["--branches", "mlstm"], None),
     "window-only": ("hybrid", ["--window", "32", "--branches", "window", "--stage", "2"], None),
     "hybrid-ce-only": ("hybrid", ["--window", "32", "--alpha", "0"], None),
@@ -55,7 +58,8 @@ RUNS = {
     "hybrid-mixer-lr1e-4": ("hybrid", ["--window", "32", "--train", "mixer", "--lr", "1e-4"], None),
 }
 DEFAULT_RUNS = ["v1", "v1-ce-only", "v2", "v2-ce-only", "scratch", "hybrid", "hybrid-w16", "hybrid-w64",
-                "hybrid-no-stage1", "hybrid-mlstm-only", "window-only", "hybrid-ce-only", "hybrid-mlstm-rope",
+                "hybrid-no-stage1", "hybrid-stage1-only", "hybrid-igate0", "hybrid-mlstm-only", "window-only",
+                "hybrid-ce-only", "hybrid-mlstm-rope",
                 "hybrid-mixer-lr1e-4"]
 LONG = 2048  # every model is also scored on windows of this length (the shared teacher was trained at 512)
 

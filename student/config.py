@@ -1,10 +1,9 @@
 """What a distill run is: the recipe table (sizes and loss schedules per recipe), DistillConfig (every option,
-validated once), and the two things derived from a config and a cache: the student's size and the budget."""
+validated once), and the student's size derived from a config and a cache (the budget: budget.py)."""
 
 from __future__ import annotations
 
-import math
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from typing import Callable
 
 from tcache.device import PRECISIONS
@@ -14,7 +13,6 @@ from tcache.student.losses import KD_TAILS
 from tcache.student.model import MLSTM_KERNELS, SLSTM_BACKENDS, StudentConfig, roundup
 from tcache.student.runtime import COMPILE_MODES
 from tcache.student.schedules import Anneal, parse_anneal
-from tcache.teachercache import schema
 from tcache.units import parse_bytes, parse_count
 
 
@@ -30,6 +28,8 @@ class Stage:
     """Which parameters train: all, new (only what the teacher did not have), mixer (new + attention)."""
     schedule: str = "cosine"
     """cosine (warmup, then down to --min-lr-ratio) or constant (warmup, then flat)."""
+    weight_decay: float | None = None
+    """AdamW weight decay of this stage; None: --weight-decay (the recipe's)."""
 
 
 @dataclass(frozen=True)
@@ -72,15 +72,16 @@ RECIPES = {
     "v2": Recipe(alpha=Anneal(0.0, 0.0, 0.0), beta=Anneal(0.8, 0.5, 0.05), temperature=Anneal(1.0, 1.0, 0.0),
                  sizes=_v2_sizes),
     # Hauzenberger et al. 2026: stage I matches each layer's attention output (new parameters only, lr 1e-2,
-    # cosine); stage II is 0.9 CE + 0.1 KL to the cached top-k, constant lr after warm-up, weight decay 0.1.
+    # cosine, no weight decay as in LoLCATs' attention transfer: decay would pull the identity-initialised feature
+    # maps towards zero); stage II is 0.9 CE + 0.1 KL to the cached top-k, constant lr after warm-up, weight decay 0.1.
     "hybrid": Recipe(alpha=Anneal(0.1, 0.1, 0.0), beta=Anneal(0.0, 0.0, 0.0), temperature=Anneal(1.0, 1.0, 0.0),
                      model="hybrid", lr=1e-5, weight_decay=0.1, hidden=False,
-                     stages=(Stage("1", loss="match", train="new"), Stage("2", schedule="constant"))),
+                     stages=(Stage("1", loss="match", train="new", weight_decay=0.0), Stage("2", schedule="constant"))),
 }
 
 # Fields that may differ between a run and its resumption.
 RESUMABLE_DIFFS = {"resume", "overwrite", "workers", "ckpt_every", "keep_ckpts", "device", "cache", "out",
-                   "compile", "max_gpu_memory"}
+                   "compile", "max_gpu_memory", "checkpointing"}
 
 
 def parse_blocks(text: str | list[int] | None, flag: str) -> list[int] | None:
@@ -120,6 +121,9 @@ class DistillConfig:
     branches: str = opt("both", choices=("both", "mlstm", "window"))
     """Hybrid recipe: the mixer's branches: both, or one alone (ablations: mlstm has no window, window no mLSTM
     and nothing for stage I to train)."""
+    igate_bias: float | None = None
+    """Hybrid recipe: the mLSTM input gate's bias at init; default ln(d sqrt(2d) / 2) for head dim d, which
+    keeps the mLSTM normaliser's floor inactive (docs/hybrid.md)."""
     mlstm_rope: bool = False
     """Hybrid recipe: give the mLSTM branch RoPE-rotated q and k (the paper's reading) instead of unrotated."""
     from_scratch: bool = False
@@ -180,6 +184,10 @@ class DistillConfig:
     T4 or CPU."""
     max_gpu_memory: str | None = None
     """Cap GPU memory, e.g. 16GB, to test a smaller card's budget (a T4's) on a larger GPU."""
+    checkpointing: str = opt("auto", choices=("auto", "on", "off"))
+    """Hybrid recipe: recompute each decoder layer's activations in the backward (transformers' gradient
+    checkpointing; one more forward per step, one layer's activations kept); auto: on when the GPU's memory
+    (--max-gpu-memory, else the card's) is under 24 GiB, off on CPU."""
     ckpt_every: int = 0
     """Checkpoint every N optimizer steps; 0: only the final student."""
     keep_ckpts: int = 2
@@ -282,62 +290,3 @@ def student_config(cfg: DistillConfig, manifest) -> StudentConfig:
         context_length=manifest.seq_len, norm_eps=float(eps), recipe=cfg.recipe,
         mlstm_kernel=cfg.mlstm_kernel, slstm_backend=cfg.slstm_backend,
     )
-
-
-@dataclass
-class StagePlan:
-    """Where a stage lies in the run: micro-batches [start_micro, end_micro), its optimizer steps and peak lr."""
-
-    stage: Stage
-    index: int
-    start_micro: int
-    end_micro: int
-    start_step: int
-    steps: int
-    lr: float
-
-
-@dataclass
-class Plan:
-    """The budget in micro-batches and optimizer steps, stage by stage, and what the run reports at its start."""
-
-    micro_per_epoch: int
-    total_micro: int
-    total_steps: int
-    seq_len: int
-    groups: int
-    stages: list[StagePlan] = field(default_factory=list)
-    info: dict = field(default_factory=dict)
-
-    def stage_at(self, micro: int) -> StagePlan:
-        """The stage that trains micro-batch `micro` (the last one at the end of the run)."""
-        return next((s for s in self.stages if micro < s.end_micro), self.stages[-1])
-
-
-def plan_budget(cfg: DistillConfig, manifest) -> Plan:
-    """Micro-batches per stage: --tokens / --steps / --epochs set the last stage's budget (stage II, or the
-    only stage); the hybrid's stage I gets --stage1-tokens, by default half of stage II's."""
-    micro_per_epoch = manifest.rows // cfg.batch_size
-    if micro_per_epoch < 1:
-        raise TcacheError(f"the cache has {manifest.rows} rows, fewer than --batch-size {cfg.batch_size}; lower it")
-    tokens_per_micro = cfg.batch_size * manifest.seq_len
-    if cfg.steps is not None:
-        main_micro = cfg.steps * cfg.grad_accum
-    elif cfg.tokens is not None:
-        main_micro = math.ceil(cfg.tokens / tokens_per_micro)
-    else:
-        main_micro = int((cfg.epochs or 1.0) * micro_per_epoch)
-    stages, micro, step = [], 0, 0
-    for i, stage in enumerate(cfg.stages):
-        n, lr = main_micro, cfg.lr
-        if stage.loss == "match":
-            lr = cfg.stage1_lr
-            if cfg.stage1_tokens is not None:
-                n = math.ceil(cfg.stage1_tokens / tokens_per_micro)
-            elif len(cfg.stages) > 1:
-                n = main_micro // 2
-        steps = max(n // cfg.grad_accum, 1)
-        stages.append(StagePlan(stage, i, micro, micro + steps * cfg.grad_accum, step, steps, lr))
-        micro, step = micro + steps * cfg.grad_accum, step + steps
-    hidden = RECIPES[cfg.recipe].hidden and schema.HIDDEN in manifest.fields
-    return Plan(micro_per_epoch, micro, step, manifest.seq_len, manifest.hidden_groups if hidden else 0, stages)

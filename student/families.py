@@ -10,7 +10,7 @@ import torch
 from tcache.student.config import DistillConfig, student_config
 from tcache.student.io import load_teacher_parts
 from tcache.student.model import Student, resolve_kernels
-from tcache.student.runtime import COMPILE_MODES, resolve_compile
+from tcache.student.runtime import COMPILE_MODES, resolve_checkpointing, resolve_compile
 from tcache.teachercache import schema
 
 
@@ -41,15 +41,18 @@ def build_hybrid(cfg: DistillConfig, manifest, device: torch.device, budget: int
 
     hcfg = HybridConfig(window=cfg.window, sinks=cfg.sinks, full_attention_layers=list(cfg.full_attention_layers),
                         mlstm_kernel=cfg.mlstm_kernel if cfg.mlstm_kernel != "parallel" else "auto",
-                        branches=cfg.branches, mlstm_rope=cfg.mlstm_rope)
+                        branches=cfg.branches, mlstm_rope=cfg.mlstm_rope, igate_bias=cfg.igate_bias)
     torch.manual_seed(cfg.seed)
     model = load_hybrid(str(Path(cfg.cache) / schema.TEACHER_DIR), hcfg)
     model.to(device)
     kernel = model.set_kernel(device)
+    checkpointing = resolve_checkpointing(cfg.checkpointing, device, budget)
+    if checkpointing:
+        model.enable_checkpointing()
     info = {"mlstm_kernel": kernel, "slstm_backend": "none", "blocks": len(model.lm.model.layers),
             "heads": model.lm.config.num_attention_heads, "slstm_at": [], "compile": "off",
             "window": cfg.window, "sinks": cfg.sinks, "full_attention_layers": hcfg.full_attention_layers,
-            "branches": cfg.branches}
+            "branches": cfg.branches, "checkpointing": checkpointing}
     return model, info
 
 

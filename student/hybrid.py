@@ -46,6 +46,8 @@ class HybridConfig:
     """mLSTM kernel of mlstm_kernels: auto (chunkwise Triton on CUDA, native chunkwise elsewhere)."""
     branches: str = "both"
     """both (the hybrid), mlstm (no window branch) or window (no mLSTM): the ablations (--branches)."""
+    igate_bias: float | None = None
+    """Input-gate bias at init (mean of N(., 0.1)); None: ln(d sqrt(2d) / 2), see init_igate_bias (--igate-bias)."""
     mlstm_rope: bool = False
     """Feed the mLSTM branch and the output gate RoPE-rotated q, k (--mlstm-rope); by default they get the
     unrotated projections, so nothing outside the window depends on absolute position (see docs/hybrid.md)."""
@@ -66,6 +68,16 @@ def hedgehog(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     softmax over the feature dimension (fp32)."""
     z = torch.einsum("bhtd,hde->bhte", x.float(), weight.float())  # (B, H, T, d)
     return torch.cat([torch.softmax(z, -1), torch.softmax(-z, -1)], -1)  # (B, H, T, 2d)
+
+
+def init_igate_bias(head_dim: int, given: float | None = None) -> float:
+    """The input gate's bias at init. xLSTM's is ~0, made for learned q, k of norm ~sqrt(d); here the mLSTM sees
+    Hedgehog features (two softmaxes, phi(q) . phi(k) ~ 2/d at the identity init) and the kernel still scales by
+    (2d)^-1/2, so one token adds only ~2/(d sqrt(2d)) ~ 0.003 (d = 64) to n . q: the normaliser's floor
+    max(|n . q|, 1) held at 90-99% of positions of the shared teacher, leaving the branch an unnormalised,
+    nearly silent sum. ln(d sqrt(2d) / 2) (5.9 at d = 64) makes one token's share ~1, so the mLSTM starts as the
+    normalised linear attention that Hedgehog / LoLCATs train (the floor only guards a near-empty memory)."""
+    return given if given is not None else math.log(head_dim * math.sqrt(2 * head_dim) / 2)
 
 
 def resolve_mlstm_kernel(name: str, device: torch.device) -> str:
@@ -95,9 +107,9 @@ class HybridMixer(nn.Module):
         self.fgate = nn.Linear(hidden_size, num_heads)
         self.ogate_w = nn.Parameter(torch.zeros(num_heads, 3 * d))  # (H, 3d)
         self.ogate_b = nn.Parameter(torch.zeros(num_heads))  # (H,)
-        with torch.no_grad():  # xLSTM's gate init: zero weights, input bias ~N(0, 0.1), forget bias 3..6
+        with torch.no_grad():  # xLSTM's gate init (zero weights, forget bias 3..6), input bias raised: see below
             nn.init.zeros_(self.igate.weight)
-            nn.init.normal_(self.igate.bias, std=0.1)
+            nn.init.normal_(self.igate.bias, mean=init_igate_bias(d, cfg.igate_bias), std=0.1)
             nn.init.zeros_(self.fgate.weight)
             self.fgate.bias.copy_(torch.linspace(*cfg.fgate_bias, num_heads))
         self.mode = "hybrid"
@@ -286,6 +298,15 @@ class HybridStudent(nn.Module):
         new = sum(p.numel() for p in self.new_parameters())
         return {"total": total, "trainable": trainable, "frozen": total - trainable, "new": new}
 
+    def enable_checkpointing(self) -> None:
+        """Recompute each decoder layer's activations in the backward: transformers' own mechanism (renamed
+        activation_checkpointing_enable in 5.x), non-reentrant so stage I's per-layer losses keep their graph."""
+        enable = getattr(self.lm, "activation_checkpointing_enable", None)
+        if enable is not None:
+            enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        else:
+            self.lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+
     def set_context_length(self, T: int) -> None:
         """Nothing depends on the length (the window mask is built per call)."""
 
@@ -300,40 +321,3 @@ def load_hybrid(teacher_dir: str, cfg: HybridConfig, dtype: torch.dtype = torch.
         raise TcacheError(f"{teacher_dir}: the cache holds no loadable teacher weights ({str(e).splitlines()[0][:120]}); "
                           "rebuild the cache with this tcache (it stores the teacher's full weights)") from None
     return HybridStudent(lm, cfg)
-
-
-def reference_mix(x, q, k, v, mixer: HybridMixer, q_sink=None, qm=None, km=None) -> torch.Tensor:
-    """The mixer's equations in float64, written out step by step (a quadratic, unstabilised mLSTM with the
-    xLSTM normaliser; each query's scores one by one): the test reference for HybridMixer.mix."""
-    x, q, k, v = (t.double() for t in (x, q, k, v))
-    B, H, T, d = q.shape
-    s = torch.full((B, H, T, T), -math.inf, dtype=torch.float64)
-    for i in range(T):
-        for j in range(i + 1):
-            if i - j < mixer.window:
-                s[:, :, i, j] = (q[:, :, i] * k[:, :, j]).sum(-1) * mixer.scaling
-            elif j < mixer.sinks:  # a sink outside the window: the query at its cache position, if given
-                qi = q[:, :, i] if q_sink is None else q_sink[:, :, i].double()
-                s[:, :, i, j] = (qi * k[:, :, j]).sum(-1) * mixer.scaling
-    swa = torch.softmax(s, -1) @ v  # (B, H, T, d)
-
-    def phi(t, w):
-        z = torch.einsum("bhtd,hde->bhte", t, w.double())
-        return torch.cat([torch.softmax(z, -1), torch.softmax(-z, -1)], -1)
-
-    qm = q if qm is None else qm.double()
-    km = k if km is None else km.double()
-    qf, kf = phi(qm, mixer.phi_q), phi(km, mixer.phi_k)  # (B, H, T, 2d)
-    i_pre = (x @ mixer.igate.weight.double().T + mixer.igate.bias.double()).transpose(1, 2)  # (B, H, T)
-    logf = F.logsigmoid((x @ mixer.fgate.weight.double().T + mixer.fgate.bias.double()).transpose(1, 2))
-    cum = torch.cumsum(logf, -1)  # (B, H, T)
-    # D[i, j] = exp(sum_{j < t <= i} log f_t + i_j) for j <= i
-    logD = cum[..., :, None] - cum[..., None, :] + i_pre[..., None, :]  # (B, H, T, T)
-    causal = torch.ones(T, T, dtype=torch.bool, device=q.device).tril()
-    Dm = torch.exp(logD.masked_fill(~causal, -math.inf))
-    C = (qf @ kf.transpose(-1, -2)) / math.sqrt(qf.shape[-1]) * Dm  # (B, H, T, T)
-    n = C.sum(-1, keepdim=True).abs().clamp(min=1.0)  # the normaliser max(|n^T q|, 1) (unstabilised form)
-    m = (C @ v) / n  # (B, H, T, d)
-    o = torch.sigmoid(torch.einsum("bhtc,hc->bht", torch.cat([qm, km, v], -1), mixer.ogate_w.double())
-                      + mixer.ogate_b.double()[None, :, None]).unsqueeze(-1)
-    return o * m + (1 - o) * swa

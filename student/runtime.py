@@ -56,3 +56,15 @@ def resolve_workers(workers: int, device: torch.device) -> int:
     if workers >= 0:
         return workers
     return min(4, (os.cpu_count() or 2) // 2) if device.type == "cuda" else 0
+
+
+def resolve_checkpointing(choice: str, device: torch.device, budget: int | None) -> bool:
+    """--checkpointing auto -> on for a GPU with under 24 GiB to spend (the cap, else the card): the hybrid's
+    stage II at SmolLM2-360M's shape and 8 x 512 tokens peaks at 21.7 GiB without it (benchmarks/results/
+    hybrid-seeds), so a 16 GB card needs it; off on CPU, where memory is rarely what runs out first."""
+    if choice != "auto":
+        return choice == "on"
+    if device.type != "cuda":
+        return False
+    total = budget if budget is not None else torch.cuda.get_device_properties(device).total_memory
+    return total < 24 * 2**30

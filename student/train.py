@@ -19,7 +19,8 @@ from tcache.signals import stop_on_signals
 from tcache.student import losses
 from tcache.student.checkpoint import (CONFIG_FILE, RunState, cache_identity, resume_from, run_dir,
                                        save_checkpoint)
-from tcache.student.config import RECIPES, DistillConfig, Plan, StagePlan, plan_budget, student_config
+from tcache.student.budget import Plan, StagePlan, plan_budget
+from tcache.student.config import RECIPES, DistillConfig, student_config
 from tcache.student.data import CacheRows, epoch_loader
 from tcache.student.families import FAMILIES
 from tcache.student.io import save_student
@@ -61,7 +62,8 @@ class Trainer:
         self.params = [p for p in self.model.parameters() if p.requires_grad]
         decay = [p for p in self.params if p.ndim >= 2]
         no_decay = [p for p in self.params if p.ndim < 2]
-        self.opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
+        wd = cfg.weight_decay if stage.weight_decay is None else stage.weight_decay
+        self.opt = torch.optim.AdamW([{"params": decay, "weight_decay": wd},
                                       {"params": no_decay, "weight_decay": 0.0}], lr=sp.lr, betas=(0.9, 0.95),
                                      fused=device.type == "cuda")
         # Gradients live from the start and are zeroed in place, never set to None. Under CUDA graphs

@@ -4,17 +4,19 @@ reference), stage I learns from the cache's teacher weights alone, and a two-sta
 from __future__ import annotations
 
 import json
+import math
 import shutil
 
 import pytest
 import torch
+import torch.nn.functional as F
 from click.testing import CliRunner
 from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
 from tcache.cli.main import main
 from tcache.errors import TcacheError
 from tcache.student.config import DistillConfig
-from tcache.student.hybrid import HybridConfig, HybridStudent, reference_mix
+from tcache.student.hybrid import HybridConfig, HybridMixer, HybridStudent
 from tcache.student.io import load_student
 from tcache.student.train import distill
 from conftest import build_cache
@@ -71,6 +73,43 @@ def test_a_teacher_it_cannot_convert_is_named():
     lm = GPT2LMHeadModel(GPT2Config(vocab_size=128, n_embd=32, n_layer=1, n_head=2, n_positions=64))
     with pytest.raises(TcacheError, match="Llama- and Qwen2-family"):
         HybridStudent(lm, HybridConfig())
+
+
+def reference_mix(x, q, k, v, mixer: HybridMixer, q_sink=None, qm=None, km=None) -> torch.Tensor:
+    """The mixer's equations in float64, written out step by step (a quadratic, unstabilised mLSTM with the
+    xLSTM normaliser; each query's scores one by one): the test reference for HybridMixer.mix."""
+    x, q, k, v = (t.double() for t in (x, q, k, v))
+    B, H, T, d = q.shape
+    s = torch.full((B, H, T, T), -math.inf, dtype=torch.float64)
+    for i in range(T):
+        for j in range(i + 1):
+            if i - j < mixer.window:
+                s[:, :, i, j] = (q[:, :, i] * k[:, :, j]).sum(-1) * mixer.scaling
+            elif j < mixer.sinks:  # a sink outside the window: the query at its cache position, if given
+                qi = q[:, :, i] if q_sink is None else q_sink[:, :, i].double()
+                s[:, :, i, j] = (qi * k[:, :, j]).sum(-1) * mixer.scaling
+    swa = torch.softmax(s, -1) @ v  # (B, H, T, d)
+
+    def phi(t, w):
+        z = torch.einsum("bhtd,hde->bhte", t, w.double())
+        return torch.cat([torch.softmax(z, -1), torch.softmax(-z, -1)], -1)
+
+    qm = q if qm is None else qm.double()
+    km = k if km is None else km.double()
+    qf, kf = phi(qm, mixer.phi_q), phi(km, mixer.phi_k)  # (B, H, T, 2d)
+    i_pre = (x @ mixer.igate.weight.double().T + mixer.igate.bias.double()).transpose(1, 2)  # (B, H, T)
+    logf = F.logsigmoid((x @ mixer.fgate.weight.double().T + mixer.fgate.bias.double()).transpose(1, 2))
+    cum = torch.cumsum(logf, -1)  # (B, H, T)
+    # D[i, j] = exp(sum_{j < t <= i} log f_t + i_j) for j <= i
+    logD = cum[..., :, None] - cum[..., None, :] + i_pre[..., None, :]  # (B, H, T, T)
+    causal = torch.ones(T, T, dtype=torch.bool, device=q.device).tril()
+    Dm = torch.exp(logD.masked_fill(~causal, -math.inf))
+    C = (qf @ kf.transpose(-1, -2)) / math.sqrt(qf.shape[-1]) * Dm  # (B, H, T, T)
+    n = C.sum(-1, keepdim=True).abs().clamp(min=1.0)  # the normaliser max(|n^T q|, 1) (unstabilised form)
+    m = (C @ v) / n  # (B, H, T, d)
+    o = torch.sigmoid(torch.einsum("bhtc,hc->bht", torch.cat([qm, km, v], -1), mixer.ogate_w.double())
+                      + mixer.ogate_b.double()[None, :, None]).unsqueeze(-1)
+    return o * m + (1 - o) * swa
 
 
 @pytest.mark.parametrize("T,window,sinks", [(40, 8, 4), (64, 16, 0), (33, 64, 2), (50, 4, 3)])
@@ -168,3 +207,84 @@ def test_a_cache_without_the_full_teacher_is_refused_in_one_line(tmp_path, hybri
     assert r.exit_code == 1 and "Traceback" not in r.output
     errors = [x for x in r.output.splitlines() if x.startswith("Error:")]
     assert len(errors) == 1 and "no loadable teacher weights" in errors[0] and "rebuild" in errors[0], r.output
+
+
+def _normaliser_floor_share(student: HybridStudent, ids: torch.Tensor) -> list[float]:
+    """Per converted layer, the share of (head, position) pairs where the mLSTM normaliser's floor holds:
+    |n . q| < 1 in the unstabilised form, recomputed in float64 from the features and gates the kernel gets."""
+    shares = []
+
+    def probe(fn):
+        def wrapped(q, k, v, i, f, **kw):  # (B, H, T, F) x2, (B, H, T, d), (B, H, T, 1) x2
+            q, k, i, f = (t.double() for t in (q, k, i, f))
+            cum = torch.nn.functional.logsigmoid(f[..., 0]).cumsum(-1)  # (B, H, T)
+            logD = cum[..., :, None] - cum[..., None, :] + i[..., 0][..., None, :]  # (B, H, T, T)
+            causal = torch.ones(logD.shape[-1], logD.shape[-1], dtype=torch.bool).tril()
+            C = (q @ k.transpose(-1, -2)) / q.shape[-1] ** 0.5 * torch.exp(logD.masked_fill(~causal, -float("inf")))
+            shares.append((C.sum(-1).abs() < 1).double().mean().item())
+            return fn(q.float(), k.float(), v, i.float(), f.float(), **kw)
+        return wrapped
+
+    for m in student.mixers:
+        m.mlstm_fn = probe(m.mlstm_fn)
+    with torch.no_grad():
+        student(ids)
+    return shares
+
+
+def test_input_gate_init_keeps_the_normaliser_floor_inactive(teacher_dir, valid_jsonl):
+    """Hedgehog features give phi(q) . phi(k) ~ 2/d, so with xLSTM's input-gate bias ~0 the normaliser floor
+    max(|n . q|, 1) holds almost everywhere (an unnormalised, nearly silent mLSTM); the default init
+    ln(d sqrt(2d) / 2) lifts one token's share to ~1."""
+    from transformers import AutoTokenizer
+
+    texts = [json.loads(x)["text"] for x in open(valid_jsonl).read().splitlines()[:20]]
+    ids = AutoTokenizer.from_pretrained(teacher_dir)("\n\n".join(texts), return_tensors="pt").input_ids
+    ids = ids[:, :2 * 256].view(2, 256)
+    shares = {}
+    for bias in (None, 0.0):
+        torch.manual_seed(0)
+        lm = AutoModelForCausalLM.from_pretrained(teacher_dir, dtype=torch.float32, attn_implementation="sdpa")
+        student = HybridStudent(lm, HybridConfig(igate_bias=bias))
+        student.set_kernel(torch.device("cpu"))
+        shares[bias] = _normaliser_floor_share(student, ids)
+    assert max(shares[None]) < 0.05, shares[None]
+    assert min(shares[0.0]) > 0.5, shares[0.0]  # xLSTM's init: the floor holds at most positions
+
+
+@pytest.mark.parametrize("mode", ["match", "hybrid"])
+def test_gradient_checkpointing_leaves_the_gradients_unchanged(mode):
+    """--checkpointing recomputes each decoder layer in the backward (transformers' gradient checkpointing):
+    the same loss and gradients as keeping the activations, in stage I's matching and stage II's forward."""
+    cfg = LlamaConfig(vocab_size=96, hidden_size=48, intermediate_size=64, num_hidden_layers=2,
+                      num_attention_heads=3, num_key_value_heads=1, head_dim=16)
+    ids = torch.randint(0, 96, (2, 40), generator=torch.Generator().manual_seed(0))
+    grads = []
+    for checkpointing in (False, True):
+        torch.manual_seed(0)
+        student = HybridStudent(LlamaForCausalLM(cfg), HybridConfig(window=8, sinks=2))
+        student.set_kernel(torch.device("cpu"))
+        student.set_stage("new" if mode == "match" else "all", mode)
+        if checkpointing:
+            student.enable_checkpointing()
+        student.train()
+        logits = student(ids)[0]
+        loss = student.match_loss() if mode == "match" else torch.nn.functional.cross_entropy(
+            logits[:, :-1].flatten(0, 1), ids[:, 1:].flatten())
+        loss.backward()
+        grads.append({n: p.grad.clone() for n, p in student.named_parameters() if p.requires_grad})
+    assert grads[0].keys() == grads[1].keys() and grads[0]
+    for n in grads[0]:
+        assert torch.allclose(grads[0][n], grads[1][n], atol=1e-6, rtol=1e-5), n
+
+
+def test_stage_one_has_no_weight_decay(hybrid_cache, tmp_path):
+    """Stage I trains identity-initialised feature maps at lr 1e-2: decay would pull them towards zero
+    (LoLCATs' attention transfer uses none); stage II keeps the recipe's 0.1."""
+    from tcache.student.train import setup
+
+    tr = setup(DistillConfig(cache=str(hybrid_cache), out=str(tmp_path / "r"), recipe="hybrid", steps=2,
+                             batch_size=2, grad_accum=1))
+    assert [g["weight_decay"] for g in tr.opt.param_groups] == [0.0, 0.0]
+    tr.begin_stage(tr.plan.stages[1])
+    assert [g["weight_decay"] for g in tr.opt.param_groups] == [0.1, 0.0]
