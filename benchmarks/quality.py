@@ -56,11 +56,15 @@ RUNS = {
     "hybrid-mlstm-rope": ("hybrid", ["--window", "32", "--mlstm-rope"], None),
     # knob: stage II trains only the mixers, at 10x the recipe's lr
     "hybrid-mixer-lr1e-4": ("hybrid", ["--window", "32", "--train", "mixer", "--lr", "1e-4"], None),
+    # knobs: stage II end to end on the new parameters only (the teacher's stay exactly as copied), or all at 1e-4
+    "hybrid-new-lr1e-3": ("hybrid", ["--window", "32", "--train", "new", "--lr", "1e-3"], None),
+    "hybrid-lr1e-4": ("hybrid", ["--window", "32", "--lr", "1e-4"], None),
 }
 DEFAULT_RUNS = ["v1", "v1-ce-only", "v2", "v2-ce-only", "scratch", "hybrid", "hybrid-w16", "hybrid-w64",
                 "hybrid-no-stage1", "hybrid-stage1-only", "hybrid-igate0", "hybrid-mlstm-only", "window-only",
                 "hybrid-ce-only", "hybrid-mlstm-rope",
                 "hybrid-mixer-lr1e-4"]
+HEAD_WINDOWS = 128  # also scored on VALID's first 128 windows of 512: the calibration used 128 windows
 LONG = 2048  # every model is also scored on windows of this length (the shared teacher was trained at 512)
 
 
@@ -141,9 +145,10 @@ def main() -> None:
             evaluate(str(run_dir), name)
 
     def evaluate(model: str, name: str) -> None:
-        for suffix, seq_len in (("", "512"), (".long", str(LONG))):
+        for suffix, seq_len, tokens in (("", "512", a.eval_tokens), (".long", str(LONG), a.eval_tokens),
+                                        (".head", "512", str(HEAD_WINDOWS * 512))):
             with open(work / f"{name}.eval{suffix}.json.partial", "w") as f:
-                if run(tcache("eval", model, "--data", a.valid, "--tokens", a.eval_tokens, "--seq-len", seq_len,
+                if run(tcache("eval", model, "--data", a.valid, "--tokens", tokens, "--seq-len", seq_len,
                               "--batch-size", "8" if seq_len == "512" else "2", "--json"),
                        out / f"{name}.log", stdout=f) == 0:
                     os.replace(work / f"{name}.eval{suffix}.json.partial", work / f"{name}.eval{suffix}.json")
@@ -171,6 +176,7 @@ def load_json_output(path: Path) -> dict:
 def collect(work: Path, names: list[str], a, build: dict, wall: float) -> dict:
     teacher = load_json_output(work / "teacher.eval.json")
     teacher_long = load_json_output(work / "teacher.eval.long.json") if (work / "teacher.eval.long.json").exists() else {}
+    teacher_head = load_json_output(work / "teacher.eval.head.json") if (work / "teacher.eval.head.json").exists() else {}
     rows = {}
     for name in names:
         d = work / name
@@ -188,6 +194,9 @@ def collect(work: Path, names: list[str], a, build: dict, wall: float) -> dict:
             e = load_json_output(work / f"{name}.eval.json")
             r.update(perplexity=e["perplexity"], eval_tokens=e["tokens_scored"],
                      vs_teacher=e["perplexity"] / teacher["perplexity"])
+            if (work / f"{name}.eval.head.json").exists() and teacher_head:
+                r["head_vs_teacher"] = (load_json_output(work / f"{name}.eval.head.json")["perplexity"]
+                                        / teacher_head["perplexity"])
             if (work / f"{name}.eval.long.json").exists():
                 e = load_json_output(work / f"{name}.eval.long.json")
                 r.update(perplexity_long=e["perplexity"], long_vs_own_512=e["perplexity"] / r["perplexity"])
@@ -212,7 +221,8 @@ def collect(work: Path, names: list[str], a, build: dict, wall: float) -> dict:
         "command": " ".join(sys.argv), "tokens_per_run": a.tokens_per_run, "lr": a.lr, "grad_accum": a.grad_accum,
         "build": build,
         "teacher": {"perplexity": teacher["perplexity"], "eval_tokens": teacher["tokens_scored"],
-                    "params": teacher["params"], "perplexity_long": teacher_long.get("perplexity")},
+                    "params": teacher["params"], "perplexity_long": teacher_long.get("perplexity"),
+                    "perplexity_head": teacher_head.get("perplexity")},
         "long_seq_len": LONG, "stage1_tokens": a.stage1_tokens,
         "runs": rows, "total_wall_s": round(wall, 1),
     }
@@ -221,16 +231,17 @@ def collect(work: Path, names: list[str], a, build: dict, wall: float) -> dict:
 def print_table(result: dict) -> None:
     teacher = result["teacher"]
     long = result.get("long_seq_len", LONG)
-    print(f"\n| model | ppl @512 | x teacher | ppl @{long} | @{long} / own @512 | log-gap closed (vs) | tokens | "
-          "train s | tok/s | peak GiB |")
-    print("|---|---|---|---|---|---|---|---|---|---|")
+    print(f"\n| model | ppl @512 | x teacher | x teacher, first {HEAD_WINDOWS} windows | ppl @{long} | "
+          f"@{long} / own @512 | log-gap closed (vs) | tokens | train s | tok/s | peak GiB |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
     tl = teacher.get("perplexity_long")
-    print(f"| teacher | {teacher['perplexity']:.2f} | 1.000 | {tl or float('nan'):.2f} | "
+    print(f"| teacher | {teacher['perplexity']:.2f} | 1.000 | 1.000 | {tl or float('nan'):.2f} | "
           f"{(tl or float('nan')) / teacher['perplexity']:.3f} | | | | | |")
     for r in result["runs"].values():
         ppl = f"{r['perplexity']:.2f}" if "perplexity" in r else "unfinished"
         gap = f"{100 * r['log_gap_closed']:.1f}% ({r['baseline']})" if "log_gap_closed" in r else ""
         print(f"| {r['name']} | {ppl} | {r.get('vs_teacher', float('nan')):.3f} | "
+              f"{r.get('head_vs_teacher', float('nan')):.3f} | "
               f"{r.get('perplexity_long', float('nan')):.2f} | {r.get('long_vs_own_512', float('nan')):.3f} | {gap} | "
               f"{r.get('tokens', 0):,} | {r.get('train_s', 0):.0f} | {r.get('tokens_per_s', 0):,.0f} | "
               f"{r.get('peak_gpu_gib') or 0:.2f} |")

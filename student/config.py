@@ -128,8 +128,9 @@ class DistillConfig:
     """Hybrid recipe: give the mLSTM branch RoPE-rotated q and k (the paper's reading) instead of unrotated."""
     from_scratch: bool = False
     """xLSTM recipes: random embedding and head, trained with the blocks (the papers' xLSTM baseline)."""
-    train: str = opt("all", choices=("all", "mixer"))
-    """Hybrid recipe: what stage II trains: every parameter, or only the mixers (new + attention)."""
+    train: str = opt("all", choices=("all", "mixer", "new"))
+    """Hybrid recipe: what stage II trains: every parameter, the mixers (new + attention projections), or only
+    the new parameters (feature maps and gates, end to end)."""
     blocks: int | None = None
     """Override the recipe's number of blocks."""
     heads: int | None = None
