@@ -152,6 +152,9 @@ def setup(cfg: DistillConfig, manifest: Manifest | None = None, targets: TargetF
     tr = Trainer(cfg, manifest, device, amp_dtype, plan, model, torch.amp.GradScaler(
         device.type, enabled=amp_dtype is torch.float16), chunk, workers, targets)
     tr.begin_stage(plan.stages[0])
+    # training mode from here, for every caller (benchmarks time setup()'s Trainer): transformers models load in
+    # eval mode, where their layers skip activation checkpointing
+    model.train()
     plan.info = {
         **info, "params": model.param_counts(), "device": str(device),
         "precision": str(amp_dtype).removeprefix("torch."), "total_steps": plan.total_steps,
@@ -202,7 +205,6 @@ def _fit_and_save(tr: Trainer, work: Path, hasher: ShardHasher, stop, on_start, 
         on_start(plan.info)
 
     rows = CacheRows(cfg.cache, with_hidden=plan.groups > 0, with_targets=tr.targets is None)
-    tr.model.train()
     metrics_f = open(work / METRICS_FILE, "a")
     # Loss sums stay on the device until a step is logged: a float() per micro-batch would make the CPU
     # wait for the GPU each time, and the next batch's host work would no longer overlap its compute.

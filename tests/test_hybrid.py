@@ -278,7 +278,7 @@ def test_gradient_checkpointing_leaves_the_gradients_unchanged(mode):
         assert torch.allclose(grads[0][n], grads[1][n], atol=1e-6, rtol=1e-5), n
 
 
-def test_stage_one_has_no_weight_decay(hybrid_cache, tmp_path):
+def test_stage_one_has_no_weight_decay_and_setup_trains_with_checkpointing_on_request(hybrid_cache, tmp_path):
     """Stage I trains identity-initialised feature maps at lr 1e-2: decay would pull them towards zero
     (LoLCATs' attention transfer uses none); stage II keeps the recipe's 0.1."""
     from tcache.student.train import setup
@@ -286,5 +286,10 @@ def test_stage_one_has_no_weight_decay(hybrid_cache, tmp_path):
     tr = setup(DistillConfig(cache=str(hybrid_cache), out=str(tmp_path / "r"), recipe="hybrid", steps=2,
                              batch_size=2, grad_accum=1))
     assert [g["weight_decay"] for g in tr.opt.param_groups] == [0.0, 0.0]
+    assert tr.model.training  # transformers' layers checkpoint only in training mode
     tr.begin_stage(tr.plan.stages[1])
     assert [g["weight_decay"] for g in tr.opt.param_groups] == [0.1, 0.0]
+    assert not tr.model.lm.model.layers[0].gradient_checkpointing  # auto: off on CPU
+    tr = setup(DistillConfig(cache=str(hybrid_cache), out=str(tmp_path / "r"), recipe="hybrid", steps=2,
+                             batch_size=2, grad_accum=1, checkpointing="on"))
+    assert tr.model.training and tr.model.lm.model.layers[0].gradient_checkpointing
