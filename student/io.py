@@ -87,4 +87,13 @@ def _load_hybrid(path: Path, doc: dict, device: torch.device):
 def load_teacher_parts(cache_dir: str | os.PathLike) -> dict[str, torch.Tensor]:
     from safetensors.torch import load_file
 
-    return load_file(str(Path(cache_dir) / schema.EMBEDDINGS_FILE))
+    from safetensors import safe_open
+
+    path = str(Path(cache_dir) / schema.EMBEDDINGS_FILE)
+    with safe_open(path, "pt") as f:
+        tied = (f.metadata() or {}).get(schema.TIED_HEAD_KEY) == "true"
+    # fp32 for the student's frozen copies: exact for the fp16 / bf16 weights the cache stores
+    tensors = {k: v.float() for k, v in load_file(path).items()}
+    if tied:  # stored once; caches before schema 3's tied flag hold both names
+        tensors["lm_head"] = tensors["embed_tokens"]
+    return tensors

@@ -49,6 +49,7 @@ FORMAT_NAME = "tcache"
 MANIFEST_FILE = "manifest.json"
 TEACHER_DIR = "teacher"
 EMBEDDINGS_FILE = f"{TEACHER_DIR}/embeddings.safetensors"
+TIED_HEAD_KEY = "tied_lm_head"  # embeddings.safetensors metadata: "true" when lm_head is embed_tokens (stored once)
 PARTIAL_SUFFIX = ".partial"
 
 INPUT_IDS = "input_ids"

@@ -116,7 +116,7 @@ def full_weights_bytes(model, config) -> int:
 def save_teacher_parts(model, tokenizer, config, writer: CacheWriter) -> None:
     """What the students reuse, so distillation never loads the teacher: the full weights (model.safetensors
     and config: the hybrid recipe starts from the whole teacher), and for the xLSTM recipes the embedding and
-    head in fp32 (embeddings.safetensors), and the tokenizer."""
+    head (embeddings.safetensors, in the same dtype; a tied head is stored once), and the tokenizer."""
     from safetensors.torch import save_file
 
     tdir = writer.out_dir / schema.TEACHER_DIR
@@ -126,16 +126,20 @@ def save_teacher_parts(model, tokenizer, config, writer: CacheWriter) -> None:
     model.save_pretrained(tdir, state_dict=state)
     config.save_pretrained(tdir)
     tokenizer.save_pretrained(tdir)
-    head = model.get_output_embeddings()
-    tensors = {
-        # fp32 copies: exact for fp16/bf16 weights; clone() because safetensors refuses shared (tied) storage.
-        "embed_tokens": model.get_input_embeddings().weight.detach().float().cpu().clone(),  # (V, D)
-        "lm_head": head.weight.detach().float().cpu().clone(),  # (V, D)
-    }
+    embed, head = model.get_input_embeddings(), model.get_output_embeddings()
+    tied = head.weight.data_ptr() == embed.weight.data_ptr()
+
+    def part(t: torch.Tensor) -> torch.Tensor:  # clone(): safetensors refuses views of shared storage
+        return t.detach().to("cpu", dtype).clone()
+
+    tensors = {"embed_tokens": part(embed.weight)}  # (V, D)
+    if not tied:
+        tensors["lm_head"] = part(head.weight)  # (V, D)
     if getattr(head, "bias", None) is not None:
-        tensors["lm_head_bias"] = head.bias.detach().float().cpu().clone()  # (V,)
+        tensors["lm_head_bias"] = part(head.bias)  # (V,)
     norm = getattr(model.base_model, "norm", None)
     if norm is not None and getattr(norm, "weight", None) is not None:
-        tensors["final_norm"] = norm.weight.detach().float().cpu().clone()  # (D,)
-    save_file(tensors, str(writer.add_teacher_file(schema.EMBEDDINGS_FILE)))
+        tensors["final_norm"] = part(norm.weight)  # (D,)
+    save_file(tensors, str(writer.add_teacher_file(schema.EMBEDDINGS_FILE)),
+              metadata={schema.TIED_HEAD_KEY: "true" if tied else "false"})
     outdir.share_like_open(tdir)

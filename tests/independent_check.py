@@ -80,6 +80,7 @@ def packed_reference(data_jsonl: Path, tokenizer, seq_len: int, rows: int) -> np
 
 def check_cache(cache: Path, teacher_dir: Path, data_jsonl: Path | None = None, rows: int | None = None,
                 hidden_rtol: float = 2e-3, logprob_atol: float = 2e-4) -> dict:
+    from safetensors import safe_open
     from safetensors.numpy import load_file
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -94,9 +95,14 @@ def check_cache(cache: Path, teacher_dir: Path, data_jsonl: Path | None = None, 
         ref_ids = packed_reference(Path(data_jsonl), tokenizer, seq_len, n)
         np.testing.assert_array_equal(data["input_ids"][:n].astype(np.int64), ref_ids)
 
-    emb = load_file(str(Path(cache) / "teacher" / "embeddings.safetensors"))
+    emb_path = str(Path(cache) / "teacher" / "embeddings.safetensors")
+    emb = {k: v.astype(np.float32) for k, v in load_file(emb_path).items()}
     np.testing.assert_allclose(emb["embed_tokens"], model.get_input_embeddings().weight.detach().numpy(), rtol=0, atol=0)
-    np.testing.assert_allclose(emb["lm_head"], model.get_output_embeddings().weight.detach().numpy(), rtol=0, atol=0)
+    with safe_open(emb_path, "np") as f:
+        tied = f.metadata().get("tied_lm_head") == "true"
+    assert tied == (model.get_output_embeddings().weight.data_ptr() == model.get_input_embeddings().weight.data_ptr())
+    head = emb["embed_tokens"] if tied else emb["lm_head"]  # a tied head is stored once
+    np.testing.assert_allclose(head, model.get_output_embeddings().weight.detach().numpy(), rtol=0, atol=0)
 
     worst = {"hidden_rel": 0.0, "logprob_abs": 0.0, "tail_abs": 0.0, "id_mismatch_untied": 0}
     assert ("hidden" in data) == (manifest["hidden_groups"] > 0)

@@ -7,6 +7,8 @@ import json
 import h5py
 import numpy as np
 import pytest
+import torch
+from transformers import AutoModelForCausalLM
 
 from independent_check import check_cache, read_cache
 from conftest import build_cache
@@ -99,6 +101,23 @@ def test_groups_and_full_vocab_on_tiny_teacher(tmp_path, tiny_teacher, valid_jso
     from safetensors.numpy import load_file
     emb = load_file(str(out / schema.EMBEDDINGS_FILE))
     assert not np.allclose(emb["embed_tokens"], emb["lm_head"])
+
+
+def test_a_tied_head_is_stored_once_in_the_checkpoint_dtype(shared_cache, teacher_dir):
+    """The shared teacher (fp16 checkpoint, tied head): embeddings.safetensors holds one fp16 (V, D) matrix,
+    flagged tied, and the students get it in fp32 under both names, equal to transformers' own weights."""
+    from safetensors import safe_open
+
+    from tcache.student.io import load_teacher_parts
+
+    with safe_open(str(shared_cache / schema.EMBEDDINGS_FILE), "pt") as f:
+        assert f.metadata()[schema.TIED_HEAD_KEY] == "true" and "lm_head" not in f.keys()
+        assert f.get_tensor("embed_tokens").dtype == torch.float16
+    parts = load_teacher_parts(shared_cache)
+    lm = AutoModelForCausalLM.from_pretrained(teacher_dir, dtype=torch.float32)
+    assert parts["lm_head"].dtype == torch.float32
+    assert torch.equal(parts["embed_tokens"], lm.get_input_embeddings().weight)
+    assert torch.equal(parts["lm_head"], lm.get_output_embeddings().weight)
 
 
 def test_same_command_gives_identical_shards(tmp_path, tiny_teacher, valid_jsonl):
