@@ -109,3 +109,19 @@ def test_every_flag_the_library_and_docs_name_exists_and_every_option_has_help()
             cited.setdefault(flag, path.relative_to(ROOT).as_posix())
     unknown = {f: where for f, where in cited.items() if f not in known}
     assert not unknown, unknown
+
+
+def test_readme_quickstart_numbers_are_the_measured_ones():
+    """The perplexities the README promises are those benchmarks/quickstart.py measured running the README's
+    own quickstart block (results/quickstart-cpu.md names each command it ran)."""
+    import re
+    import sys
+
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from quickstart import quickstart_commands
+
+    measured = (ROOT / "benchmarks" / "results" / "quickstart-cpu.md").read_text()
+    assert all(f"| `{cmd}` |" in measured for cmd in quickstart_commands())
+    student, teacher = re.findall(r"^Student ([\d.]+), teacher ([\d.]+)", measured, re.M)[0]
+    readme = (ROOT / "README.md").read_text()
+    assert f"student scores perplexity **{student}**" in readme and f"teacher **{teacher}**" in readme
