@@ -48,7 +48,6 @@ def load_student(path: str | os.PathLike, device: torch.device,
     """(model in eval mode, student.json). `context_length`: the length it will run at (eval's --seq-len);
     the kernel is picked for that length by `resolve_kernels`, as training picks it for the training
     length (default). doc["config"]["context_length"] stays the training length."""
-    from safetensors.torch import load_model
 
     path = Path(path)
     try:
@@ -66,20 +65,40 @@ def load_student(path: str | os.PathLike, device: torch.device,
         cfg = dataclasses.replace(cfg, context_length=context_length)
     mk, sb = resolve_kernels(cfg, device)
     model = Student(cfg, mlstm_kernel=mk, slstm_backend=sb)
-    load_model(model, str(path / WEIGHTS_FILE), strict=True)
+    load_weights(model, path)
     return model.to(device).eval(), doc
+
+
+def load_weights(model: torch.nn.Module, path: Path) -> None:
+    """model.safetensors into `model`; a missing, truncated or mismatched file is one line naming it."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_model
+
+    f = path / WEIGHTS_FILE
+    try:
+        load_model(model, str(f), strict=True)
+    except FileNotFoundError:
+        raise TcacheError(f"{f} is missing: the student is incomplete; re-run `tcache distill` with this --out "
+                          "(--resume continues from its last checkpoint)") from None
+    except (SafetensorError, OSError, RuntimeError) as e:
+        raise TcacheError(f"{f} is unreadable or truncated ({str(e).splitlines()[0][:100]}); re-run `tcache "
+                          "distill` with this --out (--resume continues from its last checkpoint)") from None
 
 
 def _load_hybrid(path: Path, doc: dict, device: torch.device):
     """A hybrid student: the teacher's architecture from its config.json, converted, then its weights."""
-    from safetensors.torch import load_model
     from transformers import AutoConfig, AutoModelForCausalLM
 
     from tcache.student.hybrid import HybridConfig, HybridStudent
 
-    lm = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(path), attn_implementation="sdpa")
+    try:
+        config = AutoConfig.from_pretrained(path)
+    except (OSError, ValueError):
+        raise TcacheError(f"{path}/config.json (the hybrid student's architecture) is missing or unreadable; "
+                          "re-run `tcache distill` with this --out") from None
+    lm = AutoModelForCausalLM.from_config(config, attn_implementation="sdpa")
     model = HybridStudent(lm, HybridConfig(**doc["config"]))
-    load_model(model, str(path / WEIGHTS_FILE), strict=True)
+    load_weights(model, path)
     model.set_kernel(device)
     return model.to(device).eval()
 

@@ -196,6 +196,19 @@ def test_cli_hybrid_then_eval_at_four_times_the_length(tmp_path, hybrid_cache, v
     assert r.exit_code == 0, r.output
     res = json.loads(r.output[r.output.index("{"):])
     assert res["trained_seq_len"] == 64 and res["seq_len"] == 256 and res["perplexity"] > 1
+    # a student whose weights went missing or were cut short is one line naming the file, no traceback
+    from test_cli_build import assert_clean_error
+
+    for damage, says in (("truncate", "is unreadable or truncated"), ("delete", "is missing"),
+                         ("config", "config.json")):
+        broken = tmp_path / f"broken-{damage}"
+        shutil.copytree(out, broken)
+        if damage == "truncate":
+            (broken / "model.safetensors").write_bytes((out / "model.safetensors").read_bytes()[:100_000])
+        else:
+            (broken / ("model.safetensors" if damage == "delete" else "config.json")).unlink()
+        r = run("eval", broken, "--data", valid_jsonl, "--tokens", 256, "--seq-len", 64)
+        assert_clean_error(r, str(broken), says)
 
 
 def test_a_cache_without_the_full_teacher_is_refused_in_one_line(tmp_path, hybrid_cache):
