@@ -9,21 +9,26 @@ import click
 from rich.console import Console
 from rich.table import Table
 
-from tcache.cli.build import BUILD_ONLY, build_config, build_options
+from tcache.cli.build import BUILD_ONLY, build_options
+from tcache.cli.options import config_from
 from tcache.cli.format import human_bytes, human_count
 from tcache.cli.errors import friendly_errors
 from tcache.errors import TcacheError
+from tcache.teachercache.config import BuildConfig
 
 
 @click.command()
-@functools.partial(build_options, skip=BUILD_ONLY)
+@functools.partial(build_options, skip=BUILD_ONLY + ("out",))
+@click.option("--out", "out", default="cache", show_default=True, type=click.Path(),
+              help="Where the cache would go (nothing is written there): its filesystem's free space is checked, "
+                   "and the short timed run writes a temporary sample beside it, removed at the end.")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 @friendly_errors
-def plan(as_json: bool, **options) -> None:
+def plan(as_json: bool, out: str, **options) -> None:
     """Before a build: exact bytes per token by field, disk needed, and an estimated time measured here."""
     from tcache.teachercache.plan import plan as run_plan
 
-    p = run_plan(build_config(**options))
+    p = run_plan(config_from(BuildConfig, options, out=out))
     if as_json:
         click.echo(json.dumps(p, indent=2))
         _refuse_if_no_room(p)
@@ -36,7 +41,7 @@ def plan(as_json: bool, **options) -> None:
     for name, f in p["fields"].items():
         t.add_row(name, f["dtype"], f"{f['bytes_per_token']:.1f}", human_bytes(f["bytes_per_token"] * p["tokens"]))
     # the whole teacher is stored once: the hybrid recipe starts from all of it
-    t.add_row("teacher/ (full weights + fp32 embedding, head)", "", "", human_bytes(p["teacher_files_bytes"]))
+    t.add_row("teacher/ (full weights, embedding and head)", "", "", human_bytes(p["teacher_files_bytes"]))
     t.add_row("[bold]total", "", f"[bold]{p['bytes_per_token']:.1f}", f"[bold]{human_bytes(p['total_bytes'])}")
     console = Console()
     console.print(t)

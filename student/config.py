@@ -178,7 +178,7 @@ class DistillConfig:
     """DataLoader worker processes reading the cache; -1: min(4, cores/2) on a GPU, 0 on CPU."""
     loss_chunk: int = -1
     """Positions per chunk of the fused CE+KD over the vocabulary (no (B, T, V) logits kept); 0: full
-    logits; -1: 1024 on a GPU, 0 on CPU."""
+    logits; -1: 1024."""
     compile: str = opt("auto", choices=COMPILE_MODES)
     """torch.compile each xLSTM block; cudagraphs also replays each block as a CUDA graph (the step is bound
     by Python's kernel launches otherwise); auto: cudagraphs on GPUs of compute capability >= 8.0, off on a
@@ -186,9 +186,9 @@ class DistillConfig:
     max_gpu_memory: str | None = None
     """Cap GPU memory, e.g. 16GB, to test a smaller card's budget (a T4's) on a larger GPU."""
     checkpointing: str = opt("auto", choices=("auto", "on", "off"))
-    """Hybrid recipe: recompute each decoder layer's activations in the backward (transformers' gradient
-    checkpointing; one more forward per step, one layer's activations kept); auto: on when the GPU's memory
-    (--max-gpu-memory, else the card's) is under 24 GiB, off on CPU."""
+    """Recompute each block's (hybrid: decoder layer's) activations in the backward instead of keeping them:
+    one more forward per step; auto: hybrid on a GPU with under 24 GiB (--max-gpu-memory, else the card's),
+    xLSTM recipes on CPU."""
     ckpt_every: int = 0
     """Checkpoint every N optimizer steps; 0: only the final student."""
     keep_ckpts: int = 2

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import torch
 
+from tcache.errors import TcacheError
 from tcache.student.config import DistillConfig, student_config
 from tcache.student.io import load_teacher_parts
 from tcache.student.model import Student, resolve_kernels
@@ -26,12 +27,20 @@ def build_xlstm(cfg: DistillConfig, manifest, device: torch.device, budget: int 
     else:
         model.load_teacher_parts(load_teacher_parts(cfg.cache))
     model.to(device)
+    model.checkpointing = resolve_checkpointing(cfg.checkpointing, device, budget, family="xlstm")
     compile_mode = resolve_compile(cfg.compile, device)
+    if model.checkpointing and compile_mode != "off":
+        # recomputing compiled (CUDA-graph) blocks inside torch.utils.checkpoint is not a combination measured
+        # here: checkpointed blocks run eagerly
+        if cfg.compile != "auto":
+            raise TcacheError(f"--checkpointing on with --compile {cfg.compile} is not supported; pass --compile off")
+        compile_mode = "off"
     if COMPILE_MODES[compile_mode] is not None:
         for blk in model.blocks.blocks:
             blk.compile(mode=COMPILE_MODES[compile_mode])
     info = {"mlstm_kernel": mlstm_kernel, "slstm_backend": slstm_backend, "blocks": scfg.num_blocks,
-            "heads": scfg.num_heads, "slstm_at": scfg.slstm_at, "compile": compile_mode}
+            "heads": scfg.num_heads, "slstm_at": scfg.slstm_at, "compile": compile_mode,
+            "checkpointing": model.checkpointing}
     return model, info
 
 

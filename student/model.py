@@ -20,6 +20,7 @@ import math
 from dataclasses import asdict, dataclass, field
 
 import torch
+import torch.utils.checkpoint
 import torch.nn.functional as F
 from torch import nn
 
@@ -222,6 +223,8 @@ class Student(nn.Module):
             context_length=cfg.context_length if mlstm_kernel == "parallel" else 0,
             num_blocks=cfg.num_blocks, embedding_dim=D, slstm_at=list(cfg.slstm_at), add_post_blocks_norm=False,
         )
+        self.checkpointing = False
+        """Recompute each block in the backward instead of keeping its activations (--checkpointing)."""
         self.blocks = xLSTMBlockStack(stack_cfg)
         self.blocks.reset_parameters()
         self.mask_length = stack_cfg.context_length  # longest input the parallel kernel's masks cover now
@@ -257,8 +260,10 @@ class Student(nn.Module):
             self.set_context_length(ids.shape[1])  # never at the training length: training is unchanged
         x = self.embed(ids)  # (B, T, D)
         outs = []
+        recompute = self.checkpointing and self.training and torch.is_grad_enabled()
         for blk in self.blocks.blocks:
-            x = blk(x)  # (B, T, D)
+            # --checkpointing: keep only each block's input for the backward and recompute the block there
+            x = torch.utils.checkpoint.checkpoint(blk, x, use_reentrant=False) if recompute else blk(x)  # (B, T, D)
             outs.append(x)
         x = self.norm(x)  # (B, T, D)
         outs[-1] = x

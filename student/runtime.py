@@ -47,8 +47,9 @@ def cap_gpu_memory(text: str | None, device: torch.device) -> int | None:
 
 
 def resolve_loss_chunk(loss_chunk: int, device: torch.device) -> int:
-    """--loss-chunk -1 -> 1024 positions on a GPU (saves the (B, T, V) logits), full logits on CPU."""
-    return loss_chunk if loss_chunk >= 0 else (1024 if device.type == "cuda" else 0)
+    """--loss-chunk -1 -> 1024 positions: no (B, T, V) logits are kept, on a GPU and on CPU alike (on CPU the
+    v1 step took the same time and 0.92 GiB less at 8 x 512 tokens, benchmarks/results/cpu-memory.md)."""
+    return loss_chunk if loss_chunk >= 0 else 1024
 
 
 def resolve_workers(workers: int, device: torch.device) -> int:
@@ -58,13 +59,17 @@ def resolve_workers(workers: int, device: torch.device) -> int:
     return min(4, (os.cpu_count() or 2) // 2) if device.type == "cuda" else 0
 
 
-def resolve_checkpointing(choice: str, device: torch.device, budget: int | None) -> bool:
+def resolve_checkpointing(choice: str, device: torch.device, budget: int | None, family: str = "hybrid") -> bool:
     """--checkpointing auto -> on for a GPU with under 24 GiB to spend (the cap, else the card): the hybrid's
     stage II at SmolLM2-360M's shape and 8 x 512 tokens peaks at 21.7 GiB without it (benchmarks/results/
-    hybrid-seeds), so a 16 GB card needs it; off on CPU, where memory is rarely what runs out first."""
+    hybrid-seeds-run2), so a 16 GB card needs it. On CPU: on for the xLSTM recipes, whose vanilla sLSTM
+    blocks keep 1.3 GiB each per 4,096 tokens for the backward (benchmarks/results/cpu-memory.md), off for
+    the hybrid. xLSTM recipes on a GPU: off (their blocks are compiled; they peak at 2.4 GiB)."""
     if choice != "auto":
         return choice == "on"
     if device.type != "cuda":
+        return family == "xlstm"
+    if family == "xlstm":
         return False
     total = budget if budget is not None else torch.cuda.get_device_properties(device).total_memory
     return total < 24 * 2**30

@@ -235,6 +235,14 @@ def test_plan_reports_exact_bytes_and_an_estimate(tmp_path, tiny_args):
     assert not (tmp_path / "c").exists() and not list(tmp_path.glob(".tcache-plan-*"))  # a plan writes nothing
 
 
+def test_plan_needs_no_out(tmp_path, tiny_args, monkeypatch):
+    """Without --out a plan measures for ./cache (the current directory's filesystem) and leaves nothing."""
+    monkeypatch.chdir(tmp_path)
+    r = run("plan", *tiny_args[1:], "--tokens", "20k", "--json")
+    assert r.exit_code == 0, r.output
+    assert json.loads(r.output)["disk_free_bytes"] > 0 and list(tmp_path.iterdir()) == []
+
+
 def test_plan_refuses_what_build_refuses(tmp_path, tiny_args):
     assert_clean_error(run("plan", *tiny_args[1:], "--tokens", "1M", "--top-k", 20000, "--out", tmp_path / "c"),
                        "--top-k 20000 exceeds")

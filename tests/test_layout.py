@@ -82,9 +82,10 @@ def test_options_come_from_the_config_fields():
             else:
                 expected[f.name] = (f, cls)
         assert set(params) - set(expected) <= {"as_json"}, (name, set(params) - set(expected))
-        if name == "plan":  # a plan builds nothing: no --overwrite / --resume
+        if name == "plan":  # a plan builds nothing: no --overwrite / --resume, and --out is optional
             assert not {"overwrite", "resume"} & set(params)
-            expected = {k: v for k, v in expected.items() if k not in ("overwrite", "resume")}
+            assert not params["out"].required and params["out"].default == "cache"
+            expected = {k: v for k, v in expected.items() if k not in ("overwrite", "resume", "out")}
         for fname, (f, owner) in expected.items():
             p = params[fname]
             if isinstance(p, click.Argument):
