@@ -31,10 +31,14 @@ def build_xlstm(cfg: DistillConfig, manifest, device: torch.device, budget: int 
     compile_mode = resolve_compile(cfg.compile, device)
     if model.checkpointing and compile_mode != "off":
         # recomputing compiled (CUDA-graph) blocks inside torch.utils.checkpoint is not a combination measured
-        # here: checkpointed blocks run eagerly
-        if cfg.compile != "auto":
-            raise TcacheError(f"--checkpointing on with --compile {cfg.compile} is not supported; pass --compile off")
-        compile_mode = "off"
+        # here: whichever of the two was asked for wins, both asked for is refused
+        if cfg.checkpointing == "auto":
+            model.checkpointing = False
+        elif cfg.compile == "auto":
+            compile_mode = "off"
+        else:
+            raise TcacheError(f"--checkpointing on with --compile {cfg.compile} is not supported; pass --compile off "
+                              "or --checkpointing off")
     if COMPILE_MODES[compile_mode] is not None:
         for blk in model.blocks.blocks:
             blk.compile(mode=COMPILE_MODES[compile_mode])

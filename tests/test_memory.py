@@ -32,3 +32,19 @@ def test_checkpointed_blocks_and_the_chunked_loss_give_the_same_step(shared_cach
     assert g_new.keys() == g_old.keys() and len(g_new) > 10
     for n in g_new:
         assert torch.allclose(g_new[n], g_old[n], rtol=1e-4, atol=1e-6), (n, (g_new[n] - g_old[n]).abs().max())
+
+
+def test_an_explicit_compile_wins_over_automatic_checkpointing(shared_cache, tmp_path):
+    """On CPU checkpointing is automatic for the xLSTM recipes; asking for --compile on turns it off rather
+    than failing, and asking for both is one clear refusal."""
+    import pytest
+
+    from tcache.errors import TcacheError
+
+    base = dict(cache=str(shared_cache), out=str(tmp_path / "r"), recipe="v1", steps=1, batch_size=2)
+    tr = setup(DistillConfig(compile="on", **base))
+    assert not tr.model.checkpointing and tr.plan.info["compile"] == "on"
+    tr = setup(DistillConfig(checkpointing="on", **base))
+    assert tr.model.checkpointing and tr.plan.info["compile"] == "off"
+    with pytest.raises(TcacheError, match="--checkpointing on with --compile on"):
+        setup(DistillConfig(checkpointing="on", compile="on", **base))
