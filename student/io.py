@@ -48,7 +48,6 @@ def load_student(path: str | os.PathLike, device: torch.device,
     """(model in eval mode, student.json). `context_length`: the length it will run at (eval's --seq-len);
     the kernel is picked for that length by `resolve_kernels`, as training picks it for the training
     length (default). doc["config"]["context_length"] stays the training length."""
-
     path = Path(path)
     try:
         doc = json.loads((path / STUDENT_FILE).read_text())
@@ -104,15 +103,12 @@ def _load_hybrid(path: Path, doc: dict, device: torch.device):
 
 
 def load_teacher_parts(cache_dir: str | os.PathLike) -> dict[str, torch.Tensor]:
-    from safetensors.torch import load_file
-
     from safetensors import safe_open
 
-    path = str(Path(cache_dir) / schema.EMBEDDINGS_FILE)
-    with safe_open(path, "pt") as f:
+    with safe_open(str(Path(cache_dir) / schema.EMBEDDINGS_FILE), "pt") as f:
         tied = (f.metadata() or {}).get(schema.TIED_HEAD_KEY) == "true"
-    # fp32 for the student's frozen copies: exact for the fp16 / bf16 weights the cache stores
-    tensors = {k: v.float() for k, v in load_file(path).items()}
+        # fp32 for the student's frozen copies: exact for the fp16 / bf16 weights the cache stores
+        tensors = {k: f.get_tensor(k).float() for k in f.keys()}
     if tied:  # stored once; caches before schema 3's tied flag hold both names
         tensors["lm_head"] = tensors["embed_tokens"]
     return tensors

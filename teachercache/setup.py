@@ -113,6 +113,11 @@ def full_weights_bytes(model, config) -> int:
     return sum(unique.values()) * torch.empty((), dtype=weights_dtype(model, config)).element_size()
 
 
+def tied_head(model) -> bool:
+    """Whether the LM head is the input embedding (one tensor, stored once)."""
+    return model.get_output_embeddings().weight.data_ptr() == model.get_input_embeddings().weight.data_ptr()
+
+
 def save_teacher_parts(model, tokenizer, config, writer: CacheWriter) -> None:
     """What the students reuse, so distillation never loads the teacher: the full weights (model.safetensors
     and config: the hybrid recipe starts from the whole teacher), and for the xLSTM recipes the embedding and
@@ -127,7 +132,7 @@ def save_teacher_parts(model, tokenizer, config, writer: CacheWriter) -> None:
     config.save_pretrained(tdir)
     tokenizer.save_pretrained(tdir)
     embed, head = model.get_input_embeddings(), model.get_output_embeddings()
-    tied = head.weight.data_ptr() == embed.weight.data_ptr()
+    tied = tied_head(model)
 
     def part(t: torch.Tensor) -> torch.Tensor:  # clone(): safetensors refuses views of shared storage
         return t.detach().to("cpu", dtype).clone()

@@ -5,24 +5,19 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-import torch
-
 from tcache import outdir
 from tcache.errors import TcacheError
 from tcache.teachercache.config import BuildConfig
-from tcache.teachercache.setup import TeacherSetup
+from tcache.teachercache.setup import TeacherSetup, full_weights_bytes, tied_head, weights_dtype
 from tcache.units import fmt_bytes
 
 
 def teacher_files_bytes(ts: TeacherSetup) -> int:
     """teacher/: the full weights in their checkpoint dtype (the hybrid recipe copies the whole teacher), and
     embeddings.safetensors in the same dtype: the embedding (V, D), the head (V, D) unless tied, the norm (D,)."""
-    from tcache.teachercache.setup import full_weights_bytes, weights_dtype
-
-    size = torch.empty((), dtype=weights_dtype(ts.model, ts.config)).element_size()
-    m = ts.model
-    matrices = 1 if m.get_output_embeddings().weight.data_ptr() == m.get_input_embeddings().weight.data_ptr() else 2
-    return full_weights_bytes(m, ts.config) + (matrices * ts.vocab_size + 1) * ts.hidden_size * size
+    matrices = 1 if tied_head(ts.model) else 2
+    size = weights_dtype(ts.model, ts.config).itemsize
+    return full_weights_bytes(ts.model, ts.config) + (matrices * ts.vocab_size + 1) * ts.hidden_size * size
 
 
 def bytes_needed(cfg: BuildConfig, ts: TeacherSetup, rows: int) -> int:
