@@ -114,6 +114,7 @@ class HybridMixer(nn.Module):
             self.fgate.bias.copy_(torch.linspace(*cfg.fgate_bias, num_heads))
         self.mode = "hybrid"
         self.mlstm_fn = None  # set by HybridStudent.set_kernel
+        self.cache = None  # a decode.MixerState while generating
         self.last_mse: torch.Tensor | None = None
 
     def new_parameters(self) -> list[nn.Parameter]:
@@ -125,9 +126,11 @@ class HybridMixer(nn.Module):
 
         x = hidden_states  # (B, T, D)
         B, T, _ = x.shape
-        q = self.q_proj(x).view(B, T, self.H, self.head_dim).transpose(1, 2)  # (B, H, T, d)
-        k = self.k_proj(x).view(B, T, self.Hkv, self.head_dim).transpose(1, 2)  # (B, Hkv, T, d)
-        v = self.v_proj(x).view(B, T, self.Hkv, self.head_dim).transpose(1, 2)  # (B, Hkv, T, d)
+        if self.cache is not None:  # generation: tcache.student.decode keeps this layer's bounded state
+            from tcache.student.decode import mixer_forward
+
+            return self.o_proj(mixer_forward(self, x, position_embeddings).transpose(1, 2).reshape(B, T, -1)), None
+        q, k, v = self.qkv(x)  # (B, H, T, d), (B, Hkv, T, d) x2
         cos, sin = position_embeddings  # (B, T, d) x2
         q_sink = self.sink_queries(q, k, cos, sin, apply_rotary_pos_emb)  # (B, H, T, d) or None
         q0, k0 = q, k  # unrotated
@@ -145,6 +148,14 @@ class HybridMixer(nn.Module):
                 self.last_mse = F.mse_loss(h.float(), full.float())
                 h = full  # teacher forcing: the next layer sees the teacher's own input
         return self.o_proj(h.transpose(1, 2).reshape(B, T, -1)), None
+
+    def qkv(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The teacher's projections of x (B, T, D), before RoPE: q (B, H, T, d), k and v (B, Hkv, T, d)."""
+        B, T, _ = x.shape
+        q = self.q_proj(x).view(B, T, self.H, self.head_dim).transpose(1, 2)  # (B, H, T, d)
+        k = self.k_proj(x).view(B, T, self.Hkv, self.head_dim).transpose(1, 2)  # (B, Hkv, T, d)
+        v = self.v_proj(x).view(B, T, self.Hkv, self.head_dim).transpose(1, 2)  # (B, Hkv, T, d)
+        return q, k, v
 
     def sink_queries(self, q, k, cos, sin, rope) -> torch.Tensor | None:
         """Queries rotated for the sink keys as StreamingLLM places them (Xiao et al., 2023: positions within
@@ -178,9 +189,10 @@ class HybridMixer(nn.Module):
 
     def mix(self, x: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
             q_sink: torch.Tensor | None = None, qm: torch.Tensor | None = None,
-            km: torch.Tensor | None = None) -> torch.Tensor:
+            km: torch.Tensor | None = None, states: list | None = None) -> torch.Tensor:
         """The hybrid head outputs before W_o: (B, H, T, d) from x (B, T, D), q, k, v (B, H, T, d) for the window,
-        and the mLSTM's and output gate's q, k (default: the window's)."""
+        and the mLSTM's and output gate's q, k (default: the window's). `states`: a list that receives the
+        mLSTM's state after the last position (generation's prefill)."""
         qm = q if qm is None else qm
         km = k if km is None else km
         if self.branches != "mlstm":
@@ -190,12 +202,20 @@ class HybridMixer(nn.Module):
         qf, kf = hedgehog(qm, self.phi_q), hedgehog(km, self.phi_k)  # (B, H, T, 2d) x2
         i = self.igate(x).float().transpose(1, 2)  # (B, H, T)
         f = self.fgate(x).float().transpose(1, 2)  # (B, H, T)
-        m = self.mlstm_fn(qf, kf, v.float(), i.unsqueeze(-1), f.unsqueeze(-1))  # (B, H, T, d)
+        if states is None:
+            m = self.mlstm_fn(qf, kf, v.float(), i.unsqueeze(-1), f.unsqueeze(-1))  # (B, H, T, d)
+        else:
+            m, state = self.mlstm_fn(qf, kf, v.float(), i.unsqueeze(-1), f.unsqueeze(-1), return_last_states=True)
+            states.append(state)
         if self.branches == "mlstm":
             return m.to(q.dtype)
+        return self.gate_mix(qm, km, v, m, swa)
+
+    def gate_mix(self, qm, km, v, m, swa) -> torch.Tensor:
+        """o * mlstm + (1 - o) * window with the output gate o = sigmoid(w_o [q, k, v]) per head: (B, H, T, d)."""
         o = torch.sigmoid(torch.einsum("bhtc,hc->bht", torch.cat([qm, km, v], -1).float(), self.ogate_w.float())
                           + self.ogate_b.float()[None, :, None]).unsqueeze(-1)  # (B, H, T, 1)
-        return (o * m + (1 - o) * swa.float()).to(q.dtype)
+        return (o * m + (1 - o) * swa.float()).to(qm.dtype)
 
 
 def convert(lm: nn.Module, cfg: HybridConfig) -> list[HybridMixer]:

@@ -33,6 +33,8 @@ SLSTM_BACKENDS = ("auto", "vanilla", "cuda")
 PARALLEL_MAX_CONTEXT = 1024
 MIN_CHUNK = 16
 """Smallest chunk the chunkwise adapter runs (Triton's smallest matmul tile); shorter ones pad instead."""
+CLOSED_GATE = 1e4
+"""Gate pre-activation of padded positions: input gate -1e4 (exp: 0), forget gate +1e4 (sigmoid: 1), a no-op."""
 
 
 @dataclass
@@ -171,26 +173,31 @@ def _mlstm_kernel_fn(name: str, chunk_size: int = 64, eps: float = 1e-6):
 
     kernel = get_mlstm_kernel(name)
 
-    def fn(queries, keys, values, igate_preact, fgate_preact, **_):
-        # (B, NH, S, DH) x3, (B, NH, S, 1) x2 -> (B, NH, S, DH)
+    def fn(queries, keys, values, igate_preact, fgate_preact, return_last_states: bool = False, **_):
+        # (B, NH, S, DH) x3, (B, NH, S, 1) x2 -> (B, NH, S, DH) [, the state after the last position]
         S = queries.shape[2]
         i, f = igate_preact.squeeze(-1), fgate_preact.squeeze(-1)  # (B, NH, S) x2
         cs = chunk_size if S % chunk_size == 0 else math.gcd(S, chunk_size)
         pad = 0
         if cs < MIN_CHUNK:
             # An eval length like 131 would give chunks of 1 token (a Python loop over S chunks in the native
-            # kernel; below Triton's smallest tile). Zero-padding the end instead is exact: the mLSTM is
-            # causal, so positions < S never see the padding, and the padded outputs are cut off.
+            # kernel; below Triton's smallest tile). Padding the end instead is exact: the mLSTM is causal, so
+            # positions < S never see the padding, and the padded outputs are cut off. The padded gates are a
+            # closed input gate and an open forget gate, so the state after the padding (a generation's prefill
+            # state) is the state after position S - 1.
             pad = -S % MIN_CHUNK
             cs = math.gcd(S + pad, chunk_size)
-            queries, keys, values, i, f = (F.pad(t, (0, 0, 0, pad)) if t.dim() == 4 else F.pad(t, (0, pad))
-                                           for t in (queries, keys, values, i, f))  # (B, NH, S + pad, ...)
+            queries, keys, values = (F.pad(t, (0, 0, 0, pad)) for t in (queries, keys, values))  # (B, NH, S + pad, DH)
+            i, f = F.pad(i, (0, pad), value=-CLOSED_GATE), F.pad(f, (0, pad), value=CLOSED_GATE)  # (B, NH, S + pad)
         # The kernel's own compute dtype stays fp32: its bf16 and fp16 builds crashed Triton's compiler on
         # the H100 here (LLVM SLPVectorizer assertion, triton 3.x); fp32 is the path validated against the
         # parallel form (benchmarks/gpu_probe.py).
         dtype = torch.float32
-        h = kernel(q=queries, k=keys, v=values, i=i, f=f, chunk_size=cs, autocast_kernel_dtype=dtype, eps=eps)
-        return h[:, :, :S] if pad else h  # (B, NH, S, DH)
+        out = kernel(q=queries, k=keys, v=values, i=i, f=f, chunk_size=cs, autocast_kernel_dtype=dtype, eps=eps,
+                     return_last_states=return_last_states)
+        h, state = out if return_last_states else (out, None)
+        h = h[:, :, :S] if pad else h  # (B, NH, S, DH)
+        return (h, state) if return_last_states else h  # state: C (B, NH, DH, DH), n (B, NH, DH), m (B, NH, 1)
 
     return fn
 
@@ -229,9 +236,7 @@ class Student(nn.Module):
         self.blocks.reset_parameters()
         self.mask_length = stack_cfg.context_length  # longest input the parallel kernel's masks cover now
         if mlstm_kernel != "parallel":
-            fn = _mlstm_kernel_fn(mlstm_kernel)
-            for cell in self._mlstm_cells():
-                cell.backend_fn = fn
+            self.use_kernel(mlstm_kernel)
         self.norm = nn.RMSNorm(D, eps=cfg.norm_eps)
         self.head = nn.Linear(D, cfg.vocab_size, bias=cfg.head_bias)
         self.embed.requires_grad_(False)
@@ -292,6 +297,18 @@ class Student(nn.Module):
             cell.causal_mask = torch.tril(torch.ones(length, length, dtype=torch.bool,
                                                      device=cell.causal_mask.device))  # (S, S)
         self.mask_length = length
+
+    def use_kernel(self, name: str) -> None:
+        """Run the mLSTM cells with another kernel (the same function: tests/test_student.py); the exported model
+        switches to a chunkwise kernel for long inputs and on CUDA, as `resolve_kernels` would pick at load."""
+        from xlstm.blocks.mlstm.backends import parallel_stabilized_simple
+
+        fn = parallel_stabilized_simple if name == "parallel" else _mlstm_kernel_fn(name)
+        for cell in self._mlstm_cells():
+            cell.backend_fn = fn
+        self.kernels["mlstm"] = name
+        if name == "parallel" and self.mask_length == 0:
+            self.set_context_length(self.cfg.context_length)
 
     def set_stage(self, train: str, mode: str) -> None:
         """One stage only: the teacher's embedding and head stay frozen, the blocks and norm train."""

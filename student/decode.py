@@ -1,0 +1,244 @@
+"""Recurrent generation for a student: `prefill` runs a prompt through the parallel (chunkwise) kernels once and
+keeps each layer's state; `step` then consumes one token per call from that state. The state is bounded, whatever
+the prefix length:
+
+    xLSTM (v1, v2)  per block: mLSTM (C, n, m) or sLSTM state, and the causal conv's last inputs
+    hybrid          per layer: mLSTM (C, n, m), the window's last W keys / values and the S sinks' keys / values
+
+The xLSTM steps are xlstm's own (`xLSTMBlock.step`); prefill only captures the state its parallel forward passes
+through (the conv's input, the kernel's last state), so a prompt costs one parallel forward, not T steps. The hybrid
+step uses mlstm_kernels' recurrent step and the window/sink attention over the kept keys.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+
+from tcache.errors import TcacheError
+
+
+@dataclass
+class MixerState:
+    """One hybrid layer's generation state (kv tensors keep the teacher's Hkv heads, RoPE applied)."""
+
+    sink_k: torch.Tensor | None = None  # (B, Hkv, <=S, d)
+    sink_v: torch.Tensor | None = None  # (B, Hkv, <=S, d)
+    win_k: torch.Tensor | None = None  # (B, Hkv, <=W, d)
+    win_v: torch.Tensor | None = None  # (B, Hkv, <=W, d)
+    mlstm: tuple | None = None  # C (B, H, 2d, d), n (B, H, 2d), m (B, H, 1)
+    pos: int = 0  # tokens consumed
+    sink_rope: tuple | None = None  # cos, sin (B, 1, d) at min(pos, S + W - 1), set per step by the driver
+
+
+@dataclass
+class DecodeState:
+    """A student's whole generation state: one entry per block / converted layer, and the tokens consumed."""
+
+    layers: list = field(default_factory=list)
+    pos: int = 0
+
+    def nbytes(self) -> int:
+        """Bytes held: constant in the prefix length once it exceeds the window (measured by benchmarks/speed.py)."""
+        seen = []
+
+        def walk(x):
+            if isinstance(x, torch.Tensor):
+                seen.append(x.numel() * x.element_size())
+            elif isinstance(x, (list, tuple)):
+                for y in x:
+                    walk(y)
+            elif isinstance(x, dict):
+                for y in x.values():
+                    walk(y)
+            elif isinstance(x, MixerState):
+                walk([x.sink_k, x.sink_v, x.win_k, x.win_v, x.mlstm])
+
+        walk(self.layers)
+        return sum(seen)
+
+
+@torch.no_grad()
+def prefill(model, ids: torch.Tensor) -> tuple[torch.Tensor, DecodeState]:
+    """Logits (B, T, V) of the prompt and the state after its last token."""
+    if model.family == "hybrid":
+        state = DecodeState(layers=[MixerState() for _ in model.mixers])
+        return _hybrid_run(model, ids, state), state
+    return _xlstm_prefill(model, ids)
+
+
+@torch.no_grad()
+def step(model, ids: torch.Tensor, state: DecodeState) -> torch.Tensor:
+    """Logits (B, T, V) of the next tokens ids (B, T) given the state (updated in place); T > 1 steps T times."""
+    if state.pos == 0:
+        raise ValueError("step() needs a prefilled state; call prefill() first")
+    if ids.shape[1] > 1:
+        return torch.cat([step(model, ids[:, t:t + 1], state) for t in range(ids.shape[1])], 1)
+    if model.family == "hybrid":
+        return _hybrid_run(model, ids, state)
+    x = model.embed(ids)  # (B, 1, D)
+    for blk, st in zip(model.blocks.blocks, state.layers):
+        x, new = blk.step(x, **st)  # xlstm's recurrent step: (B, 1, D)
+        st.update(new)
+    state.pos += 1
+    return model.head(model.norm(x))  # (B, 1, V)
+
+
+# --- xLSTM students --------------------------------------------------------------------------------------------
+
+
+def _xlstm_prefill(model, ids: torch.Tensor) -> tuple[torch.Tensor, DecodeState]:
+    from tcache.student.hybrid import resolve_mlstm_kernel
+    from tcache.student.model import _mlstm_kernel_fn
+
+    kernel = _mlstm_kernel_fn(resolve_mlstm_kernel("auto", ids.device))
+    layers = [blk.xlstm for blk in model.blocks.blocks]
+    states: list[dict] = [{} for _ in layers]
+    hooks, swapped = [], []
+    for st, layer in zip(states, layers):
+        if layer.conv1d.config.kernel_size > 0:
+            hooks.append(layer.conv1d.register_forward_hook(_keep_conv_input(st)))
+        cell = getattr(layer, "mlstm_cell", None)
+        if cell is not None:
+            swapped.append((cell, cell.backend_fn))
+            cell.backend_fn = _keep_mlstm_state(st, kernel)
+        else:
+            hooks.append(layer.slstm_cell.register_forward_hook(_keep_slstm_state(st)))
+    try:
+        logits, _ = model(ids)  # (B, T, V): the ordinary forward, its states captured on the way
+    finally:
+        for h in hooks:
+            h.remove()
+        for cell, fn in swapped:
+            cell.backend_fn = fn
+    return logits, DecodeState(layers=states, pos=ids.shape[1])
+
+
+def _keep_conv_input(st: dict):
+    def hook(module, args, out):
+        x, ks = args[0], module.config.kernel_size  # (B, T, F)
+        last = x[:, -ks:]  # (B, <=ks, F)
+        # xlstm's conv step keeps the last ks inputs (rolled, the oldest dropped as the new one comes in)
+        st["conv_state"] = (F.pad(last, (0, 0, ks - last.shape[1], 0)).contiguous(),)  # (B, ks, F)
+    return hook
+
+
+def _keep_mlstm_state(st: dict, kernel):
+    def fn(queries, keys, values, igate_preact, fgate_preact, **_):
+        h, (c, n, m) = kernel(queries, keys, values, igate_preact, fgate_preact, return_last_states=True)
+        # mlstm_kernels scales q by DH^-1/2, xlstm's recurrent step scales k: C and n differ by that factor
+        scale = queries.shape[-1] ** -0.5
+        st["mlstm_state"] = ((c * scale).to(queries.dtype), (n * scale).unsqueeze(-1).to(queries.dtype),
+                             m.unsqueeze(-1).to(queries.dtype))  # (B, NH, DH, DH), (B, NH, DH, 1), (B, NH, 1, 1)
+        return h.to(queries.dtype)  # (B, NH, S, DH)
+    return fn
+
+
+def _keep_slstm_state(st: dict):
+    def hook(module, args, out):
+        st["slstm_state"] = out[1]  # the cell's final state, as its step continues from
+    return hook
+
+
+# --- hybrid students -------------------------------------------------------------------------------------------
+
+
+def _hybrid_run(model, ids: torch.Tensor, state: DecodeState) -> torch.Tensor:
+    """The converted teacher's own forward (transformers' layers, norms, MLPs) with each mixer reading and
+    writing its MixerState; RoPE positions continue from the state."""
+    if model.cfg.full_attention_layers:
+        raise TcacheError("generation with a recurrent state is not built for --full-attention-layers (their KV "
+                          "cache grows with the prefix); generate with use_cache=False")
+    lm, B, T = model.lm, ids.shape[0], ids.shape[1]
+    pos = torch.arange(state.pos, state.pos + T, device=ids.device)[None].expand(B, -1)  # (B, T)
+    last = model.cfg.sinks + model.cfg.window - 1
+    sink_pos = torch.full((B, 1), min(state.pos, last), device=ids.device)
+    probe = lm.get_input_embeddings().weight[:1]
+    sink_rope = lm.model.rotary_emb(probe, sink_pos)  # cos, sin (B, 1, d)
+    for mx, st in zip(model.mixers, state.layers):
+        st.sink_rope, mx.cache = sink_rope, st
+    try:
+        out = lm.model(input_ids=ids, position_ids=pos, use_cache=False)
+    finally:
+        for mx in model.mixers:
+            mx.cache = None
+    state.pos += T
+    for st in state.layers:
+        st.pos = state.pos
+    return model.head(out.last_hidden_state)  # (B, T, V)
+
+
+def mixer_forward(mx, x: torch.Tensor, position_embeddings) -> torch.Tensor:
+    """A HybridMixer's head outputs (B, H, T, d) in generation: a prompt (state empty) runs the parallel form and
+    keeps the state; one token (T = 1) steps from it."""
+    from transformers.models.llama.modeling_llama import apply_rotary_pos_emb as rope
+
+    st: MixerState = mx.cache
+    cos, sin = position_embeddings  # (B, T, d) x2
+    q, k, v = mx.qkv(x)  # (B, H, T, d), (B, Hkv, T, d) x2
+    q0, k0 = q, k
+    q, k = rope(q, k, cos, sin)
+    rep = mx.H // mx.Hkv
+    if st.pos == 0:  # prefill
+        states: list = []
+        qm, km = (q, k.repeat_interleave(rep, 1)) if mx.mlstm_rope else (q0, k0.repeat_interleave(rep, 1))
+        h = mx.mix(x, q, k.repeat_interleave(rep, 1), v.repeat_interleave(rep, 1),
+                   mx.sink_queries(q0, k0, cos, sin, rope), qm, km, states=states if mx.branches != "window" else None)
+        st.mlstm = states[0] if states else None
+        st.sink_k, st.sink_v = k[:, :, :mx.sinks], v[:, :, :mx.sinks]
+        st.win_k, st.win_v = k[:, :, -mx.window:], v[:, :, -mx.window:]
+        return h
+    if x.shape[1] != 1:
+        raise ValueError("a prefilled mixer steps one token at a time")
+    pos = st.pos  # this token's position
+    if pos < mx.sinks:
+        st.sink_k, st.sink_v = torch.cat([st.sink_k, k], 2), torch.cat([st.sink_v, v], 2)
+    st.win_k = torch.cat([st.win_k, k], 2)[:, :, -mx.window:]  # (B, Hkv, <=W, d)
+    st.win_v = torch.cat([st.win_v, v], 2)[:, :, -mx.window:]
+    vr = v.repeat_interleave(rep, 1)  # (B, H, 1, d)
+    qm, km = (q, k.repeat_interleave(rep, 1)) if mx.mlstm_rope else (q0, k0.repeat_interleave(rep, 1))
+    swa = _window_step(mx, q, q0, st, pos, rep) if mx.branches != "mlstm" else None  # (B, H, 1, d)
+    if mx.branches == "window":
+        return swa
+    m = _mlstm_step(mx, x, qm, km, vr, st)  # (B, H, 1, d)
+    if mx.branches == "mlstm":
+        return m.to(q.dtype)
+    return mx.gate_mix(qm, km, vr, m, swa)
+
+
+def _window_step(mx, q, q0, st: MixerState, pos: int, rep: int) -> torch.Tensor:
+    """Softmax attention of one query over the window's keys and the sinks outside it (the parallel form's
+    window_attention, restricted to the last row): (B, H, 1, d)."""
+    from transformers.models.llama.modeling_llama import rotate_half
+
+    # hand-written rather than SDPA: the sink entries use the query rotated to its cache position (sink_queries)
+    # and the window entries the query at its own, which one SDPA call over one query cannot express
+    kw, vw = st.win_k.repeat_interleave(rep, 1), st.win_v.repeat_interleave(rep, 1)  # (B, H, <=W, d) x2
+    scores = [torch.einsum("bhqd,bhkd->bhqk", q.float(), kw.float()) * mx.scaling]  # (B, H, 1, <=W)
+    values = [vw]
+    far = [s for s in range(st.sink_k.shape[2]) if pos - s >= mx.window]  # sinks that left the window
+    if far:
+        cos, sin = st.sink_rope  # (B, 1, d)
+        q_sink = q0 * cos[:, None] + rotate_half(q0) * sin[:, None]  # (B, H, 1, d)
+        ks = st.sink_k[:, :, far].repeat_interleave(rep, 1)  # (B, H, n, d)
+        scores.insert(0, torch.einsum("bhqd,bhkd->bhqk", q_sink.float(), ks.float()) * mx.scaling)
+        values.insert(0, st.sink_v[:, :, far].repeat_interleave(rep, 1))
+    p = torch.softmax(torch.cat(scores, -1), -1)  # (B, H, 1, n + <=W)
+    return torch.einsum("bhqk,bhkd->bhqd", p, torch.cat(values, 2).float()).to(q.dtype)  # (B, H, 1, d)
+
+
+def _mlstm_step(mx, x, qm, km, v, st: MixerState) -> torch.Tensor:
+    """One mLSTM step with mlstm_kernels' recurrent kernel (the chunkwise kernel's own equations): (B, H, 1, d)."""
+    from mlstm_kernels.torch.recurrent.native_step import mlstm_recurrent_step__native
+
+    from tcache.student.hybrid import hedgehog
+
+    qf, kf = hedgehog(qm, mx.phi_q)[:, :, 0], hedgehog(km, mx.phi_k)[:, :, 0]  # (B, H, 2d) x2
+    i = mx.igate(x).float()[:, 0, :, None]  # (B, H, 1)
+    f = mx.fgate(x).float()[:, 0, :, None]  # (B, H, 1)
+    c, n, m = st.mlstm
+    # eps as the chunkwise kernel of HybridStudent.set_kernel (1e-12)
+    h, st.mlstm = mlstm_recurrent_step__native(qf, kf, v[:, :, 0].float(), i, f, c, n, m, eps=1e-12)
+    return h[:, :, None]  # (B, H, 1, d)
