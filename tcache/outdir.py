@@ -24,14 +24,22 @@ STUDENT = "student.json"
 STAGING_SUFFIX = ".tcache-new"
 
 # Every entry tcache writes, by kind of output (file names and the teacher/ or checkpoints/ folders).
-_CACHE = re.compile(r"(manifest\.json|build-state\.json|shard-\d{5}\.h5)(\.partial)?|teacher")
-_RUN = re.compile(r"(student\.json|model\.safetensors|metrics\.jsonl|distill_config\.json|config\.json)(\.partial)?"
+_CACHE = re.compile(r"(manifest\.json|build-state\.json|config\.yaml|shard-\d{5}\.h5)(\.partial)?|teacher")
+_RUN = re.compile(r"(student\.json|model\.safetensors|metrics\.jsonl|distill_config\.json|config\.(json|yaml))"
+                  r"(\.partial)?"
                   r"|checkpoints|tokenizer[\w.-]*|special_tokens_map\.json|vocab\.json|merges\.txt"
                   r"|added_tokens\.json|chat_template\.\w+")
+EXPORT_MARKER = "modeling_tcache.py"
+_EXPORT = re.compile(r"(config\.json|generation_config\.json|model(-\d{5}-of-\d{5})?\.safetensors"
+                     r"|model\.safetensors\.index\.json|modeling_tcache\.py)(\.partial)?"
+                     r"|tokenizer[\w.-]*|special_tokens_map\.json|vocab\.json|merges\.txt|added_tokens\.json"
+                     r"|chat_template\.\w+")
+_PATTERNS = {"run": _RUN, "export": _EXPORT, "cache": _CACHE, "build": _CACHE}
 
 
 def kind(path: Path) -> str:
-    """missing, file, empty, cache (manifest.json), build (resumable state, no manifest), run, or other."""
+    """missing, file, empty, cache (manifest.json), build (resumable state, no manifest), run, export (a HF model
+    directory from `tcache export`) or other."""
     if not path.exists():
         return "missing"
     if not path.is_dir():
@@ -45,12 +53,14 @@ def kind(path: Path) -> str:
         return "build"
     if STUDENT in names or "checkpoints" in names or "metrics.jsonl" in names:
         return "run"
+    if EXPORT_MARKER in names:
+        return "export"
     return "other"
 
 
 def foreign_entries(path: Path, what: str) -> list[str]:
     """Entries of `path` that tcache does not write for an output of kind `what` (cache/build or run)."""
-    pattern = _RUN if what == "run" else _CACHE
+    pattern = _PATTERNS[what]
     return sorted(p.name for p in path.iterdir() if not pattern.fullmatch(p.name))
 
 
@@ -98,7 +108,7 @@ def remove_ours(path: Path, what: str) -> None:
     The manifest / student file goes first, so a removal cut short never leaves a valid-looking output."""
     if not path.is_dir():
         return
-    pattern = _RUN if what == "run" else _CACHE
+    pattern = _PATTERNS[what]
     for first in (MANIFEST, STUDENT, BUILD_STATE):
         (path / first).unlink(missing_ok=True)
     for p in path.iterdir():
