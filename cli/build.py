@@ -10,7 +10,7 @@ from rich.text import Text
 from tcache.cli.format import human_bytes, human_count
 from tcache.cli.interrupts import stops_cleanly
 from tcache.cli.errors import friendly_errors
-from tcache.cli.options import config_from, config_options
+from tcache.cli.options import config_file_option, config_from, config_options
 from tcache.teachercache.config import BuildConfig
 
 
@@ -35,9 +35,9 @@ BUILD_ONLY = ("overwrite", "resume")
 
 
 def build_options(fn, skip: tuple[str, ...] = ()):
-    """The options `build` and `plan` share (BuildConfig's fields), so a plan is made for exactly the build it
-    describes."""
-    return config_options(BuildConfig, skip=skip)(fn)
+    """The options `build` and `plan` share (BuildConfig's fields, and --config to read them from a file), so a
+    plan is made for exactly the build it describes."""
+    return config_file_option(BuildConfig)(config_options(BuildConfig, skip=skip)(fn))
 
 
 def build_config(**options) -> BuildConfig:

@@ -11,13 +11,14 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from tcache.cli.format import human_count
 from tcache.cli.interrupts import stops_cleanly
 from tcache.cli.errors import friendly_errors
-from tcache.cli.options import config_from, config_options
+from tcache.cli.options import config_file_option, config_from, config_options
 from tcache.student.config import DistillConfig
 
 LOG_EVERY_S = 10.0  # seconds between loss lines above the bar
 
 
 @click.command()
+@config_file_option(DistillConfig)
 @config_options(DistillConfig)
 @friendly_errors
 @stops_cleanly

@@ -1,5 +1,6 @@
 """Click options generated from a config dataclass (tcache.fields): the CLI writes no default, choice or help
-of its own, so `tcache X --help`, the config and the docs cannot drift apart."""
+of its own, so `tcache X --help`, the config and the docs cannot drift apart; and `--config FILE`, which reads
+any of them from a YAML file (tcache.configfile)."""
 
 from __future__ import annotations
 
@@ -10,9 +11,24 @@ from typing import Any
 
 import click
 
+from tcache import configfile
+from tcache.errors import TcacheError
 from tcache.fields import field_docs, flag_of
 
 _CLICK_TYPES = {int: int, float: float, str: str}
+
+
+class _Text(click.ParamType):
+    """Text that the config parses (512M, 0.8:0.5, 0,2). A config file may give the same value as a YAML list
+    or a schedule's dataclass (tcache.configfile), which pass through unchanged."""
+
+    name = "text"
+
+    def convert(self, value, param, ctx):
+        return value if isinstance(value, (list, tuple)) or dataclasses.is_dataclass(value) else str(value)
+
+
+_TEXT = _Text()
 
 
 def _base_type(hint: Any) -> Any:
@@ -55,7 +71,7 @@ def config_options(cls: type, *, skip: tuple[str, ...] = (), required: tuple[str
             if meta.get("choices"):
                 kw["type"] = click.Choice(list(meta["choices"]))
             else:
-                kw["type"] = str if meta.get("text") else _CLICK_TYPES[base]
+                kw["type"] = _TEXT if meta.get("text") else _CLICK_TYPES[base]
             if meta.get("metavar"):
                 kw["metavar"] = meta["metavar"]
             if has_default:
@@ -86,3 +102,40 @@ def config_from(cls: type, options: dict[str, Any], **overrides: Any):
             values[f.name] = options.pop(f.name)
     values.update(overrides)
     return cls(**values)
+
+
+def config_file_option(cls: type):
+    """A decorator adding `--config FILE`: a YAML file of `cls`'s options. Its values become click's default_map,
+    so precedence is click's own: an option given on the command line (or by its environment variable) wins,
+    then the file, then the field's default; a required option or argument may come from the file alone."""
+
+    def load(ctx: click.Context, param: click.Parameter, value: str | None) -> None:
+        if value is None:
+            return
+        try:
+            values = configfile.options_from(cls, configfile.read(value), value, ctx.command_path)
+        except TcacheError as e:
+            raise click.ClickException(str(e)) from None
+        params = {p.name: p for p in ctx.command.params}
+        defaults = dict(ctx.default_map or {})
+        for name, v in values.items():
+            # null means the default; a field this command does not take (a plan's --overwrite) is not used
+            if v is not None and name in params:
+                defaults[name] = _for_click(params[name], v)
+        ctx.default_map = defaults
+
+    return click.option("--config", "config_file", type=click.Path(dir_okay=False), is_eager=True,
+                        expose_value=False, callback=load,
+                        help="YAML file of options (keys: the options' field names, e.g. seq_len); options on the "
+                             "command line override it. Every output saves its resolved options as config.yaml.")
+
+
+def _for_click(param: click.Parameter, value: Any) -> Any:
+    """A YAML scalar as click's type expects it: YAML 1.1 reads `off` / `on` as booleans and `1` as a number,
+    where the option takes the choice 'off' or '1'."""
+    if isinstance(param.type, click.Choice):
+        if isinstance(value, bool):
+            return "on" if value else "off"
+        if isinstance(value, (int, float)):
+            return str(value)
+    return value

@@ -81,7 +81,8 @@ def test_options_come_from_the_config_fields():
                 expected.update({g.name: (g, DataSpec) for g in dataclasses.fields(DataSpec)})
             else:
                 expected[f.name] = (f, cls)
-        assert set(params) - set(expected) <= {"as_json"}, (name, set(params) - set(expected))
+        # beyond the fields: --json (presentation) and --config (the same fields, read from a file)
+        assert set(params) - set(expected) <= {"as_json", "config_file"}, (name, set(params) - set(expected))
         if name == "plan":  # a plan builds nothing: no --overwrite / --resume, and --out is optional
             assert not {"overwrite", "resume"} & set(params)
             assert not params["out"].required and params["out"].default == "cache"
