@@ -12,7 +12,7 @@ from typing import Callable
 import torch
 
 import tcache
-from tcache import outdir
+from tcache import configfile, outdir
 from tcache.device import resolve_device
 from tcache.errors import Interrupted, TcacheError
 from tcache.signals import stop_on_signals
@@ -201,6 +201,7 @@ def _fit_and_save(tr: Trainer, work: Path, hasher: ShardHasher, stop, on_start, 
     if ckpt is not None:
         truncate_metrics(work / METRICS_FILE, state.step)
     (work / CONFIG_FILE).write_text(json.dumps(cfg.to_dict(), indent=2))
+    configfile.write(cfg, work / configfile.CONFIG_FILE, "distill")  # `--config RUN/config.yaml` repeats the run
     if on_start:
         on_start(plan.info)
 

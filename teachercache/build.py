@@ -17,7 +17,7 @@ import torch
 
 import tcache
 from tcache.text import TokenizerPool, iter_texts, pack_rows
-from tcache import outdir
+from tcache import configfile, outdir
 from tcache.errors import Interrupted, TcacheError
 from tcache.hf import num_layers, text_config, tokenizer_sha256
 from tcache.signals import StopRequest, stop_on_signals
@@ -64,6 +64,10 @@ def _build(cfg: BuildConfig, work: Path, ts: TeacherSetup, pool: TokenizerPool |
     start = rows_done // batch_size * batch_size
     rows = packed_rows(cfg, ts.tokenizer, pool, start, cfg.rows)
     manifest = cache_manifest(cfg, ts)
+    # The options, resolved, so `--config CACHE/config.yaml` repeats this build; before the shards, as the
+    # manifest that marks a complete cache is written last.
+    work.mkdir(parents=True, exist_ok=True)
+    configfile.write(cfg, work / configfile.CONFIG_FILE, "build")
     # 2. fit: rows are tokenised ahead in a thread, the teacher runs, shards are written behind it
     writer = CacheWriter(work, manifest, state or BuildState(identity, batch_size))
     try:
