@@ -115,7 +115,7 @@ def options_from(cls: type, raw: Mapping, source: str, command: str) -> dict[str
                 put(*keys.leaves[k], shown, value)
             elif k in keys.nested:
                 raise TcacheError(f"{source}: {shown!r} takes a mapping of its fields "
-                                  f"({', '.join(_Keys(keys.nested[k]).shown.values())}); see {command} --help")
+                                  f"({', '.join(dict.fromkeys(_Keys(keys.nested[k]).shown.values()))}); see {command} --help")
             else:
                 close = difflib.get_close_matches(k, list(keys.shown), n=1, cutoff=0.6)
                 hint = f"did you mean {keys.shown[close[0]]!r}?" if close else "remove it"
