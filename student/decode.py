@@ -41,12 +41,14 @@ class DecodeState:
     pos: int = 0
 
     def nbytes(self) -> int:
-        """Bytes held: constant in the prefix length once it exceeds the window (measured by benchmarks/speed.py)."""
-        seen = []
+        """Bytes of the storage the state keeps alive (a view counts its whole base): constant in the prefix length
+        once it exceeds the window (tests/test_export.py, benchmarks/speed.py)."""
+        seen = {}
 
         def walk(x):
             if isinstance(x, torch.Tensor):
-                seen.append(x.numel() * x.element_size())
+                st = x.untyped_storage()
+                seen[st.data_ptr()] = st.nbytes()
             elif isinstance(x, (list, tuple)):
                 for y in x:
                     walk(y)
@@ -57,16 +59,17 @@ class DecodeState:
                 walk([x.sink_k, x.sink_v, x.win_k, x.win_v, x.mlstm])
 
         walk(self.layers)
-        return sum(seen)
+        return sum(seen.values())
 
 
 @torch.no_grad()
-def prefill(model, ids: torch.Tensor) -> tuple[torch.Tensor, DecodeState]:
-    """Logits (B, T, V) of the prompt and the state after its last token."""
+def prefill(model, ids: torch.Tensor, keep: int = 0) -> tuple[torch.Tensor, DecodeState]:
+    """Logits (B, T, V) of the prompt (of its last `keep` positions if keep > 0: a long prompt's full logits
+    would dwarf the state) and the state after its last token."""
     if model.family == "hybrid":
         state = DecodeState(layers=[MixerState() for _ in model.mixers])
-        return _hybrid_run(model, ids, state), state
-    return _xlstm_prefill(model, ids)
+        return _hybrid_run(model, ids, state, keep), state
+    return _xlstm_prefill(model, ids, keep)
 
 
 @torch.no_grad()
@@ -89,7 +92,7 @@ def step(model, ids: torch.Tensor, state: DecodeState) -> torch.Tensor:
 # --- xLSTM students --------------------------------------------------------------------------------------------
 
 
-def _xlstm_prefill(model, ids: torch.Tensor) -> tuple[torch.Tensor, DecodeState]:
+def _xlstm_prefill(model, ids: torch.Tensor, keep: int = 0) -> tuple[torch.Tensor, DecodeState]:
     from tcache.student.hybrid import resolve_mlstm_kernel
     from tcache.student.model import _mlstm_kernel_fn
 
@@ -107,13 +110,13 @@ def _xlstm_prefill(model, ids: torch.Tensor) -> tuple[torch.Tensor, DecodeState]
         else:
             hooks.append(layer.slstm_cell.register_forward_hook(_keep_slstm_state(st)))
     try:
-        logits, _ = model(ids)  # (B, T, V): the ordinary forward, its states captured on the way
+        x, _ = model.features(ids)  # (B, T, D): the ordinary forward, its states captured on the way
     finally:
         for h in hooks:
             h.remove()
         for cell, fn in swapped:
             cell.backend_fn = fn
-    return logits, DecodeState(layers=states, pos=ids.shape[1])
+    return model.head(x[:, -keep:]), DecodeState(layers=states, pos=ids.shape[1])  # (B, keep or T, V)
 
 
 def _keep_conv_input(st: dict):
@@ -121,7 +124,7 @@ def _keep_conv_input(st: dict):
         x, ks = args[0], module.config.kernel_size  # (B, T, F)
         last = x[:, -ks:]  # (B, <=ks, F)
         # xlstm's conv step keeps the last ks inputs (rolled, the oldest dropped as the new one comes in)
-        st["conv_state"] = (F.pad(last, (0, 0, ks - last.shape[1], 0)).contiguous(),)  # (B, ks, F)
+        st["conv_state"] = (F.pad(last, (0, 0, ks - last.shape[1], 0)).clone(),)  # (B, ks, F), not a view of x
     return hook
 
 
@@ -130,22 +133,24 @@ def _keep_mlstm_state(st: dict, kernel):
         h, (c, n, m) = kernel(queries, keys, values, igate_preact, fgate_preact, return_last_states=True)
         # mlstm_kernels scales q by DH^-1/2, xlstm's recurrent step scales k: C and n differ by that factor
         scale = queries.shape[-1] ** -0.5
-        st["mlstm_state"] = ((c * scale).to(queries.dtype), (n * scale).unsqueeze(-1).to(queries.dtype),
-                             m.unsqueeze(-1).to(queries.dtype))  # (B, NH, DH, DH), (B, NH, DH, 1), (B, NH, 1, 1)
+        # copies (C, n are products; m is copied): the kernel's outputs may view per-chunk buffers
+        st["mlstm_state"] = ((c * scale).to(queries.dtype),  # (B, NH, DH, DH)
+                             (n * scale).unsqueeze(-1).to(queries.dtype),  # (B, NH, DH, 1)
+                             m.unsqueeze(-1).to(queries.dtype, copy=True))  # (B, NH, 1, 1)
         return h.to(queries.dtype)  # (B, NH, S, DH)
     return fn
 
 
 def _keep_slstm_state(st: dict):
     def hook(module, args, out):
-        st["slstm_state"] = out[1]  # the cell's final state, as its step continues from
+        st["slstm_state"] = out[1].clone()  # the final state (a copy: the cell's may view all T steps' states)
     return hook
 
 
 # --- hybrid students -------------------------------------------------------------------------------------------
 
 
-def _hybrid_run(model, ids: torch.Tensor, state: DecodeState) -> torch.Tensor:
+def _hybrid_run(model, ids: torch.Tensor, state: DecodeState, keep: int = 0) -> torch.Tensor:
     """The converted teacher's own forward (transformers' layers, norms, MLPs) with each mixer reading and
     writing its MixerState; RoPE positions continue from the state."""
     if model.cfg.full_attention_layers:
@@ -167,7 +172,7 @@ def _hybrid_run(model, ids: torch.Tensor, state: DecodeState) -> torch.Tensor:
     state.pos += T
     for st in state.layers:
         st.pos = state.pos
-    return model.head(out.last_hidden_state)  # (B, T, V)
+    return model.head(out.last_hidden_state[:, -keep:])  # (B, keep or T, V)
 
 
 def mixer_forward(mx, x: torch.Tensor, position_embeddings) -> torch.Tensor:
@@ -187,8 +192,9 @@ def mixer_forward(mx, x: torch.Tensor, position_embeddings) -> torch.Tensor:
         h = mx.mix(x, q, k.repeat_interleave(rep, 1), v.repeat_interleave(rep, 1),
                    mx.sink_queries(q0, k0, cos, sin, rope), qm, km, states=states if mx.branches != "window" else None)
         st.mlstm = states[0] if states else None
-        st.sink_k, st.sink_v = k[:, :, :mx.sinks], v[:, :, :mx.sinks]
-        st.win_k, st.win_v = k[:, :, -mx.window:], v[:, :, -mx.window:]
+        # copies, not views: a view of the prompt's keys would keep all T of them alive (measured: 10 GiB at 32k x 8)
+        st.sink_k, st.sink_v = k[:, :, :mx.sinks].clone(), v[:, :, :mx.sinks].clone()
+        st.win_k, st.win_v = k[:, :, -mx.window:].clone(), v[:, :, -mx.window:].clone()
         return h
     if x.shape[1] != 1:
         raise ValueError("a prefilled mixer steps one token at a time")

@@ -85,8 +85,9 @@ class TcacheStudentForCausalLM(PreTrainedModel, GenerationMixin):
         self._kernel_key = None
         self.post_init()
         if config.family == "hybrid":  # the converted teacher's tied head, one level down (post_init sees children)
-            tied = getattr(self.student.lm, "all_tied_weights_keys", None) or {}
-            self.all_tied_weights_keys.update({f"student.lm.{k}": f"student.lm.{v}" for k, v in tied.items()})
+            tied = getattr(self.student.lm, "all_tied_weights_keys", None) or {}  # transformers >= 5
+            if tied:
+                self.all_tied_weights_keys.update({f"student.lm.{k}": f"student.lm.{v}" for k, v in tied.items()})
 
     @classmethod
     def _supports_default_dynamic_cache(cls) -> bool:
@@ -120,7 +121,8 @@ class TcacheStudentForCausalLM(PreTrainedModel, GenerationMixin):
 
     def forward(self, input_ids: torch.LongTensor, attention_mask: torch.Tensor | None = None,
                 cache: decode.DecodeState | None = None, use_cache: bool | None = None,
-                labels: torch.LongTensor | None = None, **kwargs) -> TcacheCausalLMOutput:
+                labels: torch.LongTensor | None = None, logits_to_keep: int = 0, **kwargs) -> TcacheCausalLMOutput:
+        """logits_to_keep > 0: logits of the last positions only (generate() asks for 1 in its prefill)."""
         if attention_mask is not None and not bool(attention_mask.all()):
             raise ValueError("tcache students take no padding (a recurrent state would absorb the pad tokens); "
                              "generate unpadded prompts, one at a time or of equal length")
@@ -129,10 +131,10 @@ class TcacheStudentForCausalLM(PreTrainedModel, GenerationMixin):
             logits = decode.step(self.student, input_ids, cache)  # (B, T, V)
         elif use_cache and not self.training and not (self.config.family == "hybrid"
                                                       and self.student.cfg.full_attention_layers):
-            logits, cache = decode.prefill(self.student, input_ids)  # (B, T, V)
+            logits, cache = decode.prefill(self.student, input_ids, logits_to_keep)  # (B, T or keep, V)
         else:
-            logits, _ = self.student(input_ids)  # (B, T, V)
-            cache = None
+            x, _ = self.student.features(input_ids)  # (B, T, D)
+            logits, cache = self.student.head(x[:, -logits_to_keep:]), None  # (B, T or keep, V)
         loss = None
         if labels is not None:
             loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size, **kwargs)

@@ -175,7 +175,7 @@ def _mlstm_kernel_fn(name: str, chunk_size: int = 64, eps: float = 1e-6):
 
     def fn(queries, keys, values, igate_preact, fgate_preact, return_last_states: bool = False, **_):
         # (B, NH, S, DH) x3, (B, NH, S, 1) x2 -> (B, NH, S, DH) [, the state after the last position]
-        S = queries.shape[2]
+        S, in_dtype = queries.shape[2], queries.dtype
         i, f = igate_preact.squeeze(-1), fgate_preact.squeeze(-1)  # (B, NH, S) x2
         cs = chunk_size if S % chunk_size == 0 else math.gcd(S, chunk_size)
         pad = 0
@@ -193,10 +193,14 @@ def _mlstm_kernel_fn(name: str, chunk_size: int = 64, eps: float = 1e-6):
         # the H100 here (LLVM SLPVectorizer assertion, triton 3.x); fp32 is the path validated against the
         # parallel form (benchmarks/gpu_probe.py).
         dtype = torch.float32
+        if return_last_states:
+            # the state-returning build of the Triton kernel also hit that assertion with bf16 inputs (H100, a bf16
+            # exported model's prefill, benchmarks/speed.py): the decode path hands it fp32 (exact for bf16 values)
+            queries, keys, values, i, f = (t.float() for t in (queries, keys, values, i, f))
         out = kernel(q=queries, k=keys, v=values, i=i, f=f, chunk_size=cs, autocast_kernel_dtype=dtype, eps=eps,
                      return_last_states=return_last_states)
         h, state = out if return_last_states else (out, None)
-        h = h[:, :, :S] if pad else h  # (B, NH, S, DH)
+        h = (h[:, :, :S] if pad else h).to(in_dtype)  # (B, NH, S, DH)
         return (h, state) if return_last_states else h  # state: C (B, NH, DH, DH), n (B, NH, DH), m (B, NH, 1)
 
     return fn
