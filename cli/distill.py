@@ -27,6 +27,10 @@ def distill(**options) -> None:
     from tcache.student.train import distill as run_distill
 
     cfg = config_from(DistillConfig, options)
+    if cfg.export:  # before hours of training, not after
+        from tcache.student.hf import check_export_target
+
+        check_export_target(cfg.export, cfg.overwrite, "--export")
     out = cfg.out
     targets = None
     if cfg.online_teacher:  # comparison runs: the teacher computes each batch's targets now
@@ -88,3 +92,9 @@ def distill(**options) -> None:
         progress.stop()
     t = meta["trained"]
     console.print(f"[green]student saved[/]: {out}  {t['steps']} steps, {t['tokens']:,} tokens, {t['seconds']:.0f} s")
+    if cfg.export:
+        from tcache.student.hf import export_student
+
+        export_student(out, cfg.export, overwrite=cfg.overwrite)
+        console.print(f"[green]exported[/]: {cfg.export}  (AutoModelForCausalLM.from_pretrained(..., "
+                      "trust_remote_code=True))")

@@ -80,7 +80,7 @@ RECIPES = {
 }
 
 # Fields that may differ between a run and its resumption.
-RESUMABLE_DIFFS = {"resume", "overwrite", "workers", "ckpt_every", "keep_ckpts", "device", "cache", "out",
+RESUMABLE_DIFFS = {"resume", "overwrite", "export", "workers", "ckpt_every", "keep_ckpts", "device", "cache", "out",
                    "compile", "max_gpu_memory", "checkpointing"}
 
 
@@ -197,6 +197,8 @@ class DistillConfig:
     """Continue from the newest checkpoint in --out that loads (same options and cache)."""
     overwrite: bool = False
     """Replace the run at --out: the new student is trained beside it and swapped in when complete."""
+    export: str | None = None
+    """Also write the trained student as a transformers model directory here (what `tcache export` writes)."""
     mlstm_kernel: str = opt("auto", choices=MLSTM_KERNELS)
     """mLSTM kernel; auto: parallel up to 1024 tokens of context, chunkwise--triton_xl_chunk beyond on CUDA."""
     slstm_backend: str = opt("auto", choices=SLSTM_BACKENDS)

@@ -117,6 +117,10 @@ class TcacheStudentForCausalLM(PreTrainedModel, GenerationMixin):
         else:
             cpu_short = ids.device.type == "cpu" and not long
             self.student.use_kernel("parallel" if cpu_short else resolve_mlstm_kernel("auto", ids.device))
+            if cpu_short:
+                # the parallel kernel's causal masks are non-persistent buffers, which from_pretrained leaves
+                # uninitialised (a NaN forward, tests/test_export.py): built afresh here
+                self.student.set_context_length(max(self.student.mask_length, self.student.cfg.context_length))
         self._kernel_key = key
 
     def forward(self, input_ids: torch.LongTensor, attention_mask: torch.Tensor | None = None,
@@ -165,6 +169,20 @@ def to_hf(model, doc: dict) -> TcacheStudentForCausalLM:
     return hf.eval()
 
 
+def check_export_target(out: Path, overwrite: bool, flag: str = "--out") -> None:
+    """Refuse a target that is a file, another kind of output, or an export without --overwrite (before any work)."""
+    k = outdir.kind(Path(out))
+    if k == "file":
+        raise TcacheError(f"{flag} {out} is a file; pass a directory path")
+    if k not in ("missing", "empty"):
+        if k != "export":
+            raise TcacheError(f"{flag} {out} is not a tcache export (it holds a {k} output or other files); "
+                              f"choose another {flag}")
+        if not overwrite:
+            raise TcacheError(f"{flag} {out} already holds an export; pass --overwrite to replace it")
+        outdir.refuse_foreign(Path(out), "export", flag)
+
+
 def export_student(student_dir: str | os.PathLike, out: str | os.PathLike, overwrite: bool = False) -> Path:
     """Write a HF model directory (config.json with auto_map, model.safetensors, modeling file, tokenizer,
     generation_config.json) for the student at `student_dir`; built beside `out` and swapped in when complete."""
@@ -173,18 +191,9 @@ def export_student(student_dir: str | os.PathLike, out: str | os.PathLike, overw
     from tcache.student.io import load_student
 
     student_dir, out = Path(student_dir), Path(out)
+    check_export_target(out, overwrite)
     model, doc = load_student(student_dir, torch.device("cpu"))
     hf = to_hf(model, doc)
-    k = outdir.kind(out)
-    if k == "file":
-        raise TcacheError(f"--out {out} is a file; pass a directory path")
-    if k not in ("missing", "empty"):
-        if k != "export":
-            raise TcacheError(f"--out {out} is not a tcache export (it holds a {k} output or other files); "
-                              "choose another --out")
-        if not overwrite:
-            raise TcacheError(f"--out {out} already holds an export; pass --overwrite to replace it")
-        outdir.refuse_foreign(out, "export")
     work = outdir.fresh_staging(out, "export")
     hf.save_pretrained(work, safe_serialization=True)
     (work / MODELING_FILE).write_text(MODELING_SOURCE)

@@ -36,10 +36,15 @@ def text(tmp_path_factory, valid_jsonl):
 
 
 @pytest.fixture(scope="module")
-def exported(tmp_path_factory, tiny_teacher, text):
+def cache(tmp_path_factory, tiny_teacher, text):
+    out = tmp_path_factory.mktemp("caches") / "export"
+    build_cache(out, tiny_teacher, text, tokens=8 * T, seq_len=T, top_k=8, batch_size=8)
+    return out
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory, cache):
     """recipe -> (student dir, export dir): each recipe distilled 3 steps on the tiny teacher, then exported."""
-    cache = tmp_path_factory.mktemp("caches") / "export"
-    build_cache(cache, tiny_teacher, text, tokens=8 * T, seq_len=T, top_k=8, batch_size=8)
     made = {}
 
     def get(recipe: str):
@@ -69,19 +74,21 @@ def test_exports_load_in_a_fresh_process_and_compute_tcache_logits(exported, tmp
         out = {{}}
         for recipe, path in {({r: str(d[1]) for r, d in dirs.items()})!r}.items():
             m = AutoModelForCausalLM.from_pretrained(path, trust_remote_code=True)
-            out[recipe] = (type(m).__name__, m(torch.load({str(tmp_path / 'ids.pt')!r})).logits)
+            ids = torch.load({str(tmp_path / 'ids.pt')!r})
+            out[recipe] = (type(m).__name__, m(ids[:, :{T}]).logits, m(ids).logits)  # at and beyond training length
         torch.save(out, {str(tmp_path / 'logits.pt')!r})
     """)
     p = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
     assert p.returncode == 0, p.stderr[-3000:]
     got = torch.load(tmp_path / "logits.pt")
     for recipe in RECIPES:
-        student, _ = load_student(dirs[recipe][0], CPU, context_length=ids.shape[1])
-        with torch.no_grad():
-            want, _ = student(ids)
-        name, logits = got[recipe]
+        name, short, long = got[recipe]
         assert name == "TcacheStudentForCausalLM"
-        torch.testing.assert_close(logits, want, rtol=0, atol=0, msg=f"{recipe}: exported logits differ")
+        for logits, x in ((short, ids[:, :T]), (long, ids)):
+            student, _ = load_student(dirs[recipe][0], CPU, context_length=x.shape[1])
+            with torch.no_grad():
+                want, _ = student(x)
+            torch.testing.assert_close(logits, want, rtol=0, atol=0, msg=f"{recipe}: exported logits differ")
 
 
 def _greedy_by_full_forward(model, ids: torch.Tensor, n: int) -> torch.Tensor:
@@ -208,3 +215,21 @@ def test_lm_eval_harness_scores_an_export_as_the_model_itself_does(exported, tex
         assert theirs == pytest.approx(lls, abs=1e-3)
         correct += int(max(range(4), key=lls.__getitem__) == doc["label"])
     assert r["results"][task]["acc,none"] == pytest.approx(correct / len(docs))
+
+
+def test_distill_export_writes_the_model_and_refuses_a_bad_target_before_training(cache, tmp_path):
+    foreign = tmp_path / "taken"
+    foreign.mkdir()
+    (foreign / "notes.txt").write_text("keep me")
+    r = run("distill", cache, "--recipe", "v2", "--out", tmp_path / "refused", "--steps", 1, "--export", foreign)
+    assert r.exit_code != 0 and "--export" in r.output and not (tmp_path / "refused").exists()
+    r = run("distill", cache, "--recipe", "v2", "--out", tmp_path / "s", "--steps", 2, "--batch-size", 2,
+            "--grad-accum", 1, "--device", "cpu", "--export", tmp_path / "hf")
+    assert r.exit_code == 0, r.output
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "hf", trust_remote_code=True)
+    student, _ = load_student(tmp_path / "s", CPU)
+    ids = torch.randint(0, 16384, (1, T))
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids).logits, student(ids)[0], rtol=0, atol=0)
