@@ -17,12 +17,19 @@ from tcache.cli.errors import friendly_errors
 @click.argument("cache", type=click.Path())
 @click.option("--json", "as_json", is_flag=True, help="Print machine-readable JSON instead of tables.")
 @click.option("--sample-rows", default=256, show_default=True, help="Rows read for the value statistics.")
+@click.option("--plot", "plot_file", type=click.Path(dir_okay=False),
+              help="Also draw the sampled rows' top-k mass and hidden-state distributions into this PNG.")
 @friendly_errors
-def stats(cache, as_json, sample_rows) -> None:
+def stats(cache, as_json, sample_rows, plot_file) -> None:
     """Show what a cache holds."""
     from tcache.teachercache.stats import cache_stats
 
-    s = cache_stats(cache, max_rows=sample_rows)
+    s = cache_stats(cache, max_rows=sample_rows, keep_samples=plot_file is not None)
+    if plot_file is not None:
+        from tcache.plots import plot_cache
+
+        plot_cache(s, plot_file)
+        del s["samples"]
     if as_json:
         click.echo(json.dumps(s, indent=2))
         return
@@ -70,3 +77,5 @@ def stats(cache, as_json, sample_rows) -> None:
         v.add_row(f"hidden RMS, group {g}", f"{r:.4f}")
     console.print(v)
     console.print(f"[dim]hidden = {escape(s['hidden_source'])}[/]")
+    if plot_file is not None:
+        console.print(f"plot written: {escape(str(plot_file))}")

@@ -15,6 +15,7 @@ import tcache
 from tcache import configfile, outdir
 from tcache.device import resolve_device
 from tcache.errors import Interrupted, TcacheError
+from tcache.plots import training_plot
 from tcache.signals import stop_on_signals
 from tcache.student import losses
 from tcache.student.checkpoint import (CONFIG_FILE, RunState, cache_identity, resume_from, run_dir,
@@ -255,6 +256,7 @@ def _fit_and_save(tr: Trainer, work: Path, hasher: ShardHasher, stop, on_start, 
                         state.elapsed = elapsed
                         hasher.wait()  # a checkpoint holds only training on verified shards
                         ckpt = save_checkpoint(work, cfg, tr, state, identity)
+                        training_plot(work, warn)  # RUN/training.png, from the flushed metrics
                     if stop.requested and state.micro < plan.total_micro:
                         e = Interrupted(stop.signum, f"checkpoint at step {state.step} saved in {work}")
                         e.resumable = True
@@ -288,6 +290,7 @@ def _fit_and_save(tr: Trainer, work: Path, hasher: ShardHasher, stop, on_start, 
     if device.type == "cuda":
         meta["peak_gpu_memory_gib"] = round(torch.cuda.max_memory_allocated(device) / 2**30, 3)
     hasher.wait()
+    training_plot(work, warn, final=True)
     save_student(work, tr.model, meta, Path(cfg.cache) / schema.TEACHER_DIR)
     if work != Path(cfg.out):
         outdir.swap_in(work, Path(cfg.out), "run")

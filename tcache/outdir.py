@@ -25,7 +25,8 @@ STAGING_SUFFIX = ".tcache-new"
 
 # Every entry tcache writes, by kind of output (file names and the teacher/ or checkpoints/ folders).
 _CACHE = re.compile(r"(manifest\.json|build-state\.json|config\.yaml|shard-\d{5}\.h5)(\.partial)?|teacher")
-_RUN = re.compile(r"(student\.json|model\.safetensors|metrics\.jsonl|distill_config\.json|config\.(json|yaml))"
+_RUN = re.compile(r"(student\.json|model\.safetensors|metrics\.jsonl|training\.png|distill_config\.json"
+                  r"|config\.(json|yaml))"
                   r"(\.partial)?"
                   r"|checkpoints|tokenizer[\w.-]*|special_tokens_map\.json|vocab\.json|merges\.txt"
                   r"|added_tokens\.json|chat_template\.\w+")

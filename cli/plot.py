@@ -1,0 +1,28 @@
+"""`tcache plot`: the training curves of one or more distill runs, overlaid in one PNG."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+from tcache.cli.errors import friendly_errors
+from tcache.errors import TcacheError
+
+
+@click.command()
+@click.argument("runs", nargs=-1, required=True, type=click.Path())
+@click.option("--out", type=click.Path(dir_okay=False),
+              help="PNG to write; default with one run: RUN/training.png (what distill writes).")
+@friendly_errors
+def plot(runs, out) -> None:
+    """Plot every loss term, loss weight, learning rate and gradient norm of distill runs against tokens,
+    from each RUN/metrics.jsonl; several runs are overlaid, named by their directories."""
+    from tcache import plots
+
+    if out is None:
+        if len(runs) > 1:
+            raise TcacheError(f"{len(runs)} runs need one output file; pass --out FILE.png")
+        out = Path(runs[0]) / plots.TRAINING_PNG
+    records = {name: plots.load_run(run) for name, run in zip(plots.run_names(runs), runs)}
+    click.echo(f"wrote {plots.plot_runs(records, out)}")
