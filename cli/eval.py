@@ -48,6 +48,10 @@ def eval_cmd(as_json: bool, **options) -> None:
     # Kernel builds (xlstm's sLSTM via ninja) print to the process's stdout; --json keeps stdout pure JSON.
     with _stdout_to_stderr() if as_json else contextlib.nullcontext(), progress:
         r = perplexity(cfg, on_progress)
+    from tcache import dist
+
+    if not dist.is_main():  # under torchrun: every rank holds the result, rank 0 prints it
+        return
     if as_json:
         click.echo(json.dumps(r, indent=2))
         return

@@ -41,13 +41,16 @@ class Plan:
         return next((s for s in self.stages if micro < s.end_micro), self.stages[-1])
 
 
-def plan_budget(cfg: DistillConfig, manifest) -> Plan:
+def plan_budget(cfg: DistillConfig, manifest, world: int = 1) -> Plan:
     """Micro-batches per stage: --tokens / --steps / --epochs set the last stage's budget (stage II, or the
-    only stage); the hybrid's stage I gets --stage1-tokens, by default half of stage II's."""
-    micro_per_epoch = manifest.rows // cfg.batch_size
+    only stage); the hybrid's stage I gets --stage1-tokens, by default half of stage II's. A micro-batch is
+    global: --batch-size rows on each of `world` ranks."""
+    rows = cfg.batch_size * world
+    micro_per_epoch = manifest.rows // rows
     if micro_per_epoch < 1:
-        raise TcacheError(f"the cache has {manifest.rows} rows, fewer than --batch-size {cfg.batch_size}; lower it")
-    tokens_per_micro = cfg.batch_size * manifest.seq_len
+        raise TcacheError(f"the cache has {manifest.rows} rows, fewer than --batch-size {cfg.batch_size} x {world} "
+                          "ranks; lower it")
+    tokens_per_micro = rows * manifest.seq_len
     if cfg.steps is not None:
         main_micro = cfg.steps * cfg.grad_accum
     elif cfg.tokens is not None:

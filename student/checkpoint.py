@@ -15,7 +15,7 @@ from typing import Callable
 import numpy as np
 import torch
 
-from tcache import outdir
+from tcache import dist, outdir
 from tcache.errors import TcacheError
 from tcache.student.config import RESUMABLE_DIFFS, DistillConfig
 from tcache.student.io import STUDENT_FILE
@@ -79,6 +79,9 @@ def run_dir(cfg: DistillConfig) -> Path:
 def _check_resume_config(cfg: DistillConfig, ckpt: Path) -> None:
     saved = json.loads((ckpt / CONFIG_FILE).read_text())
     now = json.loads(json.dumps(cfg.to_dict()))  # tuples -> lists, as saved
+    # another number of ranks continues the run when the global batch (--batch-size x ranks) is the same
+    if saved.get("batch_size", 0) * saved.pop("world_size", 1) == now["batch_size"] * dist.world():
+        saved["batch_size"] = now["batch_size"]
     diffs = sorted(k for k in set(saved) | set(now) if k not in RESUMABLE_DIFFS and saved.get(k) != now.get(k))
     if diffs:
         shown = ", ".join(f"{k}: {saved.get(k)!r} -> {now.get(k)!r}" for k in diffs[:4])
@@ -123,7 +126,7 @@ def save_checkpoint(out: Path, cfg: DistillConfig, tr, state: RunState, identity
     save_file(_trainable_state(tr.model), str(tmp / "trainable.safetensors"))
     torch.save({"optimizer": tr.opt.state_dict(), "scaler": tr.scaler.state_dict(), "rng": _rng_state(),
                 "state": asdict(state), "cache_identity": identity, "stage": tr.stage.index}, tmp / "trainer.pt")
-    (tmp / CONFIG_FILE).write_text(json.dumps(cfg.to_dict(), indent=2))
+    (tmp / CONFIG_FILE).write_text(json.dumps({**cfg.to_dict(), "world_size": dist.world()}, indent=2))
     shutil.rmtree(final, ignore_errors=True)
     os.replace(tmp, final)
     for old in sorted((out / CKPT_DIR).glob("step-*[0-9]"))[:-max(cfg.keep_ckpts, 1)]:

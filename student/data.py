@@ -61,10 +61,17 @@ def epoch_order(n_rows: int, seed: int, epoch: int) -> np.ndarray:
 
 
 class EpochSampler(Sampler):
-    """Rows of one epoch's permutation, starting at `start` (to resume mid-epoch)."""
+    """Rows of one epoch's permutation from global micro-batch `start_batch` on (to resume mid-epoch), this
+    rank's share: global micro-batch j is rows [j * B * W, (j + 1) * B * W) of the permutation, and rank r
+    takes its r-th B of them. So W ranks at --batch-size B train on the rows, in the order, that one process
+    at B * W does (a last partial global batch is dropped)."""
 
-    def __init__(self, n_rows: int, seed: int, epoch: int, start: int = 0):
-        self.order = epoch_order(n_rows, seed, epoch)[start:]
+    def __init__(self, n_rows: int, seed: int, epoch: int, batch_size: int, start_batch: int = 0,
+                 rank: int = 0, world: int = 1):
+        order = epoch_order(n_rows, seed, epoch)
+        n_micro = n_rows // (batch_size * world)
+        per_rank = order[:n_micro * batch_size * world].reshape(n_micro, world, batch_size)  # (J, W, B)
+        self.order = per_rank[start_batch:, rank].reshape(-1)
 
     def __iter__(self):
         return iter(self.order.tolist())
@@ -74,8 +81,8 @@ class EpochSampler(Sampler):
 
 
 def epoch_loader(rows: CacheRows, batch_size: int, seed: int, epoch: int, start_batch: int,
-                 workers: int, pin: bool) -> DataLoader:
-    """Micro-batches of one epoch from micro-batch `start_batch` on; a last partial batch is dropped."""
-    sampler = EpochSampler(len(rows), seed, epoch, start_batch * batch_size)
+                 workers: int, pin: bool, rank: int = 0, world: int = 1) -> DataLoader:
+    """This rank's micro-batches of one epoch from global micro-batch `start_batch` on."""
+    sampler = EpochSampler(len(rows), seed, epoch, batch_size, start_batch, rank, world)
     return DataLoader(rows, batch_size=batch_size, sampler=sampler, num_workers=workers, pin_memory=pin,
                       drop_last=True, persistent_workers=False)

@@ -25,6 +25,7 @@ from tcache.text import DEFAULT_SEQ_LEN, DataSpec, iter_texts, pack_rows
 from tcache.units import parse_count
 from tcache.errors import TcacheError
 from tcache.hf import check_seq_len, load_config, load_teacher, tokenizer_sha256
+from tcache import dist
 from tcache.device import PRECISIONS, resolve_device, resolve_dtype
 
 
@@ -74,7 +75,7 @@ def _load(cfg: EvalConfig, device: torch.device, dtype: torch.dtype):
 
 @torch.no_grad()
 def perplexity(cfg: EvalConfig, on_progress=None) -> dict:
-    device = resolve_device(cfg.device)
+    device = dist.init(resolve_device(cfg.device))
     dtype = resolve_dtype(cfg.dtype, device)
     logits_fn, tokenizer, kind, model, extra = _load(cfg, device, dtype)
     n_windows = cfg.tokens // cfg.seq_len
@@ -82,7 +83,9 @@ def perplexity(cfg: EvalConfig, on_progress=None) -> dict:
                             n_windows)
     nll, scored, windows = 0.0, 0, 0
     autocast = device.type == "cuda" and dtype is not torch.float32
-    while batch := list(itertools.islice(rows, cfg.batch_size)):
+    for i, batch in enumerate(iter(lambda: list(itertools.islice(rows, cfg.batch_size)), [])):
+        if i % dist.world() != dist.rank():  # under torchrun: batches dealt out to the ranks in turn
+            continue
         ids = torch.from_numpy(np.stack(batch)).to(device=device, dtype=torch.long)  # (B, T)
         with torch.autocast(device.type, dtype=dtype, enabled=autocast):
             logits = logits_fn(ids)  # (B, T, V)
@@ -92,12 +95,13 @@ def perplexity(cfg: EvalConfig, on_progress=None) -> dict:
         windows += len(batch)
         if on_progress:
             on_progress(windows * cfg.seq_len, n_windows * cfg.seq_len)
+    nll, scored, windows = dist.sum_([nll, scored, windows], device)
     if windows == 0:
         raise TcacheError(f"--data {cfg.data.path} holds fewer than {cfg.seq_len} tokens; nothing to evaluate")
     return {
         "model": cfg.model, "kind": kind, "perplexity": math.exp(nll / scored), "nll_per_token": nll / scored,
         "tokens_scored": scored, "windows": windows, "seq_len": cfg.seq_len,
         "data": cfg.data.describe(), "tokenizer_sha256": tokenizer_sha256(tokenizer),
-        "device": str(device), "dtype": str(dtype).removeprefix("torch."),
+        "device": str(device), "ranks": dist.world(), "dtype": str(dtype).removeprefix("torch."),
         "params": sum(p.numel() for p in model.parameters()), **extra,
     }

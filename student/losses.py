@@ -25,6 +25,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from tcache import dist
+
 KD_TAILS = ("bucket", "renorm")
 
 
@@ -82,9 +84,12 @@ def kd_loss(logits: torch.Tensor, topk_logprobs: torch.Tensor, topk_ids: torch.T
 
 
 def align_loss(student_hidden: torch.Tensor, teacher_hidden: torch.Tensor) -> torch.Tensor:
-    """||h_T - h_S||_F / sqrt(numel(h_S)); both (B, T, G, D)."""
+    """||h_T - h_S||_F / sqrt(numel(h_S)); both (B, T, G, D). Under torchrun the norm is the global batch's (not
+    a mean of the ranks' norms, which would differ from one process's)."""
     diff = teacher_hidden.float() - student_hidden.float()
-    return torch.linalg.vector_norm(diff) / math.sqrt(diff.numel())
+    if dist.world() == 1:
+        return torch.linalg.vector_norm(diff) / math.sqrt(diff.numel())
+    return torch.sqrt(dist.sum_grad(diff.square().sum()) / (diff.numel() * dist.world()))
 
 
 def _chunk_terms(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, targets: torch.Tensor,

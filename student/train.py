@@ -4,6 +4,7 @@ caller that wants targets computed now (an online teacher) passes them in as `ta
 from __future__ import annotations
 
 import json
+import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -12,7 +13,7 @@ from typing import Callable
 import torch
 
 import tcache
-from tcache import configfile, outdir
+from tcache import configfile, dist, outdir
 from tcache.device import resolve_device
 from tcache.errors import Interrupted, TcacheError
 from tcache.plots import training_plot
@@ -119,6 +120,9 @@ class Trainer:
         """Unscale, clip, step, zero; returns the gradient norm before clipping (on the device)."""
         for group in self.opt.param_groups:
             group["lr"] = lr
+        # under torchrun: one all-reduce of the accumulated gradients per optimizer step (by hand, not DDP: the loop
+        # calls the model's features() and head in chunks, which DDP's forward hooks would not see)
+        dist.mean_([p.grad for p in self.params])
         self.scaler.unscale_(self.opt)
         clip = self.cfg.grad_clip if self.cfg.grad_clip > 0 else float("inf")
         gn = torch.nn.utils.clip_grad_norm_(self.params, clip)
@@ -135,9 +139,9 @@ def setup(cfg: DistillConfig, manifest: Manifest | None = None, targets: TargetF
     if cfg.online_teacher and targets is None:
         raise TcacheError("--online-teacher is set but no target source was passed; build one with "
                           "tcache.teachercache.online.online_targets and pass it as targets=")
-    device = resolve_device(cfg.device)
+    device = dist.init(resolve_device(cfg.device))
     amp_dtype = resolve_precision(cfg.precision, device)
-    plan = plan_budget(cfg, manifest)
+    plan = plan_budget(cfg, manifest, dist.world())
     if cfg.uses_alignment and plan.groups == 0:
         raise TcacheError(f"{cfg.cache} has no hidden states but the alignment weight (--beta) is > 0; "
                           "rebuild with --hidden-groups >= 1 or pass --beta 0")
@@ -159,7 +163,8 @@ def setup(cfg: DistillConfig, manifest: Manifest | None = None, targets: TargetF
     plan.info = {
         **info, "params": model.param_counts(), "device": str(device),
         "precision": str(amp_dtype).removeprefix("torch."), "total_steps": plan.total_steps,
-        "tokens_per_step": cfg.batch_size * cfg.grad_accum * plan.seq_len, "resumed_from_step": None,
+        "tokens_per_step": cfg.batch_size * dist.world() * cfg.grad_accum * plan.seq_len, "resumed_from_step": None,
+        "world_size": dist.world(),
         "hidden_groups": plan.groups, "loss_chunk": chunk, "workers": workers, "max_gpu_memory": cfg.max_gpu_memory,
         "stages": [{"stage": s.stage.name, "loss": s.stage.loss, "steps": s.steps, "lr": s.lr} for s in plan.stages],
     }
@@ -181,7 +186,10 @@ def distill(cfg: DistillConfig, on_start: Callable[[dict], None] | None = None, 
         hasher = ShardHasher(cfg.cache, manifest)
         try:
             tr = setup(cfg, manifest, targets)
-            work = run_dir(cfg)
+            # rank 0 decides where the run writes (and clears what --overwrite replaces); the others follow
+            work = dist.broadcast(run_dir(cfg) if dist.is_main() else None)
+            if not dist.is_main():
+                on_start = on_step = None  # progress and metrics come from rank 0 only
             hasher.check()
             return _fit_and_save(tr, work, hasher, stop, on_start, on_step, warn or (lambda msg: None))
         finally:
@@ -199,15 +207,17 @@ def _fit_and_save(tr: Trainer, work: Path, hasher: ShardHasher, stop, on_start, 
     if stop.requested:
         raise Interrupted(stop.signum, "nothing was trained")
     work.mkdir(parents=True, exist_ok=True)
-    if ckpt is not None:
+    main = dist.is_main()
+    if ckpt is not None and main:
         truncate_metrics(work / METRICS_FILE, state.step)
-    (work / CONFIG_FILE).write_text(json.dumps(cfg.to_dict(), indent=2))
-    configfile.write(cfg, work / configfile.CONFIG_FILE, "distill")  # `--config RUN/config.yaml` repeats the run
+    if main:
+        (work / CONFIG_FILE).write_text(json.dumps(cfg.to_dict(), indent=2))
+        configfile.write(cfg, work / configfile.CONFIG_FILE, "distill")  # `--config RUN/config.yaml` repeats the run
     if on_start:
         on_start(plan.info)
 
     rows = CacheRows(cfg.cache, with_hidden=plan.groups > 0, with_targets=tr.targets is None)
-    metrics_f = open(work / METRICS_FILE, "a")
+    metrics_f = open(work / METRICS_FILE if main else os.devnull, "a")
     # Loss sums stay on the device until a step is logged: a float() per micro-batch would make the CPU
     # wait for the GPU each time, and the next batch's host work would no longer overlap its compute.
     zero = torch.zeros((), device=device)
@@ -219,7 +229,8 @@ def _fit_and_save(tr: Trainer, work: Path, hasher: ShardHasher, stop, on_start, 
     try:
         while state.micro < plan.total_micro:
             epoch, j = divmod(state.micro, plan.micro_per_epoch)
-            for batch in epoch_loader(rows, cfg.batch_size, cfg.seed, epoch, j, tr.workers, device.type == "cuda"):
+            for batch in epoch_loader(rows, cfg.batch_size, cfg.seed, epoch, j, tr.workers, device.type == "cuda",
+                                      dist.rank(), dist.world()):
                 sp = plan.stage_at(state.micro)
                 if sp is not tr.stage:
                     tr.begin_stage(sp)  # the next stage: its trainable set, mode and optimizer
@@ -229,7 +240,7 @@ def _fit_and_save(tr: Trainer, work: Path, hasher: ShardHasher, stop, on_start, 
                 for name, v in terms.items():
                     sums[name] = sums.get(name, zero) + v / cfg.grad_accum
                 state.micro += 1
-                state.tokens += batch[schema.INPUT_IDS].numel()
+                state.tokens += batch[schema.INPUT_IDS].numel() * dist.world()
                 j += 1
                 if state.micro % cfg.grad_accum == 0:
                     lr = lr_at(state.step - sp.start_step, sp.steps, sp.lr, cfg.warmup, cfg.min_lr_ratio,
@@ -243,6 +254,7 @@ def _fit_and_save(tr: Trainer, work: Path, hasher: ShardHasher, stop, on_start, 
                               "beta": w.beta, "temperature": w.temperature, "lr": lr,
                               "tokens_per_s": (state.tokens - tokens_start) / max(now - t_start, 1e-9),
                               "elapsed_s": elapsed}
+                    dist.mean_(list(sums.values()))  # the logged terms are the global batch's
                     values = {**sums, "grad_norm": gn}
                     if tr.scaler.is_enabled():
                         # the scale tensor itself: get_scale() would read it now and wait for the GPU
@@ -251,13 +263,18 @@ def _fit_and_save(tr: Trainer, work: Path, hasher: ShardHasher, stop, on_start, 
                     sums = {}
                     hasher.check()  # a corrupt shard ends the run as soon as its hash is known
                     due = cfg.ckpt_every and state.step % cfg.ckpt_every == 0
-                    if (due or stop.requested) and state.micro < plan.total_micro:
+                    stopping = dist.any_rank(stop.requested, device)
+                    if (due or stopping) and state.micro < plan.total_micro:
                         last = log.flush() or last
                         state.elapsed = elapsed
                         hasher.wait()  # a checkpoint holds only training on verified shards
-                        ckpt = save_checkpoint(work, cfg, tr, state, identity)
-                        training_plot(work, warn)  # RUN/training.png, from the flushed metrics
-                    if stop.requested and state.micro < plan.total_micro:
+                        if main:  # the ranks' weights and optimizer states are equal: rank 0 saves them once
+                            ckpt = save_checkpoint(work, cfg, tr, state, identity)
+                            training_plot(work, warn)  # RUN/training.png, from the flushed metrics
+                        else:
+                            ckpt = work / "checkpoints" / f"step-{state.step:07d}"
+                        dist.barrier()
+                    if stopping and state.micro < plan.total_micro:
                         e = Interrupted(stop.signum, f"checkpoint at step {state.step} saved in {work}")
                         e.resumable = True
                         raise e
@@ -290,6 +307,8 @@ def _fit_and_save(tr: Trainer, work: Path, hasher: ShardHasher, stop, on_start, 
     if device.type == "cuda":
         meta["peak_gpu_memory_gib"] = round(torch.cuda.max_memory_allocated(device) / 2**30, 3)
     hasher.wait()
+    if not main:
+        return meta
     training_plot(work, warn, final=True)
     save_student(work, tr.model, meta, Path(cfg.cache) / schema.TEACHER_DIR)
     if work != Path(cfg.out):

@@ -24,7 +24,7 @@ STUDENT = "student.json"
 STAGING_SUFFIX = ".tcache-new"
 
 # Every entry tcache writes, by kind of output (file names and the teacher/ or checkpoints/ folders).
-_CACHE = re.compile(r"(manifest\.json|build-state\.json|config\.yaml|shard-\d{5}\.h5)(\.partial)?|teacher")
+_CACHE = re.compile(r"(manifest\.json|build-state\.json|config\.yaml|shard-\d{5}\.h5)(\.partial)?|teacher|\.rank-\d+")
 _RUN = re.compile(r"(student\.json|model\.safetensors|metrics\.jsonl|training\.png|distill_config\.json"
                   r"|config\.(json|yaml))"
                   r"(\.partial)?"

@@ -38,6 +38,17 @@ def build(cfg: BuildConfig, on_progress: ProgressFn | None = None) -> Manifest:
     """Build (or resume) the cache at cfg.out. The first SIGINT / SIGTERM stops the build before its next
     batch (Interrupted), a second one at once; once anything was written, every exception carries
     `resumable` (and a note) and the state stays for --resume."""
+    from tcache import dist
+
+    if dist.world() > 1:
+        from tcache.teachercache.ranks import build_ranks
+
+        return build_ranks(cfg, on_progress)  # under torchrun: each rank its share (build_share), one manifest
+    return build_share(cfg, on_progress)
+
+
+def build_share(cfg: BuildConfig, on_progress: ProgressFn | None = None) -> Manifest:
+    """The single-process build of cfg's rows (all of them, or one rank's share: rows from cfg.row_offset)."""
     with stop_on_signals(graceful=True) as stop:
         # 1. setup: every check that can fail runs before anything is written
         work = work_dir(cfg)
@@ -88,7 +99,7 @@ def packed_rows(cfg: BuildConfig, tokenizer, pool: TokenizerPool | None, start: 
     first = next(rows, None)
     if first is None:
         raise TcacheError(f"--data {cfg.data.path} holds fewer than {cfg.seq_len} tokens; nothing to cache")
-    return itertools.islice(itertools.chain([first], rows), start, stop)
+    return itertools.islice(itertools.chain([first], rows), cfg.row_offset + start, cfg.row_offset + stop)
 
 
 def cache_manifest(cfg: BuildConfig, ts: TeacherSetup) -> Manifest:

@@ -50,6 +50,8 @@ class BuildConfig:
     """Replace the cache (or interrupted build) at --out: built beside it, swapped in when complete."""
     resume: bool = False
     """Continue an interrupted build (same options) from its last complete shard."""
+    row_offset: int = opt(0, cli=False)
+    """Packed rows of the data before this build's first (a rank's share under torchrun; not an option)."""
 
     def __post_init__(self) -> None:
         self.tokens = parse_count(self.tokens, "--tokens")
