@@ -46,32 +46,38 @@ def assert_same(a: list[dict], b: list[dict]) -> None:
         assert ra["tokens"] == rb["tokens"]
 
 
-def test_two_ranks_at_batch_4_train_as_one_process_at_batch_8(cache, tmp_path):
-    one = distill(cache, tmp_path / "one", "--batch-size", 8, "--steps", 4)
-    two = distill(cache, tmp_path / "two", "--batch-size", 4, "--steps", 4, ranks=2)
+@pytest.fixture(scope="module")
+def runs(cache, tmp_path_factory):
+    """One process at batch 8 and two ranks at batch 4 (a checkpoint at step 2), 4 steps each: (dir, metrics)."""
+    root = tmp_path_factory.mktemp("runs")
+    one = distill(cache, root / "one", "--batch-size", 8, "--steps", 4)
+    two = distill(cache, root / "two", "--batch-size", 4, "--steps", 4, "--ckpt-every", 2, ranks=2)
+    return {"one": (root / "one", one), "two": (root / "two", two)}
+
+
+def test_two_ranks_at_batch_4_train_as_one_process_at_batch_8(runs):
+    one, two = runs["one"][1], runs["two"][1]
     assert len(one) == 4 and one[0]["loss"] != one[-1]["loss"]
     assert_same(two, one)
-    assert (tmp_path / "two" / "student.json").exists()
+    assert (runs["two"][0] / "student.json").exists()
 
 
-def test_a_two_rank_checkpoint_continues_on_one_rank(cache, tmp_path):
+def test_a_two_rank_checkpoint_continues_on_one_rank(cache, runs):
     """The 2-rank run keeps its step-2 checkpoint; resumed on 1 rank at the same global batch it retrains steps 3
     and 4 with the same losses."""
-    two = distill(cache, tmp_path / "run", "--batch-size", 4, "--steps", 4, "--ckpt-every", 2, ranks=2)
-    resumed = distill(cache, tmp_path / "run", "--batch-size", 8, "--steps", 4, "--ckpt-every", 2, "--resume")
+    run_dir, two = runs["two"]
+    resumed = distill(cache, run_dir, "--batch-size", 8, "--steps", 4, "--ckpt-every", 2, "--resume")
     assert_same(resumed, two)
 
 
-def test_two_rank_eval_scores_the_same_windows_as_one_process(cache, tmp_path, valid_jsonl):
+def test_two_rank_eval_scores_the_same_windows_as_one_process(runs, tmp_path, valid_jsonl):
     text = text_head(valid_jsonl, tmp_path / "head.jsonl", 6000)
-    student = tmp_path / "s"
-    distill(cache, student, "--batch-size", 8, "--steps", 1)
     results = []
     for ranks in (1, 2):
         launcher = ([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={ranks}"]
                     if ranks > 1 else [sys.executable])
-        p = subprocess.run(launcher + ["-m", "tcache", "eval", str(student), "--data", str(text), "--seq-len", "32",
-                                       "--tokens", "640", "--batch-size", "4", "--device", "cpu", "--json"],
+        p = subprocess.run(launcher + ["-m", "tcache", "eval", str(runs["one"][0]), "--data", str(text), "--seq-len",
+                                       "32", "--tokens", "640", "--batch-size", "4", "--device", "cpu", "--json"],
                            capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
         assert p.returncode == 0, p.stderr[-3000:]
         results.append(json.loads(p.stdout))
@@ -122,6 +128,3 @@ def test_two_rank_build_equals_one_process_build(tiny_teacher, valid_jsonl, tmp_
     # the teacher computes the same bits and every field is byte-equal (shards too: the same sha256)
     assert a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in a)
     assert [s.sha256 for s in two.shards] == [s.sha256 for s in one.shards]
-    p = subprocess.run([sys.executable, "-m", "tcache", "verify", str(tmp_path / "two")], capture_output=True,
-                       text=True)
-    assert p.returncode == 0, p.stdout + p.stderr
