@@ -54,7 +54,9 @@ def build(**options) -> None:
 
     cfg = build_config(**options)
     out = cfg.out
-    console = Console(stderr=True)
+    from tcache import dist
+
+    console = Console(stderr=True, quiet=not dist.is_main())  # under torchrun: rank 0 reports for all ranks
     columns = (TextColumn("[bold]build"), BarColumn(), _TokensColumn(), _RateColumn(),
                TimeElapsedColumn(), TimeRemainingColumn(), _BytesColumn())
     with Progress(*columns, console=console, transient=False) as progress:

@@ -39,7 +39,9 @@ def distill(**options) -> None:
         from tcache.teachercache.online import online_targets
 
         targets = online_targets(cfg.online_teacher, load_manifest(cfg.cache), resolve_device(cfg.device))
-    console = Console(stderr=True)
+    from tcache import dist
+
+    console = Console(stderr=True, quiet=not dist.is_main())  # under torchrun: rank 0 reports for all ranks
     # The bar row keeps to what fits 80 columns (bar, steps, elapsed, ETA); the loss figures go on their own
     # lines above it, at the first step and then every LOG_EVERY_S. The ETA averages over the whole run:
     # rich's default 30 s window never holds two CPU steps of a minute each, and showed no ETA at all.
@@ -92,7 +94,7 @@ def distill(**options) -> None:
         progress.stop()
     t = meta["trained"]
     console.print(f"[green]student saved[/]: {out}  {t['steps']} steps, {t['tokens']:,} tokens, {t['seconds']:.0f} s")
-    if cfg.export:
+    if cfg.export and dist.is_main():
         from tcache.student.hf import export_student
 
         export_student(out, cfg.export, overwrite=cfg.overwrite)

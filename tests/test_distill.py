@@ -53,7 +53,7 @@ def losses_on(model, cache, rows, T=1.0):
 def test_short_distill_lowers_every_loss_term(tmp_path, shared_cache):
     """v1 student (sLSTM + mLSTM) from the shared pretrained teacher's cache: each term falls."""
     cfg = DistillConfig(cache=str(shared_cache), out=str(tmp_path / "s"), steps=40, batch_size=4, grad_accum=1,
-                        lr=2e-3, warmup=0.05, seed=0)
+                        lr=2e-3, warmup=0.05, seed=0, checkpointing="off")  # recomputing blocks: 20% slower, same sums
     manifest = load_manifest(shared_cache)
     torch.manual_seed(cfg.seed)  # the init distill() starts from
     init = Student(student_config(cfg, manifest))

@@ -118,6 +118,7 @@ def test_two_rank_build_equals_one_process_build(tiny_teacher, valid_jsonl, tmp_
                                               "--nproc_per_node=2"])):
         p = subprocess.run(launcher + args + ["--out", str(out)], capture_output=True, text=True, env=env)
         assert p.returncode == 0, p.stderr[-3000:]
+        assert p.stderr.count("cache written") == 1  # rank 0 reports for both
     one, two = load_manifest(tmp_path / "one"), load_manifest(tmp_path / "two")
     assert [s.rows for s in two.shards] == [s.rows for s in one.shards] == [3, 3, 3, 3, 2]
     assert two.build["world_size"] == 2 and two.build["shard_ranks"] == [0, 0, 1, 1, 1]
