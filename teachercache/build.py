@@ -48,7 +48,7 @@ def build(cfg: BuildConfig, on_progress: ProgressFn | None = None) -> Manifest:
 
 
 def build_share(cfg: BuildConfig, on_progress: ProgressFn | None = None) -> Manifest:
-    """The single-process build of cfg's rows (all of them, or one rank's share: rows from cfg.row_offset)."""
+    """The single-process build of cfg's rows: all of them, or a rank's share (cfg.share_rank of cfg.share_world)."""
     with stop_on_signals(graceful=True) as stop:
         # 1. setup: every check that can fail runs before anything is written
         work = work_dir(cfg)
@@ -99,7 +99,11 @@ def packed_rows(cfg: BuildConfig, tokenizer, pool: TokenizerPool | None, start: 
     first = next(rows, None)
     if first is None:
         raise TcacheError(f"--data {cfg.data.path} holds fewer than {cfg.seq_len} tokens; nothing to cache")
-    return itertools.islice(itertools.chain([first], rows), cfg.row_offset + start, cfg.row_offset + stop)
+    rows = itertools.chain([first], rows)
+    if cfg.share_world > 1:  # a rank's shards: every share_world-th shard of rows_per_shard rows
+        R, W, r = cfg.rows_per_shard, cfg.share_world, cfg.share_rank
+        rows = (row for i, row in enumerate(rows) if (i // R) % W == r)
+    return itertools.islice(rows, start, stop)
 
 
 def cache_manifest(cfg: BuildConfig, ts: TeacherSetup) -> Manifest:

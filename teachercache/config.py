@@ -50,8 +50,11 @@ class BuildConfig:
     """Replace the cache (or interrupted build) at --out: built beside it, swapped in when complete."""
     resume: bool = False
     """Continue an interrupted build (same options) from its last complete shard."""
-    row_offset: int = opt(0, cli=False)
-    """Packed rows of the data before this build's first (a rank's share under torchrun; not an option)."""
+    share_rank: int = opt(0, cli=False)
+    """Under torchrun (set by tcache, not an option): this build caches the shards s with s % share_world ==
+    share_rank of the data's rows, in order."""
+    share_world: int = opt(1, cli=False)
+    """Under torchrun: the number of ranks sharing the rows (see share_rank)."""
 
     def __post_init__(self) -> None:
         self.tokens = parse_count(self.tokens, "--tokens")

@@ -80,7 +80,7 @@ def build_identity(cfg: BuildConfig, ts: TeacherSetup) -> dict:
         "hidden_dtype": cfg.hidden_dtype, "logprob_dtype": cfg.logprob_dtype, "rows_per_shard": cfg.rows_per_shard,
         "dtype": str(ts.dtype).removeprefix("torch."), "device_type": ts.device.type,
         "schema_version": schema.SCHEMA_VERSION,
-        **({"row_offset": cfg.row_offset} if cfg.row_offset else {}),  # a rank's share under torchrun
+        **({"share": [cfg.share_rank, cfg.share_world]} if cfg.share_world > 1 else {}),  # a rank's, under torchrun
     }
 
 

@@ -103,15 +103,15 @@ def _rows(cache) -> dict[str, "np.ndarray"]:
 
 
 def test_two_rank_build_equals_one_process_build(tiny_teacher, valid_jsonl, tmp_path):
-    """torchrun --nproc_per_node 2 tcache build: 5 shards of 3 rows split 2 / 3 between the ranks; the same shards
-    as one process's (ids byte-equal, targets within fp32 tolerance), one manifest naming each shard's rank."""
+    """torchrun --nproc_per_node 2 tcache build: 4 shards of 4 rows (the last 2), interleaved between the ranks;
+    the same shards as one process's, byte for byte, and one manifest naming each shard's rank."""
     import numpy as np
 
     from tcache.teachercache.manifest import load_manifest
 
     text = text_head(valid_jsonl, tmp_path / "head.jsonl", 8000)
     args = ["-m", "tcache", "build", "--teacher", str(tiny_teacher), "--data", str(text), "--tokens", str(14 * T),
-            "--seq-len", str(T), "--top-k", "8", "--batch-size", "2", "--shard-rows", "3", "--device", "cpu"]
+            "--seq-len", str(T), "--top-k", "8", "--batch-size", "2", "--shard-rows", "4", "--device", "cpu"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     for out, launcher in ((tmp_path / "one", [sys.executable]),
                           (tmp_path / "two", [sys.executable, "-m", "torch.distributed.run", "--standalone",
@@ -120,12 +120,12 @@ def test_two_rank_build_equals_one_process_build(tiny_teacher, valid_jsonl, tmp_
         assert p.returncode == 0, p.stderr[-3000:]
         assert p.stderr.count("cache written") == 1  # rank 0 reports for both
     one, two = load_manifest(tmp_path / "one"), load_manifest(tmp_path / "two")
-    assert [s.rows for s in two.shards] == [s.rows for s in one.shards] == [3, 3, 3, 3, 2]
-    assert two.build["world_size"] == 2 and two.build["shard_ranks"] == [0, 0, 1, 1, 1]
+    assert [s.rows for s in two.shards] == [s.rows for s in one.shards] == [4, 4, 4, 2]
+    assert two.build["world_size"] == 2 and two.build["shard_ranks"] == [0, 1, 0, 1]
     assert two.rows == one.rows == 14 and sorted(p.name for p in (tmp_path / "two").iterdir()) == sorted(
         p.name for p in (tmp_path / "one").iterdir())
     a, b = _rows(tmp_path / "one"), _rows(tmp_path / "two")
-    # rank 1 starts at row 6, a batch boundary of the single build too: every batch holds the same rows, so on CPU
-    # the teacher computes the same bits and every field is byte-equal (shards too: the same sha256)
+    # every shard starts at a batch boundary of the single build too (4 rows, batches of 2): every batch holds the
+    # same rows, so on CPU the teacher computes the same bits and every field is byte-equal (the same sha256)
     assert a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in a)
     assert [s.sha256 for s in two.shards] == [s.sha256 for s in one.shards]

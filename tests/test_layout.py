@@ -104,7 +104,8 @@ def test_every_flag_the_library_and_docs_name_exists_and_every_option_has_help()
     some command; and no option goes without help."""
     known = {o for c in _commands().values() for p in c.params for o in getattr(p, "opts", []) if o.startswith("--")}
     known |= {"--help", "--version"}
-    known |= {"--model", "--tasks", "--batch"}  # lm_eval's own (--model_args, --batch_size), in README's recipe
+    # other tools' flags in README's recipes: lm_eval's --model_args / --batch_size, torchrun's --nproc_per_node
+    known |= {"--model", "--tasks", "--batch", "--nproc"}
     no_help = [(n, p.name) for n, c in _commands().items() for p in c.params
                if isinstance(p, click.Option) and not p.help]
     assert not no_help, no_help
