@@ -159,7 +159,8 @@ def run_loop(cfg: BuildConfig, ts: TeacherSetup, writer: CacheWriter, rows: Iter
         rows_before = writer.rows_done
         done = rows_before * cfg.seq_len
         skip = rows_before - start  # rows of the first batch that complete shards already hold
-        save_teacher_parts(ts.model, ts.tokenizer, ts.config, writer)
+        if cfg.share_rank == 0:  # under torchrun the first rank's teacher parts serve the whole cache
+            save_teacher_parts(ts.model, ts.tokenizer, ts.config, writer)
         # deep enough to hold a whole tokenizer call's rows, so the next call overlaps the teacher
         batches = Prefetcher(batched_rows(rows, batch_size), depth=max(4, 1_000_000 // (batch_size * cfg.seq_len)))
         sink = AsyncWriter(writer.add)
