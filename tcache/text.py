@@ -293,6 +293,9 @@ class TokenizerPool:
         """Stop now: queued calls are cancelled and the workers terminated (a Ctrl-C must not wait for
         them, nor leave them behind)."""
         procs = list(getattr(self._ex, "_processes", {}).values())
+        # The manager thread, taken before shutdown: shutdown(wait=False) forgets it, so a second shutdown(wait=True)
+        # would not join it (CPython 3.11), and CI still saw the race this join prevents (twice in a row).
+        manager = getattr(self._ex, "_executor_manager_thread", None)
         self._ex.shutdown(wait=False, cancel_futures=True)
         for p in procs:
             if p.is_alive():
@@ -300,7 +303,8 @@ class TokenizerPool:
         # Join the executor's manager thread now: left running, it closes its wake-up pipe while
         # concurrent.futures' exit hook may still write to it (a race in CPython 3.11: "OSError: Bad file
         # descriptor" traceback at exit). With the workers gone it ends at once.
-        self._ex.shutdown(wait=True)
+        if manager is not None:
+            manager.join(timeout=30)
 
 
 def pack_rows(texts: Iterable[str], tokenizer, seq_len: int, eos_id: int, pool: TokenizerPool | None = None,
