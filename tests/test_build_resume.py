@@ -251,3 +251,36 @@ def test_real_full_disk_in_a_small_tmpfs(tmp_path, tiny_teacher, small_text):
         assert "--resume" in errors[0] and not (mnt / "c" / schema.MANIFEST_FILE).exists()
     finally:
         subprocess.run(["umount", "-l", str(mnt)])
+
+
+def test_torchrun_build_stopped_then_resumed_per_rank(tmp_path, teacher_dir, small_text, reference):
+    """`torchrun --nproc_per_node 2 ... build`, SIGTERM once each rank has a complete shard: no cache, each rank's
+    share keeps its state; the same command with --resume continues every rank and merges one cache, with the
+    rows of the single-process build."""
+    import numpy as np
+
+    out = tmp_path / "cache"
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "tcache"]
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    args = [str(a) for a in build_args(teacher_dir, small_text, out)]
+    proc = subprocess.Popen(launcher + args, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    t = time.time()
+    while min(complete_shards(out / ".rank-0"), complete_shards(out / ".rank-1")) < 1:
+        assert proc.poll() is None, f"the build ended before it could be stopped: {proc.communicate()[1][-2000:]}"
+        assert time.time() - t < 120
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGTERM)  # torchrun passes it on to both ranks
+    proc.communicate(timeout=120)
+    assert proc.returncode != 0 and not (out / schema.MANIFEST_FILE).exists()
+    assert all((out / f".rank-{r}" / "build-state.json").exists() or (out / f".rank-{r}" / "manifest.json").exists()
+               for r in (0, 1))
+    p = subprocess.run(launcher + args + ["--resume"], env=env, capture_output=True, text=True)
+    assert p.returncode == 0, p.stderr[-3000:]
+    m, ref = load_manifest(out), load_manifest(reference)
+    assert m.build["world_size"] == 2 and [s.rows for s in m.shards] == [s.rows for s in ref.shards]
+    assert not list(out.glob(".rank-*"))
+    import h5py
+
+    for a, b in zip(m.shards, ref.shards):
+        with h5py.File(out / a.file) as fa, h5py.File(reference / b.file) as fb:
+            assert np.array_equal(fa[schema.INPUT_IDS][...], fb[schema.INPUT_IDS][...])
