@@ -13,10 +13,9 @@ import textwrap
 
 import pytest
 import torch
-from click.testing import CliRunner
 
 from conftest import build_cache, text_head
-from tcache.cli.main import main
+from test_cli_build import run
 from tcache.student.config import DistillConfig
 from tcache.student.io import load_student
 from tcache.student.train import distill
@@ -24,10 +23,6 @@ from tcache.student.train import distill
 T = 32  # the students' training length
 CPU = torch.device("cpu")
 RECIPES = ("v1", "v2", "hybrid")
-
-
-def run(*args):
-    return CliRunner().invoke(main, [str(a) for a in args])
 
 
 @pytest.fixture(scope="module")
