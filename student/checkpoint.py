@@ -22,6 +22,8 @@ from tcache.student.io import STUDENT_FILE
 
 CKPT_DIR = "checkpoints"
 CONFIG_FILE = "distill_config.json"
+RUN_ENTRIES = (CKPT_DIR, CONFIG_FILE, "metrics.jsonl", "config.yaml", "training.png")
+"""What a run writes besides the student (listed in tcache's marker when the run claims its directory)."""
 
 
 @dataclass
@@ -55,10 +57,7 @@ def run_dir(cfg: DistillConfig) -> Path:
     if out in cache.parents:
         raise TcacheError(f"--out {cfg.out} contains the input cache {cfg.cache}; choose another --out")
     out = Path(cfg.out)
-    k = outdir.classify(out, "run")  # refuses a file, another kind of output, or entries tcache did not write
-    if k == "other":  # e.g. a HF model directory: only names a run also uses, but no run's own files
-        raise TcacheError(f"--out {out} is not a tcache distill run (no {STUDENT_FILE}, metrics.jsonl or "
-                          f"{CKPT_DIR}/); choose another --out")
+    k = outdir.classify(out, "run")  # refuses a file, another kind of output, or anything tcache did not write
     if cfg.resume:
         stage = outdir.staging(out)
         if cfg.overwrite and checkpoints(stage):
@@ -71,7 +70,7 @@ def run_dir(cfg: DistillConfig) -> Path:
     if not cfg.overwrite:
         raise TcacheError(f"--out {out} is not empty; pass --overwrite to replace it, or --resume to continue it")
     if not (out / STUDENT_FILE).exists():  # an unfinished run: no student to protect
-        outdir.remove_ours(out, "run")
+        outdir.remove_ours(out)
         return out
     return outdir.fresh_staging(out, "run")
 

@@ -19,7 +19,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig, Gen
     PreTrainedModel
 from transformers.utils import ModelOutput
 
-from tcache import outdir
+from tcache import outdir, ownership
 from tcache.errors import TcacheError
 from tcache.student import decode
 
@@ -170,39 +170,45 @@ def to_hf(model, doc: dict) -> TcacheStudentForCausalLM:
 
 
 def check_export_target(out: Path, overwrite: bool, flag: str = "--out") -> None:
-    """Refuse a target that is a file, another kind of output, or an export without --overwrite (before any work)."""
-    k = outdir.kind(Path(out))
-    if k == "file":
-        raise TcacheError(f"{flag} {out} is a file; pass a directory path")
-    if k not in ("missing", "empty"):
-        if k != "export":
-            raise TcacheError(f"{flag} {out} is not a tcache export (it holds a {k} output or other files); "
-                              f"choose another {flag}")
-        if not overwrite:
-            raise TcacheError(f"{flag} {out} already holds an export; pass --overwrite to replace it")
-        outdir.refuse_foreign(Path(out), "export", flag)
+    """Refuse a target that is a file, anything but a tcache export, or an export without --overwrite (before
+    any work)."""
+    k = outdir.classify(Path(out), "export", flag)
+    if k == "export" and not overwrite:
+        raise TcacheError(f"{flag} {out} already holds an export; pass --overwrite to replace it")
 
 
 def export_student(student_dir: str | os.PathLike, out: str | os.PathLike, overwrite: bool = False) -> Path:
     """Write a HF model directory (config.json with auto_map, model.safetensors, modeling file, tokenizer,
     generation_config.json) for the student at `student_dir`; built beside `out` and swapped in when complete."""
-    from transformers import AutoTokenizer
-
+    from tcache import locks
     from tcache.student.io import load_student
 
     student_dir, out = Path(student_dir), Path(out)
     check_export_target(out, overwrite)
-    model, doc = load_student(student_dir, torch.device("cpu"))
-    hf = to_hf(model, doc)
-    work = outdir.fresh_staging(out, "export")
+    outdir.check_writable(out)
+    with locks.locked(out):
+        check_export_target(out, overwrite)  # again, now that no other command can change it
+        model, doc = load_student(student_dir, torch.device("cpu"))
+        hf = to_hf(model, doc)
+        work = outdir.fresh_staging(out, "export")
+        ownership.claim(work, "export")
+        # transformers picks the file names: written into a listed folder, then listed and moved in
+        ownership.write_unlisted(work, lambda d: _write_export(hf, student_dir, d))
+        ownership.seal(work)
+        outdir.swap_in(work, out)
+    return out
+
+
+def _write_export(hf: "TcacheStudentForCausalLM", student_dir: Path, work: Path) -> None:
+    from transformers import AutoTokenizer
+
     hf.save_pretrained(work, safe_serialization=True)
     (work / MODELING_FILE).write_text(MODELING_SOURCE)
     tok = AutoTokenizer.from_pretrained(student_dir)
     tok.save_pretrained(work)
     gen = GenerationConfig(bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
                            pad_token_id=tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id)
-    if model.family == "hybrid" and model.cfg.full_attention_layers:
+    student = hf.student
+    if student.family == "hybrid" and student.cfg.full_attention_layers:
         gen.use_cache = False  # decode.prefill refuses them: their KV cache would grow
     gen.save_pretrained(work)
-    outdir.swap_in(work, out, "export")
-    return out

@@ -12,7 +12,7 @@ import torch
 
 from tcache.student.model import Student, StudentConfig, resolve_kernels
 from tcache.teachercache import schema
-from tcache import outdir
+from tcache import outdir, ownership
 from tcache.errors import TcacheError
 
 STUDENT_FILE = "student.json"
@@ -29,11 +29,14 @@ def save_student(out: str | os.PathLike, model: Student, meta: dict, tokenizer_d
     from safetensors.torch import save_model
 
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
+    tokenizer = [f for f in Path(tokenizer_dir).iterdir()
+                 if f.name.startswith("tokenizer") or f.name in ("special_tokens_map.json", "vocab.json", "merges.txt")]
+    # listed in tcache's marker (the run claimed `out`) before they are written
+    ownership.register(out, WEIGHTS_FILE, STUDENT_FILE, *(f.name for f in tokenizer),
+                       *(["config.json"] if model.family == "hybrid" else []))
     save_model(model, str(out / WEIGHTS_FILE))
-    for f in Path(tokenizer_dir).iterdir():
-        if f.name.startswith("tokenizer") or f.name in ("special_tokens_map.json", "vocab.json", "merges.txt"):
-            shutil.copy2(f, out / f.name)
+    for f in tokenizer:
+        shutil.copy2(f, out / f.name)
     if model.family == "hybrid":  # the converted teacher's own architecture, to rebuild it on load
         model.lm.config.save_pretrained(out)
     outdir.share_like_open(out / WEIGHTS_FILE)
@@ -41,6 +44,7 @@ def save_student(out: str | os.PathLike, model: Student, meta: dict, tokenizer_d
     tmp = out / (STUDENT_FILE + ".partial")
     tmp.write_text(json.dumps(doc, indent=2, sort_keys=True))
     os.replace(tmp, out / STUDENT_FILE)
+    ownership.seal(out)
 
 
 def load_student(path: str | os.PathLike, device: torch.device,

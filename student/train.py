@@ -13,13 +13,13 @@ from typing import Callable
 import torch
 
 import tcache
-from tcache import configfile, dist, outdir
+from tcache import configfile, dist, locks, outdir, ownership
 from tcache.device import resolve_device
 from tcache.errors import Interrupted, TcacheError
 from tcache.plots import training_plot
 from tcache.signals import stop_on_signals
 from tcache.student import losses
-from tcache.student.checkpoint import (CONFIG_FILE, RunState, cache_identity, resume_from, run_dir,
+from tcache.student.checkpoint import (CONFIG_FILE, RUN_ENTRIES, RunState, cache_identity, resume_from, run_dir,
                                        save_checkpoint)
 from tcache.student.budget import Plan, StagePlan, plan_budget
 from tcache.student.config import RECIPES, DistillConfig, student_config
@@ -182,18 +182,19 @@ def distill(cfg: DistillConfig, on_start: Callable[[dict], None] | None = None, 
     saved before its shards have passed."""
     with stop_on_signals(graceful=True) as stop:
         outdir.check_writable(Path(cfg.out))  # before the model loads
-        manifest = load_manifest(cfg.cache)
-        hasher = ShardHasher(cfg.cache, manifest)
-        try:
-            tr = setup(cfg, manifest, targets)
-            # rank 0 decides where the run writes (and clears what --overwrite replaces); the others follow
-            work = dist.broadcast(run_dir(cfg) if dist.is_main() else None)
-            if not dist.is_main():
-                on_start = on_step = None  # progress and metrics come from rank 0 only
-            hasher.check()
-            return _fit_and_save(tr, work, hasher, stop, on_start, on_step, warn or (lambda msg: None))
-        finally:
-            hasher.close()
+        with locks.locked(cfg.out):  # one command per run directory, for the whole run
+            manifest = load_manifest(cfg.cache)
+            hasher = ShardHasher(cfg.cache, manifest)
+            try:
+                tr = setup(cfg, manifest, targets)
+                # rank 0 decides where the run writes (and clears what --overwrite replaces); the others follow
+                work = dist.broadcast(run_dir(cfg) if dist.is_main() else None)
+                if not dist.is_main():
+                    on_start = on_step = None  # progress and metrics come from rank 0 only
+                hasher.check()
+                return _fit_and_save(tr, work, hasher, stop, on_start, on_step, warn or (lambda msg: None))
+            finally:
+                hasher.close()
 
 
 def _fit_and_save(tr: Trainer, work: Path, hasher: ShardHasher, stop, on_start, on_step,
@@ -206,8 +207,11 @@ def _fit_and_save(tr: Trainer, work: Path, hasher: ShardHasher, stop, on_start, 
         plan.info["resumed_from_step"] = state.step
     if stop.requested:
         raise Interrupted(stop.signum, "nothing was trained")
-    work.mkdir(parents=True, exist_ok=True)
     main = dist.is_main()
+    if main:  # tcache's marker first: everything the run writes there is listed before it is created
+        ownership.claim(work, "run", RUN_ENTRIES)
+    else:
+        work.mkdir(parents=True, exist_ok=True)
     if ckpt is not None and main:
         truncate_metrics(work / METRICS_FILE, state.step)
     if main:
@@ -312,5 +316,5 @@ def _fit_and_save(tr: Trainer, work: Path, hasher: ShardHasher, stop, on_start, 
     training_plot(work, warn, final=True)
     save_student(work, tr.model, meta, Path(cfg.cache) / schema.TEACHER_DIR)
     if work != Path(cfg.out):
-        outdir.swap_in(work, Path(cfg.out), "run")
+        outdir.swap_in(work, Path(cfg.out))
     return meta

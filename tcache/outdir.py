@@ -1,9 +1,9 @@
 """Output directories: what tcache may replace, where a replacement is built, and the atomic swap.
 
-A user's data is never deleted: `--overwrite` replaces a directory only when every entry in it is one
-tcache writes (a cache, an interrupted build's resumable state, or a distill run); anything else is
-refused by name. A replacement is built beside the old output, in `.NAME.tcache-new`, and swapped in
-only when complete, so an interrupted or failed `--overwrite` leaves the old output intact.
+A user's data is never deleted: `--overwrite` replaces a directory only when tcache's marker proves it is
+tcache's output (tcache.ownership), and removes only the entries the marker lists; anything else is refused by
+name. A replacement is built beside the old output, in `.NAME.tcache-new`, and swapped in only when complete,
+so an interrupted or failed `--overwrite` leaves the old output intact.
 """
 
 from __future__ import annotations
@@ -12,35 +12,22 @@ import ctypes
 import ctypes.util
 import errno
 import os
-import re
 import shutil
 from pathlib import Path
 
+from tcache import ownership
 from tcache.errors import TcacheError
 
-MANIFEST = "manifest.json"
-BUILD_STATE = "build-state.json"
-STUDENT = "student.json"
+MANIFEST = ownership.MANIFEST
+BUILD_STATE = ownership.BUILD_STATE
+STUDENT = ownership.STUDENT
 STAGING_SUFFIX = ".tcache-new"
-
-# Every entry tcache writes, by kind of output (file names and the teacher/ or checkpoints/ folders).
-_CACHE = re.compile(r"(manifest\.json|build-state\.json|config\.yaml|shard-\d{5}\.h5)(\.partial)?|teacher|\.rank-\d+")
-_RUN = re.compile(r"(student\.json|model\.safetensors|metrics\.jsonl|training\.png|distill_config\.json"
-                  r"|config\.(json|yaml))"
-                  r"(\.partial)?"
-                  r"|checkpoints|tokenizer[\w.-]*|special_tokens_map\.json|vocab\.json|merges\.txt"
-                  r"|added_tokens\.json|chat_template\.\w+")
-EXPORT_MARKER = "modeling_tcache.py"
-_EXPORT = re.compile(r"(config\.json|generation_config\.json|model(-\d{5}-of-\d{5})?\.safetensors"
-                     r"|model\.safetensors\.index\.json|modeling_tcache\.py)(\.partial)?"
-                     r"|tokenizer[\w.-]*|special_tokens_map\.json|vocab\.json|merges\.txt|added_tokens\.json"
-                     r"|chat_template\.\w+")
-_PATTERNS = {"run": _RUN, "export": _EXPORT, "cache": _CACHE, "build": _CACHE}
+_NAMES = {"cache": "cache", "build": "interrupted build", "run": "distill run", "export": "export"}
 
 
 def kind(path: Path) -> str:
-    """missing, file, empty, cache (manifest.json), build (resumable state, no manifest), run, export (a HF model
-    directory from `tcache export`) or other."""
+    """missing, file, empty, cache (manifest.json), build (an interrupted build: no manifest), run, export (a HF
+    model directory from `tcache export`), or other (anything tcache's marker does not prove to be its own)."""
     if not path.exists():
         return "missing"
     if not path.is_dir():
@@ -48,21 +35,16 @@ def kind(path: Path) -> str:
     names = {p.name for p in path.iterdir()}
     if not names:
         return "empty"
-    if MANIFEST in names:
-        return "cache"
-    if BUILD_STATE in names:
-        return "build"
-    if STUDENT in names or "checkpoints" in names or "metrics.jsonl" in names:
-        return "run"
-    if EXPORT_MARKER in names:
-        return "export"
-    return "other"
+    k, _ = ownership.owner(path)
+    if k == "cache":
+        return "cache" if MANIFEST in names else "build"
+    return k or "other"
 
 
-def foreign_entries(path: Path, what: str) -> list[str]:
-    """Entries of `path` that tcache does not write for an output of kind `what` (cache/build or run)."""
-    pattern = _PATTERNS[what]
-    return sorted(p.name for p in path.iterdir() if not pattern.fullmatch(p.name))
+def describe(k: str) -> str:
+    """A kind as a message names it: "a tcache cache", "an interrupted build", "a folder tcache did not write"."""
+    return {"cache": "a tcache cache", "build": "an interrupted tcache build", "run": "a tcache distill run",
+            "export": "a tcache export"}.get(k, "a folder tcache did not write")
 
 
 def staging(path: Path) -> Path:
@@ -70,25 +52,28 @@ def staging(path: Path) -> Path:
     return path.parent / f".{path.name}{STAGING_SUFFIX}"
 
 
-def refuse_foreign(path: Path, what: str, flag: str = "--out") -> None:
-    names = foreign_entries(path, what)
+def refuse_foreign(path: Path, flag: str = "--out") -> None:
+    """Refuse a directory holding anything tcache's marker does not list, naming the first entries."""
+    names = ownership.foreign(path)
     if names:
         shown = ", ".join(names[:3]) + (f" and {len(names) - 3} more" if len(names) > 3 else "")
         raise TcacheError(f"{flag} {path} holds files tcache did not write ({shown}); "
                           f"move them away or choose another {flag}")
 
 
-def classify(out: Path, what: str) -> str:
-    """kind(out) for a command that writes an output of kind `what` (cache or run), refusing a file, the
-    other kind of output, and a directory holding anything tcache did not write."""
+def classify(out: Path, what: str, flag: str = "--out") -> str:
+    """kind(out) for a command that writes an output of kind `what` (cache, run or export), refusing a file,
+    another kind of output, and a directory holding anything tcache did not write (never suggesting --overwrite
+    for it: nothing there is tcache's to replace)."""
     k = kind(out)
     if k == "file":
-        raise TcacheError(f"--out {out} is a file; pass a directory path")
-    if (what == "cache" and k == "run") or (what == "run" and k in ("cache", "build")):
-        other, mine = ("distill run", "cache") if what == "cache" else ("cache", "distill run")
-        raise TcacheError(f"--out {out} is a tcache {other}, not a {mine}; choose another --out")
-    if k not in ("missing", "empty"):
-        refuse_foreign(out, what)
+        raise TcacheError(f"{flag} {out} is a file; pass a directory path")
+    if k in ("missing", "empty"):
+        return k
+    refuse_foreign(out, flag)
+    mine = ("cache", "build") if what == "cache" else (what,)
+    if k not in mine:
+        raise TcacheError(f"{flag} {out} is {describe(k)}, not a {_NAMES[what]}; choose another {flag}")
     return k
 
 
@@ -98,23 +83,31 @@ def fresh_staging(out: Path, what: str) -> Path:
     k = kind(stage)
     if k == "file":
         raise TcacheError(f"{stage} is a file in the way of --overwrite; remove it")
-    if k != "missing":
-        refuse_foreign(stage, what, flag="staging directory")
-        remove_ours(stage, what)
+    if k not in ("missing", "empty"):
+        classify(stage, what, flag="staging directory")
+    remove_ours(stage)
     return stage
 
 
-def remove_ours(path: Path, what: str) -> None:
-    """Delete the entries tcache wrote for an output of kind `what`, then the directory if empty.
-    The manifest / student file goes first, so a removal cut short never leaves a valid-looking output."""
+def remove_ours(path: Path) -> None:
+    """Delete the entries tcache's marker lists (an unmarked tcache 0.1.0 output: the names it wrote), the marker
+    last, then the directory if empty. The manifest / student file goes first, so a removal cut short never
+    leaves a valid-looking output, and the marker stays until the rest is gone, so it can be redone."""
     if not path.is_dir():
         return
-    pattern = _PATTERNS[what]
+    k, doc = ownership.owner(path)
+    if k is None:
+        if any(path.iterdir()):
+            raise TcacheError(f"{path} is not tcache's output; nothing there was removed")
+        path.rmdir()
+        return
     for first in (MANIFEST, STUDENT, BUILD_STATE):
-        (path / first).unlink(missing_ok=True)
+        if ownership.listed(first, k, doc):
+            (path / first).unlink(missing_ok=True)
     for p in path.iterdir():
-        if pattern.fullmatch(p.name):
+        if p.name != ownership.MARKER and ownership.listed(p.name, k, doc):
             shutil.rmtree(p) if p.is_dir() and not p.is_symlink() else p.unlink()
+    (path / ownership.MARKER).unlink(missing_ok=True)
     try:
         path.rmdir()
     except OSError:  # something tcache did not write appeared meanwhile: left in place
@@ -141,20 +134,20 @@ def _exchange(a: Path, b: Path) -> bool:
     raise OSError(err, os.strerror(err), str(a))
 
 
-def swap_in(new: Path, out: Path, what: str) -> None:
+def swap_in(new: Path, out: Path) -> None:
     """Make the complete output `new` live at `out`, then delete the old one. With renameat2 the swap
     is one atomic step; elsewhere two renames, with the old output kept until the new one is in place."""
     if not out.exists():
         os.replace(new, out)
         return
     if _exchange(new, out):
-        remove_ours(new, what)  # `new` now holds the old output
+        remove_ours(new)  # `new` now holds the old output
         return
     old = out.parent / f".{out.name}.tcache-old"
-    remove_ours(old, what)
+    remove_ours(old)
     os.replace(out, old)
     os.replace(new, out)
-    remove_ours(old, what)
+    remove_ours(old)
 
 
 def fsync_dir(path: Path) -> None:

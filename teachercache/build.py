@@ -17,7 +17,7 @@ import torch
 
 import tcache
 from tcache.text import TokenizerPool, iter_texts, pack_rows
-from tcache import configfile, outdir
+from tcache import configfile, outdir, ownership
 from tcache.errors import Interrupted, TcacheError
 from tcache.hf import num_layers, text_config, tokenizer_sha256
 from tcache.signals import StopRequest, stop_on_signals
@@ -29,7 +29,7 @@ from tcache.teachercache.resume import build_identity, resume_state, work_dir
 from tcache.teachercache.setup import TeacherSetup, auto_batch_size, save_teacher_parts, teacher_and_pool
 from tcache.teachercache.space import check_free_space
 from tcache.teachercache.teacher import TeacherPass
-from tcache.teachercache.writer import BuildState, CacheWriter, is_disk_full
+from tcache.teachercache.writer import CACHE_ENTRIES, BuildState, CacheWriter, is_disk_full
 
 ProgressFn = Callable[[int, int, int], None]  # (tokens_done, tokens_budget, bytes_written)
 
@@ -38,13 +38,15 @@ def build(cfg: BuildConfig, on_progress: ProgressFn | None = None) -> Manifest:
     """Build (or resume) the cache at cfg.out. The first SIGINT / SIGTERM stops the build before its next
     batch (Interrupted), a second one at once; once anything was written, every exception carries
     `resumable` (and a note) and the state stays for --resume."""
-    from tcache import dist
+    from tcache import dist, locks
 
-    if dist.world() > 1:
-        from tcache.teachercache.ranks import build_ranks
+    outdir.check_writable(Path(cfg.out))
+    with locks.locked(cfg.out):  # one command per output, for the whole build
+        if dist.world() > 1:
+            from tcache.teachercache.ranks import build_ranks
 
-        return build_ranks(cfg, on_progress)  # under torchrun: each rank its share (build_share), one manifest
-    return build_share(cfg, on_progress)
+            return build_ranks(cfg, on_progress)  # under torchrun: each rank its share (build_share), one manifest
+        return build_share(cfg, on_progress)
 
 
 def build_share(cfg: BuildConfig, on_progress: ProgressFn | None = None) -> Manifest:
@@ -58,7 +60,7 @@ def build_share(cfg: BuildConfig, on_progress: ProgressFn | None = None) -> Mani
                 raise Interrupted(stop.signum, "nothing was written")
             manifest = _build(cfg, work, ts, pool, on_progress, stop)
         if work != Path(cfg.out):
-            outdir.swap_in(work, Path(cfg.out), "cache")
+            outdir.swap_in(work, Path(cfg.out))
         return manifest
 
 
@@ -77,7 +79,7 @@ def _build(cfg: BuildConfig, work: Path, ts: TeacherSetup, pool: TokenizerPool |
     manifest = cache_manifest(cfg, ts)
     # The options, resolved, so `--config CACHE/config.yaml` repeats this build; before the shards, as the
     # manifest that marks a complete cache is written last.
-    work.mkdir(parents=True, exist_ok=True)
+    ownership.claim(work, "cache", CACHE_ENTRIES)  # tcache's marker, before anything else is written there
     configfile.write(cfg, work / configfile.CONFIG_FILE, "build")
     # 2. fit: rows are tokenised ahead in a thread, the teacher runs, shards are written behind it
     writer = CacheWriter(work, manifest, state or BuildState(identity, batch_size))

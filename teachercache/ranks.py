@@ -19,11 +19,12 @@ import os
 import shutil
 from pathlib import Path
 
-from tcache import dist, outdir
+from tcache import dist, outdir, ownership
 from tcache.device import resolve_device
 from tcache.teachercache import schema
 from tcache.teachercache.config import BuildConfig
 from tcache.teachercache.manifest import Manifest, ShardInfo, load_manifest
+from tcache.teachercache.writer import CACHE_ENTRIES
 
 RANK_DIR = ".rank-{}"
 
@@ -52,7 +53,7 @@ def build_ranks(cfg: BuildConfig, on_progress=None) -> Manifest:
     if dist.is_main():
         _merge(cfg, work)
         if work != Path(cfg.out):
-            outdir.swap_in(work, Path(cfg.out), "cache")
+            outdir.swap_in(work, Path(cfg.out))
     dist.barrier()
     return load_manifest(cfg.out)
 
@@ -62,7 +63,7 @@ def _prepare(cfg: BuildConfig, work_dir) -> Path:
     a --resume keeps the ranks' sub-builds."""
     work = work_dir(cfg) if not cfg.resume else Path(cfg.out)
     outdir.check_writable(work)
-    work.mkdir(parents=True, exist_ok=True)
+    ownership.claim(work, "cache", CACHE_ENTRIES + tuple(RANK_DIR.format(r) for r in range(dist.world())))
     return work
 
 
@@ -80,6 +81,7 @@ def _merge(cfg: BuildConfig, work: Path) -> None:
         if r not in parts or local >= len(parts[r].shards):
             break
         sh, name = parts[r].shards[local], schema.shard_name(g)
+        ownership.register(work, name)
         if (subs[r] / sh.file).exists():
             os.replace(subs[r] / sh.file, work / name)
         shards.append(ShardInfo(name, sh.rows, sh.bytes, sh.sha256))
@@ -104,3 +106,4 @@ def _merge(cfg: BuildConfig, work: Path) -> None:
     outdir.fsync_dir(work)
     for s in subs:  # after the manifest: until then they are what a rerun finishes the merge from
         shutil.rmtree(s, ignore_errors=True)
+    ownership.seal(work)

@@ -17,18 +17,18 @@ from tcache.teachercache.writer import BuildState
 
 def work_dir(cfg: BuildConfig) -> Path:
     """Where this build writes: --out itself, or (--overwrite of a cache) its staging sibling, swapped in
-    when complete. Refuses anything that would delete what tcache did not write."""
+    when complete. Refuses anything that would delete what tcache did not write (outdir.classify)."""
     out = Path(cfg.out)
     k = outdir.classify(out, "cache")
     if k in ("missing", "empty"):
         if cfg.resume:
             raise TcacheError(f"--resume: --out {out} holds no interrupted build; run without --resume")
         return out
-    if k in ("build", "other"):  # an interrupted build: no valid result to protect
+    if k == "build":  # an interrupted build (tcache's marker says so): no valid result to protect
         if cfg.resume:
             return out
         if cfg.overwrite:
-            outdir.remove_ours(out, "cache")
+            outdir.remove_ours(out)
             return out
         raise TcacheError(f"--out {out} holds an interrupted build; pass --resume (with the same options) to "
                           "continue it, or --overwrite to start over")
@@ -40,10 +40,10 @@ def work_dir(cfg: BuildConfig) -> Path:
         raise TcacheError(f"--out {out} is a tcache cache; pass --overwrite to replace it or choose another --out")
     if cfg.resume:
         stage = outdir.staging(out)
-        if outdir.kind(stage) not in ("build", "other"):
+        if outdir.kind(stage) != "build":
             raise TcacheError(f"--resume --overwrite: no interrupted replacement of {out} to resume (looked for "
                               f"{stage}); run without --resume")
-        outdir.refuse_foreign(stage, "cache", flag="staging directory")
+        outdir.classify(stage, "cache", flag="staging directory")
         return stage
     return outdir.fresh_staging(out, "cache")
 

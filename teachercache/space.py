@@ -6,6 +6,7 @@ import os
 from pathlib import Path
 
 from tcache import outdir
+from tcache.teachercache import schema
 from tcache.errors import TcacheError
 from tcache.teachercache.config import BuildConfig
 from tcache.teachercache.setup import TeacherSetup, full_weights_bytes, tied_head, weights_dtype
@@ -27,10 +28,19 @@ def bytes_needed(cfg: BuildConfig, ts: TeacherSetup, rows: int) -> int:
     return int(per_row * rows * 1.02) + 2**20 + teacher_files_bytes(ts)
 
 
+def teacher_bytes_on_disk(work: Path) -> int:
+    """Bytes of teacher files an interrupted build already wrote: a resumed build rewrites each in place."""
+    tdir = work / schema.TEACHER_DIR
+    return sum(f.stat().st_size for f in tdir.rglob("*") if f.is_file()) if tdir.is_dir() else 0
+
+
 def check_free_space(cfg: BuildConfig, ts: TeacherSetup, work: Path, rows: int) -> None:
-    need, free = bytes_needed(cfg, ts, rows), outdir.free_bytes(work)
+    """Refuse a build (or the rest of a resumed one: `rows` still to write) that cannot fit in --out's free space.
+    Only what remains counts: the complete shards and teacher files already on disk are not written again."""
+    need = max(bytes_needed(cfg, ts, rows) - min(teacher_bytes_on_disk(work), teacher_files_bytes(ts)), 0)
+    free = outdir.free_bytes(work)
     # TCACHE_NO_SPACE_CHECK=1: for filesystems that misreport free space (some network mounts, quotas)
     if need > free and os.environ.get("TCACHE_NO_SPACE_CHECK") != "1":
-        raise TcacheError(f"--out {cfg.out}: this build needs {fmt_bytes(need)} ({rows:,} rows of "
+        raise TcacheError(f"--out {cfg.out}: this build needs {fmt_bytes(need)} more ({rows:,} rows of "
                           f"{cfg.seq_len} tokens and the teacher files) but its filesystem has "
                           f"{fmt_bytes(free)} free; free space, lower --tokens, or choose another --out")

@@ -24,6 +24,7 @@ import h5py
 import numpy as np
 
 from tcache.teachercache import schema
+from tcache import ownership
 from tcache.errors import TcacheError
 from tcache.outdir import BUILD_STATE, free_bytes, fsync_dir
 from tcache.teachercache.manifest import Manifest, ShardInfo
@@ -31,6 +32,8 @@ from tcache.teachercache.reader import hash_file
 from tcache.teachercache.schema import FieldSpec
 
 STATE_FORMAT = "tcache-build-state"
+CACHE_ENTRIES = (schema.MANIFEST_FILE, BUILD_STATE, "config.yaml", schema.TEACHER_DIR)
+"""The entries of a cache besides its shards (listed in tcache's marker when a build claims its directory)."""
 
 
 @dataclass
@@ -117,7 +120,7 @@ class CacheWriter:
     # -- context manager -------------------------------------------------------------------------
     def __enter__(self) -> "CacheWriter":
         _quiet_hdf5_disk_full()
-        self.out_dir.mkdir(parents=True, exist_ok=True)
+        ownership.claim(self.out_dir, "cache", CACHE_ENTRIES)
         (self.out_dir / schema.TEACHER_DIR).mkdir(exist_ok=True)
         self._adopt_complete_shards()
         self._save_state()
@@ -129,6 +132,7 @@ class CacheWriter:
                 self.finish()
                 self._write_manifest()
                 (self.out_dir / BUILD_STATE).unlink(missing_ok=True)
+                ownership.seal(self.out_dir)
         finally:
             self._hasher.shutdown(wait=True)
             if exc_type is not None:
@@ -229,6 +233,7 @@ class CacheWriter:
         if free_bytes(self.out_dir) < need and os.environ.get("TCACHE_NO_SPACE_CHECK") != "1":
             raise self.disk_full_error()
         partial = self._shard_path().with_name(self._shard_path().name + schema.PARTIAL_SUFFIX)
+        ownership.register(self.out_dir, self._shard_path().name)  # listed before it exists
         # track_times=False keeps shards byte-identical across identical builds (no timestamps).
         # No chunk cache (rows are written once, in order): a write that meets a full disk then fails in the
         # write call, not later while h5py frees the dataset, where the error cannot be caught.
