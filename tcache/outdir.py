@@ -22,7 +22,7 @@ MANIFEST = ownership.MANIFEST
 BUILD_STATE = ownership.BUILD_STATE
 STUDENT = ownership.STUDENT
 STAGING_SUFFIX = ".tcache-new"
-_NAMES = {"cache": "cache", "build": "interrupted build", "run": "distill run", "export": "export"}
+_NAMES = {"cache": "a cache", "run": "a distill run", "export": "an export"}
 
 
 def kind(path: Path) -> str:
@@ -73,7 +73,7 @@ def classify(out: Path, what: str, flag: str = "--out") -> str:
     refuse_foreign(out, flag)
     mine = ("cache", "build") if what == "cache" else (what,)
     if k not in mine:
-        raise TcacheError(f"{flag} {out} is {describe(k)}, not a {_NAMES[what]}; choose another {flag}")
+        raise TcacheError(f"{flag} {out} is {describe(k)}, not {_NAMES[what]}; choose another {flag}")
     return k
 
 

@@ -1,0 +1,291 @@
+"""The list of promises: every fault a user can meet, one row each (tests/promises.py: the command, the fault, the
+exit code, the one line it ends with), and after every row each file the user owned before is still there, byte
+for byte. Read the ROWS as the contract; the fault functions above them say how each fault is made."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from conftest import REPO, build_cache, text_head
+from promises import Case, Promise, invoke
+
+MARKER = ".tcache-output.json"  # tcache.ownership.MARKER, spelled out so the rows also run against older code
+
+T = 32  # the tiny students' training length
+
+
+# -- fixtures ----------------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def fixtures(tmp_path_factory, tiny_teacher, teacher_dir, valid_jsonl, shared_cache):
+    """Session fixtures by name, plus a tiny cache and a tiny distill run made once for the rows."""
+    from tcache.student.config import DistillConfig
+    from tcache.student.train import distill
+
+    root = tmp_path_factory.mktemp("promises")
+    text = text_head(valid_jsonl, root / "text.jsonl", 8000)
+    cache = root / "cache"
+    build_cache(cache, tiny_teacher, text, tokens=8 * T, seq_len=T, top_k=8, batch_size=8, rows_per_shard=4)
+    run = root / "run"
+    distill(DistillConfig(cache=str(cache), out=str(run), recipe="v2", steps=2, batch_size=2, grad_accum=1,
+                          seed=0, device="cpu"))
+    return {"tiny_teacher": tiny_teacher, "teacher_dir": teacher_dir, "valid_jsonl": valid_jsonl, "text": text,
+            "shared_cache": shared_cache, "cache": cache, "run": run}
+
+
+def build_args(case: Case, out: Path, *extra) -> list[str]:
+    f = case.fixtures
+    return ["build", "--teacher", str(f["tiny_teacher"]), "--data", str(f["text"]), "--tokens", str(4 * T),
+            "--seq-len", str(T), "--top-k", "4", "--device", "cpu", "--out", str(out), *map(str, extra)]
+
+
+def distill_args(case: Case, out: Path, *extra) -> list[str]:
+    return ["distill", str(case.fixtures["cache"]), "--out", str(out), "--recipe", "v2", "--steps", "1",
+            "--batch-size", "2", "--grad-accum", "1", "--device", "cpu", *map(str, extra)]
+
+
+def copy_of(case: Case, name: str, legacy: bool = False) -> Path:
+    """A copy of a fixture output tcache wrote; `legacy`: without its marker, as tcache 0.1.0 left it."""
+    dst = case.tmp / name
+    shutil.copytree(case.fixtures[name], dst)
+    if legacy:
+        (dst / MARKER).unlink()
+    return dst
+
+
+def hold_lock(case: Case, out: Path) -> subprocess.Popen:
+    """Another process holding --out's lock (it prints 'locked' once it holds it)."""
+    code = f"import sys,time; from tcache.locks import locked\nwith locked({str(out)!r}):\n print('locked', flush=True); time.sleep(120)"
+    proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True,
+                            env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert proc.stdout.readline().strip() == "locked"
+    case.fixtures["finalizers"].append(proc.kill)
+    return proc
+
+
+# -- faults: --overwrite and ownership (issue 21: 1-3, 13) ------------------------------------------------------
+def project_folder(case: Case, *extra) -> list[str]:
+    """The user's own project folder: their model in teacher/ and a hand-written config.yaml."""
+    case.user("P/teacher/notes.txt", "my notes\n")
+    case.user("P/config.yaml", "x: 1\n")
+    return build_args(case, case.tmp / "P", *extra)
+
+
+def model_folder(case: Case) -> list[str]:
+    """A folder of the user's that happens to use the names a run writes."""
+    for name in ("metrics.jsonl", "config.json", "model.safetensors"):
+        case.user(f"D/{name}", f"the user's {name}\n")
+    return distill_args(case, case.tmp / "D", "--overwrite")
+
+
+def marked_cache_with_a_user_file(case: Case) -> list[str]:
+    out = copy_of(case, "cache")
+    case.user("cache/notes.txt", "added by the user after the build\n")
+    return build_args(case, out, "--overwrite")
+
+
+def legacy_cache(case: Case) -> list[str]:
+    return build_args(case, copy_of(case, "cache", legacy=True), "--overwrite")
+
+
+def legacy_cache_with_a_user_file(case: Case) -> list[str]:
+    out = copy_of(case, "cache", legacy=True)
+    case.user("cache/notes.txt", "mine\n")
+    return build_args(case, out, "--overwrite")
+
+
+def cache_lookalike(case: Case) -> list[str]:
+    """Names a cache uses, content that is not tcache's: no proof, so not tcache's to replace."""
+    case.user("L/manifest.json", json.dumps({"format": "my-own", "shards": []}))
+    case.user("L/shard-00000.h5", b"\x89HDF my data")
+    return build_args(case, case.tmp / "L", "--overwrite")
+
+
+def legacy_run(case: Case) -> list[str]:
+    return distill_args(case, copy_of(case, "run", legacy=True), "--overwrite")
+
+
+def export_into(target: str):
+    def fault(case: Case) -> list[str]:
+        if target == "cache":
+            out = copy_of(case, "cache")
+            case.own_all(out)  # not the export's to replace: every byte must stay
+        else:
+            out = case.tmp / "mine"
+            case.user("mine/notes.txt", "keep me\n")
+        return ["export", str(case.fixtures["run"]), "--out", str(out), "--overwrite"]
+    return fault
+
+
+def marker_lists_what_is_there(name: str, kind: str):
+    def check(case: Case) -> None:
+        from tcache import ownership
+
+        out = case.tmp / name
+        doc = ownership.read(out)
+        assert doc is not None and doc["kind"] == kind, doc
+        assert sorted(doc["files"]) == sorted(p.name for p in out.iterdir() if p.name != MARKER)
+    return check
+
+
+def cache_still_verifies(case: Case) -> None:
+    from tcache.teachercache.verify import verify_cache
+
+    assert verify_cache(case.tmp / "cache")["ok"]
+
+
+# -- faults: locks (issue 21: 4) ---------------------------------------------------------------------------------
+def build_while_locked(case: Case) -> list[str]:
+    out = case.tmp / "c"
+    holder = hold_lock(case, out)
+    case.fixtures["holder_pid"] = holder.pid
+    return build_args(case, out)
+
+
+def lock_of_a_killed_process(case: Case) -> list[str]:
+    out = case.tmp / "c"
+    holder = hold_lock(case, out)
+    holder.send_signal(signal.SIGKILL)
+    holder.wait()
+    assert (out.parent / f".{out.name}.tcache-lock").exists()  # left behind, as kill -9 leaves it
+    return build_args(case, out)
+
+
+def distill_while_locked(case: Case) -> list[str]:
+    out = case.tmp / "r"
+    hold_lock(case, out)
+    return distill_args(case, out)
+
+
+def export_while_locked(case: Case) -> list[str]:
+    out = case.tmp / "hf"
+    hold_lock(case, out)
+    return ["export", str(case.fixtures["run"]), "--out", str(out)]
+
+
+# -- faults: disk space (issue 21: 6) ----------------------------------------------------------------------------
+def resume_after_a_full_disk(case: Case) -> list[str]:
+    """A build stopped by a full disk after its first shard, then space freed: enough for the rest, less than the
+    whole build (teacher files included) needs."""
+    import tcache.outdir
+    import tcache.teachercache.writer as writer
+
+    mp, out = case.fixtures["monkeypatch"], case.tmp / "c"
+    args = build_args(case, out, "--shard-rows", 2, "--batch-size", 2)
+    calls = {"n": 0}
+
+    def filling(path):  # the writer's own check before each shard: room for the first, then none
+        calls["n"] += 1
+        return 2**40 if calls["n"] == 1 else 0
+
+    mp.setattr(writer, "free_bytes", filling)
+    r = invoke(args, case, False, 60)
+    assert r.code == 1 and "rerun with --resume" in r.output, r.output
+    mp.undo()
+    on_disk = sum(f.stat().st_size for f in out.rglob("*") if f.is_file())
+    shard = (out / "shard-00000.h5").stat().st_size
+    free = 2 * shard + 2**21  # the one missing shard (and HDF5's slack): less than what is already on disk
+    assert free < on_disk, (free, on_disk)
+    mp.setattr(tcache.outdir, "free_bytes", lambda path: free)
+    return [*args, "--resume"]
+
+
+# -- the list of promises -----------------------------------------------------------------------------------------
+NO_OVERWRITE_HINT = r"^(?!.*--overwrite).*"
+ROWS = [
+    Promise("21.1-build-overwrite-refuses-a-project-folder", lambda c: project_folder(c, "--overwrite"), 1,
+            NO_OVERWRITE_HINT + r".*P holds files tcache did not write \(config\.yaml, teacher\); move them away"),
+    Promise("21.1-build-refuses-a-project-folder-without-suggesting-overwrite", project_folder, 1,
+            NO_OVERWRITE_HINT + r".*P holds files tcache did not write \(config\.yaml, teacher\)"),
+    Promise("21.2-distill-overwrite-refuses-a-folder-of-run-like-names", model_folder, 1,
+            NO_OVERWRITE_HINT + r"D holds files tcache did not write \(config\.json, metrics\.jsonl, model\.safetensors\)"),
+    Promise("21.3-overwrite-replaces-a-marked-cache", lambda c: build_args(c, copy_of(c, "cache"), "--overwrite"), 0,
+            r"cache written", after=marker_lists_what_is_there("cache", "cache")),
+    Promise("21.3-overwrite-refuses-a-marked-cache-holding-a-user-file", marked_cache_with_a_user_file, 1,
+            NO_OVERWRITE_HINT + r"cache holds files tcache did not write \(notes\.txt\)", after=cache_still_verifies),
+    Promise("21.3-migration-an-unmarked-0.1.0-cache-is-replaced", legacy_cache, 0, r"cache written",
+            after=marker_lists_what_is_there("cache", "cache")),
+    Promise("21.3-migration-an-unmarked-0.1.0-cache-with-a-user-file-is-refused", legacy_cache_with_a_user_file, 1,
+            r"holds files tcache did not write \(notes\.txt\)", after=cache_still_verifies),
+    Promise("21.3-names-without-tcache-content-are-not-a-cache", cache_lookalike, 1,
+            NO_OVERWRITE_HINT + r"L holds files tcache did not write \(manifest\.json, shard-00000\.h5\)"),
+    Promise("21.3-migration-an-unmarked-0.1.0-run-is-replaced", legacy_run, 0, r"student saved: ",
+            after=marker_lists_what_is_there("run", "run")),
+    Promise("21.13-export-onto-a-cache-is-refused-in-plain-words", export_into("cache"), 1,
+            r"--out \S+cache is a tcache cache, not an export; choose another --out"),
+    Promise("21.13-export-onto-a-user-folder-is-refused", export_into("mine"), 1,
+            NO_OVERWRITE_HINT + r"mine holds files tcache did not write \(notes\.txt\)"),
+    Promise("21.4-a-second-build-into-a-locked-out-is-refused", build_while_locked, 1,
+            r"--out \S+ is in use by pid \d+ \(tcache"),
+    Promise("21.4-a-lock-left-by-kill-9-does-not-block", lock_of_a_killed_process, 0, r"cache written"),
+    Promise("21.4-distill-into-a-locked-out-is-refused", distill_while_locked, 1, r"is in use by pid \d+"),
+    Promise("21.4-export-into-a-locked-out-is-refused", export_while_locked, 1, r"is in use by pid \d+"),
+    Promise("21.6-resume-after-a-full-disk-counts-only-what-remains", resume_after_a_full_disk, 0,
+            r"resumed after 2 rows"),
+]
+
+
+@pytest.mark.parametrize("promise", ROWS, ids=[p.id for p in ROWS])
+def test_promise(promise: Promise, fixtures, tmp_path, monkeypatch):
+    if promise.needs_root and os.geteuid() != 0:
+        pytest.skip("needs root (tmpfs / bind mounts)")
+    case = Case(tmp_path, {**fixtures, "monkeypatch": monkeypatch, "finalizers": []})
+    try:
+        args = promise.fault(case)
+        out = invoke(args, case, promise.subprocess, promise.timeout)
+        assert "Traceback" not in out.output, out.output
+        assert out.code == promise.code, out.output
+        if promise.code in (0, 130, 143):
+            assert any(re.search(promise.message, line) for line in out.output.splitlines()), out.output
+        else:
+            errors = [line for line in out.output.splitlines() if line.startswith("Error:")]
+            assert len(errors) == 1, out.output
+            assert re.search(promise.message, errors[0].removeprefix("Error: ")), errors[0]
+        for path, data in case.owned.items():
+            assert path.is_file() and path.read_bytes() == data, f"the user's {path} was changed or deleted"
+        if promise.after is not None:
+            promise.after(case)
+    finally:
+        for fin in case.fixtures["finalizers"]:
+            fin()
+
+
+def test_two_concurrent_builds_into_one_out_exactly_one_wins(tmp_path, teacher_dir, valid_jsonl):
+    """Two real builds at once (top-k 64 and top-k 8) into one --out: the second, started while the first holds the
+    lock, is refused in one line naming the first's pid; the first's cache is the one on disk, and it verifies."""
+    from tcache.teachercache.manifest import load_manifest
+    from tcache.teachercache.verify import verify_cache
+
+    text = text_head(valid_jsonl, tmp_path / "t.jsonl", 60000)
+    out = tmp_path / "c"
+    env = {**os.environ, "PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1"}
+
+    def start(k: int) -> subprocess.Popen:
+        return subprocess.Popen([sys.executable, "-m", "tcache", "build", "--teacher", str(teacher_dir), "--data",
+                                 str(text), "--tokens", "8k", "--seq-len", "128", "--top-k", str(k), "--device", "cpu",
+                                 "--out", str(out)], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+    first = start(64)
+    lock = tmp_path / ".c.tcache-lock"
+    t = time.time()
+    while not lock.exists():
+        assert first.poll() is None and time.time() - t < 60, first.communicate()
+        time.sleep(0.02)
+    second = start(8)
+    err2 = second.communicate(timeout=120)[1]
+    err1 = first.communicate(timeout=300)[1]
+    assert first.returncode == 0, err1
+    assert second.returncode == 1 and "Traceback" not in err2, err2
+    errors = [line for line in err2.splitlines() if line.startswith("Error:")]
+    assert len(errors) == 1 and f"in use by pid {first.pid}" in errors[0], err2
+    assert load_manifest(out).top_k == 64 and verify_cache(out)["ok"]
+    assert not lock.exists()  # released and removed by its holder
