@@ -81,83 +81,6 @@ def test_stats_values_match_raw_file(shared_cache):
     assert s["hidden_rms"][0] == pytest.approx(rms, rel=1e-6)
 
 
-def test_teacher_path_not_found(tmp_path, valid_jsonl):
-    out = tmp_path / "c"
-    r = run("build", "--teacher", tmp_path / "nope", "--data", valid_jsonl, "--tokens", "1k", "--out", out)
-    assert_clean_error(r, "--teacher", "no such directory")
-    assert not out.exists()
-
-
-def test_teacher_hub_id_not_found(tmp_path, valid_jsonl):
-    r = run("build", "--teacher", "no-such-org/no-such-model", "--data", valid_jsonl, "--tokens", "1k",
-            "--out", tmp_path / "c")
-    assert_clean_error(r, "--teacher", "not found")
-    assert not (tmp_path / "c").exists()
-
-
-def test_an_unreachable_hub_is_said_at_once(tmp_path, valid_jsonl, monkeypatch):
-    """No network and no HF_HUB_OFFLINE: one probe of the hub (no ~27 s of retries), then 'offline?'."""
-    import socket
-    import time
-
-    from tcache import hf
-
-    def no_network(*a, **k):
-        raise OSError("network is unreachable")
-
-    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
-    monkeypatch.setattr(socket, "create_connection", no_network)
-    hf.hub_unreachable.cache_clear()
-    try:
-        t0 = time.monotonic()
-        r = run("build", "--teacher", "no-such-org/no-such-model", "--data", valid_jsonl, "--tokens", "1k",
-                "--out", tmp_path / "c")
-        assert_clean_error(r, "--teacher no-such-org/no-such-model: not found in the local HF cache",
-                           "is unreachable (offline?)")
-        assert time.monotonic() - t0 < 10
-    finally:
-        hf.hub_unreachable.cache_clear()
-
-
-def test_dataset_not_found(tmp_path, tiny_args):
-    args = [a if a != tiny_args[4] else tmp_path / "missing.jsonl" for a in tiny_args]
-    r = run(*args, "--tokens", "1k", "--out", tmp_path / "c")
-    assert_clean_error(r, "--data", "no such file")
-    r = run(*tiny_args[:3], "--data", "no-such-org/no-such-dataset", *tiny_args[5:], "--tokens", "1k",
-            "--out", tmp_path / "c")
-    assert_clean_error(r, "--data", "not found")
-    assert not (tmp_path / "c").exists()
-
-
-def test_dataset_empty(tmp_path, tiny_teacher):
-    empty = tmp_path / "empty.jsonl"
-    empty.write_text("")
-    r = run("build", "--teacher", tiny_teacher, "--data", empty, "--tokens", "1k", "--seq-len", 64,
-            "--out", tmp_path / "c")
-    assert_clean_error(r, "--data", "empty")
-    assert not (tmp_path / "c").exists()
-
-
-def test_text_field_missing(tmp_path, tiny_args):
-    r = run(*tiny_args, "--text-field", "body", "--tokens", "1k", "--out", tmp_path / "c")
-    assert_clean_error(r, "--text-field", "'body'", "columns: text")
-    assert not (tmp_path / "c").exists()
-
-
-@pytest.mark.parametrize("k,frag", [(0, "--top-k must be at least 1"), (16385, "--top-k 16385 exceeds")])
-def test_top_k_out_of_range(tmp_path, tiny_teacher, valid_jsonl, k, frag):
-    r = run("build", "--teacher", tiny_teacher, "--data", valid_jsonl, "--tokens", "1k", "--top-k", k,
-            "--out", tmp_path / "c")
-    assert_clean_error(r, frag)
-    assert not (tmp_path / "c").exists()
-
-
-def test_seq_len_beyond_max_positions(tmp_path, tiny_teacher, valid_jsonl):
-    r = run("build", "--teacher", tiny_teacher, "--data", valid_jsonl, "--tokens", "1k", "--seq-len", 512,
-            "--out", tmp_path / "c")
-    assert_clean_error(r, "--seq-len 512", "max_position_embeddings 256")
-
-
 def test_tokens_beyond_data_builds_what_there_is(tmp_path, tiny_teacher):
     data = tmp_path / "small.jsonl"
     data.write_text("\n".join(json.dumps({"text": "The quick brown fox jumps over the lazy dog. " * 20})
@@ -170,58 +93,6 @@ def test_tokens_beyond_data_builds_what_there_is(tmp_path, tiny_teacher):
     m = load_manifest(out)
     assert m.data_exhausted and m.tokens_requested == 10**6
     assert 0 < m.tokens < 5 * 20 * 12 and m.tokens % 64 == 0
-
-
-def test_tokens_less_than_one_row(tmp_path, tiny_args):
-    r = run(*tiny_args, "--tokens", "10", "--out", tmp_path / "c")
-    assert_clean_error(r, "--tokens 10", "--seq-len 64")
-
-
-def test_out_not_empty_needs_overwrite_and_overwrite_replaces_only_caches(tmp_path, tiny_args):
-    out = tmp_path / "c"
-    out.mkdir()
-    (out / "precious.txt").write_text("keep me")
-    for extra in ([], ["--overwrite"]):
-        r = run(*tiny_args, "--tokens", "128", "--out", out, *extra)
-        assert_clean_error(r, "--out", "precious.txt", "did not write")
-        assert (out / "precious.txt").read_text() == "keep me"
-    (out / "precious.txt").unlink()
-    r = run(*tiny_args, "--tokens", "128", "--out", out)
-    assert r.exit_code == 0, r.output
-    assert_clean_error(run(*tiny_args, "--tokens", "192", "--out", out), "--out", "tcache cache", "--overwrite")
-    r = run(*tiny_args, "--tokens", "192", "--out", out, "--overwrite")
-    assert r.exit_code == 0, r.output
-    assert load_manifest(out).rows == 3 and not (tmp_path / ".c.tcache-new").exists()
-
-
-def test_stats_on_a_directory_that_is_not_a_cache(tmp_path):
-    r = run("stats", tmp_path)
-    assert_clean_error(r, "not a tcache cache", "tcache build")
-    r = run("stats", tmp_path / "missing")
-    assert_clean_error(r, "not a directory")
-
-
-def test_stats_on_another_schema_version(tmp_path, shared_cache):
-    import shutil
-
-    copy = tmp_path / "c"
-    shutil.copytree(shared_cache, copy)
-    m = json.loads((copy / "manifest.json").read_text())
-    m["schema_version"] = schema.SCHEMA_VERSION + 1
-    (copy / "manifest.json").write_text(json.dumps(m))
-    r = run("stats", copy)
-    assert_clean_error(r, f"schema version {schema.SCHEMA_VERSION + 1}", "rebuild")
-
-
-def test_stats_on_a_truncated_shard(tmp_path, shared_cache):
-    import shutil
-
-    copy = tmp_path / "c"
-    shutil.copytree(shared_cache, copy)
-    shard = copy / "shard-00001.h5"
-    shard.write_bytes(shard.read_bytes()[:1000])
-    r = run("stats", copy)
-    assert_clean_error(r, "shard-00001.h5", "rebuild")
 
 
 def test_plan_reports_exact_bytes_and_an_estimate(tmp_path, tiny_args):
@@ -241,11 +112,6 @@ def test_plan_needs_no_out(tmp_path, tiny_args, monkeypatch):
     r = run("plan", *tiny_args[1:], "--tokens", "20k", "--json")
     assert r.exit_code == 0, r.output
     assert json.loads(r.output)["disk_free_bytes"] > 0 and list(tmp_path.iterdir()) == []
-
-
-def test_plan_refuses_what_build_refuses(tmp_path, tiny_args):
-    assert_clean_error(run("plan", *tiny_args[1:], "--tokens", "1M", "--top-k", 20000, "--out", tmp_path / "c"),
-                       "--top-k 20000 exceeds")
 
 
 def test_unreadable_data_is_one_line_naming_file_and_line(tmp_path, tiny_args, valid_jsonl):

@@ -17,7 +17,6 @@ import pytest
 from conftest import REPO, build_cache
 from tcache.student.config import DistillConfig
 from tcache.student.train import distill
-from tcache.teachercache.manifest import load_manifest
 from test_cli_build import assert_clean_error, run
 
 
@@ -103,21 +102,6 @@ def test_resume_refuses_another_cache(tmp_path, cache, tiny_teacher, valid_jsonl
     out = tmp_path / "run"
     shutil.copytree(uninterrupted, out)
     assert_clean_error(run(*cli_args(other, out, "--resume")), "--resume", "another cache")
-
-
-def test_overwrite_refuses_foreign_files_and_the_input_cache(tmp_path, cache):
-    out = tmp_path / "mine"
-    out.mkdir()
-    (out / "thesis.tex").write_text("my thesis")
-    assert_clean_error(run(*cli_args(cache, out, "--overwrite")), "thesis.tex", "did not write")
-    assert (out / "thesis.tex").read_text() == "my thesis"
-    assert_clean_error(run(*cli_args(cache, cache, "--overwrite")), "inside the input cache")
-    assert_clean_error(run(*cli_args(cache, cache / "sub", "--overwrite")), "inside the input cache")
-    assert_clean_error(run(*cli_args(cache, cache.parent, "--overwrite")), "contains the input cache")
-    load_manifest(cache)  # still a cache
-    from tcache.teachercache.verify import verify_cache
-
-    assert all(s["ok"] for s in verify_cache(cache)["shards"])
 
 
 @pytest.mark.parametrize("sig, code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])

@@ -199,6 +199,119 @@ def resume_after_a_full_disk(case: Case) -> list[str]:
     return [*args, "--resume"]
 
 
+# -- faults: bad input (the suite's earlier cases, moved here as rows) -------------------------------------------
+def tiny_build(case: Case, *extra, data: Path | str | None = None, tokens: str = "1k") -> list[str]:
+    f = case.fixtures
+    return ["build", "--teacher", str(f["tiny_teacher"]), "--data", str(data or f["valid_jsonl"]), "--tokens", tokens,
+            "--seq-len", "64", "--top-k", "4", "--device", "cpu", "--out", str(case.tmp / "c"), *map(str, extra)]
+
+
+def with_teacher(teacher):
+    def fault(case: Case) -> list[str]:
+        args = tiny_build(case)
+        args[args.index("--teacher") + 1] = str(teacher(case))
+        return args
+    return fault
+
+
+def empty_jsonl(case: Case) -> list[str]:
+    case.user("empty.jsonl", "")
+    return tiny_build(case, data=case.tmp / "empty.jsonl")
+
+
+def unreachable_hub(case: Case) -> list[str]:
+    """No network and no HF_HUB_OFFLINE: one probe of the hub (no ~27 s of retries), then 'offline?'."""
+    import socket
+
+    from tcache import hf
+
+    def no_network(*a, **k):
+        raise OSError("network is unreachable")
+
+    mp = case.fixtures["monkeypatch"]
+    mp.delenv("HF_HUB_OFFLINE", raising=False)
+    mp.setattr(socket, "create_connection", no_network)
+    hf.hub_unreachable.cache_clear()
+    case.fixtures["finalizers"].append(hf.hub_unreachable.cache_clear)
+    return with_teacher(lambda c: "no-such-org/no-such-model")(case)
+
+
+def a_cache_without_overwrite(case: Case) -> list[str]:
+    return build_args(case, copy_of(case, "cache"))
+
+
+def edited_manifest(case: Case) -> list[str]:
+    from tcache.teachercache import schema
+
+    out = copy_of(case, "shared_cache")
+    m = json.loads((out / "manifest.json").read_text())
+    m["schema_version"] = schema.SCHEMA_VERSION + 1
+    (out / "manifest.json").write_text(json.dumps(m))
+    return ["stats", str(out)]
+
+
+def truncated_shard(case: Case) -> list[str]:
+    out = copy_of(case, "shared_cache")
+    shard = out / "shard-00001.h5"
+    shard.write_bytes(shard.read_bytes()[:1000])
+    return ["stats", str(out)]
+
+
+def distill_out(where: str):
+    def fault(case: Case) -> list[str]:
+        cache = case.fixtures["cache"]
+        out = {"cache": cache, "inside": cache / "sub", "around": cache.parent}[where]
+        return distill_args(case, out, "--overwrite")
+    return fault
+
+
+def nothing_written(case: Case) -> None:
+    assert not (case.tmp / "c").exists()
+
+
+def fixture_cache_intact(case: Case) -> None:
+    from tcache.teachercache.verify import verify_cache
+
+    assert verify_cache(case.fixtures["cache"])["ok"]
+
+
+BAD_INPUT = [
+    Promise("teacher-path-not-found", with_teacher(lambda c: c.tmp / "nope"), 1, r"--teacher .*no such directory",
+            after=nothing_written),
+    Promise("teacher-hub-id-not-found", with_teacher(lambda c: "no-such-org/no-such-model"), 1, r"--teacher.*not found",
+            after=nothing_written),
+    Promise("an-unreachable-hub-is-said-at-once", unreachable_hub, 1,
+            r"--teacher no-such-org/no-such-model: not found in the local HF cache.*is unreachable \(offline\?\)",
+            timeout=10),
+    Promise("dataset-file-not-found", lambda c: tiny_build(c, data=c.tmp / "missing.jsonl"), 1, r"--data.*no such file",
+            after=nothing_written),
+    Promise("dataset-hub-id-not-found", lambda c: tiny_build(c, data="no-such-org/no-such-dataset"), 1,
+            r"--data.*not found", after=nothing_written),
+    Promise("dataset-empty", empty_jsonl, 1, r"--data.*empty", after=nothing_written),
+    Promise("text-field-missing", lambda c: tiny_build(c, "--text-field", "body"), 1, r"--text-field.*'body'.*columns: text",
+            after=nothing_written),
+    Promise("top-k-0", lambda c: tiny_build(c, "--top-k", 0), 1, r"--top-k must be at least 1", after=nothing_written),
+    Promise("top-k-beyond-the-vocabulary", lambda c: tiny_build(c, "--top-k", 16385), 1, r"--top-k 16385 exceeds",
+            after=nothing_written),
+    Promise("plan-refuses-what-build-refuses", lambda c: ["plan", *tiny_build(c, "--top-k", 20000)[1:]], 1,
+            r"--top-k 20000 exceeds"),
+    Promise("seq-len-beyond-max-positions", lambda c: tiny_build(c, "--seq-len", 512), 1,
+            r"--seq-len 512.*max_position_embeddings 256"),
+    Promise("tokens-less-than-one-row", lambda c: tiny_build(c, tokens="10"), 1, r"--tokens 10.*--seq-len 64"),
+    Promise("a-cache-is-replaced-only-with-overwrite", a_cache_without_overwrite, 1,
+            r"--out \S+cache is a tcache cache; pass --overwrite to replace it"),
+    Promise("stats-of-a-folder-that-is-not-a-cache", lambda c: ["stats", str(c.tmp)], 1, r"not a tcache cache.*tcache build"),
+    Promise("stats-of-a-missing-folder", lambda c: ["stats", str(c.tmp / "missing")], 1, r"not a directory"),
+    Promise("stats-of-another-schema-version", edited_manifest, 1, r"schema version \d+.*rebuild"),
+    Promise("stats-of-a-truncated-shard", truncated_shard, 1, r"shard-00001\.h5.*rebuild"),
+    Promise("distill-out-is-the-input-cache", distill_out("cache"), 1, r"inside the input cache", after=fixture_cache_intact),
+    Promise("distill-out-inside-the-input-cache", distill_out("inside"), 1, r"inside the input cache",
+            after=fixture_cache_intact),
+    Promise("distill-out-around-the-input-cache", distill_out("around"), 1, r"contains the input cache",
+            after=fixture_cache_intact),
+]
+
+
 # -- the list of promises -----------------------------------------------------------------------------------------
 NO_OVERWRITE_HINT = r"^(?!.*--overwrite).*"
 ROWS = [
@@ -231,6 +344,7 @@ ROWS = [
     Promise("21.4-export-into-a-locked-out-is-refused", export_while_locked, 1, r"is in use by pid \d+"),
     Promise("21.6-resume-after-a-full-disk-counts-only-what-remains", resume_after_a_full_disk, 0,
             r"resumed after 2 rows"),
+    *BAD_INPUT,
 ]
 
 
