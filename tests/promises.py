@@ -32,6 +32,11 @@ class Case:
         self.owned[p] = p.read_bytes()
         return p
 
+    def check_owned(self) -> None:
+        """Every file the user owned before is still there, byte for byte."""
+        for path, data in self.owned.items():
+            assert path.is_file() and path.read_bytes() == data, f"the user's {path} was changed or deleted"
+
     def own_all(self, root: Path) -> None:
         """Count every file already under `root` as the user's (a folder they made by other means)."""
         for p in root.rglob("*"):

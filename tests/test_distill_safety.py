@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 
 from conftest import REPO, build_cache
+from promises import Case
 from tcache.student.config import DistillConfig
 from tcache.student.train import distill
 from test_cli_build import assert_clean_error, run
@@ -108,6 +109,8 @@ def test_resume_refuses_another_cache(tmp_path, cache, tiny_teacher, valid_jsonl
 def test_signal_during_overwrite_keeps_the_old_student(tmp_path, cache, uninterrupted, sig, code):
     out = tmp_path / "run"
     shutil.copytree(uninterrupted, out)
+    user = Case(tmp_path, {})  # the user's files beside the run survive the overwrite, byte for byte
+    user.user("notes.txt"), user.user("runs/other/model.safetensors", b"another model")
     before = (out / "model.safetensors").read_bytes()
     args = cli_args(cache, out, "--overwrite", "--lr", 3e-3)
     args.remove("--lr"), args.remove(1e-3)
@@ -123,6 +126,7 @@ def test_signal_during_overwrite_keeps_the_old_student(tmp_path, cache, uninterr
     assert r.exit_code == 0, r.output
     assert (out / "model.safetensors").read_bytes() != before and not stage.exists()
     assert json.loads((out / "student.json").read_text())["trained"]["steps"] == 6
+    user.check_owned()
 
 
 def test_corrupt_or_missing_shard_is_refused(tmp_path, cache):

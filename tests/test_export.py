@@ -15,6 +15,7 @@ import pytest
 import torch
 
 from conftest import build_cache, text_head
+from promises import Case
 from test_cli_build import run
 from tcache.student.config import DistillConfig
 from tcache.student.io import load_student
@@ -127,14 +128,16 @@ def test_generation_state_does_not_grow_with_the_prefix(exported, recipe):
 
 def test_export_refuses_a_directory_it_did_not_write_and_replaces_its_own(exported, tmp_path):
     student, hf = exported("v2")
-    foreign = tmp_path / "mine"
-    foreign.mkdir()
-    (foreign / "notes.txt").write_text("keep me")
-    r = run("export", student, "--out", foreign)
-    assert r.exit_code != 0 and "Traceback" not in r.output and (foreign / "notes.txt").exists()
+    user = Case(tmp_path, {})
+    foreign = user.user("mine/notes.txt", "keep me").parent
+    user.user("notes-beside-mine.txt")
+    for extra in ((), ("--overwrite",)):
+        r = run("export", student, "--out", foreign, *extra)
+        assert r.exit_code != 0 and "Traceback" not in r.output and "did not write (notes.txt)" in r.output
     r = run("export", student, "--out", hf)
     assert r.exit_code != 0 and "--overwrite" in r.output
     assert run("export", student, "--out", hf, "--overwrite").exit_code == 0
+    user.check_owned()
 
 
 def test_generate_command_prints_a_continuation(exported):

@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from click.testing import CliRunner
 from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
+from promises import Case
 from tcache.cli.main import main
 from tcache.errors import TcacheError
 from tcache.student.config import DistillConfig
@@ -189,9 +190,12 @@ def test_cli_hybrid_then_eval_at_four_times_the_length(tmp_path, hybrid_cache, v
     hf_dir.mkdir()
     for f in ("config.json", "model.safetensors", "tokenizer.json"):
         shutil.copy(out / f, hf_dir / f)
+    user = Case(tmp_path, {})
+    user.own_all(hf_dir)
     r = run(*args[:3], hf_dir, *args[4:], "--overwrite")
-    assert r.exit_code == 1 and "not a tcache distill run" in r.output, r.output
+    assert r.exit_code == 1 and "holds files tcache did not write" in r.output, r.output
     assert sorted(p.name for p in hf_dir.iterdir()) == ["config.json", "model.safetensors", "tokenizer.json"]
+    user.check_owned()
     r = run("eval", out, "--data", valid_jsonl, "--tokens", 2 * 256, "--seq-len", 256, "--json")
     assert r.exit_code == 0, r.output
     res = json.loads(r.output[r.output.index("{"):])

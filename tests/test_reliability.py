@@ -364,8 +364,7 @@ def test_promise(promise: Promise, fixtures, tmp_path, monkeypatch):
             errors = [line for line in out.output.splitlines() if line.startswith("Error:")]
             assert len(errors) == 1, out.output
             assert re.search(promise.message, errors[0].removeprefix("Error: ")), errors[0]
-        for path, data in case.owned.items():
-            assert path.is_file() and path.read_bytes() == data, f"the user's {path} was changed or deleted"
+        case.check_owned()
         if promise.after is not None:
             promise.after(case)
     finally:
