@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import click
 from rich.console import Console
-from rich.markup import escape
 
 from tcache.cli.errors import friendly_errors
+from tcache.cli.interrupts import stops_cleanly
 from tcache.cli.options import config_from, config_options
 from tcache.student.generate import ExportConfig, GenerateConfig
 
@@ -26,12 +26,17 @@ def export(**options) -> None:
 @click.command()
 @config_options(GenerateConfig)
 @friendly_errors
+@stops_cleanly
 def generate(**options) -> None:
-    """Continue --prompt with MODEL (a student or its export), decoding from the recurrent state."""
+    """Continue --prompt with MODEL (a student or its export), decoding from the recurrent state and printing each
+    token as it comes. Ctrl-C (or SIGTERM) stops at the next token: the text so far stays, exit 130 (143)."""
     from tcache.student.generate import generate as run_generate
 
-    r = run_generate(config_from(GenerateConfig, options))
-    console = Console()
-    console.print(f"[bold]{escape(r['prompt'])}[/]{escape(r['text'])}")
+    r = run_generate(config_from(GenerateConfig, options), on_text=_show)
     Console(stderr=True).print(f"[dim]{r['new_tokens']} tokens in {r['seconds']:.2f} s "
                                f"({r['tokens_per_s']:.1f} tok/s) on {r['device']}[/]")
+
+
+def _show(text: str) -> None:
+    """The prompt, then the text as it streams: stdout, flushed at each piece (click.echo flushes)."""
+    click.echo(text, nl=False)

@@ -112,16 +112,16 @@ def config_file_option(cls: type):
     def load(ctx: click.Context, param: click.Parameter, value: str | None) -> None:
         if value is None:
             return
-        try:
-            values = configfile.options_from(cls, configfile.read(value), value, ctx.command_path)
-        except TcacheError as e:
-            raise click.ClickException(str(e)) from None
         params = {p.name: p for p in ctx.command.params}
         defaults = dict(ctx.default_map or {})
-        for name, v in values.items():
-            # null means the default; a field this command does not take (a plan's --overwrite) is not used
-            if v is not None and name in params:
-                defaults[name] = _for_click(params[name], v)
+        try:
+            values = configfile.keyed_options(cls, configfile.read(value), value, ctx.command_path)
+            for name, (key, v) in values.items():
+                # null means the default; a field this command does not take (a plan's --overwrite) is not used
+                if v is not None and name in params:
+                    defaults[name] = _for_click(params[name], v, ctx, f"{value}: {key}")
+        except TcacheError as e:
+            raise click.ClickException(str(e)) from None
         ctx.default_map = defaults
 
     return click.option("--config", "config_file", type=click.Path(dir_okay=False), is_eager=True,
@@ -130,12 +130,24 @@ def config_file_option(cls: type):
                              "command line override it. Every output saves its resolved options as config.yaml.")
 
 
-def _for_click(param: click.Parameter, value: Any) -> Any:
-    """A YAML scalar as click's type expects it: YAML 1.1 reads `off` / `on` as booleans and `1` as a number,
-    where the option takes the choice 'off' or '1'."""
-    if isinstance(param.type, click.Choice):
-        if isinstance(value, bool):
-            return "on" if value else "off"
-        if isinstance(value, (int, float)):
-            return str(value)
-    return value
+def _for_click(param: click.Parameter, value: Any, ctx: click.Context, where: str) -> Any:
+    """A file's value checked exactly as the command line checks it: converted by the option's own type from the
+    text a user would type (click converts a default_map value with int(12.7) = 12, silently; the command line
+    refuses '12.7'). A flag takes a YAML boolean; lists and schedules pass as the config parses them."""
+    if isinstance(value, (list, tuple)) or dataclasses.is_dataclass(value):
+        return value
+    if getattr(param, "is_flag", False):
+        if not isinstance(value, bool):
+            raise TcacheError(f"{where}: {value!r} is not a boolean; write true or false")
+        return value
+    try:
+        return param.type.convert(_as_typed(param, value), param, ctx)
+    except click.BadParameter as e:
+        raise TcacheError(f"{where}: {e.message.rstrip('.')}; fix the value") from None
+
+
+def _as_typed(param: click.Parameter, value: Any) -> str:
+    """The text of a YAML scalar. YAML 1.1 reads `off` / `on` as booleans, where a choice is 'off' or 'on'."""
+    if isinstance(param.type, click.Choice) and isinstance(value, bool):
+        return "on" if value else "off"
+    return str(value)

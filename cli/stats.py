@@ -22,14 +22,20 @@ from tcache.cli.errors import friendly_errors
 @friendly_errors
 def stats(cache, as_json, sample_rows, plot_file) -> None:
     """Show what a cache holds."""
+    import contextlib
+
+    from tcache import locks, plots, pngs
     from tcache.teachercache.stats import cache_stats
 
-    s = cache_stats(cache, max_rows=sample_rows, keep_samples=plot_file is not None)
     if plot_file is not None:
-        from tcache.plots import plot_cache
-
-        plot_cache(s, plot_file)
-        del s["samples"]
+        pngs.check_target(plot_file, "--plot")  # before the rows are read
+    with locks.locked(plot_file, "--plot") if plot_file is not None else contextlib.nullcontext():
+        if plot_file is not None:
+            pngs.check_target(plot_file, "--plot")  # again, now that no other tcache command writes it
+        s = cache_stats(cache, max_rows=sample_rows, keep_samples=plot_file is not None)
+        if plot_file is not None:
+            plots.plot_cache(s, plot_file, "--plot")
+            del s["samples"]
     if as_json:
         click.echo(json.dumps(s, indent=2))
         return

@@ -14,6 +14,7 @@ from __future__ import annotations
 import itertools
 import math
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -25,7 +26,7 @@ from tcache.text import DEFAULT_SEQ_LEN, DataSpec, iter_texts, pack_rows
 from tcache.units import parse_count
 from tcache.errors import TcacheError
 from tcache.hf import check_seq_len, load_config, load_teacher, tokenizer_sha256
-from tcache import dist
+from tcache import dist, outdir
 from tcache.device import PRECISIONS, resolve_device, resolve_dtype
 
 
@@ -56,6 +57,26 @@ class EvalConfig:
             raise TcacheError(f"--batch-size must be at least 1, got {self.batch_size}")
 
 
+NOT_A_MODEL_FIX = "pass a student (the --out of tcache distill) or a HF model directory or hub id"
+
+
+def refuse_non_model(model: str) -> None:
+    """A local directory that is neither a student nor a HF model, refused by what it is: a cache (whose teacher/
+    is only the teacher's parts), an unfinished build or distill run, or a folder without config.json."""
+    path = Path(model).expanduser()
+    if not path.is_dir():
+        return  # a hub id, or a missing path: load_config says which
+    k = outdir.kind(path)
+    if k in ("cache", "build"):
+        raise TcacheError(f"{model} is {outdir.describe(k)}, not a model; {NOT_A_MODEL_FIX}")
+    if k == "run":
+        raise TcacheError(f"{model} is a tcache distill run without its student.json (not finished); finish it with "
+                          f"tcache distill --resume, or {NOT_A_MODEL_FIX}")
+    if not (path / "config.json").is_file():
+        raise TcacheError(f"{model}: neither a tcache student nor a HF model (no student.json or config.json); "
+                          f"{NOT_A_MODEL_FIX}")
+
+
 def _load(cfg: EvalConfig, device: torch.device, dtype: torch.dtype):
     """(logits_fn, tokenizer, kind, model, extra): logits_fn maps ids (B, T) to logits (B, T, V); extra
     holds what the result reports about the model beyond the common keys."""
@@ -68,8 +89,10 @@ def _load(cfg: EvalConfig, device: torch.device, dtype: torch.dtype):
         tokenizer = AutoTokenizer.from_pretrained(cfg.model)
         extra = {"kernels": dict(model.kernels), "trained_seq_len": doc["cache"]["seq_len"]}
         return (lambda ids: model(ids)[0]), tokenizer, "tcache-student", model, extra
-    check_seq_len(load_config(cfg.model), cfg.seq_len)  # a clear error for a path or id that is not a model, too
-    model, tokenizer = load_teacher(cfg.model, device, dtype)
+    refuse_non_model(cfg.model)
+    # a clear error for a path or id that is not a model, too: in eval's words, as MODEL is no --teacher
+    check_seq_len(load_config(cfg.model, who="", fix=NOT_A_MODEL_FIX), cfg.seq_len)
+    model, tokenizer = load_teacher(cfg.model, device, dtype, who="")
     return (lambda ids: model(input_ids=ids, use_cache=False).logits), tokenizer, "hf", model, {}
 
 

@@ -215,7 +215,7 @@ def _fit_and_save(tr: Trainer, work: Path, hasher: ShardHasher, stop, on_start, 
     if ckpt is not None and main:
         truncate_metrics(work / METRICS_FILE, state.step)
     if main:
-        (work / CONFIG_FILE).write_text(json.dumps(cfg.to_dict(), indent=2))
+        configfile.write_text(work / CONFIG_FILE, json.dumps(cfg.to_dict(), indent=2))
         configfile.write(cfg, work / configfile.CONFIG_FILE, "distill")  # `--config RUN/config.yaml` repeats the run
     if on_start:
         on_start(plan.info)

@@ -10,8 +10,10 @@ command line, then the file, then the defaults.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import difflib
+import errno
 import os
 import typing
 from pathlib import Path
@@ -94,17 +96,16 @@ def read(path: str | os.PathLike) -> dict:
     return raw
 
 
-def options_from(cls: type, raw: Mapping, source: str, command: str) -> dict[str, Any]:
-    """The file's values by click parameter name (the field's name, nested configs flattened). A list or
-    mapping stays a list or becomes its dataclass (a schedule); scalars are left for click to convert.
+def keyed_options(cls: type, raw: Mapping, source: str, command: str) -> dict[str, tuple[str, Any]]:
+    """click parameter name -> (the key as the file spelled it, its value), for errors that name the key. A list
+    or mapping stays a list or becomes its dataclass (a schedule); scalars are left for click to convert.
     Unknown keys, keys given twice and values of the wrong shape are one-line errors naming the key."""
-    values: dict[str, Any] = {}
-    where: dict[str, str] = {}
+    values: dict[str, tuple[str, Any]] = {}
 
     def put(name: str, hint: Any, key: str, value: Any) -> None:
         if name in values:
-            raise TcacheError(f"{source}: {key!r} and {where[name]!r} set the same option; keep one")
-        values[name], where[name] = _value(hint, value, key, source), key
+            raise TcacheError(f"{source}: {key!r} and {values[name][0]!r} set the same option; keep one")
+        values[name] = key, _value(hint, value, key, source)
 
     def walk(keys: _Keys, mapping: Mapping, prefix: str) -> None:
         for key, value in mapping.items():
@@ -168,8 +169,27 @@ def write(cfg: Any, path: str | os.PathLike, command: str) -> Path:
               f"#   tcache {command} --config THIS_FILE --out OTHER\n"
               f"# (options on the command line override this file; {' and '.join(PER_INVOCATION)} are written false).\n")
     body = yaml.safe_dump(to_plain(cfg), sort_keys=False, default_flow_style=None, width=120)
+    return write_text(path, header + body)
+
+
+def write_text(path: Path, text: str) -> Path:
+    """Write `text` at `path` atomically (a temporary renamed); a full disk or an unwritable directory is one
+    line, and no temporary is left behind."""
     tmp = path.with_name(path.name + ".partial")
-    tmp.write_text(header + body)
-    os.replace(tmp, path)
+    try:
+        tmp.write_text(text)
+        os.replace(tmp, path)
+    except OSError as e:
+        with contextlib.suppress(OSError):  # a read-only directory refuses the unlink too
+            tmp.unlink(missing_ok=True)
+        raise _write_error(path, e) from None
     return path
+
+
+def _write_error(path: Path, e: OSError) -> TcacheError:
+    """One line for a file that could not be written; a caller that can resume adds so itself."""
+    if e.errno in (errno.ENOSPC, errno.EDQUOT):
+        what = "the disk is full" if e.errno == errno.ENOSPC else "the disk quota is exceeded"
+        return TcacheError(f"{path}: {what}; free space, then rerun")
+    return TcacheError(f"cannot write {path} ({e.strerror or e}); make its directory writable, then rerun")
 

@@ -41,12 +41,18 @@ def _offline(name: str) -> bool:
     return not _looks_local(name) and hub_unreachable() is not None
 
 
-def load_config(name: str, revision: str | None = None):
-    """The teacher's config alone: cheap, so every argument check runs before weights load."""
+def _named(who: str, name: str) -> str:
+    """How an error names the model: by its flag (`--teacher X`), or alone where it is an argument (eval's)."""
+    return f"{who} {name}" if who else name
+
+
+def load_config(name: str, revision: str | None = None, who: str = "--teacher", fix: str | None = None):
+    """The teacher's config alone: cheap, so every argument check runs before weights load. `who` and `fix`
+    word the errors for a command whose model is not a --teacher (eval's MODEL, which may be a student too)."""
     from transformers import AutoConfig
 
     if _looks_local(name) and not Path(name).expanduser().is_dir():
-        raise TcacheError(f"--teacher {name}: no such directory; pass a HF model directory or a hub id")
+        raise TcacheError(f"{_named(who, name)}: no such directory; {fix or 'pass a HF model directory or a hub id'}")
     if not _looks_local(name):
         try:  # a hub id already in the local HF cache needs no network
             return AutoConfig.from_pretrained(name, revision=revision, local_files_only=True)
@@ -54,19 +60,17 @@ def load_config(name: str, revision: str | None = None):
             pass
         why = hub_unreachable()
         if why:
-            raise TcacheError(f"--teacher {name}: not found in the local HF cache and {why}; pass a local model "
+            raise TcacheError(f"{_named(who, name)}: not found in the local HF cache and {why}; pass a local model "
                               "directory, or connect and retry")
     try:
         return AutoConfig.from_pretrained(name, revision=revision)
     except (OSError, ValueError) as e:
         first = str(e).splitlines()[0][:160]
-        raise TcacheError(
-            f"--teacher {name}: not found or not a HF model ({first}); pass a hub id like "
-            "HuggingFaceTB/SmolLM2-360M or a directory with config.json"
-        ) from None
+        fix = fix or "pass a hub id like HuggingFaceTB/SmolLM2-360M or a directory with config.json"
+        raise TcacheError(f"{_named(who, name)}: not found or not a HF model ({first}); {fix}") from None
 
 
-def load_tokenizer(name: str, revision: str | None = None):
+def load_tokenizer(name: str, revision: str | None = None, who: str = "--teacher"):
     """The teacher's tokenizer alone; it must have an EOS token, which packing puts between documents."""
     from transformers import AutoTokenizer
 
@@ -74,13 +78,14 @@ def load_tokenizer(name: str, revision: str | None = None):
         tokenizer = AutoTokenizer.from_pretrained(name, revision=revision, local_files_only=_offline(name))
     except (OSError, ValueError) as e:
         first = str(e).splitlines()[0][:160]
-        raise TcacheError(f"--teacher {name}: could not load the tokenizer ({first})") from None
+        raise TcacheError(f"{_named(who, name)}: could not load the tokenizer ({first})") from None
     if tokenizer.eos_token_id is None:
-        raise TcacheError(f"--teacher {name}: tokenizer has no EOS token, which packing needs between documents")
+        raise TcacheError(f"{_named(who, name)}: tokenizer has no EOS token, which packing needs between documents")
     return tokenizer
 
 
-def load_model(name: str, device: torch.device, dtype: torch.dtype, revision: str | None = None):
+def load_model(name: str, device: torch.device, dtype: torch.dtype, revision: str | None = None,
+               who: str = "--teacher"):
     """The teacher model, in eval mode, on `device`, without grads."""
     from transformers import AutoModelForCausalLM
 
@@ -89,14 +94,15 @@ def load_model(name: str, device: torch.device, dtype: torch.dtype, revision: st
                                                      local_files_only=_offline(name))
     except (OSError, ValueError) as e:
         first = str(e).splitlines()[0][:160]
-        raise TcacheError(f"--teacher {name}: could not load model ({first})") from None
+        raise TcacheError(f"{_named(who, name)}: could not load model ({first})") from None
     return model.to(device).eval().requires_grad_(False)
 
 
-def load_teacher(name: str, device: torch.device, dtype: torch.dtype, revision: str | None = None):
+def load_teacher(name: str, device: torch.device, dtype: torch.dtype, revision: str | None = None,
+                 who: str = "--teacher"):
     """(model, tokenizer) from a hub id or a local path."""
-    tokenizer = load_tokenizer(name, revision)
-    return load_model(name, device, dtype, revision), tokenizer
+    tokenizer = load_tokenizer(name, revision, who)
+    return load_model(name, device, dtype, revision, who), tokenizer
 
 
 def tokenizer_sha256(tokenizer) -> str:

@@ -42,8 +42,8 @@ def locked(out: str | os.PathLike, flag: str = "--out") -> Iterator[None]:
         try:
             fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
         except OSError as e:
-            raise TcacheError(f"{flag} {out}: cannot create its lock {path} ({e.strerror}); "
-                              f"choose a directory you can write to") from None
+            raise TcacheError(f"{flag} {out} is not writable (its lock {path}: {e.strerror}); "
+                              "choose a directory you can write to") from None
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:

@@ -15,6 +15,7 @@ from typing import Callable
 import numpy as np
 
 from tcache.errors import TcacheError
+from tcache import pngs
 from tcache.outdir import STAGING_SUFFIX
 
 METRICS_FILE = "metrics.jsonl"  # student/metrics.py writes it; the base cannot import the student side
@@ -42,11 +43,19 @@ MAX_POINTS = 4000  # per line, evenly thinned: more than a panel's ~400 px show,
 
 
 def read_metrics(path: Path) -> list[dict]:
-    """The records of a metrics.jsonl; a torn last line (a kill during a write) is skipped."""
+    """The records of a metrics.jsonl; a torn last line (a kill during a write) is skipped. distill writes ASCII
+    JSON, so bytes that are not UTF-8 are not a torn line but a file that is not (or no longer) its own."""
+    try:
+        raw = Path(path).read_bytes()
+    except OSError as e:
+        raise TcacheError(f"{path}: cannot be read ({e.strerror}); check its permissions") from None
     records = []
-    for line in Path(path).read_text().splitlines():
+    for n, line in enumerate(raw.splitlines(), 1):
         try:
-            r = json.loads(line)
+            r = json.loads(line.decode("utf-8"))
+        except UnicodeDecodeError as e:
+            raise TcacheError(f"{path} line {n} is not UTF-8 (byte 0x{line[e.start]:02x} at column {e.start + 1}); "
+                              "distill writes ASCII JSON lines: remove that line, or plot another run") from None
         except ValueError:
             continue
         if isinstance(r, dict) and "tokens" in r:
@@ -84,10 +93,11 @@ def stage_changes(recs: list[dict]) -> list[tuple[float, str]]:
     return [(prev["tokens"], r.get("stage")) for prev, r in zip(recs, recs[1:]) if r.get("stage") != prev.get("stage")]
 
 
-def plot_runs(runs: dict[str, list[dict]], out: str | os.PathLike) -> Path:
+def plot_runs(runs: dict[str, list[dict]], out: str | os.PathLike, flag: str | None = None) -> Path:
     """One figure of every run's curves against tokens: a panel per loss term present, the loss weights,
     temperature, learning rate, gradient norm (and fp16's loss scale when logged); one colour per run, stage
-    boundaries dotted. Written atomically, so a viewer open on it never reads half a file."""
+    boundaries dotted. Written atomically, so a viewer open on it never reads half a file; `flag`: the option
+    that named `out` (its existing file is replaced only if tcache drew it)."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
     from matplotlib.lines import Line2D
@@ -137,7 +147,7 @@ def plot_runs(runs: dict[str, list[dict]], out: str | os.PathLike) -> Path:
     else:  # the runs' legend is the title
         fig.legend(handles=[Line2D([], [], color=c, lw=2, label=n) for n, c in zip(runs, colors)],
                    loc="upper center", ncols=min(len(runs), 4), fontsize=10, frameon=False)
-    return _save(fig, FigureCanvasAgg, out)
+    return pngs.save(fig, FigureCanvasAgg, out, flag)
 
 
 def plot_run_dir(run: str | os.PathLike) -> Path | None:
@@ -153,9 +163,9 @@ def plot_run_dir(run: str | os.PathLike) -> Path | None:
     return plot_runs({name: records}, Path(run) / TRAINING_PNG)
 
 
-def plot_cache(stats: dict, out: str | os.PathLike) -> Path:
+def plot_cache(stats: dict, out: str | os.PathLike, flag: str | None = None) -> Path:
     """A cache's value distributions from `cache_stats(..., keep_samples=True)`: the teacher's top-k
-    probability mass per token, and per hidden group its values and its per-token RMS."""
+    probability mass per token, and per hidden group its values and its per-token RMS (`flag` as for plot_runs)."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
@@ -199,7 +209,7 @@ def plot_cache(stats: dict, out: str | os.PathLike) -> Path:
     teacher = stats["teacher"].get("name_or_path") or "?"
     rows = stats["topk_mass"]["rows_sampled"]
     fig.suptitle(f"{stats['cache']} (teacher {teacher}): {mass.size:,} tokens of {rows} sampled rows", fontsize=11)
-    return _save(fig, FigureCanvasAgg, out)
+    return pngs.save(fig, FigureCanvasAgg, out, flag)
 
 
 def training_plot(run: str | os.PathLike, warn: Callable[[str], None], final: bool = False) -> None:
@@ -292,16 +302,3 @@ def _count(v: float) -> str:
 def _edges(values: np.ndarray, n: int) -> np.ndarray:
     lo, hi = float(values.min()), float(values.max())
     return np.linspace(lo, hi if hi > lo else lo + 1.0, n + 1)  # constant values (a synthetic cache): one bin
-
-
-def _save(fig, canvas_cls, out: str | os.PathLike) -> Path:
-    out = Path(out)
-    tmp = out.with_name(out.name + ".partial")
-    try:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        canvas_cls(fig).print_figure(tmp, format="png", dpi=fig.dpi)
-        os.replace(tmp, out)
-    except OSError as e:
-        tmp.unlink(missing_ok=True)
-        raise TcacheError(f"cannot write the plot {out} ({e.strerror or e}); pass a writable path") from None
-    return out

@@ -22,6 +22,7 @@ from typing import Iterable, Iterator
 
 import numpy as np
 
+from tcache.datalines import first_bad_line, wrong_text
 from tcache.errors import TcacheError
 from tcache.fields import opt
 
@@ -108,48 +109,27 @@ def open_dataset(spec: DataSpec):
         raise TcacheError(f"--data {spec.path}: {msg}; check --data-config and --split") from None
 
 
-def _open_text(path: str):
-    """A local data file as bytes, decompressed by its suffix (zstd files are scanned only if uncompressed)."""
-    import bz2
-    import gzip
-    import lzma
-
-    opener = {".xz": lzma.open, ".gz": gzip.open, ".bz2": bz2.open}.get(Path(path).suffix.lower(), open)
-    return opener(path, "rb")
-
-
-def first_bad_line(path: str, builder: str) -> str | None:
-    """Where a local JSON-lines or text file stops being readable: 'line N: problem', or None. Run only after
-    the `datasets` reader failed, to turn its traceback (pyarrow's "JSON parse error ... in row 2", a
-    UnicodeDecodeError) into the line a user can open: a scan written here because no library reports it."""
-    import json
-
-    with _open_text(path) as f:
-        for n, raw in enumerate(f, 1):
-            try:
-                line = raw.decode("utf-8")
-            except UnicodeDecodeError as e:
-                return (f"line {n} is not UTF-8 (byte 0x{raw[e.start]:02x} at column {e.start + 1}); re-encode the "
-                        "file as UTF-8, e.g. iconv -f latin1 -t utf-8")
-            if builder == "json" and line.strip():
-                if n == 1 and line.lstrip().startswith("["):
-                    return None  # one JSON document, not JSON lines: the scan has nothing to say per line
-                try:
-                    json.loads(line)
-                except ValueError as e:
-                    return f"line {n} is not valid JSON ({str(e).split(':')[0]}); fix or remove that line"
-    return None
-
-
 def _bad_data(spec: DataSpec, e: BaseException) -> TcacheError:
     """The one-line error for a dataset that failed while being read."""
     local = _local_files(spec)
     for f in (local[1] if local else []):
-        where = first_bad_line(f, local[0]) if local[0] in ("json", "text") else None
+        where = first_bad_line(f, local[0], spec.text_field) if local[0] in ("json", "text") else None
         if where:
             return TcacheError(f"--data {f}: {where}")
     first = (str(e).strip().splitlines() or [type(e).__name__])[-1][:200]
     return TcacheError(f"--data {spec.path}: could not be read ({type(e).__name__}: {first}); check the file")
+
+
+def _bad_text(spec: DataSpec, n: int, problem: str) -> TcacheError:
+    """The one-line error for record `n` (1-based, in dataset order) whose text is not a string: by file and
+    line where the data is local JSON lines, else by record."""
+    local = _local_files(spec)
+    if local is not None and local[0] == "json":
+        for f in local[1]:
+            where = first_bad_line(f, "json", spec.text_field)
+            if where:
+                return TcacheError(f"--data {f}: {where}")
+    return TcacheError(f"--data {spec.path}: record {n}: {problem}")
 
 
 def iter_texts(spec: DataSpec) -> Iterator[str]:
@@ -176,10 +156,16 @@ def _iter_texts(spec: DataSpec) -> Iterator[str]:
             f"--text-field {spec.text_field!r} is not a column of {spec.path} (columns: {cols}); "
             "pass --text-field with one of them"
         )
-    for record in itertools.chain([first], it):
+    local = _local_files(spec)
+    json_lines = local is not None and local[0] == "json"
+    for n, record in enumerate(itertools.chain([first], it), 1):
         text = record[spec.text_field]
-        if text:  # None or "" contribute nothing, not even an EOS
-            yield str(text)
+        if not isinstance(text, str):
+            problem = wrong_text(record, spec.text_field, json_lines)
+            if problem:  # str(123) would be packed as the text "123"
+                raise _bad_text(spec, n, problem)
+        if text:  # a missing value or "" contribute nothing, not even an EOS
+            yield text
 
 
 def _text_batches(texts: Iterable[str], chars_per_call: int, max_docs: int) -> Iterator[list[str]]:

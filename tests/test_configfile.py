@@ -11,7 +11,7 @@ from click.core import ParameterSource
 from click.testing import CliRunner
 
 from conftest import text_head
-from tcache import outdir
+from tcache import ownership
 from tcache.cli.build import build
 from tcache.cli.distill import distill
 from tcache.cli.main import main
@@ -61,7 +61,7 @@ def test_build_from_a_file_then_again_from_its_saved_config_is_byte_identical(bu
     assert saved["data"] == {"path": str(built / "data.jsonl"), "config": None, "split": "train", "text_field": "text"}
     assert saved["overwrite"] is False and saved["resume"] is False and saved["out"] == str(cache)
     # the saved file is one tcache wrote: --overwrite may replace it, verify accepts the cache
-    assert outdir.foreign_entries(cache, "cache") == []
+    assert ownership.foreign(cache) == []
     r = run("verify", cache)
     assert r.exit_code == 0, r.output
     # the same --out again is refused (the saved config names it), leaving the cache as it was
@@ -139,3 +139,30 @@ def test_bad_files_are_one_line(tmp_path):
     # a required option neither in the file nor on the command line is still click's usual refusal
     r = run("build", "--config", write(tmp_path / "c.yaml", "teacher: t\ntokens: 1k\nout: o\n"))
     assert r.exit_code == 2 and "Missing option '--data'" in r.output and "Traceback" not in r.output
+
+
+@pytest.mark.parametrize("err, says", [(28, "the disk is full; free space, then rerun"),
+                                       (122, "the disk quota is exceeded; free space, then rerun"),
+                                       (5, "(Input/output error); make its directory writable, then rerun")])
+def test_a_config_yaml_that_cannot_be_written_is_one_line_and_leaves_no_partial(tmp_path, monkeypatch, err, says):
+    """A full disk (ENOSPC), a quota (EDQUOT) or any other OSError while config.yaml is written: a TcacheError
+    naming the path, and the temporary file removed."""
+    import os
+    from pathlib import Path
+
+    from tcache import configfile
+    from tcache.errors import TcacheError
+
+    real = Path.write_text
+
+    def full(self, text, *a, **k):
+        real(self, text[:10])  # the temporary is created, then the disk fills
+        raise OSError(err, os.strerror(err))
+
+    monkeypatch.setattr(Path, "write_text", full)
+    cfg = BuildConfig(teacher="t", data=DataSpec("x.jsonl"), tokens="1k", out=str(tmp_path))
+    with pytest.raises(TcacheError) as e:
+        configfile.write(cfg, tmp_path / "config.yaml", "build")
+    msg = str(e.value)
+    assert str(tmp_path / "config.yaml") in msg and msg.endswith(says) and "\n" not in msg, msg
+    assert list(tmp_path.iterdir()) == []

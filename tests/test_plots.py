@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from tcache import plots
+from tcache import plots, pngs
 from tcache.cli.main import main
 from tcache.student.metrics import METRICS_FILE
 from test_cli_build import assert_clean_error
@@ -144,3 +144,30 @@ def test_distill_draws_the_plot_at_each_checkpoint_and_at_the_end(tmp_path, shar
                                 blocks=2, ckpt_every=1, device="cpu", seed=0))
     assert calls == [(1, False), (2, True)]
     assert png_size(out / "training.png") == (1720, 695)  # swapped in with the student
+
+
+def test_plots_are_signed_and_only_a_plot_tcache_drew_is_replaced(tmp_path):
+    """Every PNG tcache draws carries its Software text chunk; a target the user named is replaced only when it
+    carries it, checked again after drawing (a file that appeared meanwhile is the user's), no .partial left."""
+    from PIL import Image
+
+    from tcache.errors import TcacheError
+
+    d = write_run(tmp_path / "r", steps=3)
+    png = plots.plot_run_dir(d)
+    with Image.open(png) as im:
+        assert im.text["Software"] == pngs.SOFTWARE == f"tcache {__import__('tcache').__version__}"
+    assert pngs.written_by_tcache(png)
+    records = {"r": plots.load_run(d)}
+    assert plots.plot_runs(records, tmp_path / "mine.png", flag="--out") == tmp_path / "mine.png"  # a new file
+    Image.new("RGB", (2, 2)).save(tmp_path / "user.png")
+    (tmp_path / "notes.png").write_text("not an image")
+    for name in ("user.png", "notes.png"):
+        before = (tmp_path / name).read_bytes()
+        assert not pngs.written_by_tcache(tmp_path / name)
+        with pytest.raises(TcacheError, match=f"--out {tmp_path / name} exists and was not written by tcache"):
+            plots.plot_runs(records, tmp_path / name, flag="--out")
+        assert (tmp_path / name).read_bytes() == before
+    assert not list(tmp_path.glob("*.partial"))
+    plots.plot_runs(records, tmp_path / "user.png")  # no flag: a run's own training.png, drawn in place
+    assert pngs.written_by_tcache(tmp_path / "user.png")

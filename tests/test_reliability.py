@@ -17,7 +17,9 @@ from pathlib import Path
 import pytest
 
 from conftest import REPO, build_cache, text_head
-from promises import Case, Promise, invoke
+import faults_generate as fg
+import faults_inputs as fi
+from promises import STOP_WITHIN, Case, Interrupt, Promise, interrupt, invoke, regex
 
 MARKER = ".tcache-output.json"  # tcache.ownership.MARKER, spelled out so the rows also run against older code
 
@@ -38,8 +40,21 @@ def fixtures(tmp_path_factory, tiny_teacher, teacher_dir, valid_jsonl, shared_ca
     run = root / "run"
     distill(DistillConfig(cache=str(cache), out=str(run), recipe="v2", steps=2, batch_size=2, grad_accum=1,
                           seed=0, device="cpu"))
+    from click.testing import CliRunner
+
+    from tcache.cli.main import main
+
+    r = CliRunner().invoke(main, ["export", str(run), "--out", str(root / "export")])
+    assert r.exit_code == 0, r.output
     return {"tiny_teacher": tiny_teacher, "teacher_dir": teacher_dir, "valid_jsonl": valid_jsonl, "text": text,
-            "shared_cache": shared_cache, "cache": cache, "run": run}
+            "shared_cache": shared_cache, "cache": cache, "run": run, "export": root / "export"}
+
+
+SHARED_OUTPUTS = ("shared_cache", "cache", "run", "export")  # rows work on copies: these must never change
+
+
+def fingerprint(fixtures: dict) -> dict[Path, bytes]:
+    return {p: p.read_bytes() for k in SHARED_OUTPUTS for p in Path(fixtures[k]).rglob("*") if p.is_file()}
 
 
 def build_args(case: Case, out: Path, *extra) -> list[str]:
@@ -312,6 +327,107 @@ BAD_INPUT = [
 ]
 
 
+# -- config files, full disks, plot targets, data and eval inputs (issue 21: 5, 7, 8, 9, 11, 12) --------------
+NOT_INT = r"is not a valid integer; fix the value$"
+NOT_OURS = r"exists and was not written by tcache; choose another {} or move it away$"
+EVAL_FIX = r"pass a student \(the --out of tcache distill\) or a HF model"
+
+INPUTS = [
+    Promise("5.1-config-float-for-an-int", fi.float_for_int, 1, r"c\.yaml: top_k: '12\.7' " + NOT_INT,
+            after=fi.nothing_built),
+    Promise("5.2-config-key-named-as-spelled", fi.float_for_int_as_flag, 1, r"c\.yaml: top-k: '12\.7' " + NOT_INT,
+            after=fi.nothing_built),
+    Promise("5.3-config-boolean-for-an-int", fi.bool_for_int, 1, r"c\.yaml: shard-rows: 'True' " + NOT_INT,
+            after=fi.nothing_built),
+    Promise("5.4-config-not-one-of-the-choices", fi.not_a_choice, 1,
+            r"c\.yaml: hidden_dtype: 'fp7' is not one of 'nf4', .*; fix the value$", after=fi.nothing_built),
+    Promise("5.5-config-number-for-a-flag", fi.number_for_flag, 1, r"c\.yaml: overwrite: 1 is not a boolean; "
+            r"write true or false$", after=fi.nothing_built),
+    Promise("5.6-config-text-for-a-float", fi.text_for_float, 1, r"d\.yaml: lr: 'fast' is not a valid float; fix the value$"),
+    Promise("7.1-config-yaml-meets-a-full-disk", fi.config_yaml_disk_full, 1,
+            r"c/config\.yaml: the disk is full; free space, then rerun", after=fi.no_partial),
+    Promise("8.1-plot-out-in-a-directory-without-write-permission", fi.plot_into_locked_dir, 1,
+            r"--out \S+curves\.png is not writable \(\S+locked: Permission denied\)"),
+    Promise("8.2-stats-plot-in-a-directory-without-write-permission", fi.stats_plot_into_locked_dir, 1,
+            r"--plot \S+cache\.png is not writable \(\S+locked: Permission denied\)"),
+    Promise("8.3-plot-out-on-a-read-only-mount", fi.plot_into_read_only_mount, 1,
+            r"--out \S+curves\.png is not writable \(\S+ro: Read-only file system\)", needs_root=True),
+    Promise("8.4-stats-plot-on-a-read-only-mount", fi.stats_plot_into_read_only_mount, 1,
+            r"--plot \S+cache\.png is not writable \(\S+ro: Read-only file system\)", needs_root=True),
+    Promise("8.5-plot-of-a-run-on-a-read-only-mount", fi.plot_a_read_only_run, 1,
+            r"--out \S+ro/run is not writable \(\S+run: Read-only file system\)",
+            needs_root=True),
+    Promise("9.1-plot-metrics-not-utf8", fi.metrics_not_utf8, 1,
+            r"run/metrics\.jsonl line 3 is not UTF-8 \(byte 0xe9 at column 25\); "),
+    Promise("9.2-plot-out-is-a-users-png", fi.plot_over_a_users_png, 1, r"--out \S+holiday\.png " + NOT_OURS.format("--out")),
+    Promise("9.3-plot-out-is-a-users-file", fi.plot_over_a_users_text, 1, r"--out \S+notes\.png " + NOT_OURS.format("--out")),
+    Promise("9.4-stats-plot-is-a-users-png", fi.stats_plot_over_a_users_png, 1,
+            r"--plot \S+holiday\.png " + NOT_OURS.format("--plot")),
+    Promise("9.5-plot-replaces-a-png-tcache-drew", fi.plot_over_its_own_png, 0, r"^wrote \S+curves\.png$",
+            after=fi.both_signed),
+    Promise("9.6-stats-plot-replaces-a-png-tcache-drew", fi.stats_plot_over_its_own_png, 0, r"^plot written: ",
+            after=fi.stats_png_signed),
+    Promise("9.7-plot-of-a-run-redraws-its-training-png", fi.plot_run_default_target, 0, r"^wrote \S+run/training\.png$",
+            after=fi.default_target_signed),
+    Promise("11.1-jsonl-text-is-an-int", fi.text_is_int, 1,
+            r'--data \S+d\.jsonl: line 2: "text" is an int, not a string; fix the data or pass --text-field$',
+            after=fi.nothing_built),
+    Promise("11.2-jsonl-text-is-null", fi.text_is_null, 1,
+            r'--data \S+d\.jsonl: line 1: "text" is null, not a string; fix the data or pass --text-field$',
+            after=fi.nothing_built),
+    Promise("11.3-jsonl-text-is-missing", fi.text_is_missing, 1,
+            r'--data \S+d\.jsonl: line 2: "text" is missing, not a string; fix the data or pass --text-field$',
+            after=fi.nothing_built),
+    Promise("11.4-eval-jsonl-text-is-a-list", fi.eval_text_is_list, 1,
+            r'--data \S+d\.jsonl: line 3: "text" is a list, not a string; fix the data or pass --text-field$'),
+    Promise("12.1-eval-of-a-cache", fi.eval_a_cache, 1, r"\S+shared is a tcache cache, not a model; " + EVAL_FIX),
+    Promise("12.2-eval-of-a-random-directory", fi.eval_a_random_dir, 1,
+            r"^\S+stuff: neither a tcache student nor a HF model \(no student\.json or config\.json\); " + EVAL_FIX),
+    Promise("12.3-eval-of-a-missing-directory", fi.eval_a_missing_dir, 1,
+            r"^\S+no/such: no such directory; " + EVAL_FIX),
+    Promise("12.4-eval-of-a-missing-hub-id", fi.eval_a_missing_hub_id, 1,
+            r"^no-such-org/no-such-model: not found in the local HF cache and .*; pass a local model directory, "
+            r"or connect and retry$"),
+]
+
+
+# -- generate (issue 21: 10) ---------------------------------------------------------------------------------
+# What a stop line says once tokens came: `Stopped by SIGINT; 37 tokens generated.`
+AFTER_TOKENS = r"; [1-9]\d* tokens? generated\.$"
+
+GENERATE = [
+    Interrupt(
+        id="21.10-generate-sigint-streams-then-stops-with-the-text",
+        fault=lambda case: fg.generate(case, "run", "--max-new-tokens", "100000"),
+        code=130, message=r"^Stopped by SIGINT" + AFTER_TOKENS, signum=signal.SIGINT,
+        when=r"^Hi\S*\s+\S+\s+\S",  # the prompt and a few streamed words, while it still runs
+        stdout=r"Hi.+\n"),
+    Interrupt(
+        id="21.10-generate-sigterm-on-an-export-streams-then-stops-with-the-text",
+        fault=lambda case: fg.generate(case, "export", "--max-new-tokens", "100000", "--temperature", "0.8"),
+        code=143, message=r"^Stopped by SIGTERM" + AFTER_TOKENS, signum=signal.SIGTERM,
+        when=r"^Hi\S*\s+\S+\s+\S", stdout=r"Hi.+\n"),
+    Interrupt(
+        id="21.10-generate-sigint-during-the-prompts-prefill",
+        # ~4,500 tokens of prompt: the prefill takes seconds on CPU; the prompt is echoed before it starts
+        fault=lambda case: fg.generate(case, "run", "--max-new-tokens", "100000", prompt=fg.long_prompt(case)),
+        code=130, message=r"^Stopped by SIGINT; during the prompt's prefill, no tokens generated\.$",
+        signum=signal.SIGINT,
+        when=lambda case: re.escape(fg.long_prompt(case)) + r"\Z",  # the whole prompt echoed, nothing after it yet
+        stdout=lambda case: re.escape(fg.long_prompt(case)) + r"\n"),  # and nothing after it but the line's end
+    Promise(
+        id="21.10-generate-max-new-tokens-over-the-bound-is-refused",
+        # refused before the model loads; today's command would generate two million tokens (hours), hence the child
+        # process and its timeout
+        fault=lambda case: fg.generate(case, "run", "--max-new-tokens", "2000000"),
+        code=1, message=r"--max-new-tokens must be 1 to 1,000,000, got 2,000,000", subprocess=True, timeout=30),
+    Promise(
+        id="21.10-generate-max-new-tokens-zero-is-refused-with-the-range",
+        fault=lambda case: fg.generate(case, "run", "--max-new-tokens", "0"),
+        code=1, message=r"--max-new-tokens must be 1 to 1,000,000, got 0"),
+]
+
+
 # -- the list of promises -----------------------------------------------------------------------------------------
 NO_OVERWRITE_HINT = r"^(?!.*--overwrite).*"
 ROWS = [
@@ -344,6 +460,8 @@ ROWS = [
     Promise("21.4-export-into-a-locked-out-is-refused", export_while_locked, 1, r"is in use by pid \d+"),
     Promise("21.6-resume-after-a-full-disk-counts-only-what-remains", resume_after_a_full_disk, 0,
             r"resumed after 2 rows"),
+    *INPUTS,
+    *GENERATE,
     *BAD_INPUT,
 ]
 
@@ -353,21 +471,30 @@ def test_promise(promise: Promise, fixtures, tmp_path, monkeypatch):
     if promise.needs_root and os.geteuid() != 0:
         pytest.skip("needs root (tmpfs / bind mounts)")
     case = Case(tmp_path, {**fixtures, "monkeypatch": monkeypatch, "finalizers": []})
+    before = fingerprint(fixtures)
     try:
         args = promise.fault(case)
-        out = invoke(args, case, promise.subprocess, promise.timeout)
+        if isinstance(promise, Interrupt):
+            out, at_signal, stdout, took = interrupt(args, case, promise)
+            assert took < STOP_WITHIN
+            assert stdout.startswith(at_signal), "text printed before the signal was taken back"
+            assert re.fullmatch(regex(promise.stdout, case), stdout, re.DOTALL), stdout[-500:]
+        else:
+            out = invoke(args, case, promise.subprocess, promise.timeout)
         assert "Traceback" not in out.output, out.output
         assert out.code == promise.code, out.output
-        if promise.code in (0, 130, 143):
+        if promise.code == 0:
             assert any(re.search(promise.message, line) for line in out.output.splitlines()), out.output
-        else:
-            errors = [line for line in out.output.splitlines() if line.startswith("Error:")]
-            assert len(errors) == 1, out.output
-            assert re.search(promise.message, errors[0].removeprefix("Error: ")), errors[0]
+        else:  # one line says why: `Error: ...`, or `Stopped by ...` for a signal
+            lines = [line for line in out.output.splitlines() if line.startswith(("Error:", "Stopped by"))]
+            assert len(lines) == 1, out.output
+            assert re.search(promise.message, lines[0].removeprefix("Error: ")), lines[0]
         case.check_owned()
         if promise.after is not None:
             promise.after(case)
+        assert fingerprint(fixtures) == before, "a row changed a shared fixture output"
     finally:
+        monkeypatch.undo()
         for fin in case.fixtures["finalizers"]:
             fin()
 
