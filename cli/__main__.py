@@ -1,5 +1,5 @@
 """`python -m tcache.cli` runs the `tcache` command."""
 
-from tcache.cli.main import main
+from tcache.cli.entry import run
 
-main()
+run()

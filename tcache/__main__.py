@@ -1,5 +1,5 @@
 """`python -m tcache` runs the `tcache` command (also from a checkout that is not installed)."""
 
-from tcache.cli.main import main
+from tcache.cli.entry import run
 
-main()
+run()

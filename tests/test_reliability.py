@@ -529,3 +529,17 @@ def test_two_concurrent_builds_into_one_out_exactly_one_wins(tmp_path, teacher_d
     assert len(errors) == 1 and f"in use by pid {first.pid}" in errors[0], err2
     assert load_manifest(out).top_k == 64 and verify_cache(out)["ok"]
     assert not lock.exists()  # released and removed by its holder
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_a_signal_while_tcache_is_starting_is_one_line(tmp_path, sig):
+    """Ctrl-C in the first second, while torch and transformers import: one `Stopped by` line and 128 + signal, not
+    an import traceback (nor, for SIGTERM, a silent death)."""
+    proc = subprocess.Popen([sys.executable, "-m", "tcache", "stats", str(tmp_path)], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env={**os.environ, "PYTHONPATH": str(REPO)})
+    time.sleep(0.5)  # past Python's own start (tcache's handlers are in place), inside the ~1 s of imports
+    assert proc.poll() is None, "tcache started faster than the test can signal it"
+    proc.send_signal(sig)
+    _, err = proc.communicate(timeout=30)
+    assert proc.returncode == 128 + sig and "Traceback" not in err, err
+    assert err.splitlines() == [f"Stopped by {signal.Signals(sig).name} while tcache was starting; nothing was done."]
