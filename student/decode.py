@@ -180,6 +180,10 @@ def mixer_forward(mx, x: torch.Tensor, position_embeddings) -> torch.Tensor:
     keeps the state; one token (T = 1) steps from it."""
     from transformers.models.llama.modeling_llama import apply_rotary_pos_emb as rope
 
+    from tcache.student.static_decode import StaticMixer, mixer_step
+
+    if isinstance(mx.cache, StaticMixer):  # the static, capturable step (student/static_decode.py)
+        return mixer_step(mx, x, position_embeddings, mx.cache)
     st: MixerState = mx.cache
     cos, sin = position_embeddings  # (B, T, d) x2
     q, k, v = mx.qkv(x)  # (B, H, T, d), (B, Hkv, T, d) x2

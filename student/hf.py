@@ -21,7 +21,7 @@ from transformers.utils import ModelOutput
 
 from tcache import outdir, ownership
 from tcache.errors import TcacheError
-from tcache.student import decode
+from tcache.student import decode, static_decode
 
 MODEL_TYPE = "tcache-student"
 MODELING_FILE = "modeling_tcache.py"
@@ -83,6 +83,7 @@ class TcacheStudentForCausalLM(PreTrainedModel, GenerationMixin):
 
             self.student = Student(StudentConfig(**config.student), mlstm_kernel="parallel", slstm_backend="vanilla")
         self._kernel_key = None
+        self._static_decoders: dict = {}  # (batch, dtype) -> static_decode.StaticDecoder
         self.post_init()
         if config.family == "hybrid":  # the converted teacher's tied head, one level down (post_init sees children)
             tied = getattr(self.student.lm, "all_tied_weights_keys", None) or {}  # transformers >= 5
@@ -131,11 +132,15 @@ class TcacheStudentForCausalLM(PreTrainedModel, GenerationMixin):
             raise ValueError("tcache students take no padding (a recurrent state would absorb the pad tokens); "
                              "generate unpadded prompts, one at a time or of equal length")
         self._pick_kernels(input_ids)
-        if use_cache and cache is not None:
+        if use_cache and isinstance(cache, static_decode.StaticDecoder) and input_ids.shape[1] == 1:
+            logits = cache.step(input_ids)  # (B, 1, V): fixed buffers, a CUDA graph replay on CUDA
+        elif use_cache and cache is not None:
             logits = decode.step(self.student, input_ids, cache)  # (B, T, V)
         elif use_cache and not self.training and not (self.config.family == "hybrid"
                                                       and self.student.cfg.full_attention_layers):
             logits, cache = decode.prefill(self.student, input_ids, logits_to_keep)  # (B, T or keep, V)
+            if static_decode.enabled(input_ids.device):
+                cache = self._static(cache)
         else:
             x, _ = self.student.features(input_ids)  # (B, T, D)
             logits, cache = self.student.head(x[:, -logits_to_keep:]), None  # (B, T or keep, V)
@@ -143,6 +148,21 @@ class TcacheStudentForCausalLM(PreTrainedModel, GenerationMixin):
         if labels is not None:
             loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size, **kwargs)
         return TcacheCausalLMOutput(loss=loss, logits=logits.float(), cache=cache)
+
+
+    def _static(self, state: decode.DecodeState) -> static_decode.StaticDecoder:
+        """The static decoder for this batch and dtype, its buffers (and CUDA graph) reused by every generate() call
+        of the same shape: captured once, replayed after."""
+        key = (static_decode.StaticDecoder.batch_of(state), next(self.parameters()).dtype)
+        dec = self._static_decoders.get(key)
+        if dec is None:
+            dec = self._static_decoders[key] = static_decode.StaticDecoder(self.student, state)
+        return dec.load(state)
+
+    @property
+    def static_decode_captures(self) -> int:
+        """CUDA graphs captured so far (benchmarks/speed.py checks that timed runs add none)."""
+        return sum(d.captures for d in self._static_decoders.values())
 
 
 AutoConfig.register(MODEL_TYPE, TcacheStudentConfig, exist_ok=True)

@@ -1,0 +1,281 @@
+"""A static generation state and a captured decode step, as transformers' StaticCache is for a transformer: every
+tensor of the state is allocated once for (batch, dtype, device) and updated in place, so one step is a fixed-shape
+function of (token ids, state) and, on CUDA, is captured once in a CUDA graph and replayed (one launch per token
+instead of ~30 small kernels per layer from the host).
+
+    xLSTM (v1, v2)  per block: the buffers of decode.prefill's state (mLSTM C, n, m; conv inputs; sLSTM state),
+                    overwritten by xlstm's own `step` outputs with copy_
+    hybrid          per layer: the sinks' keys / values (B, Hkv, S, d), the window's as a ring buffer (B, Hkv, W, d)
+                    written at slot pos % W, the mLSTM C, n, m; one position counter (a device tensor)
+
+Positions not yet filled are masked, never sliced away: the window slot j holds position p - ((p - j) mod W) for the
+token at position p, valid when that is >= 0; sink s is scored apart from the window once p - s >= W.
+
+`StaticDecoder.load(state)` copies a prefilled decode.DecodeState into the buffers (the prefill is the ordinary
+parallel forward, decode.prefill); `step(ids)` advances one token. tests/test_static_decode.py holds it to the
+concatenating path of decode.py and to full-forward greedy decoding.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+
+from tcache.student import decode
+
+ENV = "TCACHE_STATIC_DECODE"
+"""auto (default): the static, captured step on CUDA, decode.py's on CPU; 1: static everywhere (captured on CUDA);
+0: never (the concatenating path of decode.py)."""
+
+
+def enabled(device: torch.device) -> bool:
+    mode = os.environ.get(ENV, "auto").lower()
+    return mode in ("1", "on", "true") or (mode == "auto" and device.type == "cuda")
+
+
+@dataclass
+class StaticMixer:
+    """One hybrid layer's fixed buffers (keys / values keep the teacher's Hkv heads, RoPE applied)."""
+
+    sink_k: torch.Tensor  # (B, Hkv, S, d)
+    sink_v: torch.Tensor  # (B, Hkv, S, d)
+    win_k: torch.Tensor  # (B, Hkv, W, d) ring buffer: position t at slot t % W
+    win_v: torch.Tensor  # (B, Hkv, W, d)
+    mlstm: tuple | None  # C (B, H, 2d, d), n (B, H, 2d), m (B, H, 1)
+    pos: torch.Tensor  # (1,) int64, shared by all layers: the position of the token being stepped
+    sink_rope: tuple | None = None  # cos, sin (B, 1, d) at min(pos, S + W - 1), set per step
+
+
+def _copy(dst, src) -> None:
+    """copy_ src into dst, through tuples."""
+    if isinstance(dst, (tuple, list)):
+        for d, s in zip(dst, src):
+            _copy(d, s)
+    else:
+        dst.copy_(src)
+
+
+def _clone(x):
+    return tuple(_clone(y) for y in x) if isinstance(x, (tuple, list)) else x.clone()
+
+
+class StaticDecoder:
+    """The fixed generation state of one student at one (batch, dtype, device), and its step."""
+
+    def __init__(self, model, state: decode.DecodeState, capture: bool | None = None):
+        self.model = model
+        first = next(model.parameters())
+        self.device = first.device
+        self.capture = self.device.type == "cuda" if capture is None else capture
+        self.captures = 0  # CUDA graphs captured (once per decoder: a replay per token after that)
+        self.graph = None
+        self.pos = torch.zeros(1, dtype=torch.long, device=self.device)  # position of the next token
+        if model.family == "hybrid":
+            self.layers = [self._mixer_buffers(mx, st) for mx, st in zip(model.mixers, state.layers)]
+        else:  # decode.prefill's tensors are fresh copies: they are the buffers from here on
+            self.layers = [{k: _clone(v) for k, v in st.items()} for st in state.layers]
+        self.batch = self.batch_of(state)
+        self.load(state)
+
+    # -- buffers ---------------------------------------------------------------------------------------------
+    @staticmethod
+    def batch_of(state: decode.DecodeState) -> int:
+        st = state.layers[0]
+        x = st.win_k if isinstance(st, decode.MixerState) else next(iter(st.values()))
+        while isinstance(x, (tuple, list)):
+            x = x[0]
+        return x.shape[0]
+
+    def _mixer_buffers(self, mx, st: decode.MixerState) -> StaticMixer:
+        B, Hkv, _, d = st.win_k.shape
+        new = st.win_k.new_zeros
+        return StaticMixer(sink_k=new(B, Hkv, mx.sinks, d), sink_v=new(B, Hkv, mx.sinks, d),
+                           win_k=new(B, Hkv, mx.window, d), win_v=new(B, Hkv, mx.window, d),
+                           mlstm=_clone(st.mlstm) if st.mlstm is not None else None, pos=self.pos)
+
+    def load(self, state: decode.DecodeState) -> "StaticDecoder":
+        """Copy a prefilled state of this batch into the buffers (their storage never changes)."""
+        if self.batch_of(state) != self.batch:
+            raise ValueError(f"a state of batch {self.batch_of(state)} into buffers of batch {self.batch}")
+        T = state.pos
+        self.pos.fill_(T)
+        if self.model.family != "hybrid":
+            for buf, st in zip(self.layers, state.layers):
+                for k, v in st.items():
+                    _copy(buf[k], v)
+            return self
+        for buf, st, mx in zip(self.layers, state.layers, self.model.mixers):
+            n = st.sink_k.shape[2]  # min(T, S) sinks seen
+            buf.sink_k.zero_(), buf.sink_v.zero_()
+            buf.sink_k[:, :, :n].copy_(st.sink_k), buf.sink_v[:, :, :n].copy_(st.sink_v)
+            w = st.win_k.shape[2]  # min(T, W): positions T - w .. T - 1, at slots t % W
+            slots = torch.arange(T - w, T, device=self.device) % mx.window
+            buf.win_k.zero_(), buf.win_v.zero_()
+            buf.win_k[:, :, slots] = st.win_k
+            buf.win_v[:, :, slots] = st.win_v
+            if buf.mlstm is not None:
+                _copy(buf.mlstm, st.mlstm)
+        return self
+
+    def nbytes(self) -> int:
+        seen = {}
+
+        def walk(x):
+            if isinstance(x, torch.Tensor):
+                seen[x.untyped_storage().data_ptr()] = x.untyped_storage().nbytes()
+            elif isinstance(x, (tuple, list)):
+                for y in x:
+                    walk(y)
+            elif isinstance(x, dict):
+                walk(list(x.values()))
+            elif isinstance(x, StaticMixer):
+                walk([x.sink_k, x.sink_v, x.win_k, x.win_v, x.mlstm])
+        walk([self.layers, self.pos])
+        return sum(seen.values())
+
+    # -- the step ----------------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def step(self, ids: torch.Tensor) -> torch.Tensor:
+        """Logits (B, 1, V) of the next token ids (B, 1); the state advances in place."""
+        if not self.capture:
+            return self._step(ids)
+        if self.graph is None:
+            self._capture(ids)
+        self.ids.copy_(ids)
+        self.graph.replay()
+        return self.logits.clone()
+
+    def _capture(self, ids: torch.Tensor) -> None:
+        """Capture one step in a CUDA graph. The warm-up steps (cuBLAS handles, Triton autotuning: work that capture
+        cannot hold) run the step for real, so the state is saved before and restored after them."""
+        saved = _clone(self._tensors())
+        self.ids = ids.clone()
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            for _ in range(2):
+                self._step(self.ids)
+        torch.cuda.current_stream().wait_stream(side)
+        _copy(self._tensors(), saved)
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph):
+            self.logits = self._step(self.ids)  # (B, 1, V): the graph's own output buffer
+        self.captures += 1
+
+    def _tensors(self) -> list:
+        out = [self.pos]
+        for st in self.layers:
+            if isinstance(st, StaticMixer):
+                out += [st.sink_k, st.sink_v, st.win_k, st.win_v, *(st.mlstm or ())]
+            else:
+                out += [t for v in st.values() for t in (v if isinstance(v, (tuple, list)) else (v,))]
+        return out
+
+    def _step(self, ids: torch.Tensor) -> torch.Tensor:
+        model = self.model
+        if model.family == "hybrid":
+            logits = _hybrid_step(model, ids, self.layers, self.pos)
+        else:
+            x = model.embed(ids)  # (B, 1, D)
+            for blk, st in zip(model.blocks.blocks, self.layers):
+                x, new = blk.step(x, **st)  # xlstm's recurrent step: (B, 1, D)
+                for k, v in new.items():
+                    _copy(st[k], v)
+            logits = model.head(model.norm(x))  # (B, 1, V)
+        self.pos.add_(1)
+        return logits
+
+
+def _hybrid_step(model, ids: torch.Tensor, layers: list[StaticMixer], pos: torch.Tensor) -> torch.Tensor:
+    """The converted teacher's own forward of one token with each mixer stepping its StaticMixer: (B, 1, V)."""
+    lm, B = model.lm, ids.shape[0]
+    position_ids = pos.view(1, 1).expand(B, 1)  # (B, 1)
+    last = model.cfg.sinks + model.cfg.window - 1
+    probe = lm.get_input_embeddings().weight[:1]
+    sink_rope = lm.model.rotary_emb(probe, pos.clamp(max=last).view(1, 1).expand(B, 1))  # cos, sin (B, 1, d)
+    for mx, st in zip(model.mixers, layers):
+        st.sink_rope, mx.cache = sink_rope, st
+    # The decoder layers called here rather than lm.model(...): its causal-mask builder may look at values (a host
+    # sync, which a CUDA graph cannot hold), and the mixers take no mask.
+    base = lm.model
+    h = base.embed_tokens(ids)  # (B, 1, D)
+    position_embeddings = base.rotary_emb(h, position_ids)
+    try:
+        for layer in base.layers[: base.config.num_hidden_layers]:
+            out = layer(h, attention_mask=None, position_embeddings=position_embeddings, position_ids=position_ids,
+                        use_cache=False)
+            h = out[0] if isinstance(out, tuple) else out  # transformers 4 returns a tuple
+    finally:
+        for mx in model.mixers:
+            mx.cache = None
+    return model.head(base.norm(h))  # (B, 1, V)
+
+
+def mixer_step(mx, x: torch.Tensor, position_embeddings, st: StaticMixer) -> torch.Tensor:
+    """One token through a HybridMixer from its StaticMixer: head outputs (B, H, 1, d). The same equations as
+    decode.mixer_forward's step, on fixed buffers."""
+    from transformers.models.llama.modeling_llama import apply_rotary_pos_emb as rope
+
+    cos, sin = position_embeddings  # (B, 1, d) x2
+    q, k, v = mx.qkv(x)  # (B, H, 1, d), (B, Hkv, 1, d) x2
+    q0, k0 = q, k
+    q, k = rope(q, k, cos, sin)
+    rep, p = mx.H // mx.Hkv, st.pos  # p (1,): this token's position
+    if mx.sinks:  # the first S positions are the sinks: written while p < S, kept as they are after
+        s = p.clamp(max=mx.sinks - 1)
+        first = p < mx.sinks  # (1,)
+        st.sink_k.index_copy_(2, s, torch.where(first, k, st.sink_k.index_select(2, s)))
+        st.sink_v.index_copy_(2, s, torch.where(first, v, st.sink_v.index_select(2, s)))
+    slot = p % mx.window
+    st.win_k.index_copy_(2, slot, k)
+    st.win_v.index_copy_(2, slot, v)
+    vr = v.repeat_interleave(rep, 1)  # (B, H, 1, d)
+    qm, km = (q, k.repeat_interleave(rep, 1)) if mx.mlstm_rope else (q0, k0.repeat_interleave(rep, 1))
+    swa = _window(mx, q, q0, st) if mx.branches != "mlstm" else None  # (B, H, 1, d)
+    if mx.branches == "window":
+        return swa
+    m = _mlstm(mx, x, qm, km, vr, st)  # (B, H, 1, d)
+    if mx.branches == "mlstm":
+        return m.to(q.dtype)
+    return mx.gate_mix(qm, km, vr, m, swa)
+
+
+def _window(mx, q, q0, st: StaticMixer) -> torch.Tensor:
+    """Softmax attention of one query over the ring buffer's valid slots and the sinks outside the window:
+    (B, H, 1, d). Written out rather than SDPA: the sink entries take the query rotated to its cache position."""
+    from transformers.models.llama.modeling_llama import rotate_half
+
+    W, S, rep, p = mx.window, mx.sinks, mx.H // mx.Hkv, st.pos
+    j = torch.arange(W, device=p.device)
+    held = p - torch.remainder(p - j, W)  # (W,) the position slot j holds
+    kw, vw = st.win_k.repeat_interleave(rep, 1), st.win_v.repeat_interleave(rep, 1)  # (B, H, W, d) x2
+    scores = torch.einsum("bhqd,bhkd->bhqk", q.float(), kw.float()) * mx.scaling  # (B, H, 1, W)
+    scores = scores.masked_fill(held < 0, float("-inf"))
+    values = vw
+    if S:
+        cos, sin = st.sink_rope  # (B, 1, d)
+        q_sink = q0 * cos[:, None] + rotate_half(q0) * sin[:, None]  # (B, H, 1, d)
+        ks, vs = st.sink_k.repeat_interleave(rep, 1), st.sink_v.repeat_interleave(rep, 1)  # (B, H, S, d)
+        far = p - torch.arange(S, device=p.device) >= W  # (S,) sinks that left the window
+        sink_scores = torch.einsum("bhqd,bhkd->bhqk", q_sink.float(), ks.float()) * mx.scaling  # (B, H, 1, S)
+        scores = torch.cat([sink_scores.masked_fill(~far, float("-inf")), scores], -1)  # (B, H, 1, S + W)
+        values = torch.cat([vs, vw], 2)  # (B, H, S + W, d)
+    prob = torch.softmax(scores, -1)
+    return torch.einsum("bhqk,bhkd->bhqd", prob, values.float()).to(q.dtype)  # (B, H, 1, d)
+
+
+def _mlstm(mx, x, qm, km, v, st: StaticMixer) -> torch.Tensor:
+    """One mLSTM step (mlstm_kernels' recurrent step, the chunkwise kernel's equations) into the fixed C, n, m."""
+    from mlstm_kernels.torch.recurrent.native_step import mlstm_recurrent_step__native
+
+    from tcache.student.hybrid import hedgehog
+
+    qf, kf = hedgehog(qm, mx.phi_q)[:, :, 0], hedgehog(km, mx.phi_k)[:, :, 0]  # (B, H, 2d) x2
+    i = mx.igate(x).float()[:, 0, :, None]  # (B, H, 1)
+    f = mx.fgate(x).float()[:, 0, :, None]  # (B, H, 1)
+    c, n, m = st.mlstm
+    h, new = mlstm_recurrent_step__native(qf, kf, v[:, :, 0].float(), i, f, c, n, m, eps=1e-12)
+    _copy(st.mlstm, new)
+    return h[:, :, None]  # (B, H, 1, d)

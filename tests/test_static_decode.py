@@ -1,0 +1,157 @@
+"""The static decode state (student/static_decode.py): fixed buffers whose storage never changes, the ring-buffer
+window equal to decode.py's concatenating path for prefixes shorter than, equal to and longer than the window (and
+the sinks), and greedy generation through the static path equal to full-forward greedy for every recipe, with the
+recurrent step proven to run (the prefix is never re-run)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from tcache.student import decode
+from tcache.student.static_decode import StaticDecoder
+
+V = 97
+W, S = 6, 2  # the hybrid's window and sinks: small, so prefixes cross both
+
+
+def student(recipe: str):
+    """A tiny random student of each recipe, float32, eval mode (its kernels as tcache eval picks them on CPU)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from tcache.student.hybrid import HybridConfig, HybridStudent
+    from tcache.student.model import Student, StudentConfig
+
+    torch.manual_seed(0)
+    if recipe == "hybrid":
+        lm = LlamaForCausalLM(LlamaConfig(vocab_size=V, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                          num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256))
+        lm.config._attn_implementation = "sdpa"
+        model = HybridStudent(lm, HybridConfig(window=W, sinks=S))
+        with torch.no_grad():  # gates away from their init, so both branches and the output gate matter
+            for mx in model.mixers:
+                mx.ogate_w.normal_(0, 0.3), mx.phi_q.add_(torch.randn_like(mx.phi_q) * 0.1)
+        model.set_kernel(torch.device("cpu"))
+    else:
+        cfg = StudentConfig(vocab_size=V, hidden_size=32, num_blocks=2, num_heads=4, context_length=64,
+                            slstm_at=[0] if recipe == "v1" else [], slstm_backend="vanilla", recipe=recipe)
+        model = Student(cfg)
+    return model.eval()
+
+
+def ids(B: int, T: int, seed: int = 1) -> torch.Tensor:
+    return torch.randint(0, V, (B, T), generator=torch.Generator().manual_seed(seed))
+
+
+# the hybrid's prefixes: inside the sinks, shorter than, equal to and longer than the window (+ sinks); the xLSTM
+# state has no window, so one length is enough
+PREFIXES = [("hybrid", T) for T in (1, S, W - 1, W, W + S + 3)] + [("v1", 9), ("v2", 9)]
+
+
+@pytest.mark.parametrize("recipe, T", PREFIXES)
+def test_static_steps_equal_the_concatenating_path_and_keep_their_storage(recipe, T):
+    """Eight steps from a T-token prefix: logits equal decode.step's (float32, 1e-5), and every buffer of the state
+    keeps its data_ptr across steps (updated in place, never rebound)."""
+    model = student(recipe)
+    prompt = ids(2, T)
+    with torch.no_grad():
+        _, ref = decode.prefill(model, prompt)
+        _, state = decode.prefill(model, prompt)
+    static = StaticDecoder(model, state, capture=False)
+    ptrs = [t.data_ptr() for t in static._tensors()]
+    nxt = ids(2, 8, seed=2)
+    for t in range(8):
+        want = decode.step(model, nxt[:, t:t + 1], ref)  # (2, 1, V)
+        got = static.step(nxt[:, t:t + 1])
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+        assert [x.data_ptr() for x in static._tensors()] == ptrs
+    assert int(static.pos) == T + 8
+
+
+def test_the_ring_buffer_holds_the_last_window_at_its_slots():
+    """After prefill and steps, slot t % W holds position t's key for the last W positions (the concatenating
+    path's window, reordered), and the sinks hold positions 0..S-1."""
+    model = student("hybrid")
+    with torch.no_grad():
+        _, ref = decode.prefill(model, ids(1, 3))
+        _, state = decode.prefill(model, ids(1, 3))
+    static = StaticDecoder(model, state, capture=False)
+    nxt = ids(1, 9, seed=3)
+    for t in range(9):
+        decode.step(model, nxt[:, t:t + 1], ref)
+        static.step(nxt[:, t:t + 1])
+    P = 3 + 9  # positions 0..11 seen
+    for buf, st in zip(static.layers, ref.layers):
+        order = [t % W for t in range(P - W, P)]
+        torch.testing.assert_close(buf.win_k[:, :, order], st.win_k)
+        torch.testing.assert_close(buf.sink_k, st.sink_k)
+
+
+@pytest.mark.parametrize("recipe", ["v1", "v2", "hybrid"])
+def test_generate_through_the_static_path_equals_full_forward_greedy(recipe, monkeypatch):
+    """generate() of the exported class with the static path on (TCACHE_STATIC_DECODE=1, as it is by default on
+    CUDA) gives the tokens of re-running the whole prefix each time; the static step ran once per new token after
+    the first, and the parallel forward only once (the prefix is never re-run)."""
+    from tcache.student.hf import to_hf
+
+    monkeypatch.setenv("TCACHE_STATIC_DECODE", "1")
+    hf = to_hf(student(recipe), {"config": {"recipe": recipe}}).eval()
+    calls = {"step": 0, "parallel": 0}
+    step = StaticDecoder._step
+    # the parallel forward over a whole prefix: the xLSTM's features(), the hybrid's converted teacher
+    owner = hf.student.lm.model if recipe == "hybrid" else hf.student
+    name = "forward" if recipe == "hybrid" else "features"
+    parallel = getattr(owner, name)
+
+    def counted_step(self, x):
+        calls["step"] += 1
+        return step(self, x)
+
+    def counted_parallel(*a, **k):
+        calls["parallel"] += 1
+        return parallel(*a, **k)
+
+    monkeypatch.setattr(StaticDecoder, "_step", counted_step)
+    monkeypatch.setattr(owner, name, counted_parallel)
+    prompt, new = ids(2, W + S + 4), 10
+    got = hf.generate(prompt, max_new_tokens=new, do_sample=False, pad_token_id=0, eos_token_id=None)
+    assert calls == {"step": new - 1, "parallel": 1}, calls  # one prefill, then one static step per token
+    monkeypatch.setattr(owner, name, parallel)
+    seq = prompt
+    with torch.no_grad():
+        for _ in range(new):
+            x, _ = hf.student.features(seq)
+            seq = torch.cat([seq, hf.student.head(x[:, -1:]).argmax(-1)], 1)
+    assert torch.equal(got, seq)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU (run in the GPU call)")
+@pytest.mark.parametrize("recipe", ["v1", "v2", "hybrid"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_captured_step_replays_the_eager_static_step_on_cuda(recipe, dtype):
+    """The CUDA graph's replay gives the eager static step's logits (fp32: 1e-4; bf16: the dtype's tolerance), its
+    buffers keep their storage, and it is captured once for all steps; greedy generate() equals full-forward greedy."""
+    from tcache.student.hf import to_hf
+
+    model = student(recipe).cuda().to(dtype)
+    prompt = ids(2, W + S + 3).cuda()
+    with torch.no_grad():
+        _, a = decode.prefill(model, prompt)
+        _, b = decode.prefill(model, prompt)
+    eager, graph = StaticDecoder(model, a, capture=False), StaticDecoder(model, b, capture=True)
+    nxt = ids(2, 6, seed=2).cuda()
+    tol = dict(atol=1e-4, rtol=1e-4) if dtype == torch.float32 else dict(atol=2e-2, rtol=2e-2)
+    for t in range(6):
+        want = eager.step(nxt[:, t:t + 1])
+        got = graph.step(nxt[:, t:t + 1])
+        ptrs = [x.data_ptr() for x in graph._tensors()]
+        torch.testing.assert_close(got.float(), want.float(), **tol)
+    assert graph.captures == 1 and [x.data_ptr() for x in graph._tensors()] == ptrs
+    hf = to_hf(student(recipe), {"config": {"recipe": recipe}}).cuda().eval()
+    got = hf.generate(prompt, max_new_tokens=8, do_sample=False, pad_token_id=0, eos_token_id=None)
+    seq = prompt
+    with torch.no_grad():
+        for _ in range(8):
+            x, _ = hf.student.features(seq)
+            seq = torch.cat([seq, hf.student.head(x[:, -1:]).argmax(-1)], 1)
+    assert torch.equal(got, seq) and hf.static_decode_captures == 1
