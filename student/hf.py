@@ -61,6 +61,9 @@ class TcacheCausalLMOutput(ModelOutput):
     loss: torch.Tensor | None = None
     logits: torch.Tensor | None = None
     cache: decode.DecodeState | None = None
+    past_key_values: decode.DecodeState | None = None
+    """The same state under the name transformers < 5.2x's generate() passes back (it knows no `cache`): without it
+    those versions re-ran the whole prefix for every token (tests/test_static_decode.py counts the steps)."""
 
 
 class TcacheStudentForCausalLM(PreTrainedModel, GenerationMixin):
@@ -127,7 +130,11 @@ class TcacheStudentForCausalLM(PreTrainedModel, GenerationMixin):
     def forward(self, input_ids: torch.LongTensor, attention_mask: torch.Tensor | None = None,
                 cache: decode.DecodeState | None = None, use_cache: bool | None = None,
                 labels: torch.LongTensor | None = None, logits_to_keep: int = 0, **kwargs) -> TcacheCausalLMOutput:
-        """logits_to_keep > 0: logits of the last positions only (generate() asks for 1 in its prefill)."""
+        """logits_to_keep > 0: logits of the last positions only (generate() asks for 1 in its prefill). The state
+        comes as `cache` (transformers >= 5.2x) or `past_key_values` (earlier versions)."""
+        if cache is None:
+            cache = kwargs.pop("past_key_values", None)
+        kwargs.pop("past_key_values", None)
         if attention_mask is not None and not bool(attention_mask.all()):
             raise ValueError("tcache students take no padding (a recurrent state would absorb the pad tokens); "
                              "generate unpadded prompts, one at a time or of equal length")
@@ -147,7 +154,7 @@ class TcacheStudentForCausalLM(PreTrainedModel, GenerationMixin):
         loss = None
         if labels is not None:
             loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size, **kwargs)
-        return TcacheCausalLMOutput(loss=loss, logits=logits.float(), cache=cache)
+        return TcacheCausalLMOutput(loss=loss, logits=logits.float(), cache=cache, past_key_values=cache)
 
 
     def _static(self, state: decode.DecodeState) -> static_decode.StaticDecoder:
