@@ -203,7 +203,8 @@ class CacheWriter:
 
     # -- internals -------------------------------------------------------------------------------
     def _adopt_complete_shards(self) -> None:
-        """Resume: keep the shards the state lists (present, of the recorded size); remove every other shard
+        """Resume: keep the shards the state lists (present, of the recorded size, and rehashed: of the recorded
+        sha256, or hashed now where the stop came before its hash was recorded); remove every other shard
         file (an unlisted one was renamed but not recorded before the stop: it is redone)."""
         listed = {s["file"] for s in self.state.shards}
         for p in self.out_dir.glob("shard-*.h5*"):
@@ -214,6 +215,11 @@ class CacheWriter:
             if not path.is_file() or path.stat().st_size != s["bytes"]:
                 raise TcacheError(f"--resume: {path} is missing or changed since it was written; "
                                   "start over with --overwrite")
+            digest = hash_file(path)
+            if s["sha256"] and digest != s["sha256"]:
+                raise TcacheError(f"--resume: shard {path} changed since it was written (its sha256 differs from "
+                                  "the build state's); start over with --overwrite")
+            s = {**s, "sha256": digest}  # the manifest records what was checked here
             self.manifest.shards.append(ShardInfo(**s))
             self.manifest.rows += s["rows"]
             self.manifest.tokens += s["rows"] * self.manifest.seq_len

@@ -32,6 +32,24 @@ def decode_nf4(raw: np.ndarray, scale: np.ndarray) -> np.ndarray:
     return values.reshape(*raw.shape[:-1], raw.shape[-1] * 2)
 
 
+def decode_hidden_values(stored: dict, dtype: str) -> np.ndarray:
+    """Stored `hidden` (and `hidden_scale`) arrays of a cache's dtype -> the exact values they stand for, in
+    float64, shaped like `hidden` with D values: fp16 as is, bf16 through torch's own bfloat16, int8 as
+    q * scale, nf4 by the paper's levels (low nibble first). Every product here is exact in float64 (a
+    float32 level or an int8 times an fp16 scale), so float32 decoders must equal it cast to float32."""
+    raw = stored["hidden"]
+    if dtype == "float16":
+        return raw.astype(np.float64)
+    if dtype == "bfloat16":
+        return torch.from_numpy(raw.view(np.int16).copy()).view(torch.bfloat16).double().numpy()
+    scale = stored["hidden_scale"].astype(np.float64)
+    if dtype == "int8":
+        return raw.astype(np.float64) * scale[..., None]
+    if dtype == "nf4":
+        return decode_nf4(raw, scale)
+    raise ValueError(f"unknown hidden dtype {dtype}")
+
+
 def _check_nf4(raw: np.ndarray, scale: np.ndarray, ref_h: np.ndarray) -> np.ndarray:
     """Decode nf4 (two codes a byte, low nibble first; 32-value blocks, fp16 absmax) and check that every
     code is the level nearest to ref / absmax. Returns the decoded values, shaped like ref_h."""
@@ -49,6 +67,20 @@ def _check_nf4(raw: np.ndarray, scale: np.ndarray, ref_h: np.ndarray) -> np.ndar
 
 def _sha256(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def assert_same_files(got: Path, want: Path) -> None:
+    """The shards and teacher files of cache `got` are byte for byte those of cache `want`: the same file names,
+    each rehashed from its bytes on disk here (not the digests either manifest recorded)."""
+    def files(root: Path) -> dict[str, str]:
+        paths = [*root.glob("shard-*"), *(root / "teacher").rglob("*")]
+        return {p.relative_to(root).as_posix(): _sha256(p) for p in paths if p.is_file()}
+
+    a, b = files(Path(got)), files(Path(want))
+    assert sorted(a) == sorted(b), (sorted(a), sorted(b))
+    assert any(name.startswith("shard-") for name in b)
+    differ = [name for name in b if a[name] != b[name]]
+    assert not differ, f"files differ from the uninterrupted build's: {differ}"
 
 
 def read_cache(cache: Path) -> tuple[dict, dict[str, np.ndarray]]:
@@ -99,7 +131,7 @@ def check_cache(cache: Path, teacher_dir: Path, data_jsonl: Path | None = None, 
     emb = {k: v.astype(np.float32) for k, v in load_file(emb_path).items()}
     np.testing.assert_allclose(emb["embed_tokens"], model.get_input_embeddings().weight.detach().numpy(), rtol=0, atol=0)
     with safe_open(emb_path, "np") as f:
-        tied = f.metadata().get("tied_lm_head") == "true"
+        tied = (f.metadata() or {}).get("tied_lm_head") == "true"  # caches before schema v3 have no metadata
     assert tied == (model.get_output_embeddings().weight.data_ptr() == model.get_input_embeddings().weight.data_ptr())
     head = emb["embed_tokens"] if tied else emb["lm_head"]  # a tied head is stored once
     np.testing.assert_allclose(head, model.get_output_embeddings().weight.detach().numpy(), rtol=0, atol=0)
@@ -117,6 +149,13 @@ def check_cache(cache: Path, teacher_dir: Path, data_jsonl: Path | None = None, 
             raw = data["hidden"][r]
             if kind == "int8":  # value = q * scale, scale = absmax / 127: error at most half a step
                 scale = data["hidden_scale"][r].astype(np.float32).reshape(ref_h.shape[:-1] + (1,))  # (T, G, 1)
+                # the scale is the teacher's own absmax / 127 per position (fp16 rounding: 2^-11, plus the
+                # recompute noise), not whatever the encoder chose; and the largest value uses the full range
+                absmax = np.abs(ref_h.astype(np.float64)).max(-1)  # (T, G)
+                np.testing.assert_allclose(scale[..., 0].astype(np.float64), absmax / 127, rtol=2e-3, atol=1e-7,
+                                           err_msg="int8 hidden_scale is not absmax / 127 of the teacher's values")
+                q_max = np.abs(raw.astype(np.int64).reshape(ref_h.shape)).max(-1)  # (T, G)
+                assert np.all(q_max[absmax > 0] == 127), "int8: a position's largest |q| is not 127"
                 got_h = raw.astype(np.float32).reshape(ref_h.shape) * scale
                 bound = 0.505 * scale + 1e-3 * np.abs(ref_h).max(-1, keepdims=True)
                 assert np.all(np.abs(got_h - ref_h) <= bound), "int8 hidden off by more than half a step"

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
+from pathlib import Path
 
 import h5py
 import numpy as np
@@ -10,8 +12,8 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from independent_check import check_cache, read_cache
-from conftest import build_cache
+from independent_check import assert_same_files, check_cache, decode_hidden_values, read_cache
+from conftest import build_cache, text_head
 from tcache.teachercache import schema
 from tcache.teachercache.codecs import decode_hidden
 from tcache.teachercache.manifest import load_manifest
@@ -64,25 +66,88 @@ def test_reader_rows_match_raw_h5py(shared_cache):
 
 @pytest.mark.parametrize("hidden_dtype,logprob_dtype", [("nf4", "fp16"), ("int8", "fp16"), ("fp16", "fp32"), ("bf16", "fp16")])
 def test_every_field_dtype_matches_transformers(tmp_path, tiny_teacher, valid_jsonl, hidden_dtype, logprob_dtype):
+    """Every stored value against transformers (check_cache: for int8 also that each position's scale is the
+    teacher's absmax / 127 and its largest |q| is 127, so an encoder 4x coarser than absmax / 127 fails), and
+    the library's decode_hidden against the independent decoder, every row and value: an nf4 decoder with
+    its nibble order swapped (or any decoder off by a bit) fails. Exact equality: the independent decoder's
+    float64 products are exact (an int8 or a float32 NF4 level times an fp16 scale), so the library's float32
+    result is that value correctly rounded."""
     out = tmp_path / "c"
     m = build_cache(out, tiny_teacher, valid_jsonl, tokens=2 * 64, seq_len=64, top_k=16, hidden_groups=2,
                     hidden_dtype=hidden_dtype, logprob_dtype=logprob_dtype)
-    assert m.fields["hidden"]["dtype"] == schema.HIDDEN_DTYPES[hidden_dtype]
+    dtype = m.fields["hidden"]["dtype"]
+    assert dtype == schema.HIDDEN_DTYPES[hidden_dtype]
     assert check_cache(out, tiny_teacher, valid_jsonl)["rows_checked"] == 2
-    with CacheReader(out) as r:  # the library's decoding agrees with the raw values
-        row = r.row(1)
-        h = decode_hidden(row, m.fields["hidden"]["dtype"])
-    assert h.shape == (64, 2, 32) and h.dtype == np.float32
+    with CacheReader(out) as r:  # the library's decoding agrees with the independent decoding of the raw values
+        rows = r.rows(0, len(r))
+    h = decode_hidden(rows, dtype)
+    assert h.shape == (2, 64, 2, 32) and h.dtype == np.float32
+    want = decode_hidden_values(rows, dtype)  # (2, 64, 2, 32) float64, exact
+    assert np.abs(want).max() > 0
+    np.testing.assert_array_equal(h, want.astype(np.float32))
 
 
-def test_version_1_caches_stay_readable(tmp_path, tiny_teacher, valid_jsonl):
-    out = tmp_path / "c"
-    build_cache(out, tiny_teacher, valid_jsonl, tokens=64, seq_len=64, top_k=4, hidden_dtype="fp16",
-                logprob_dtype="fp32")  # exactly the version-1 layout
-    m = json.loads((out / "manifest.json").read_text())
-    m["schema_version"] = 1
-    (out / "manifest.json").write_text(json.dumps(m))
-    assert load_manifest(out).schema_version == 1
+OLD_CACHES = Path(__file__).parent / "data"
+
+
+@pytest.mark.parametrize("version", [1, 2])
+def test_version_1_caches_stay_readable(version):
+    """Real caches written by the code of old commits (tests/data/cache-v1: 9fdbd26, the last of schema
+    version 1: fp16 hidden, fp32 log-probs, no safetensors metadata; tests/data/cache-v2: c9de9f0 = 9132b78^,
+    the last before the bump to version 3: int8 hidden with a scale, fp16 log-probs, 2 layer groups; both
+    README.md say how), over a stored tiny teacher. Rows are read and checked against values derived without
+    tcache: the input ids are the stored text tokenised by the cache's own tokenizer, every cached log-prob
+    and hidden value is transformers' on the stored teacher (check_cache), the log-probs are log-probabilities
+    whose mass is at most 1; the library's reader and decoder agree with raw h5py and the independent
+    decoder; `tcache stats` and `tcache verify` run on them. Catches a reader that accepts an old version
+    number but no longer reads or decodes the old layout (what rewriting a new cache's version number hid)."""
+    from transformers import AutoTokenizer
+
+    from independent_check import packed_reference
+    from test_cli_build import run
+
+    fixture = OLD_CACHES / "cache-v1"  # the teacher and text that both old caches were built from
+    teacher, text, cache = fixture / "teacher", fixture / "data.jsonl", OLD_CACHES / f"cache-v{version}" / "cache"
+    m = load_manifest(cache)
+    assert m.schema_version == version and m.rows == 2 and m.seq_len == 16 and m.top_k == 4
+    worst = check_cache(cache, teacher, text)
+    assert worst["rows_checked"] == 2 and worst["id_mismatch_untied"] == 0
+
+    _, raw = read_cache(cache)
+    tokenizer = AutoTokenizer.from_pretrained(cache / "teacher")  # the copy inside the old cache
+    np.testing.assert_array_equal(raw["input_ids"].astype(np.int64), packed_reference(text, tokenizer, 16, 2))
+    lp = raw["topk_logprobs"].astype(np.float64)  # (2, 16, 4)
+    assert np.all(lp <= 1e-3) and np.all(np.diff(lp, axis=-1) <= 0)
+    mass = np.exp(lp).sum(-1)
+    assert np.all(mass <= 1 + 1e-3) and np.all(mass > 0)
+
+    dtype = m.fields["hidden"]["dtype"]
+    assert dtype == {1: "float16", 2: "int8"}[version]
+    with CacheReader(cache) as reader:
+        assert len(reader) == 2
+        rows = reader.rows(0, 2)
+        for name in raw:
+            np.testing.assert_array_equal(rows[name], raw[name])
+        reader.verify()
+    np.testing.assert_array_equal(decode_hidden(rows, dtype), decode_hidden_values(raw, dtype).astype(np.float32))
+
+    from tcache.student.io import load_teacher_parts  # what distill reads of an old cache's teacher/ copy
+
+    parts = load_teacher_parts(cache)
+    lm = AutoModelForCausalLM.from_pretrained(teacher, dtype=torch.float32)
+    assert torch.equal(parts["embed_tokens"], lm.get_input_embeddings().weight)
+    assert torch.equal(parts["lm_head"], lm.get_output_embeddings().weight)
+    assert torch.equal(parts["final_norm"], lm.model.norm.weight)
+
+    r = run("stats", cache, "--json")
+    assert r.exit_code == 0, r.output
+    stats = json.loads(r.output)
+    assert stats["schema_version"] == version and stats["rows"] == 2 and stats["tokens"] == 32
+    assert stats["topk_mass"]["mean"] == pytest.approx(mass.mean(), rel=1e-6)
+    r = run("verify", cache, "--json")
+    assert r.exit_code == 0, r.output
+    report = json.loads(r.output)
+    assert report["ok"] and report["rows"] == 2 and report["shards_total"] == 1 and report["teacher_files_total"] == 4
 
 
 def test_groups_and_full_vocab_on_tiny_teacher(tmp_path, tiny_teacher, valid_jsonl):
@@ -132,9 +197,18 @@ def test_same_command_gives_identical_shards(tmp_path, tiny_teacher, valid_jsonl
         assert (tmp_path / "a" / s.file).read_bytes() == (tmp_path / "b" / s.file).read_bytes()
 
 
-def test_failed_build_leaves_resumable_state_and_no_cache(tmp_path, tiny_teacher, valid_jsonl, monkeypatch):
-    """An error mid-build keeps the complete shards and the build state, never a manifest; --resume then
-    finishes a cache whose shards equal an uninterrupted build's."""
+FAILED_KW = dict(tokens=8 * 64, seq_len=64, top_k=4, batch_size=2, rows_per_shard=2)
+
+
+@pytest.fixture(scope="module")
+def small_text(tmp_path_factory, valid_jsonl):
+    """The heads of three held-out books: a build over all of valid.jsonl tokenises ~1M characters first."""
+    return text_head(valid_jsonl, tmp_path_factory.mktemp("text") / "small.jsonl", 20_000)
+
+
+@pytest.fixture(scope="module")
+def failed_build(tmp_path_factory, tiny_teacher, small_text):
+    """A build whose third teacher batch raised: (its directory, the exception). Tests copy the directory."""
     import tcache.teachercache.build as build_mod
 
     calls = {"n": 0}
@@ -146,21 +220,72 @@ def test_failed_build_leaves_resumable_state_and_no_cache(tmp_path, tiny_teacher
             raise RuntimeError("simulated failure")
         return real(self, *args, **kw)
 
-    kw = dict(tokens=8 * 64, seq_len=64, top_k=4, batch_size=2, rows_per_shard=2)
-    monkeypatch.setattr(build_mod.TeacherPass, "__call__", flaky)
+    out = tmp_path_factory.mktemp("failed") / "c"
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(build_mod.TeacherPass, "__call__", flaky)
+        with pytest.raises(RuntimeError) as err:
+            build_cache(out, tiny_teacher, small_text, **FAILED_KW)
+    return out, err.value
+
+
+def test_failed_build_leaves_resumable_state_and_no_cache(tmp_path, failed_build, tiny_teacher, small_text):
+    """An error mid-build keeps the complete shards and the build state, never a manifest; --resume then
+    finishes a cache whose shard and teacher files are byte for byte an uninterrupted build's (rehashed from
+    the files: a resume that adopted the kept shards' recorded digests but whose shard 0 had a byte flipped
+    right after its adoption matched the manifests' digests and fails here)."""
+    import shutil
+
     out = tmp_path / "c"
-    with pytest.raises(RuntimeError) as err:
-        build_cache(out, tiny_teacher, valid_jsonl, **kw)
-    assert err.value.resumable
+    shutil.copytree(failed_build[0], out)
+    assert failed_build[1].resumable
     assert not (out / schema.MANIFEST_FILE).exists() and (out / "build-state.json").exists()
     assert sorted(p.name for p in out.glob("shard-*")) == ["shard-00000.h5", "shard-00001.h5"]
     with pytest.raises(TcacheError, match="no manifest.json"):
         load_manifest(out)
-    monkeypatch.setattr(build_mod.TeacherPass, "__call__", real)
-    resumed = build_cache(out, tiny_teacher, valid_jsonl, resume=True, **kw)
-    full = build_cache(tmp_path / "full", tiny_teacher, valid_jsonl, **kw)
+    resumed = build_cache(out, tiny_teacher, small_text, resume=True, **FAILED_KW)
+    full = build_cache(tmp_path / "full", tiny_teacher, small_text, **FAILED_KW)
     assert resumed.build["resumed_at_row"] == 4 and not (out / "build-state.json").exists()
     assert [s.sha256 for s in resumed.shards] == [s.sha256 for s in full.shards]
+    assert_same_files(out, tmp_path / "full")
+
+
+def test_resume_refuses_a_kept_shard_whose_bytes_changed(tmp_path, failed_build, tiny_teacher, small_text):
+    """One byte of a kept shard flipped between the interruption and --resume (same size, so the size check
+    passes): the resume rehashes what it adopts and refuses, in one line naming the shard and the fix, instead
+    of finishing a cache whose manifest vouches for the old bytes. Catches a --resume that adopts kept shards by
+    size and copies their recorded digests (what _adopt_complete_shards did). A kept shard whose hash the stop
+    came before (sha256 "" in the state) is hashed then and its digest recorded."""
+    import shutil
+
+    from test_cli_build import assert_clean_error, run
+
+    out = tmp_path / "c"
+    shutil.copytree(failed_build[0], out)
+    state = json.loads((out / "build-state.json").read_text())
+    assert [bool(s["sha256"]) for s in state["shards"]] == [True, True]  # both hashed before the failure
+    shard = out / "shard-00000.h5"
+    data = bytearray(shard.read_bytes())
+    data[len(data) // 2] ^= 0x01
+    shard.write_bytes(bytes(data))
+    with pytest.raises(TcacheError) as err:
+        build_cache(out, tiny_teacher, small_text, resume=True, **FAILED_KW)
+    msg = str(err.value)
+    assert "\n" not in msg and "shard-00000.h5" in msg and "sha256" in msg and "--overwrite" in msg, msg
+    # the same through the CLI: one `Error:` line, no traceback
+    r = run("build", "--teacher", tiny_teacher, "--data", small_text, "--tokens", 8 * 64, "--seq-len", 64,
+            "--top-k", 4, "--batch-size", 2, "--shard-rows", 2, "--device", "cpu", "--out", out, "--resume")
+    assert_clean_error(r, "--resume", "shard-00000.h5", "sha256", "--overwrite")
+    assert not (out / schema.MANIFEST_FILE).exists() and shard.read_bytes() == bytes(data)  # nothing adopted
+
+    # an unhashed kept shard: hashed at the resume, and the manifest records the digest of its bytes
+    out2 = tmp_path / "c2"
+    shutil.copytree(failed_build[0], out2)
+    state["shards"][1]["sha256"] = ""
+    (out2 / "build-state.json").write_text(json.dumps(state))
+    m = build_cache(out2, tiny_teacher, small_text, resume=True, **FAILED_KW)
+    digest = hashlib.sha256((out2 / "shard-00001.h5").read_bytes()).hexdigest()
+    assert m.shards[1].sha256 == digest == json.loads((failed_build[0] / "build-state.json").read_text())[
+        "shards"][1]["sha256"]
 
 
 def test_hooked_teacher_pass_equals_hidden_states_reference(tiny_teacher):

@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 
 from conftest import REPO, text_head
+from independent_check import assert_same_files
 from tcache.teachercache import schema
 from tcache.teachercache.manifest import load_manifest
 from test_cli_build import assert_clean_error, run
@@ -56,6 +57,19 @@ def children(pid: int) -> list[int]:
     return out
 
 
+def workers(pid: int) -> list[int]:
+    """The tokenizer pool's worker processes under `pid`: multiprocessing's spawned children (the resource
+    tracker, also a child, is not one)."""
+    out = []
+    for k in children(pid):
+        try:
+            if b"spawn_main" in Path(f"/proc/{k}/cmdline").read_bytes():
+                out.append(k)
+        except OSError:
+            pass
+    return out
+
+
 def alive(pid: int) -> bool:
     try:
         stat = Path(f"/proc/{pid}/stat").read_text()
@@ -71,14 +85,18 @@ def complete_shards(out: Path) -> int:
         return 0
 
 
-def stop_when(proc: subprocess.Popen, out: Path, shards: int, sig: int, timeout: float = 120) -> None:
-    """Send `sig` once the build state lists at least `shards` complete shards."""
+def stop_when(proc: subprocess.Popen, out: Path, shards: int, sig: int, timeout: float = 120,
+              n_workers: int = 0) -> tuple[list[int], list[int]]:
+    """Send `sig` once the build state lists at least `shards` complete shards and `n_workers` tokenizer
+    workers run. Returns (every descendant, the tokenizer workers among them), both taken just before it."""
     t = time.time()
-    while complete_shards(out) < shards:
+    while complete_shards(out) < shards or len(pool := workers(proc.pid) if n_workers else []) < n_workers:
         assert proc.poll() is None, f"the build ended before it could be stopped: {proc.communicate()}"
         assert time.time() - t < timeout
         time.sleep(0.01)
+    kids = children(proc.pid)
     proc.send_signal(sig)
+    return kids, [k for k in pool if k in kids]
 
 
 @pytest.fixture(scope="module")
@@ -98,20 +116,26 @@ def reference(tmp_path_factory, teacher_dir, small_text):
 
 def test_kill_9_at_ten_points_then_resume_is_byte_identical(tmp_path, teacher_dir, small_text, reference):
     """One build, killed with SIGKILL ten times (after 1, 2, ... complete shards, wherever the writer is),
-    each time resumed; tokenizer worker processes die with their parent."""
+    each time resumed; tokenizer worker processes die with their parent (both workers are seen running before
+    each kill, so "none outlived it" is not vacuous). The resumed cache's shard and teacher files are rehashed
+    from disk against the uninterrupted build's: a resume that flipped a byte of shard 0 right after adopting it
+    kept the recorded digest in the manifest, and fails here."""
     out = tmp_path / "cache"
     args = build_args(teacher_dir, small_text, out, "--tokenizer-workers", 2)
     kills = 0
     for target in range(1, 11):
         proc = spawn(args + (["--resume"] if kills else []))
         t = time.time()
-        while complete_shards(out) < target and proc.poll() is None and time.time() - t < 120:
+        pool: list[int] = []
+        while ((complete_shards(out) < target or len(pool := workers(proc.pid)) < 2) and proc.poll() is None
+               and time.time() - t < 120):
             time.sleep(0.005)
-        kids = children(proc.pid)
+        kids = children(proc.pid)  # every descendant: the workers and multiprocessing's resource tracker
         proc.kill()
         proc.communicate()
         if complete_shards(out) >= target and not (out / schema.MANIFEST_FILE).exists():
             kills += 1
+            assert len([k for k in pool if k in kids]) == 2, f"kill {target}: 2 tokenizer workers were not running"
         deadline = time.time() + 5
         while any(alive(k) for k in kids) and time.time() < deadline:
             time.sleep(0.05)
@@ -123,16 +147,21 @@ def test_kill_9_at_ten_points_then_resume_is_byte_identical(tmp_path, teacher_di
     resumed = load_manifest(out)
     assert [s.sha256 for s in resumed.shards] == [s.sha256 for s in load_manifest(reference).shards]
     assert resumed.teacher_files == load_manifest(reference).teacher_files
+    assert_same_files(out, reference)
     assert not (out / "build-state.json").exists() and not list(out.glob("*.partial"))
 
 
 @pytest.mark.parametrize("sig, code", [(signal.SIGTERM, 143), (signal.SIGINT, 130)])
 def test_signal_stops_cleanly_and_prints_the_resume_command(tmp_path, teacher_dir, small_text, reference, sig, code):
+    """Stopped by the signal after 2 complete shards, with both tokenizer workers seen running just before it:
+    exit 128 + signal, one resume line, no worker outlives the build; --resume then gives shard and teacher
+    files byte for byte the uninterrupted build's (rehashed from disk, not the manifests' digests, which a
+    resume that flipped a byte of shard 0 right after adopting it still matched)."""
     out = tmp_path / "cache"
     args = build_args(teacher_dir, small_text, out, "--tokenizer-workers", 2)
     proc = spawn(args)
-    stop_when(proc, out, 2, sig)
-    kids = children(proc.pid)
+    kids, pool = stop_when(proc, out, 2, sig, n_workers=2)
+    assert len(pool) == 2, (kids, pool)  # both tokenizer workers ran when the signal came
     _, err = proc.communicate(timeout=60)
     assert proc.returncode == code, err
     assert "Traceback" not in err and f"Stopped by {signal.Signals(sig).name}" in err
@@ -143,6 +172,7 @@ def test_signal_stops_cleanly_and_prints_the_resume_command(tmp_path, teacher_di
     r = run(*args, "--resume")
     assert r.exit_code == 0, r.output
     assert [s.sha256 for s in load_manifest(out).shards] == [s.sha256 for s in load_manifest(reference).shards]
+    assert_same_files(out, reference)
 
 
 def test_resume_refuses_other_options_and_needs_a_state(tmp_path, teacher_dir, small_text):
@@ -155,17 +185,6 @@ def test_resume_refuses_other_options_and_needs_a_state(tmp_path, teacher_dir, s
     other[other.index("--top-k") + 1] = 4
     assert_clean_error(run(*other), "--resume", "top_k (8 -> 4)")
     assert_clean_error(run(*build_args(teacher_dir, small_text, out)), "interrupted build", "--resume")
-
-
-def test_overwrite_refuses_a_directory_with_foreign_files(tmp_path, tiny_teacher, valid_jsonl):
-    out = tmp_path / "thesis"
-    (out / "sub").mkdir(parents=True)
-    (out / "thesis.tex").write_text("my thesis")
-    (out / "sub" / "data.csv").write_text("1,2")
-    r = run("build", "--teacher", tiny_teacher, "--data", valid_jsonl, "--tokens", 256, "--seq-len", 64,
-            "--device", "cpu", "--out", out, "--overwrite")
-    assert_clean_error(r, "sub", "thesis.tex", "did not write")
-    assert (out / "thesis.tex").read_text() == "my thesis" and (out / "sub" / "data.csv").read_text() == "1,2"
 
 
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])

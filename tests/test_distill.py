@@ -210,24 +210,62 @@ def test_anneal_options_parse(tmp_path, tiny_cache):
     assert_clean_error(run("distill", tiny_cache, "--out", tmp_path / "s", "--alpha", "x"), "--alpha 'x'")
 
 
-def test_online_teacher_gives_the_cached_targets(tmp_path, tiny_teacher, valid_jsonl):
+def test_online_teacher_gives_the_cached_targets(tmp_path, tiny_teacher, valid_jsonl, monkeypatch):
     """The online comparison path: the same rows with targets recomputed by the teacher train the same way.
     fp32 log-probs and fp16 hidden states in this cache: the random teacher's KD is ~6e-5, below what fp16
-    log-probs (steps of 0.008 at -10) resolve, and nf4 would dominate the alignment difference."""
+    log-probs (steps of 0.008 at -10) resolve, and nf4 would dominate the alignment difference.
+    The teacher provably ran and its output is what trained: a forward hook on the teacher module counts one
+    forward per micro-batch (3 steps x 1) on rows of the cache, and a step with the teacher's final norm scaled
+    x3 (sharper log-probs, other normed hidden states) gives other kd and align losses, with the same ce.
+    Catches online targets that never run the teacher (e.g. read back from the cache: equal losses, no
+    forward) and a loop that runs the teacher but trains on the cached targets (equal losses either way)."""
+    import tcache.teachercache.online as online
+
     cache = tmp_path / "cache"
     build_cache(cache, tiny_teacher, valid_jsonl, tokens=16 * 64, seq_len=64, top_k=8, batch_size=8,
                 logprob_dtype="fp32", hidden_dtype="fp16")
     base = ["--steps", 3, "--batch-size", 2, "--grad-accum", 1, "--lr", 1e-3, "--seed", 1]
     r = run("distill", cache, "--out", tmp_path / "cached", *base)
     assert r.exit_code == 0, r.output
+
+    seen: list[torch.Tensor] = []  # the ids of each teacher forward
+    norm_scale = [1.0]
+    real_load = online.load_teacher
+
+    def load_teacher(*args, **kw):
+        model, tokenizer = real_load(*args, **kw)
+        with torch.no_grad():
+            model.model.norm.weight.mul_(norm_scale[0])
+        model.register_forward_hook(lambda m, a, k, out: seen.append(k["input_ids"].detach().cpu()),
+                                    with_kwargs=True)
+        return model, tokenizer
+
+    monkeypatch.setattr(online, "load_teacher", load_teacher)
     # as a user runs it: the CLI wires the teacher in as the training loop's target source
     r = run("distill", cache, "--out", tmp_path / "online", "--online-teacher", tiny_teacher, *base)
     assert r.exit_code == 0, r.output
-    a = [json.loads(x) for x in (tmp_path / "cached" / "metrics.jsonl").read_text().splitlines()]
-    b = [json.loads(x) for x in (tmp_path / "online" / "metrics.jsonl").read_text().splitlines()]
+    assert len(seen) == 3 and all(ids.shape == (2, 64) for ids in seen), [tuple(i.shape) for i in seen]
+    with CacheReader(cache) as reader:
+        cached_rows = {tuple(reader.row(i)["input_ids"].astype(np.int64)) for i in range(len(reader))}
+    assert all(tuple(row.tolist()) in cached_rows for ids in seen for row in ids)
+
+    norm_scale[0], seen[:] = 3.0, []  # one step shows it: its losses are those of the untrained student
+    one_step = [x if x != 3 else 1 for x in base]
+    r = run("distill", cache, "--out", tmp_path / "changed", "--online-teacher", tiny_teacher, *one_step)
+    assert r.exit_code == 0, r.output
+    assert len(seen) == 1
+
+    def metrics(name):
+        return [json.loads(x) for x in (tmp_path / name / "metrics.jsonl").read_text().splitlines()]
+
+    a, b, c = metrics("cached"), metrics("online"), metrics("changed")
+    assert len(a) == len(b) == 3 and len(c) == 1
     for ra, rb in zip(a, b):
         for term in ("ce", "kd", "align"):  # the cache differs only by fp16 rounding of the hidden mean
             assert rb[term] == pytest.approx(ra[term], rel=1e-3), (term, ra, rb)
+    assert c[0]["ce"] == pytest.approx(a[0]["ce"], rel=1e-3)  # the labels, not the teacher
+    for term in ("kd", "align"):  # the changed teacher's targets are the ones trained on
+        assert c[0][term] != pytest.approx(a[0][term], rel=0.05), (term, a[0], c[0])
 
 
 def test_compiled_blocks_train_like_eager(tmp_path, tiny_cache):
