@@ -30,9 +30,39 @@ ENV = "TCACHE_STATIC_DECODE"
 0: never (the concatenating path of decode.py)."""
 
 
+COMPILE_ENV = "TCACHE_STATIC_COMPILE"
+"""How the step is fused before it is captured: layer (default on CUDA: torch.compile of one decoder layer / block
+step, reused by every layer), full (the whole step), off."""
+
+
 def enabled(device: torch.device) -> bool:
     mode = os.environ.get(ENV, "auto").lower()
     return mode in ("1", "on", "true") or (mode == "auto" and device.type == "cuda")
+
+
+def _layer_call(layer, h, position_embeddings, position_ids):
+    out = layer(h, attention_mask=None, position_embeddings=position_embeddings, position_ids=position_ids,
+                use_cache=False)
+    return out[0] if isinstance(out, tuple) else out  # transformers 4 returns a tuple
+
+
+def _block_call(blk, x, st: dict):
+    x, new = blk.step(x, **st)  # xlstm's recurrent step: (B, 1, D)
+    for k, v in new.items():
+        _copy(st[k], v)
+    return x
+
+
+_COMPILED: dict = {}
+
+
+def _fused(fn, mode: str):
+    """fn compiled once per process for `layer` mode (every layer of every student shares it), else fn."""
+    if mode != "layer":
+        return fn
+    if fn not in _COMPILED:
+        _COMPILED[fn] = torch.compile(fn, dynamic=False)
+    return _COMPILED[fn]
 
 
 @dataclass
@@ -69,6 +99,8 @@ class StaticDecoder:
         first = next(model.parameters())
         self.device = first.device
         self.capture = self.device.type == "cuda" if capture is None else capture
+        self.compile = os.environ.get(COMPILE_ENV, "layer" if self.capture else "off").lower()
+        self.fn = torch.compile(self._step, dynamic=False) if self.compile == "full" else self._step
         self.captures = 0  # CUDA graphs captured (once per decoder: a replay per token after that)
         self.graph = None
         self.pos = torch.zeros(1, dtype=torch.long, device=self.device)  # position of the next token
@@ -156,12 +188,12 @@ class StaticDecoder:
         side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(side):
             for _ in range(2):
-                self._step(self.ids)
+                self.fn(self.ids)
         torch.cuda.current_stream().wait_stream(side)
         _copy(self._tensors(), saved)
         self.graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(self.graph):
-            self.logits = self._step(self.ids)  # (B, 1, V): the graph's own output buffer
+            self.logits = self.fn(self.ids)  # (B, 1, V): the graph's own output buffer
         self.captures += 1
 
     def _tensors(self) -> list:
@@ -176,19 +208,19 @@ class StaticDecoder:
     def _step(self, ids: torch.Tensor) -> torch.Tensor:
         model = self.model
         if model.family == "hybrid":
-            logits = _hybrid_step(model, ids, self.layers, self.pos)
+            logits = _hybrid_step(model, ids, self.layers, self.pos, _fused(_layer_call, self.compile))
         else:
+            block = _fused(_block_call, self.compile)
             x = model.embed(ids)  # (B, 1, D)
             for blk, st in zip(model.blocks.blocks, self.layers):
-                x, new = blk.step(x, **st)  # xlstm's recurrent step: (B, 1, D)
-                for k, v in new.items():
-                    _copy(st[k], v)
+                x = block(blk, x, st)  # (B, 1, D)
             logits = model.head(model.norm(x))  # (B, 1, V)
         self.pos.add_(1)
         return logits
 
 
-def _hybrid_step(model, ids: torch.Tensor, layers: list[StaticMixer], pos: torch.Tensor) -> torch.Tensor:
+def _hybrid_step(model, ids: torch.Tensor, layers: list[StaticMixer], pos: torch.Tensor,
+                 layer_call=_layer_call) -> torch.Tensor:
     """The converted teacher's own forward of one token with each mixer stepping its StaticMixer: (B, 1, V)."""
     lm, B = model.lm, ids.shape[0]
     position_ids = pos.view(1, 1).expand(B, 1)  # (B, 1)
@@ -204,9 +236,7 @@ def _hybrid_step(model, ids: torch.Tensor, layers: list[StaticMixer], pos: torch
     position_embeddings = base.rotary_emb(h, position_ids)
     try:
         for layer in base.layers[: base.config.num_hidden_layers]:
-            out = layer(h, attention_mask=None, position_embeddings=position_embeddings, position_ids=position_ids,
-                        use_cache=False)
-            h = out[0] if isinstance(out, tuple) else out  # transformers 4 returns a tuple
+            h = layer_call(layer, h, position_embeddings, position_ids)  # (B, 1, D)
     finally:
         for mx in model.mixers:
             mx.cache = None

@@ -96,6 +96,7 @@ def test_resume_gives_the_same_next_losses(tmp_path, tiny_cache):
     # An interrupted run: only what existed at step 3 (and a metrics line past it, which resume drops).
     b = tmp_path / "b"
     shutil.copytree(tmp_path / "a" / "checkpoints", b / "checkpoints")
+    shutil.copy(tmp_path / "a" / ".tcache-output.json", b)  # tcache's marker: b is the run's own directory
     (b / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in full[:4]))
     distill(DistillConfig(out=str(b), resume=True, **base))
     resumed = [json.loads(x) for x in (b / "metrics.jsonl").read_text().splitlines()]

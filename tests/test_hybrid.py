@@ -161,6 +161,7 @@ def test_two_stage_run_resumes_exactly_across_the_stage_boundary(tmp_path, hybri
     b = tmp_path / "b"
     b.mkdir()
     shutil.copytree(tmp_path / "a" / "checkpoints" / "step-0000002", b / "checkpoints" / "step-0000002")
+    shutil.copy(tmp_path / "a" / ".tcache-output.json", b)  # tcache's marker: b is the run's own directory
     (b / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in full[:2]))
     distill(DistillConfig(out=str(b), resume=True, **base))
     resumed = metrics(b)
