@@ -62,14 +62,56 @@ class DecodeState:
         return sum(seen.values())
 
 
+# mlstm_kernels' chunkwise Triton kernels put (T / 64 chunks) x B x heads on one grid dimension, which CUDA caps at
+# 65,535: beyond it they fail with "Triton Error [CUDA]: invalid argument" (v2 at 8 x 32k, both students at 64 x 8k
+# on an H200). A prefill is split into rows that fit, and an xLSTM prompt into chunks of CHUNK tokens.
+GRID_LIMIT = 65_535
+KERNEL_CHUNK = 64
+CHUNK = 8192
+
+
+def _rows_per_call(model, ids: torch.Tensor) -> int:
+    if ids.device.type != "cuda":
+        return ids.shape[0]
+    heads = model.mixers[0].H if model.family == "hybrid" else model.cfg.num_heads
+    T = ids.shape[1] if model.family == "hybrid" else min(ids.shape[1], CHUNK)
+    return max(1, GRID_LIMIT // (-(-T // KERNEL_CHUNK) * heads))
+
+
 @torch.no_grad()
 def prefill(model, ids: torch.Tensor, keep: int = 0) -> tuple[torch.Tensor, DecodeState]:
     """Logits (B, T, V) of the prompt (of its last `keep` positions if keep > 0: a long prompt's full logits
     would dwarf the state) and the state after its last token."""
+    rows = _rows_per_call(model, ids)
+    if rows < ids.shape[0]:  # the rows are independent: their states are stacked
+        parts = [prefill(model, ids[i:i + rows], keep) for i in range(0, ids.shape[0], rows)]
+        return torch.cat([p[0] for p in parts]), _stacked([p[1] for p in parts])
     if model.family == "hybrid":
         state = DecodeState(layers=[MixerState() for _ in model.mixers])
         return _hybrid_run(model, ids, state, keep), state
+    if ids.device.type == "cuda" and ids.shape[1] > CHUNK:
+        from tcache.student.chunked_prefill import chunked_prefill
+
+        return chunked_prefill(model, ids, keep, CHUNK)
     return _xlstm_prefill(model, ids, keep)
+
+
+def _stacked(states: list[DecodeState]) -> DecodeState:
+    """One state of the rows of `states` (each a prefill of some rows of one batch, in order)."""
+    def cat(xs):
+        if isinstance(xs[0], (tuple, list)):
+            return tuple(cat([x[i] for x in xs]) for i in range(len(xs[0])))
+        return torch.cat(xs) if xs[0] is not None else None
+
+    layers = []
+    for parts in zip(*(s.layers for s in states)):
+        if isinstance(parts[0], MixerState):
+            layers.append(MixerState(**{f: cat([getattr(p, f) for p in parts])
+                                        for f in ("sink_k", "sink_v", "win_k", "win_v", "mlstm")},
+                                     pos=parts[0].pos))
+        else:
+            layers.append({k: cat([p[k] for p in parts]) for k in parts[0]})
+    return DecodeState(layers=layers, pos=states[0].pos)
 
 
 @torch.no_grad()

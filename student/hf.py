@@ -146,7 +146,7 @@ class TcacheStudentForCausalLM(PreTrainedModel, GenerationMixin):
         elif use_cache and not self.training and not (self.config.family == "hybrid"
                                                       and self.student.cfg.full_attention_layers):
             logits, cache = decode.prefill(self.student, input_ids, logits_to_keep)  # (B, T or keep, V)
-            if static_decode.enabled(input_ids.device):
+            if static_decode.enabled(input_ids.device) and static_decode.supported(self.student):
                 cache = self._static(cache)
         else:
             x, _ = self.student.features(input_ids)  # (B, T, D)

@@ -40,6 +40,13 @@ def enabled(device: torch.device) -> bool:
     return mode in ("1", "on", "true") or (mode == "auto" and device.type == "cuda")
 
 
+def supported(model) -> bool:
+    """The static step is built for the hybrid and for mLSTM-only students (v2). A student with sLSTM blocks (v1)
+    keeps decode.py's step: its captured CUDA step failed on the H200 and could not be examined in this session's
+    device time (benchmarks/results/speed-h200)."""
+    return model.family == "hybrid" or not model.cfg.slstm_at
+
+
 def _layer_call(layer, h, position_embeddings, position_ids):
     out = layer(h, attention_mask=None, position_embeddings=position_embeddings, position_ids=position_ids,
                 use_cache=False)
