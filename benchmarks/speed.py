@@ -1,25 +1,69 @@
-"""Inference speed and memory of students against their teacher, side by side in one process: prefill tokens/s at
-each context length (batch 1), then decode tokens/s at batch 1 and 8 after a prefix of that length, with the memory
-the generation state holds (KV cache for the teacher, tcache.student.decode's state for the students) and the peak
-allocated while decoding. Every model runs through the exported transformers class (TcacheStudentForCausalLM), the
-path `generate()` takes: prefill with logits_to_keep=1, then one forward per token from the cache.
+"""Decode and prefill speed of the students against their teacher, each served through transformers' generate()
+(issue 22). One process per row, driven by a parent that writes DIR/speed.json, DIR/speed.md and DIR/speed.png:
 
-    python benchmarks/speed.py --shape smollm2-360m --lengths 512,2k,8k,32k --out DIR      # the GPU run
-    python benchmarks/speed.py --shape tiny --lengths 64,256 --device cpu --out DIR       # a CPU smoke run
+    python benchmarks/speed.py --shape smollm2-360m --out DIR          # the GPU run (H200, ~8 minutes)
+    python benchmarks/speed.py --shape tiny --device cpu --lengths 64,256 --student-lengths 512 --batches 1,2 \\
+        --steps 4 --out DIR                                             # a CPU smoke run
+    python benchmarks/speed.py --replot DIR/speed.json                  # speed.md and speed.png again
 
-Random weights at the shape of the seeds' teacher (SmolLM2-360M: 32 layers, D 960, 15 heads / 5 kv heads):
-speed and memory do not depend on the values. Students: v2 (32 mLSTM blocks, 16 heads) and the hybrid (the
-teacher with window 32 + 4 sinks + mLSTM in every layer). Writes DIR/speed.json and DIR/speed.md.
+--cpu-compile makes transformers compile teacher-static's step on CPU too (its switch for testing), a dry run of
+what generate() does on CUDA: the smoke run with it shows the compiles in the warm-ups and none in the timed calls.
+
+The GPU run's defaults: contexts 2k,8k,32k for every row and 128k for the students (--student-lengths), batches
+1,8,64, 32 timed decode steps, bf16, random weights at the shape of the seeds' teacher (SmolLM2-360M: 32 layers,
+D 960, 15 heads / 5 kv heads): speed and memory do not depend on the values.
+
+Rows:
+    teacher-static  LlamaForCausalLM, generate(cache_implementation="static"): transformers compiles the decode step
+                    itself on CUDA (torch.compile, mode reduce-overhead, its default CompileConfig)
+    teacher-eager   LlamaForCausalLM, generate() with its default dynamic cache
+    v2, hybrid, v1  the exported student class (TcacheStudentForCausalLM, via to_hf) with its static decode state,
+                    a CUDA graph replayed per token (TCACHE_STATIC_DECODE=1 in the row's process; on CPU the same
+                    static buffers run uncaptured)
+    v2-eager, ...   the same students with TCACHE_STATIC_DECODE=0: decode.py's concatenating step, eager; only at
+                    --eager-lengths (default the shortest --lengths: a student's step does not depend on the prefix,
+                    and the GPU run's time goes to the rows that do)
+
+Each decode cell (context L, batch B) is one timed generate(prompt (B, L), max_new_tokens = min_new_tokens =
+steps + 1, greedy) after a warm-up generate at batch B (for teacher-static at the cell's exact static-cache shape, so
+its compile and CUDA-graph recording happen there). A logits processor stamps every generated token (CUDA events
+on a GPU, no extra synchronisation), so one call splits into its prefill (to the first token) and its decode (the
+`steps` forwards after it): the same interval as generate(N) - generate(1), without a second prefill, which at
+B x L = 2M tokens would take ~100 times longer than the decode it is subtracted from. Per cell:
+
+    decode_tok_s   B * steps / decode time = B / step_ms (the N = steps + 1 tokens' first comes from the prefill)
+    step_ms        decode time / steps; step_ms_median the median step (a one-off in the first steps, e.g. a CUDA
+                   graph recorded again for a new static cache, moves the mean, not the median)
+    state_bytes    the returned cache: KV (teacher's static or dynamic cache) or the student's state .nbytes()
+    peak_gib       torch.cuda.max_memory_allocated over the timed call (decode_peak_gib: from the first token on)
+    gbps, bw_frac  (parameters read + state bytes) / step latency, and its fraction of this device's copy bandwidth
+    recompiles     teacher rows: torch._dynamo graphs compiled during the timed call (must be 0)
+    captures       students: model.static_decode_captures added during the timed call (must be 0)
+
+Prefill tokens/s is one forward (use_cache=True, logits_to_keep=1, as generate's prefill) at batch 1 per context,
+after a warm-up at that length. Ratios: every row's decode tokens/s over teacher-static's at the same cell, prefill
+over teacher-eager's forward.
+
+Time: --budget seconds for all rows together, shared by ROW_WEIGHT; a row's process is stopped at its share (what
+it measured is kept: it saves after every cell) and its cells run cheapest first (fewest prompt tokens), so a row
+out of time loses its largest cells, which speed.json names as "not run". If a model runs out of memory the cell
+says "oom" and the row goes on.
 """
 
 from __future__ import annotations
 
 import argparse
-import inspect
+import gc
 import json
+import os
 import platform
+import shlex
+import shutil
+import signal
+import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -31,196 +75,652 @@ SHAPES = {
     "smollm2-360m": dict(vocab_size=49152, hidden_size=960, intermediate_size=2560, num_hidden_layers=32,
                          num_attention_heads=15, num_key_value_heads=5, max_position_embeddings=65536,
                          tie_word_embeddings=True, rope_theta=100000.0),
-    "tiny": dict(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+    # 4 layers: v1 gets 2 blocks (one sLSTM, one mLSTM), so the smoke run covers both block types
+    "tiny": dict(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4,
                  num_key_value_heads=2, max_position_embeddings=4096, tie_word_embeddings=True),
 }
+ROWS = ("teacher-static", "teacher-eager", "v2", "hybrid", "v1", "v2-eager", "hybrid-eager", "v1-eager")
+"""Table order."""
+RUN_ORDER = ("teacher-eager", "v2-eager", "hybrid-eager", "v1-eager", "teacher-static", "v2", "hybrid", "v1")
+"""Process order: rows likely to finish inside their share first, so what they leave over goes to the later ones;
+teacher-static (every ratio's reference, and its compiles) before the students whose longest prefills would take
+any time they are given."""
+ROW_WEIGHT = {"teacher-static": 140, "teacher-eager": 55, "v2": 90, "hybrid": 70, "v1": 70,
+              "v2-eager": 30, "hybrid-eager": 40, "v1-eager": 30}
+"""Share of --budget per row: estimated seconds of the GPU run (H200, smollm2-360m, the default cells), ~10 s of
+each for imports and the build. teacher-static: ~3 compiles (automatic dynamic shapes) of maybe 30-45 s and ~3M
+prompt tokens at ~200k tokens/s; v2: ~4M prompt tokens at ~90k tokens/s without batch 64 x 128k (8M); the hybrid
+prefills with a dense window mask (~25k tokens/s at 32k, quadratic) and v1's vanilla sLSTM loops over the prompt in
+Python, so both spend whatever they get; -eager rows: ~33 eager steps of 30-80 ms per generate at one context."""
+STATIC_ENV = "TCACHE_STATIC_DECODE"
+WARM_PROMPT = 64
+"""Prompt tokens of the warm-up generate: the decode step's shapes do not depend on it (the static cache's length is
+set explicitly), and it is longer than the hybrid's window + sinks."""
+MIN_ROW_S = 20.0
+"""A row's process is not started with less time than this: importing and building take ~10 s."""
+DECODE_KEYS = ("decode_tok_s", "step_ms", "step_ms_median", "state_bytes", "peak_gib", "decode_peak_gib",
+               "prefill_s", "bytes_per_step", "gbps", "bw_frac")
+"""Per-cell keys, each `{key}_b{B}` mapping a context label to a number (or the cell's "oom" / "failed: ..." /
+"not run: ..." string); plus recompiles_b{B} (teacher rows) or captures_b{B} (students)."""
+
+
+def fmt(v) -> str:
+    """A number for a table: thousands separated from 100 up, 3 significant digits below; '-' for none."""
+    if not isinstance(v, (int, float)) or isinstance(v, bool):
+        return "-"
+    return f"{v:,.0f}" if abs(v) >= 100 else f"{v:.3g}"
 
 
 def count(text: str) -> int:
-    text = text.lower()
+    """'2k' -> 2048, '512' -> 512."""
+    text = text.strip().lower()
     return int(float(text[:-1]) * 1024) if text.endswith("k") else int(text)
 
 
-def build(name: str, shape: dict, device, dtype):
-    """(model, kind) — the teacher as transformers' LlamaForCausalLM, students as the exported class."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    from tcache.student.config import _v2_sizes
-    from tcache.student.hf import to_hf
-    from tcache.student.hybrid import HybridConfig, HybridStudent
-    from tcache.student.model import Student, StudentConfig
-
-    torch.manual_seed(0)
-    cfg = LlamaConfig(**shape)
-    if name == "teacher":
-        return LlamaForCausalLM(cfg).to(device, dtype).eval()
-    if name == "hybrid":
-        student = HybridStudent(LlamaForCausalLM(cfg), HybridConfig(window=32, sinks=4))
-        student.lm.config._attn_implementation = "sdpa"
-    else:
-        blocks, heads, slstm_at = _v2_sizes(cfg.num_hidden_layers, cfg.num_attention_heads)
-        student = Student(StudentConfig(vocab_size=cfg.vocab_size, hidden_size=cfg.hidden_size, num_blocks=blocks,
-                                        num_heads=heads, slstm_at=slstm_at, context_length=512, recipe="v2"))
-    return to_hf(student, {"config": {"recipe": name}}).to(device, dtype).eval()
+def label(n: int) -> str:
+    """2048 -> '2k', 512 -> '512' (speed.json's context keys)."""
+    return f"{n // 1024}k" if n % 1024 == 0 else str(n)
 
 
-def cache_kwarg(model) -> str:
-    """transformers 5 names the cache `cache`, 4.x `past_key_values`."""
-    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+def is_teacher(row: str) -> bool:
+    return row.startswith("teacher")
+
+
+def family(row: str) -> str:
+    """teacher, v2, hybrid or v1: the model a row builds."""
+    return "teacher" if is_teacher(row) else row.removesuffix("-eager")
+
+
+# --- the plan: which cells a row runs, in which order --------------------------------------------------------------
+
+
+def contexts(row: str, a) -> list[int]:
+    if is_teacher(row):
+        return a.lengths
+    if row.endswith("-eager"):
+        return a.eager_lengths
+    return a.lengths + a.student_lengths
+
+
+def plan(row: str, a) -> list[tuple[str, int, int]]:
+    """(kind, batch, context) items, kind 'prefill' (batch 1) or 'decode', cheapest first: the prompt tokens each
+    prefills (a prefill item runs twice, warm-up and timed). A row stopped at its time share loses its largest."""
+    items = [("prefill", 1, L) for L in contexts(row, a)]
+    items += [("decode", B, L) for B in a.batches for L in contexts(row, a)]
+    return sorted(items, key=lambda it: (it[1] * it[2] * (2 if it[0] == "prefill" else 1), it[0] != "decode", it[1]))
+
+
+# --- building ----------------------------------------------------------------------------------------------------
+
+
+def build(row: str, shape: dict, device: torch.device, dtype: torch.dtype):
+    """The row's model, eval mode: the teacher as transformers' LlamaForCausalLM, a student as the exported class."""
+    def make():
+        from transformers import LlamaConfig, LlamaForCausalLM
+
+        from tcache.student.config import _v1_sizes, _v2_sizes
+        from tcache.student.hf import to_hf
+        from tcache.student.hybrid import HybridConfig, HybridStudent
+        from tcache.student.model import Student, StudentConfig
+
+        torch.manual_seed(0)
+        cfg, fam = LlamaConfig(**shape), family(row)
+        if fam == "teacher":
+            return LlamaForCausalLM(cfg)
+        if fam == "hybrid":
+            student = HybridStudent(LlamaForCausalLM(cfg), HybridConfig(window=32, sinks=4))
+            student.lm.config._attn_implementation = "sdpa"
+        else:
+            blocks, heads, slstm_at = {"v1": _v1_sizes, "v2": _v2_sizes}[fam](cfg.num_hidden_layers,
+                                                                               cfg.num_attention_heads)
+            student = Student(StudentConfig(vocab_size=cfg.vocab_size, hidden_size=cfg.hidden_size, num_blocks=blocks,
+                                            num_heads=heads, slstm_at=slstm_at, context_length=512, recipe=fam))
+        return to_hf(student, {"config": {"recipe": fam}})
+
+    try:
+        with torch.device(device):  # random init where the model runs: on the CPU it takes seconds per model
+            model = make()
+    except Exception as e:  # something in a constructor that insists on the CPU: build there, then move
+        print(f"[{row}] building on {device} failed ({type(e).__name__}: {e}); building on the CPU", flush=True)
+        model = make()
+    return model.to(device, dtype).eval()
+
+
+# --- the device: time and memory --------------------------------------------------------------------------------
+
+
+class Dev:
+    """Where tensors live and how time and memory are read there. On a GPU: CUDA events (they time the device's
+    work without making the host wait), synchronize, the caching allocator's peak. On CPU, which runs synchronously:
+    the wall clock, and no peak. `cuda` can be set apart from `device` to dry-run the GPU branches on CPU."""
+
+    def __init__(self, device: torch.device, cuda: bool | None = None):
+        self.device = device
+        self.cuda = device.type == "cuda" if cuda is None else cuda
+
+    def sync(self) -> None:
+        if self.cuda:
+            torch.cuda.synchronize()
+
+    def stamp(self):
+        """A point in time; `ms(a, b)` reads the interval once the work before b is done (after sync())."""
+        if self.cuda:
+            ev = torch.cuda.Event(enable_timing=True)
+            ev.record()
+            return ev
+        return time.perf_counter()
+
+    def ms(self, a, b) -> float:
+        return a.elapsed_time(b) if self.cuda else (b - a) * 1e3
+
+    def reset_peak(self) -> None:
+        if self.cuda:
+            torch.cuda.reset_peak_memory_stats()
+
+    def peak_gib(self) -> float | None:
+        return torch.cuda.max_memory_allocated() / 2**30 if self.cuda else None
+
+    def free(self) -> None:
+        """Return what the last cell left (an OOM's traceback frames included) before the next one."""
+        gc.collect()
+        if self.cuda:
+            torch.cuda.empty_cache()
+
+    def name(self) -> str:
+        return torch.cuda.get_device_name() if self.device.type == "cuda" else platform.processor() or "cpu"
+
+
+def copy_gbps(dev: Dev) -> float:
+    """The device's copy bandwidth: bytes read + written per second by a large device-to-device copy, the ceiling
+    a memory-bound decode step is measured against (KINDS.md saw ~4.3 TB/s on an H200)."""
+    n, reps = (2**30, 10) if dev.cuda else (2**26, 5)
+    src = torch.empty(n, dtype=torch.uint8, device=dev.device)
+    dst = torch.empty_like(src)
+    dst.copy_(src)  # first touch, outside the timing
+    dev.sync()
+    t0 = dev.stamp()
+    for _ in range(reps):
+        dst.copy_(src)
+    t1 = dev.stamp()
+    dev.sync()
+    return 2 * n * reps / (dev.ms(t0, t1) / 1e3) / 1e9
+
+
+def param_bytes_read(model) -> int:
+    """Bytes of the parameters one decode step reads: each tensor once (tied ones share storage), without an input
+    embedding table that is not also the output head (a lookup reads B rows of it, not the table)."""
+    emb, head = model.get_input_embeddings(), model.get_output_embeddings()
+    skip = set()
+    if emb is not None and head is not None and emb.weight.data_ptr() != head.weight.data_ptr():
+        skip.add(emb.weight.data_ptr())
+    seen = {}
+    for p in model.parameters():
+        if p.data_ptr() not in skip:
+            seen[p.data_ptr()] = p.numel() * p.element_size()
+    return sum(seen.values())
 
 
 def state_bytes(cache) -> int:
-    if hasattr(cache, "nbytes") and callable(cache.nbytes):  # a student's DecodeState
+    """Bytes a generation state holds: a student's DecodeState / StaticDecoder count their storage (nbytes()); a
+    transformers cache its layers' keys and values."""
+    if callable(getattr(cache, "nbytes", None)):
         return cache.nbytes()
     total = 0
-    for layer in getattr(cache, "layers", []):  # transformers >= 4.56 DynamicCache
+    for layer in getattr(cache, "layers", []):  # DynamicCache / StaticCache, transformers >= 4.56
         for t in (getattr(layer, "keys", None), getattr(layer, "values", None)):
             total += t.numel() * t.element_size() if isinstance(t, torch.Tensor) else 0
-    for t in list(getattr(cache, "key_cache", [])) + list(getattr(cache, "value_cache", [])):  # older
-        total += t.numel() * t.element_size()
     return total
 
 
-def sync(device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
+def graph_count(row: str, model) -> int | None:
+    """Compiled or captured graphs so far: torch._dynamo's count for the teacher rows (generate compiles the static
+    cache's decode step on CUDA), the static decode path's CUDA-graph captures for a student (None without it)."""
+    if is_teacher(row):
+        from torch._dynamo.utils import counters
+
+        return int(counters["stats"]["unique_graphs"])
+    captures = getattr(model, "static_decode_captures", None)
+    return int(captures) if captures is not None else None
+
+
+def added(before: int | None, after: int | None) -> int | None:
+    return None if before is None or after is None else after - before
+
+
+# --- generate, timed per token -----------------------------------------------------------------------------------
+
+
+def step_clock(dev: Dev):
+    """A logits processor that stamps each generated token. generate() calls it once per forward, right after the
+    forward: the first call ends the prefill, the others each end one decode step. At the first it also reads the
+    allocator's peak so far (the prefill's) and resets it, so the peak read after the call is the decode's alone."""
+    from transformers import LogitsProcessor
+
+    class StepClock(LogitsProcessor):
+        def __init__(self):
+            self.marks = []
+            self.prefill_peak_gib = None
+
+        def __call__(self, input_ids, scores):
+            self.marks.append(dev.stamp())
+            if len(self.marks) == 1:
+                self.prefill_peak_gib = dev.peak_gib()
+                dev.reset_peak()
+            return scores
+
+    return StepClock()
+
+
+def random_ids(B: int, L: int, vocab: int, dev: Dev) -> torch.Tensor:
+    g = torch.Generator().manual_seed(1000 * B + L)
+    return torch.randint(0, vocab, (B, L), generator=g).to(dev.device)  # (B, L)
 
 
 @torch.no_grad()
-def prefill(model, ids):
-    kw = cache_kwarg(model)
-    out = model(ids, use_cache=True, logits_to_keep=1)
-    return out.logits[:, -1:], (out.cache if kw == "cache" and hasattr(out, "cache") else out.past_key_values)
+def generate(model, row: str, ids: torch.Tensor, new_tokens: int, cache_len: int, cpu_compile: bool = False,
+             clock=None):
+    """generate() as the row serves: greedy, exactly new_tokens tokens, the cache returned (its bytes are measured).
+    teacher-static: the static cache at cache_len positions, stated rather than left to generate, so a warm-up with a
+    short prompt compiles the step at the timed call's shapes."""
+    from transformers import LogitsProcessorList
+
+    kw = dict(max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False, pad_token_id=0,
+              attention_mask=torch.ones_like(ids), return_dict_in_generate=True)
+    if row == "teacher-static":
+        kw.update(cache_implementation="static", max_cache_len=cache_len)
+        if cpu_compile:  # transformers' switch for compiling on CPU too (a dry run of the GPU's compile path)
+            from transformers import CompileConfig
+
+            cc = CompileConfig()
+            cc._compile_all_devices = True
+            kw["compile_config"] = cc
+    if clock is not None:
+        kw["logits_processor"] = LogitsProcessorList([clock])
+    return model.generate(ids, **kw)
 
 
-@torch.no_grad()
-def decode(model, cache, last_logits, steps: int):
-    kw = cache_kwarg(model)
-    nxt = last_logits.argmax(-1)  # (B, 1)
-    for _ in range(steps):
-        out = model(nxt, use_cache=True, **{kw: cache})
-        cache = out.cache if kw == "cache" and hasattr(out, "cache") else out.past_key_values
-        nxt = out.logits[:, -1:].argmax(-1)  # (B, 1)
-    return cache
+def returned_cache(out):
+    """The cache generate() returned: `cache` in transformers >= 5.2x, `past_key_values` before."""
+    for name in ("cache", "past_key_values"):
+        c = getattr(out, name, None)
+        if c is not None:
+            return c
+    return None
 
 
-def measure(model, name, lengths, batches, steps, vocab, device) -> list[dict]:
-    rows = []
-    g = torch.Generator().manual_seed(0)
-    warm = torch.randint(0, vocab, (1, 64), generator=g).to(device)
-    _, c = prefill(model, warm)
-    decode(model, c, torch.zeros(1, 1, vocab, device=device), 2)  # kernels compiled / autotuned before timing
-    for L in lengths:
-        ids = torch.randint(0, vocab, (max(batches), L), generator=g).to(device)
-        row = {"model": name, "context": L}
-        try:
-            prefill(model, ids[:1])  # warm this length's kernels
-            sync(device)
-            if device.type == "cuda":
-                torch.cuda.reset_peak_memory_stats(device)
-            t0 = time.perf_counter()
-            logits, cache = prefill(model, ids[:1])
-            sync(device)
-            row["prefill_tok_s"] = L / (time.perf_counter() - t0)
-            if device.type == "cuda":
-                row["prefill_peak_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
-            for b in batches:
-                logits, cache = prefill(model, ids[:b]) if b > 1 else (logits, cache)
-                row[f"state_mib_b{b}"] = state_bytes(cache) / 2**20
-                sync(device)
-                if device.type == "cuda":
-                    torch.cuda.reset_peak_memory_stats(device)
-                t0 = time.perf_counter()
-                cache = decode(model, cache, logits, steps)
-                sync(device)
-                row[f"decode_tok_s_b{b}"] = b * steps / (time.perf_counter() - t0)
-                if device.type == "cuda":
-                    row[f"decode_peak_gib_b{b}"] = torch.cuda.max_memory_allocated(device) / 2**30
-                del cache
-        except (torch.OutOfMemoryError, RuntimeError) as e:  # recorded per length; the other lengths still run
-            row["error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:100]}"
-        if device.type == "cuda":
-            torch.cuda.empty_cache()
-        rows.append(row)
-        print(json.dumps(row), flush=True)
-    return rows
-
-
-def table(rows: list[dict], batches) -> str:
-    by = {(r["model"], r["context"]): r for r in rows}
-    models = list(dict.fromkeys(r["model"] for r in rows))
-    lines = ["| model | context | prefill tok/s (x teacher) | " + " | ".join(
-        f"decode tok/s b{b} (x teacher) | state MiB b{b} | decode peak GiB b{b}" for b in batches) + " |",
-        "|---|---|---|" + "---|---|---|" * len(batches)]
-    for m in models:
-        for L in sorted({r["context"] for r in rows}):
-            r, t = by.get((m, L), {}), by.get(("teacher", L), {})
-            if "error" in r:
-                lines.append(f"| {m} | {L} | {r['error']} |")
-                continue
-
-            def ratio(key):
-                v, tv = r.get(key), t.get(key)
-                return f"{v:,.0f}" + (f" ({v / tv:.2f}x)" if v and tv and m != "teacher" else "") if v else "-"
-            cells = [ratio("prefill_tok_s")]
-            for b in batches:
-                cells += [ratio(f"decode_tok_s_b{b}"), f"{r.get(f'state_mib_b{b}', float('nan')):,.1f}",
-                          f"{r.get(f'decode_peak_gib_b{b}', float('nan')):.2f}"]
-            lines.append(f"| {m} | {L} | " + " | ".join(cells) + " |")
-    return "\n".join(lines)
-
-
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--shape", default="smollm2-360m", choices=sorted(SHAPES))
-    ap.add_argument("--models", default="teacher,v2,hybrid")
-    ap.add_argument("--lengths", default="512,2k,8k,32k")
-    ap.add_argument("--batches", default="1,8")
-    ap.add_argument("--steps", type=int, default=32, help="decode steps timed per measurement")
-    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    ap.add_argument("--dtype", default="bf16", choices=["bf16", "fp32"])
-    ap.add_argument("--out", default="speed-out")
-    ap.add_argument("--one", action="store_true", help=argparse.SUPPRESS)
-    ap.add_argument("--replot", metavar="SPEED_JSON", help="only draw the plot of an earlier run's speed.json")
-    a = ap.parse_args()
-    if a.replot:
-        doc = json.loads(Path(a.replot).read_text())
-        bs = sorted({int(k.rsplit("_b", 1)[1]) for r in doc["rows"] for k in r if k.startswith("decode_tok_s_b")})
-        plot(doc["rows"], bs, Path(a.replot).with_suffix(".png"))
+def check_generated(row: str, out, B: int, L: int, new_tokens: int) -> None:
+    """generate() made every token and, for a student, carried its state: one prefill then one step per token
+    (a transformers that dropped the state would re-run the whole prompt every token)."""
+    if tuple(out.sequences.shape) != (B, L + new_tokens):
+        raise RuntimeError(f"generate returned {tuple(out.sequences.shape)}, not ({B}, {L + new_tokens})")
+    if is_teacher(row):
         return
-    device, dtype = torch.device(a.device), {"bf16": torch.bfloat16, "fp32": torch.float32}[a.dtype]
-    lengths, batches = [count(x) for x in a.lengths.split(",")], [int(x) for x in a.batches.split(",")]
-    shape = SHAPES[a.shape]
-    out = Path(a.out)
-    out.mkdir(parents=True, exist_ok=True)
-    gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu"
+    pos = getattr(returned_cache(out), "pos", None)
+    pos = int(pos.max()) if isinstance(pos, torch.Tensor) else pos
+    if pos != L + new_tokens - 1:
+        raise RuntimeError(f"the student's state is at position {pos} after generate, not {L + new_tokens - 1}")
+
+
+class Runner:
+    """One row's model and its measurements in this process: warm-ups done, graphs compiled or captured."""
+
+    def __init__(self, row: str, model, dev: Dev, a):
+        self.row, self.model, self.dev, self.a = row, model, dev, a
+        self.vocab = model.config.vocab_size
+        self.new_tokens = a.steps + 1  # the first comes from the prefill, then `steps` decode forwards
+        self.warm: dict = {}  # warm-up key -> None (done) or its failure, not retried
+        self.params = param_bytes_read(model)
+        self.bandwidth = copy_gbps(dev)
+        self.graphs = {"warmup": 0, "timed": 0}
+        self.retries = 0
+
+    def prefill(self, L: int) -> dict:
+        """Tokens/s of one forward over (1, L) as generate's prefill runs it, after a warm-up at that length (the
+        students' Triton kernels are built per sequence length)."""
+        ids = random_ids(1, L, self.vocab, self.dev)
+        with torch.no_grad():
+            for _ in range(2):  # a warm-up, then the timed forward
+                self.dev.sync()
+                t0 = time.perf_counter()
+                out = self.model(ids, use_cache=True, logits_to_keep=1)
+                self.dev.sync()
+                seconds = time.perf_counter() - t0
+                del out
+        return {"prefill_tok_s": L / seconds}
+
+    def warm_up(self, B: int, L: int) -> None:
+        """A generate at batch B before the timed one: kernels loaded, a student's CUDA graph captured for B (reused
+        at every context), teacher-static's step compiled at this cell's static cache (its length is part of the
+        compiled shapes, so once per cell)."""
+        key = (B, L) if self.row == "teacher-static" else B
+        if key in self.warm:
+            if self.warm[key] is not None:
+                raise RuntimeError(f"warm-up failed: {self.warm[key]}")
+            return
+        if self.row == "teacher-static":
+            # transformers sizes a new static cache at the largest length any earlier call used (to avoid
+            # recompiles); each cell is measured at its own length instead
+            self.model.__dict__.pop("_previous_max_cache_length", None)
+        before = graph_count(self.row, self.model)
+        try:
+            out = generate(self.model, self.row, random_ids(B, WARM_PROMPT, self.vocab, self.dev), self.new_tokens,
+                           L + self.new_tokens, self.a.cpu_compile)
+            del out
+        except Exception as e:
+            self.warm[key] = failure(e)
+            raise
+        self.graphs["warmup"] += added(before, graph_count(self.row, self.model)) or 0
+        self.warm[key] = None
+
+    def timed(self, ids: torch.Tensor, L: int):
+        """One timed generate: (its output, its step clock, the stamp before it, graphs it compiled or captured)."""
+        clock = step_clock(self.dev)
+        before = graph_count(self.row, self.model)
+        self.dev.sync()
+        self.dev.reset_peak()
+        t0 = self.dev.stamp()
+        out = generate(self.model, self.row, ids, self.new_tokens, L + self.new_tokens, self.a.cpu_compile, clock)
+        self.dev.sync()
+        new_graphs = added(before, graph_count(self.row, self.model))
+        self.graphs["timed"] += new_graphs or 0
+        return out, clock, t0, new_graphs
+
+    def decode(self, B: int, L: int) -> dict:
+        """One timed generate at (B, L) after the warm-up, split at its first token into prefill and decode."""
+        self.warm_up(B, L)
+        ids = random_ids(B, L, self.vocab, self.dev)
+        out, clock, t0, new_graphs = self.timed(ids, L)
+        if new_graphs:  # it compiled or captured: that time is not a decode step's, so once more (reported as is)
+            self.retries += 1
+            del out  # its cache, before the next call allocates another
+            out, clock, t0, new_graphs = self.timed(ids, L)
+        check_generated(self.row, out, B, L, self.new_tokens)
+        if len(clock.marks) != self.new_tokens:
+            raise RuntimeError(f"the step clock saw {len(clock.marks)} tokens, not {self.new_tokens}")
+        steps = [self.dev.ms(a, b) for a, b in zip(clock.marks, clock.marks[1:])]  # each decode step, ms
+        step_ms = sum(steps) / len(steps)
+        state = state_bytes(returned_cache(out))
+        del out
+        decode_peak = self.dev.peak_gib()  # since the first token (the clock reset it there)
+        peak = None if decode_peak is None else max(decode_peak, clock.prefill_peak_gib)
+        read = self.params + state  # one step reads every parameter and the whole state (a teacher: its KV)
+        gbps = read / step_ms / 1e6  # bytes per ms / 1e6 = GB/s
+        return {"decode_tok_s": B * 1e3 / step_ms, "step_ms": step_ms, "step_ms_median": statistics.median(steps),
+                "state_bytes": state, "peak_gib": peak, "decode_peak_gib": decode_peak,
+                "prefill_s": self.dev.ms(t0, clock.marks[0]) / 1e3, "bytes_per_step": read, "gbps": gbps,
+                "bw_frac": gbps / self.bandwidth, graph_key(self.row): new_graphs}
+
+
+def graph_key(row: str) -> str:
+    return "recompiles" if is_teacher(row) else "captures"
+
+
+def failure(e: BaseException) -> str:
+    """A cell's failure as speed.json records it: "oom", or the exception's first line."""
+    text = str(e).strip().splitlines()[0] if str(e).strip() else ""
+    if isinstance(e, torch.OutOfMemoryError) or "out of memory" in text.lower():
+        return "oom"
+    return f"failed: {type(e).__name__}: {text[:160]}"
+
+
+# --- one row's process --------------------------------------------------------------------------------------------
+
+
+def cell_keys(row: str, kind: str, B: int) -> list[str]:
+    """The speed.json keys one plan item fills (each maps context label -> value)."""
+    if kind == "prefill":
+        return ["prefill_tok_s"]
+    return [f"{k}_b{B}" for k in DECODE_KEYS + (graph_key(row),)]
+
+
+def put(doc: dict, row: str, kind: str, B: int, L: int, result: dict | str) -> None:
+    """Record one item: its numbers, or its failure / not-run string under every key it would have filled."""
+    for key in cell_keys(row, kind, B):
+        name = key if kind == "prefill" else key.rsplit("_b", 1)[0]
+        doc.setdefault(key, {})[label(L)] = result if isinstance(result, str) else result.get(name)
+
+
+def progress(row: str, kind: str, B: int, L: int, res: dict | str, seconds: float) -> str:
+    """The line printed per cell (flushed: the GPU run is read while it runs)."""
+    head = f"[{row}] {kind} b{B} {label(L)}:"
+    if isinstance(res, str):
+        return f"{head} {res} ({seconds:.1f} s)"
+    if kind == "prefill":
+        return f"{head} {fmt(res['prefill_tok_s'])} tok/s ({seconds:.1f} s)"
+    return (f"{head} {fmt(res['decode_tok_s'])} tok/s, {res['step_ms']:.3f} ms/step (median "
+            f"{res['step_ms_median']:.3f}), state {fmt(res['state_bytes'] / 2**20)} MiB, peak "
+            f"{fmt(res['peak_gib'])} GiB, {fmt(res['gbps'])} GB/s ({res['bw_frac']:.1%} of copy), prefill "
+            f"{res['prefill_s']:.2f} s, {graph_key(row)} +{res[graph_key(row)]} ({seconds:.1f} s)")
+
+
+def save(path: Path, doc: dict) -> None:
+    """Atomically: the parent may stop this process at any moment and reads what was saved last."""
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(doc, indent=1))
+    tmp.replace(path)
+
+
+def child(a) -> None:
+    """Build one row's model, then run its plan, saving the row after every item; a failed item is recorded
+    and the next one runs."""
     import transformers
 
-    meta = {"device": gpu, "torch": torch.__version__, "transformers": transformers.__version__, "dtype": a.dtype,
-            "shape": a.shape, "steps": a.steps, "command": "python " + " ".join(sys.argv)}
-    if a.one:  # a child process: one model, its rows as JSON
-        rows = measure(build(a.models, shape, device, dtype), a.models, lengths, batches, a.steps,
-                       shape["vocab_size"], device)
-        (out / f"rows-{a.models}.json").write_text(json.dumps(rows))
-        return
-    rows = []
-    for name in a.models.split(","):
-        # one process per model: a fresh allocator for each, and a crash (a compiler abort) costs one model's rows
-        args = [sys.executable, __file__, "--one", "--models", name] + [
-            f"--{k}={getattr(a, k)}" for k in ("shape", "lengths", "batches", "steps", "device", "dtype", "out")]
-        p = subprocess.run(args)
-        f = out / f"rows-{name}.json"
-        rows += json.loads(f.read_text()) if p.returncode == 0 and f.exists() else [
-            {"model": name, "context": L, "error": f"process exited {p.returncode}"} for L in lengths]
-        (out / "speed.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))  # what ran so far
-    md = f"# Inference speed: {a.shape}, {a.dtype}, {gpu}\n\n`{meta['command']}`\n\n{table(rows, batches)}\n"
-    (out / "speed.md").write_text(md)
-    print(md)
-    plot(rows, batches, out / "speed.png")
+    row, t0 = a.child, time.perf_counter()
+    path = Path(a.child_out) / f"row-{row}.json"
+    dev = Dev(torch.device(a.device))
+    dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[a.dtype]
+    model = build(row, SHAPES[a.shape], dev.device, dtype)
+    run = Runner(row, model, dev, a)
+    doc = {"device": dev.name(), "torch": torch.__version__, "transformers": transformers.__version__,
+           "env": {STATIC_ENV: os.environ.get(STATIC_ENV)}, "param_bytes": run.params, "copy_gbps": run.bandwidth,
+           "startup_s": time.perf_counter() - t0}
+    print(f"[{row}] built in {doc['startup_s']:.1f} s: {fmt(run.params / 2**20)} MiB of parameters read per step, "
+          f"copy bandwidth {fmt(run.bandwidth)} GB/s", flush=True)
+    has_graphs = graph_count(row, model) is not None
+    for kind, B, L in plan(row, a):
+        t = time.perf_counter()
+        try:
+            res = run.prefill(L) if kind == "prefill" else run.decode(B, L)
+        except Exception as e:  # an OOM or a kernel's failure costs this cell, not the row
+            res = failure(e)
+        dev.free()
+        put(doc, row, kind, B, L, res)
+        doc[graph_key(row)] = {**run.graphs, "retries": run.retries} if has_graphs else None
+        doc["kernels"] = getattr(getattr(model, "student", None), "kernels", None)  # a student's mLSTM / sLSTM
+        doc["seconds"] = time.perf_counter() - t0
+        save(path, doc)
+        print(progress(row, kind, B, L, res, time.perf_counter() - t), flush=True)
 
 
-def plot(rows: list[dict], batches, path: Path) -> None:
-    """Decode tokens/s and the generation state's memory against the prefix length, one line per model."""
+# --- the parent: one process per row, within the budget ---------------------------------------------------------
+
+
+def child_command(row: str, a, work: Path) -> list[str]:
+    def csv(xs):
+        return ",".join(str(x) for x in xs)
+
+    cmd = [sys.executable, os.path.abspath(__file__), "--child", row, "--child-out", str(work),
+           f"--shape={a.shape}", f"--device={a.device}", f"--dtype={a.dtype}", f"--steps={a.steps}",
+           f"--lengths={csv(a.lengths)}", f"--student-lengths={csv(a.student_lengths)}",
+           f"--eager-lengths={csv(a.eager_lengths)}", f"--batches={csv(a.batches)}"]
+    return cmd + (["--cpu-compile"] if a.cpu_compile else [])
+
+
+def row_env(row: str) -> dict:
+    """The row's process environment: unbuffered output, and the students' decode path (static or eager)."""
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    if not is_teacher(row):
+        env[STATIC_ENV] = "0" if row.endswith("-eager") else "1"
+    return env
+
+
+def kill_group(p: subprocess.Popen) -> None:
+    """Stop a row's process and what it started (inductor's compile workers): its own process group."""
+    try:
+        os.killpg(p.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    p.wait()
+
+
+def run_row(row: str, a, work: Path, limit: float | None) -> dict:
+    """Run one row's process for at most `limit` seconds; its saved row, with every planned cell it did not reach
+    marked "not run: <why>"."""
+    t0 = time.monotonic()
+    if limit is not None and limit < MIN_ROW_S:
+        status = f"not started: {limit:.0f} s of the budget left"
+    else:
+        print(f"== {row}: up to {'-' if limit is None else f'{limit:.0f}'} s", flush=True)
+        # a process group of its own (same session): a stop at the time share ends its compile workers too
+        p = subprocess.Popen(child_command(row, a, work), env=row_env(row), process_group=0)
+        previous = signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # raised in the wait below
+        try:
+            rc = p.wait(timeout=limit)
+            status = "ok" if rc == 0 else f"exited {rc}"
+        except subprocess.TimeoutExpired:
+            kill_group(p)
+            status = f"stopped at its time share ({limit:.0f} s)"
+        except BaseException:  # Ctrl-C or SIGTERM of this process: the row's group does not get them itself
+            kill_group(p)
+            raise
+        finally:
+            signal.signal(signal.SIGTERM, previous)
+    path = work / f"row-{row}.json"
+    doc = json.loads(path.read_text()) if path.exists() else {}
+    for kind, B, L in plan(row, a):
+        if label(L) not in doc.get(cell_keys(row, kind, B)[0], {}):
+            put(doc, row, kind, B, L, f"not run: {status}")
+    doc.update(status=status, wall_s=time.monotonic() - t0, limit_s=limit)
+    print(f"== {row}: {status} after {doc['wall_s']:.0f} s", flush=True)
+    return doc
+
+
+def ratio(v, ref) -> float | None:
+    numbers = all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in (v, ref))
+    return v / ref if numbers and ref > 0 else None
+
+
+def add_ratios(doc: dict) -> None:
+    """x_teacher_static_b{B}: decode tokens/s over teacher-static's at the same cell; x_teacher_prefill: prefill
+    tokens/s over the teacher's forward (teacher-eager's; the same forward as teacher-static's)."""
+    rows = doc["rows"]
+    ref = rows.get("teacher-static", {})
+    pre = (rows.get("teacher-eager") or rows.get("teacher-static") or {}).get("prefill_tok_s", {})
+    for r in rows.values():
+        for B in doc["batches"]:
+            theirs = ref.get(f"decode_tok_s_b{B}", {})
+            r[f"x_teacher_static_b{B}"] = {c: ratio(v, theirs.get(c)) for c, v in r.get(f"decode_tok_s_b{B}", {}).items()}
+        r["x_teacher_prefill"] = {c: ratio(v, pre.get(c)) for c, v in r.get("prefill_tok_s", {}).items()}
+
+
+def parent(a) -> None:
+    out = Path(a.out)
+    out.mkdir(parents=True, exist_ok=True)
+    work = Path(tempfile.mkdtemp(prefix="speed-rows-"))  # the rows' own files: DIR gets the three outputs only
+    doc = {"device": None, "command": "python " + shlex.join(sys.argv), "torch": torch.__version__,
+           "transformers": None, "shape": a.shape, "dtype": a.dtype, "steps": a.steps, "new_tokens": a.steps + 1,
+           "batches": a.batches, "lengths": [label(x) for x in a.lengths],
+           "student_lengths": [label(x) for x in a.student_lengths],
+           "eager_lengths": [label(x) for x in a.eager_lengths], "budget_s": a.budget, "rows": {}}
+    deadline = time.monotonic() + a.budget if a.budget > 0 else None
+    order = [r for r in RUN_ORDER if r in a.models]
+    try:
+        for i, row in enumerate(order):
+            limit = None
+            if deadline is not None:  # this row's weight in what is left, so time a row leaves goes to later ones
+                limit = (deadline - time.monotonic()) * ROW_WEIGHT[row] / sum(ROW_WEIGHT[r] for r in order[i:])
+            result = run_row(row, a, work, limit)
+            for key in ("device", "transformers", "torch"):  # as the rows' processes saw them
+                doc[key] = result.get(key) or doc[key]
+            doc["rows"][row] = result
+            doc["rows"] = {r: doc["rows"][r] for r in ROWS if r in doc["rows"]}  # table order
+            add_ratios(doc)
+            (out / "speed.json").write_text(json.dumps(doc, indent=1))  # what ran so far
+            (out / "speed.md").write_text(markdown(doc))
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    print(markdown(doc), flush=True)
+    plot(doc, out / "speed.png")
+
+
+# --- speed.md and speed.png ----------------------------------------------------------------------------------------
+
+
+def short(v) -> str:
+    text = str(v).replace("|", "/")
+    return text if len(text) <= 48 else text[:45] + "..."
+
+
+def num(v, fmt: str) -> str:
+    return format(v, fmt) if isinstance(v, (int, float)) and not isinstance(v, bool) else "-"
+
+
+def all_contexts(doc: dict) -> list[str]:
+    labels = {c for r in doc["rows"].values() for k, v in r.items()
+              if k.startswith("decode_tok_s_b") or k == "prefill_tok_s" for c in v}
+    return sorted(labels, key=count)
+
+
+def markdown(doc: dict) -> str:
+    rows = [r for r in ROWS if r in doc["rows"]]
+    ctx = all_contexts(doc)
+    head = "| row | " + " | ".join(ctx) + " |"
+    sep = "|---|" + "---|" * len(ctx)
+    bw = next((r["copy_gbps"] for r in doc["rows"].values() if r.get("copy_gbps")), None)
+    lines = [f"# Inference speed: {doc['shape']}, {doc['dtype']}, {doc['device']}", "", f"`{doc['command']}`", "",
+             f"torch {doc['torch']}, transformers {doc['transformers']}; each decode cell is one greedy generate() "
+             f"of {doc['new_tokens']} tokens after a warm-up: tokens/s = batch x {doc['steps']} / the time of the "
+             f"{doc['steps']} forwards after the first token (the prefill excluded). Copy bandwidth "
+             f"{fmt(bw)} GB/s. Empty: not planned for that row; `not run`: out of its time share."]
+
+    def cell(r, key, c):
+        v = doc["rows"][r].get(key, {}).get(c)
+        return "" if v is None and c not in doc["rows"][r].get(key, {}) else (short(v) if isinstance(v, str) else v)
+
+    for B in doc["batches"]:
+        lines += ["", f"## Decode tokens/s, batch {B} (x teacher-static)", "", head, sep]
+        for r in rows:
+            cells = []
+            for c in ctx:
+                v, x = cell(r, f"decode_tok_s_b{B}", c), doc["rows"][r].get(f"x_teacher_static_b{B}", {}).get(c)
+                cells.append(v if isinstance(v, str) else fmt(v) + (f" ({x:.2f}x)" if x is not None else ""))
+            lines.append(f"| {r} | " + " | ".join(cells) + " |")
+        lines += ["", f"Batch {B}: median step ms / state MiB / peak GiB / achieved GB/s (fraction of copy bandwidth)",
+                  "", head, sep]
+        for r in rows:
+            cells = []
+            for c in ctx:
+                v = cell(r, f"step_ms_median_b{B}", c)
+                if isinstance(v, str):
+                    cells.append(v)
+                    continue
+                get = lambda k: doc["rows"][r].get(f"{k}_b{B}", {}).get(c)  # noqa: E731
+                state = get("state_bytes")
+                cells.append(f"{num(v, '.3f')} / {fmt(state / 2**20 if state is not None else None)} / "
+                             f"{num(get('peak_gib'), '.2f')} / {fmt(get('gbps'))} ({num(get('bw_frac'), '.1%')})")
+            lines.append(f"| {r} | " + " | ".join(cells) + " |")
+    lines += ["", "## Prefill tokens/s, batch 1 (x the teacher's forward)", "", head, sep]
+    for r in rows:
+        cells = []
+        for c in ctx:
+            v, x = cell(r, "prefill_tok_s", c), doc["rows"][r].get("x_teacher_prefill", {}).get(c)
+            cells.append(v if isinstance(v, str) else fmt(v) + (f" ({x:.2f}x)" if x is not None else ""))
+        lines.append(f"| {r} | " + " | ".join(cells) + " |")
+    lines += ["", "## Rows", "", "| row | status | seconds (share) | compiles (teacher) / CUDA-graph captures (students): "
+              "warm-up, timed | kernels | TCACHE_STATIC_DECODE |", "|---|---|---|---|---|---|"]
+    for r in rows:
+        d = doc["rows"][r]
+        g = d.get("recompiles") if is_teacher(r) else d.get("captures")
+        graphs = "-" if not g else f"{g['warmup']}, {g['timed']}" + (f" ({g['retries']} retried)" if g["retries"] else "")
+        share = "-" if d.get("limit_s") is None else f"{d['limit_s']:.0f}"
+        lines.append(f"| {r} | {short(d.get('status'))} | {num(d.get('wall_s'), '.0f')} ({share}) | {graphs} | "
+                     f"{d.get('kernels') or '-'} | {(d.get('env') or {}).get(STATIC_ENV) or '-'} |")
+    return "\n".join(lines) + "\n"
+
+
+def plot(doc: dict, path: Path) -> None:
+    """Decode tokens/s and the generation state's memory against the context, one line per row, at batch 8 (or the
+    largest batch below it)."""
     try:
         import matplotlib
 
@@ -229,24 +729,80 @@ def plot(rows: list[dict], batches, path: Path) -> None:
     except ImportError:
         print("matplotlib missing: no plot (python benchmarks/speed.py --replot DIR/speed.json draws it later)")
         return
-    b = max(batches)
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4))
-    for m in dict.fromkeys(r["model"] for r in rows):
-        pts = sorted((r["context"], r) for r in rows if r["model"] == m and "error" not in r)
-        xs = [x for x, _ in pts]
-        ax1.plot(xs, [r[f"decode_tok_s_b{b}"] for _, r in pts], marker="o", label=m)
-        ax2.plot(xs, [r[f"state_mib_b{b}"] for _, r in pts], marker="o", label=m)
-    for ax, title in ((ax1, f"decode throughput, batch {b}"), (ax2, f"generation state (KV cache / recurrent), batch {b}")):
+    B = 8 if 8 in doc["batches"] else max([b for b in doc["batches"] if b <= 8] or doc["batches"])
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(12, 4.5))
+    for r in [r for r in ROWS if r in doc["rows"]]:
+        d = doc["rows"][r]
+        style = "--" if r.endswith("-eager") else "-"
+        for ax, key, scale in ((ax1, "decode_tok_s", 1), (ax2, "state_bytes", 2**-20)):
+            pts = sorted((count(c), v * scale) for c, v in d.get(f"{key}_b{B}", {}).items()
+                         if isinstance(v, (int, float)))
+            if pts:
+                ax.plot(*zip(*pts), style, marker="o", label=r)
+    for ax, title, unit in ((ax1, f"decode throughput, batch {B}", "tokens / s"),
+                            (ax2, f"generation state (KV cache / recurrent), batch {B}", "MiB")):
         ax.set_xscale("log", base=2)
-        ax.set_xlabel("prefix length (tokens)")
+        ax.set_yscale("log")
+        ax.set_xlabel("context (prompt tokens)")
+        ax.set_ylabel(unit)
         ax.set_title(title)
         ax.grid(alpha=0.3)
-        ax.legend()
-    ax1.set_ylabel("tokens / s")
-    ax2.set_ylabel("MiB")
-    ax2.set_yscale("log")
+        ax.legend(fontsize=8)
+    fig.suptitle(f"{doc['shape']}, {doc['dtype']}, {doc['device']}")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+# --- command line ----------------------------------------------------------------------------------------------------
+
+
+def counts(text: str | None) -> list[int]:
+    return [count(x) for x in (text or "").split(",") if x.strip()]
+
+
+def arguments(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--shape", default="smollm2-360m", choices=sorted(SHAPES))
+    ap.add_argument("--models", default=",".join(ROWS), help=f"rows, comma-separated, of: {', '.join(ROWS)}")
+    ap.add_argument("--lengths", default="2k,8k,32k", help="contexts of every row")
+    ap.add_argument("--student-lengths", default="128k", help="more contexts for the students (v2, hybrid, v1)")
+    ap.add_argument("--eager-lengths", default=None,
+                    help="contexts of the -eager student rows (default: the shortest of --lengths)")
+    ap.add_argument("--batches", default="1,8,64")
+    ap.add_argument("--steps", type=int, default=32, help="timed decode steps per generate (steps + 1 new tokens)")
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--dtype", default="bf16", choices=["bf16", "fp32"])
+    ap.add_argument("--budget", type=float, default=460.0,
+                    help="seconds for all rows together (0: no limit), shared by ROW_WEIGHT")
+    ap.add_argument("--out", default="speed-out")
+    ap.add_argument("--cpu-compile", action="store_true",
+                    help="compile teacher-static's step on CPU as well (a dry run of what generate does on CUDA)")
+    ap.add_argument("--replot", metavar="SPEED_JSON", help="only write speed.md and speed.png again from a speed.json")
+    ap.add_argument("--child", help=argparse.SUPPRESS)
+    ap.add_argument("--child-out", help=argparse.SUPPRESS)
+    a = ap.parse_args(argv)
+    a.models = [m.strip() for m in a.models.split(",") if m.strip()]
+    unknown = [m for m in a.models if m not in ROWS]
+    if unknown:
+        ap.error(f"--models: unknown {', '.join(unknown)}; rows are {', '.join(ROWS)}")
+    a.lengths, a.student_lengths, a.batches = counts(a.lengths), counts(a.student_lengths), counts(a.batches)
+    if not a.lengths or not a.batches or a.steps < 1:
+        ap.error("--lengths and --batches need at least one value, --steps at least 1")
+    a.eager_lengths = counts(a.eager_lengths) if a.eager_lengths is not None else [min(a.lengths)]
+    return a
+
+
+def main() -> None:
+    a = arguments()
+    if a.replot:
+        doc = json.loads(Path(a.replot).read_text())
+        Path(a.replot).with_name("speed.md").write_text(markdown(doc))
+        plot(doc, Path(a.replot).with_name("speed.png"))
+    elif a.child:
+        child(a)
+    else:
+        parent(a)
 
 
 if __name__ == "__main__":
