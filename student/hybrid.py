@@ -173,6 +173,10 @@ class HybridMixer(nn.Module):
         its cache position (sink_queries): the keys are [sink keys; all keys] and the head dimension is doubled,
         [q, q_sink] against [0, k_sink] for the sink entries and [k, 0] for the window entries."""
         T, S = q.shape[2], self.sinks
+        if q.device.type == "cpu":  # O(T·W), blocked (student/window.py): linear in T, no (T, T) mask
+            from tcache.student.window import window_attention
+
+            return window_attention(q, k, v, q_sink, self.window, S, self.scaling)
         if q_sink is None:
             allowed = window_mask(T, self.window, S, q.device)  # (T, T)
             return F.scaled_dot_product_attention(q, k, v, attn_mask=allowed, scale=self.scaling)

@@ -50,7 +50,9 @@ def _converted_equals_teacher(lm, T=48):
         for m in student.mixers:
             m.ogate_b.fill_(-1e4)  # sigmoid -> 0: the window branch only
         got = student(ids)[0]
-    assert torch.allclose(got, ref, atol=1e-5, rtol=1e-5), (got - ref).abs().max()
+    # fp32 in a different summation order (SDPA there, the blocked window on CPU here: 1.9e-5 measured on logits
+    # of up to ~8 after 8 layers); a conversion error is of the logits' own size
+    assert torch.allclose(got, ref, atol=5e-5, rtol=1e-5), (got - ref).abs().max()
 
 
 def test_conversion_is_exact_for_the_shared_llama_teacher(teacher_dir):

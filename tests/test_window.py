@@ -1,0 +1,58 @@
+"""The blocked window + sinks attention (student/window.py) equals the hybrid's dense-mask SDPA, in float64, for T
+below, at and far beyond the window, with and without sinks, values and gradients."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from tcache.student.window import window_attention
+
+
+def dense(q, k, v, q_sink, W, S, scaling):
+    """An independent reference: every (query, key) pair scored, the mask built from the definitions."""
+    T = q.shape[2]
+    q_sink = q if q_sink is None else q_sink
+    i = torch.arange(T)[:, None]
+    j = torch.arange(T)[None, :]
+    win = (j <= i) & (i - j < W)  # (T, T)
+    far = (j < S) & (i - j >= W)  # (T, T) sinks outside the window
+    s = torch.where(win, q @ k.transpose(-1, -2), torch.where(far, q_sink @ k.transpose(-1, -2), float("-inf")))
+    return F.softmax(s * scaling, -1) @ v
+
+
+@pytest.mark.parametrize("T, W, S, block", [(5, 8, 2, 4), (8, 8, 2, 3), (9, 8, 0, 4), (70, 8, 4, 16),
+                                            (200, 16, 4, 32), (64, 64, 4, 128), (130, 3, 1, 7)])
+def test_blocked_window_equals_the_dense_reference(T, W, S, block):
+    g = torch.Generator().manual_seed(T * 31 + W)
+    q, k, v, qs = (torch.randn(2, 3, T, 8, generator=g, dtype=torch.float64, requires_grad=True) for _ in range(4))
+    use_sink = T > W
+    got = window_attention(q, k, v, qs if use_sink else None, W, S, 0.35, block=block)
+    want = dense(q, k, v, qs if use_sink else None, W, S, 0.35)
+    torch.testing.assert_close(got, want, atol=1e-12, rtol=1e-10)
+    gg = torch.autograd.grad(got.square().sum(), (q, k, v, qs), allow_unused=True)
+    gw = torch.autograd.grad(want.square().sum(), (q, k, v, qs), allow_unused=True)
+    for x, a, b in zip((q, k, v, qs), gg, gw):  # an input a path never reads has no gradient: zero
+        a, b = (torch.zeros_like(x) if t is None else t for t in (a, b))
+        torch.testing.assert_close(a, b, atol=1e-11, rtol=1e-9)
+
+
+def test_the_mixer_takes_the_blocked_path_on_cpu_with_the_dense_paths_result():
+    """HybridMixer.window_attention on CPU (blocked) equals its dense SDPA form (float64, sinks far and near)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from tcache.student.hybrid import HybridConfig, HybridStudent
+
+    lm = LlamaForCausalLM(LlamaConfig(vocab_size=50, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                      num_attention_heads=4, num_key_value_heads=2)).double()
+    mx = HybridStudent(lm, HybridConfig(window=8, sinks=2)).mixers[0]
+    T = 40
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(1, 4, T, 8, generator=g, dtype=torch.float64) for _ in range(3))
+    cos, sin = lm.model.rotary_emb(q, torch.arange(T)[None])
+    from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+
+    q_sink = mx.sink_queries(q, k, cos, sin, apply_rotary_pos_emb)
+    got = mx.window_attention(q, k, v, q_sink)
+    torch.testing.assert_close(got, dense(q, k, v, q_sink, 8, 2, mx.scaling), atol=1e-12, rtol=1e-10)
