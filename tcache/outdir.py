@@ -32,7 +32,7 @@ def kind(path: Path) -> str:
         return "missing"
     if not path.is_dir():
         return "file"
-    names = {p.name for p in path.iterdir()}
+    names = {p.name for p in path.iterdir()} - {ownership.MARKER + ownership.PARTIAL}  # a claim cut short
     if not names:
         return "empty"
     k, _ = ownership.owner(path)
@@ -97,8 +97,9 @@ def remove_ours(path: Path) -> None:
         return
     k, doc = ownership.owner(path)
     if k is None:
-        if any(path.iterdir()):
+        if ownership.foreign(path):
             raise TcacheError(f"{path} is not tcache's output; nothing there was removed")
+        (path / (ownership.MARKER + ownership.PARTIAL)).unlink(missing_ok=True)
         path.rmdir()
         return
     for first in (MANIFEST, STUDENT, BUILD_STATE):

@@ -94,7 +94,7 @@ def owner(path: Path) -> tuple[str | None, dict | None]:
 
 def listed(name: str, kind: str, doc: dict | None) -> bool:
     """Whether tcache wrote the top-level entry `name` of an output of `kind` with marker `doc`."""
-    if name == MARKER:
+    if name in (MARKER, MARKER + PARTIAL):  # the marker and its temporary (a kill -9 mid-rewrite leaves one)
         return True
     if doc is None:
         return bool(_LEGACY[kind].fullmatch(name))
@@ -103,9 +103,11 @@ def listed(name: str, kind: str, doc: dict | None) -> bool:
 
 
 def foreign(path: Path) -> list[str]:
-    """Entries of directory `path` that tcache did not write (all of them in a directory that is not tcache's)."""
+    """Entries of directory `path` that tcache did not write (all of them in a directory that is not tcache's, but
+    for a marker's temporary: a claim cut short by kill -9 leaves only that)."""
     kind, doc = owner(path)
-    return sorted(p.name for p in path.iterdir() if kind is None or not listed(p.name, kind, doc))
+    return sorted(p.name for p in path.iterdir()
+                  if p.name != MARKER + PARTIAL and (kind is None or not listed(p.name, kind, doc)))
 
 
 def _write(path: Path, doc: dict) -> None:

@@ -152,6 +152,17 @@ def marker_lists_what_is_there(name: str, kind: str):
     return check
 
 
+def marker_rewrite_cut_short(where: str):
+    """kill -9 while tcache rewrote its marker leaves the marker's temporary: in a cache (between two shards), or
+    alone (the very first claim of a new --out)."""
+    def fault(case: Case) -> list[str]:
+        out = copy_of(case, "cache") if where == "cache" else case.tmp / "new"
+        out.mkdir(exist_ok=True)
+        (out / (MARKER + ".partial")).write_text('{"format": "tcache-out')  # torn
+        return build_args(case, out, *(["--overwrite"] if where == "cache" else []))
+    return fault
+
+
 def cache_still_verifies(case: Case) -> None:
     from tcache.teachercache.verify import verify_cache
 
@@ -453,6 +464,10 @@ ROWS = [
             r"--out \S+cache is a tcache cache, not an export; choose another --out"),
     Promise("21.13-export-onto-a-user-folder-is-refused", export_into("mine"), 1,
             NO_OVERWRITE_HINT + r"mine holds files tcache did not write \(notes\.txt\)"),
+    Promise("21.3-a-marker-rewrite-cut-short-does-not-block-overwrite", marker_rewrite_cut_short("cache"), 0,
+            r"cache written", after=marker_lists_what_is_there("cache", "cache")),
+    Promise("21.3-a-first-claim-cut-short-does-not-block-a-build", marker_rewrite_cut_short("new"), 0,
+            r"cache written", after=marker_lists_what_is_there("new", "cache")),
     Promise("21.4-a-second-build-into-a-locked-out-is-refused", build_while_locked, 1,
             r"--out \S+ is in use by pid \d+ \(tcache"),
     Promise("21.4-a-lock-left-by-kill-9-does-not-block", lock_of_a_killed_process, 0, r"cache written"),
