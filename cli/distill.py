@@ -63,6 +63,10 @@ def distill(**options) -> None:
             shape = f"{info['blocks']} blocks (sLSTM at {info['slstm_at'] or 'none'}), {info['heads']} heads"
         console.print(f"student: {shape}; params {p['total']:,} total, {p['trainable']:,} trainable, "
                       f"{p['frozen']:,} frozen")
+        if "lora" in info:  # --train lora: what stage II trains
+            lo = info["lora"]
+            console.print(f"stage II LoRA: rank {lo['rank']}, alpha {lo['alpha']:g} on {','.join(lo['targets'])} "
+                          f"({lo['modules']} projections); {lo['trainable']:,} trainable ({lo['params']:,} in adapters)")
         if len(info["stages"]) > 1 or info["stages"][0]["stage"] != "distill":
             console.print("stages: " + ", ".join(f"{s['stage']} ({s['loss']}, {s['steps']} steps, lr {s['lr']:g})"
                                                  for s in info["stages"]))

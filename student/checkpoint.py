@@ -81,6 +81,9 @@ def _check_resume_config(cfg: DistillConfig, ckpt: Path) -> None:
     # another number of ranks continues the run when the global batch (--batch-size x ranks) is the same
     if saved.get("batch_size", 0) * saved.pop("world_size", 1) == now["batch_size"] * dist.world():
         saved["batch_size"] = now["batch_size"]
+    if "lora" not in (saved.get("train"), now["train"]):  # LoRA's options change nothing in another run (and a
+        # checkpoint from before they existed has none)
+        saved, now = ({k: v for k, v in d.items() if not k.startswith("lora_")} for d in (saved, now))
     diffs = sorted(k for k in set(saved) | set(now) if k not in RESUMABLE_DIFFS and saved.get(k) != now.get(k))
     if diffs:
         shown = ", ".join(f"{k}: {saved.get(k)!r} -> {now.get(k)!r}" for k in diffs[:4])

@@ -25,7 +25,8 @@ class Stage:
     loss: str = "distill"
     """distill: CE, top-k KD and alignment mixed by alpha / beta; match: the model's hidden-state matching."""
     train: str = "all"
-    """Which parameters train: all, new (only what the teacher did not have), mixer (new + attention)."""
+    """Which parameters train: all, new (only what the teacher did not have), mixer (new + attention), lora
+    (new + adapters)."""
     schedule: str = "cosine"
     """cosine (warmup, then down to --min-lr-ratio) or constant (warmup, then flat)."""
     weight_decay: float | None = None
@@ -79,6 +80,9 @@ RECIPES = {
                      stages=(Stage("1", loss="match", train="new", weight_decay=0.0), Stage("2", schedule="constant"))),
 }
 
+TRAIN_CHOICES = ("all", "mixer", "new", "lora")
+LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
 # Fields that may differ between a run and its resumption.
 RESUMABLE_DIFFS = {"resume", "overwrite", "export", "workers", "ckpt_every", "keep_ckpts", "device", "cache", "out",
                    "compile", "max_gpu_memory", "checkpointing"}
@@ -128,9 +132,19 @@ class DistillConfig:
     """Hybrid recipe: give the mLSTM branch RoPE-rotated q and k (the paper's reading) instead of unrotated."""
     from_scratch: bool = False
     """xLSTM recipes: random embedding and head, trained with the blocks (the papers' xLSTM baseline)."""
-    train: str = opt("all", choices=("all", "mixer", "new"))
-    """Hybrid recipe: what stage II trains: every parameter, the mixers (new + attention projections), or only
-    the new parameters (feature maps and gates, end to end)."""
+    train: str = opt("all", choices=TRAIN_CHOICES)
+    """Hybrid recipe: what stage II trains: every parameter, the mixers (new + attention projections), only
+    the new parameters (feature maps and gates, end to end), or lora: the new parameters and LoRA adapters on
+    the teacher's frozen projections (--lora-targets), merged into them when the student is saved."""
+    lora_rank: int = 16
+    """--train lora: the adapters' rank r (each adapted d_in x d_out projection trains r (d_in + d_out))."""
+    lora_alpha: float | None = None
+    """--train lora: the adapters' scale alpha (the update is alpha / r * B A); default 2x --lora-rank."""
+    lora_dropout: float = 0.0
+    """--train lora: dropout on the adapters' input, in [0, 1)."""
+    lora_targets: list[str] | str = opt(",".join(LORA_TARGETS), text=True)
+    """--train lora: comma-separated names of the decoder layers' linear projections that get adapters
+    (Llama / Qwen2: attention q/k/v/o, MLP gate/up/down)."""
     blocks: int | None = None
     """Override the recipe's number of blocks."""
     heads: int | None = None
@@ -242,7 +256,7 @@ class DistillConfig:
         if not 0 <= self.min_lr_ratio <= 1:
             raise TcacheError(f"--min-lr-ratio is a fraction of --lr in [0, 1], got {self.min_lr_ratio}")
         for flag, choices, v in (("--kd-tail", KD_TAILS, self.kd_tail), ("--compile", COMPILE_MODES, self.compile),
-                                 ("--precision", PRECISIONS, self.precision)):
+                                 ("--precision", PRECISIONS, self.precision), ("--train", TRAIN_CHOICES, self.train)):
             if v not in choices:
                 raise TcacheError(f"{flag} {v!r} is unknown; use one of {', '.join(choices)}")
         if self.max_gpu_memory is not None:
@@ -251,6 +265,7 @@ class DistillConfig:
         self.full_attention_layers = parse_blocks(self.full_attention_layers, "--full-attention-layers") or []
         for flag, v in (("--lr", self.lr), ("--stage1-lr", self.stage1_lr), ("--window", self.window)):
             positive(flag, v)
+        self._check_lora(recipe)
         if self.stage != "all" and len(recipe.stages) == 1:
             raise TcacheError(f"--stage {self.stage}: the {self.recipe} recipe has one stage; drop --stage")
         self.alpha = parse_anneal(self.alpha, "--alpha", self.delta) or recipe.alpha
@@ -263,6 +278,25 @@ class DistillConfig:
             raise TcacheError("--alpha + --beta exceed 1, which would give CE a negative weight; lower one of them")
         if min(self.temperature.start, self.temperature.final) <= 0:
             raise TcacheError("--temperature must be positive")
+
+    def _check_lora(self, recipe: Recipe) -> None:
+        if self.train == "lora" and recipe.model != "hybrid":
+            raise TcacheError(f"--train lora adapts the hybrid recipe's converted teacher; the {self.recipe} recipe "
+                              "trains its xLSTM blocks in full: use --recipe hybrid or drop --train")
+        if self.lora_rank < 1:
+            raise TcacheError(f"--lora-rank must be at least 1, got {self.lora_rank}")
+        self.lora_alpha = 2.0 * self.lora_rank if self.lora_alpha is None else float(self.lora_alpha)
+        if not self.lora_alpha > 0:
+            raise TcacheError(f"--lora-alpha must be positive, got {self.lora_alpha}")
+        if not 0 <= self.lora_dropout < 1:
+            raise TcacheError(f"--lora-dropout is a probability in [0, 1), got {self.lora_dropout}")
+        names = self.lora_targets.split(",") if isinstance(self.lora_targets, str) else list(self.lora_targets)
+        names = list(dict.fromkeys(str(n).strip() for n in names))  # de-duplicated, in order
+        bad = [n for n in names if not n.isidentifier()]
+        if not names or bad:
+            raise TcacheError(f"--lora-targets {self.lora_targets!r} is not a comma-separated list of module names, "
+                              f"e.g. {','.join(LORA_TARGETS)}")
+        self.lora_targets = names
 
     @property
     def uses_alignment(self) -> bool:

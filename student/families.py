@@ -57,6 +57,11 @@ def build_hybrid(cfg: DistillConfig, manifest, device: torch.device, budget: int
                         branches=cfg.branches, mlstm_rope=cfg.mlstm_rope, igate_bias=cfg.igate_bias)
     torch.manual_seed(cfg.seed)
     model = load_hybrid(str(Path(cfg.cache) / schema.TEACHER_DIR), hcfg)
+    lora = None
+    if cfg.train == "lora":  # stage II's adapters, there from the start (B = 0: they add nothing until they train)
+        from tcache.student.lora import add_adapters
+
+        lora = add_adapters(model, cfg.lora_rank, cfg.lora_alpha, cfg.lora_dropout, cfg.lora_targets)
     model.to(device)
     kernel = model.set_kernel(device)
     checkpointing = resolve_checkpointing(cfg.checkpointing, device, budget)
@@ -66,6 +71,8 @@ def build_hybrid(cfg: DistillConfig, manifest, device: torch.device, budget: int
             "heads": model.lm.config.num_attention_heads, "slstm_at": [], "compile": "off",
             "window": cfg.window, "sinks": cfg.sinks, "full_attention_layers": hcfg.full_attention_layers,
             "branches": cfg.branches, "checkpointing": checkpointing}
+    if lora is not None:
+        info["lora"] = lora
     return model, info
 
 

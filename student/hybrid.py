@@ -27,6 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from tcache.errors import TcacheError
+from tcache.student.lora import adapter_parameters
 
 MODES = ("hybrid", "match", "teacher")
 BRANCHES = ("both", "mlstm", "window")
@@ -290,15 +291,14 @@ class HybridStudent(nn.Module):
 
     def set_trainable(self, which: str) -> None:
         """'new': only the feature maps and gates (stage I); 'mixer': those and the copied q/k/v/o projections;
-        'all': every parameter (stage II)."""
+        'lora': those and the LoRA adapters (student/lora.py); 'all': every parameter (stage II)."""
         self.requires_grad_(which == "all")
-        if which in ("new", "mixer"):
-            for p in self.new_parameters():
-                p.requires_grad_(True)
+        extra = adapter_parameters(self) if which == "lora" else []
         if which == "mixer":
-            for m in self.mixers:
-                for proj in (m.q_proj, m.k_proj, m.v_proj, m.o_proj):
-                    proj.requires_grad_(True)
+            extra = [p for m in self.mixers for proj in (m.q_proj, m.k_proj, m.v_proj, m.o_proj)
+                     for p in proj.parameters()]
+        for p in [*self.new_parameters(), *extra] if which != "all" else []:
+            p.requires_grad_(True)
 
     def set_stage(self, train: str, mode: str) -> None:
         self.set_trainable(train)

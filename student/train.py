@@ -18,7 +18,7 @@ from tcache.device import resolve_device
 from tcache.errors import Interrupted, TcacheError
 from tcache.plots import training_plot
 from tcache.signals import stop_on_signals
-from tcache.student import losses
+from tcache.student import losses, lora
 from tcache.student.checkpoint import (CONFIG_FILE, RUN_ENTRIES, RunState, cache_identity, resume_from, run_dir,
                                        save_checkpoint)
 from tcache.student.budget import Plan, StagePlan, plan_budget
@@ -308,12 +308,16 @@ def _fit_and_save(tr: Trainer, work: Path, hasher: ShardHasher, stop, on_start, 
         "kernels": {"mlstm": plan.info["mlstm_kernel"], "slstm": plan.info["slstm_backend"]},
         "online_teacher": cfg.online_teacher,
     }
+    if "lora" in plan.info:  # what trained; the saved weights hold the adapters merged in
+        meta["lora"] = {**plan.info["lora"], "merged": True}
     if device.type == "cuda":
         meta["peak_gpu_memory_gib"] = round(torch.cuda.max_memory_allocated(device) / 2**30, 3)
     hasher.wait()
     if not main:
         return meta
     training_plot(work, warn, final=True)
+    if cfg.train == "lora":  # a plain student on disk, loadable without peft: W + alpha / r * B A
+        lora.merge_adapters(tr.model)
     save_student(work, tr.model, meta, Path(cfg.cache) / schema.TEACHER_DIR)
     if work != Path(cfg.out):
         outdir.swap_in(work, Path(cfg.out))
