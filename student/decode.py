@@ -249,12 +249,20 @@ def mixer_forward(mx, x: torch.Tensor, position_embeddings) -> torch.Tensor:
         st.sink_k, st.sink_v = torch.cat([st.sink_k, k], 2), torch.cat([st.sink_v, v], 2)
     st.win_k = torch.cat([st.win_k, k], 2)[:, :, -mx.window:]  # (B, Hkv, <=W, d)
     st.win_v = torch.cat([st.win_v, v], 2)[:, :, -mx.window:]
+    return mix_step(mx, x, q, q0, k0, k, v, lambda: _window_step(mx, q, q0, st, pos, rep),
+                    lambda qm, km, vr: _mlstm_step(mx, x, qm, km, vr, st))
+
+
+def mix_step(mx, x, q, q0, k0, k, v, window, mlstm) -> torch.Tensor:
+    """One token's head outputs (B, H, 1, d) from its branches, as HybridMixer.mix mixes them: `window()` the window
+    + sinks attention, `mlstm(qm, km, v)` the mLSTM step (decode.py's concatenating state, or static_decode's)."""
+    rep = mx.H // mx.Hkv
     vr = v.repeat_interleave(rep, 1)  # (B, H, 1, d)
     qm, km = (q, k.repeat_interleave(rep, 1)) if mx.mlstm_rope else (q0, k0.repeat_interleave(rep, 1))
-    swa = _window_step(mx, q, q0, st, pos, rep) if mx.branches != "mlstm" else None  # (B, H, 1, d)
+    swa = window() if mx.branches != "mlstm" else None  # (B, H, 1, d)
     if mx.branches == "window":
         return swa
-    m = _mlstm_step(mx, x, qm, km, vr, st)  # (B, H, 1, d)
+    m = mlstm(qm, km, vr)  # (B, H, 1, d)
     if mx.branches == "mlstm":
         return m.to(q.dtype)
     return mx.gate_mix(qm, km, vr, m, swa)

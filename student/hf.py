@@ -132,9 +132,8 @@ class TcacheStudentForCausalLM(PreTrainedModel, GenerationMixin):
                 labels: torch.LongTensor | None = None, logits_to_keep: int = 0, **kwargs) -> TcacheCausalLMOutput:
         """logits_to_keep > 0: logits of the last positions only (generate() asks for 1 in its prefill). The state
         comes as `cache` (transformers >= 5.2x) or `past_key_values` (earlier versions)."""
-        if cache is None:
-            cache = kwargs.pop("past_key_values", None)
-        kwargs.pop("past_key_values", None)
+        legacy = kwargs.pop("past_key_values", None)
+        cache = cache if cache is not None else legacy
         if attention_mask is not None and not bool(attention_mask.all()):
             raise ValueError("tcache students take no padding (a recurrent state would absorb the pad tokens); "
                              "generate unpadded prompts, one at a time or of equal length")

@@ -259,7 +259,7 @@ def mixer_step(mx, x: torch.Tensor, position_embeddings, st: StaticMixer) -> tor
     q, k, v = mx.qkv(x)  # (B, H, 1, d), (B, Hkv, 1, d) x2
     q0, k0 = q, k
     q, k = rope(q, k, cos, sin)
-    rep, p = mx.H // mx.Hkv, st.pos  # p (1,): this token's position
+    p = st.pos  # (1,): this token's position
     if mx.sinks:  # the first S positions are the sinks: written while p < S, kept as they are after
         s = p.clamp(max=mx.sinks - 1)
         first = p < mx.sinks  # (1,)
@@ -268,15 +268,8 @@ def mixer_step(mx, x: torch.Tensor, position_embeddings, st: StaticMixer) -> tor
     slot = p % mx.window
     st.win_k.index_copy_(2, slot, k)
     st.win_v.index_copy_(2, slot, v)
-    vr = v.repeat_interleave(rep, 1)  # (B, H, 1, d)
-    qm, km = (q, k.repeat_interleave(rep, 1)) if mx.mlstm_rope else (q0, k0.repeat_interleave(rep, 1))
-    swa = _window(mx, q, q0, st) if mx.branches != "mlstm" else None  # (B, H, 1, d)
-    if mx.branches == "window":
-        return swa
-    m = _mlstm(mx, x, qm, km, vr, st)  # (B, H, 1, d)
-    if mx.branches == "mlstm":
-        return m.to(q.dtype)
-    return mx.gate_mix(qm, km, vr, m, swa)
+    return decode.mix_step(mx, x, q, q0, k0, k, v, lambda: _window(mx, q, q0, st),
+                           lambda qm, km, vr: _mlstm(mx, x, qm, km, vr, st))
 
 
 def _window(mx, q, q0, st: StaticMixer) -> torch.Tensor:

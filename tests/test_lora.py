@@ -15,6 +15,7 @@ from safetensors import safe_open
 from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
 from conftest import build_cache
+from test_hybrid import metrics
 from tcache.cli.main import main
 from tcache.errors import TcacheError
 from tcache.student import lora
@@ -45,10 +46,6 @@ def ids(n: int = 2, T: int = 24, seed: int = 0) -> torch.Tensor:
 
 def trainable(model) -> set[str]:
     return {n for n, p in model.named_parameters() if p.requires_grad}
-
-
-def metrics(run_dir):
-    return [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
 
 @pytest.fixture(scope="module")
