@@ -20,6 +20,7 @@ sees the teacher's input, and keeps the MSE between its hybrid output and that a
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import asdict, dataclass, field
 
 import torch
@@ -28,6 +29,10 @@ from torch import nn
 
 from tcache.errors import TcacheError
 from tcache.student.lora import adapter_parameters
+
+WINDOW_ENV = "TCACHE_WINDOW"
+"""blocked (default): window + sinks attention in O(T·W) on every device; dense: one SDPA call over a (T, S + T) mask
+(the earlier CUDA path, O(T^2)), for benchmarks that compare the two in one process."""
 
 MODES = ("hybrid", "match", "teacher")
 BRANCHES = ("both", "mlstm", "window")
@@ -169,12 +174,13 @@ class HybridMixer(nn.Module):
         return rope(q, k, cos[:, p], sin[:, p])[0]  # (B, H, T, d)
 
     def window_attention(self, q, k, v, q_sink) -> torch.Tensor:
-        """Softmax attention over the window and the sinks: (B, H, T, d), one SDPA call (memory-efficient
-        kernels, no (T, T) scores kept). A sink outside a query's window is scored with the query rotated to
+        """Softmax attention over the window and the sinks: (B, H, T, d), blocked in O(T·W) on every device
+        (student/window.py); TCACHE_WINDOW=dense selects the earlier single SDPA call over a dense (T, S + T) mask,
+        kept so benchmarks can run both in one process. A sink outside a query's window is scored with the query rotated to
         its cache position (sink_queries): the keys are [sink keys; all keys] and the head dimension is doubled,
         [q, q_sink] against [0, k_sink] for the sink entries and [k, 0] for the window entries."""
         T, S = q.shape[2], self.sinks
-        if q.device.type == "cpu":  # O(T·W), blocked (student/window.py): linear in T, no (T, T) mask
+        if os.environ.get(WINDOW_ENV, "blocked") != "dense":  # O(T·W) (student/window.py), no (T, T) mask
             from tcache.student.window import window_attention
 
             return window_attention(q, k, v, q_sink, self.window, S, self.scaling)

@@ -5,18 +5,20 @@
     query i sees sink s  when s < S and i - s >= W            (outside the window: scored with q_sink, the query
                                                                rotated to its StreamingLLM cache position)
 
-The same function as HybridMixer's dense-mask SDPA (tests/test_window.py holds them equal in float64 for T below,
-at and far beyond W). Plain tensor ops, so it runs on every device, autograd included, and in float64 for the tests;
-the CPU uses it. On CUDA the dense path stays until a block-sparse kernel (flex_attention with a BlockMask, or
-FlashAttention's window with the sinks merged by log-sum-exp) is measured there against it (issue 23).
+The same function as a dense-mask attention (tests/test_window.py holds them equal in float64 for T below, at and
+far beyond W). All blocks at once: the bands are a strided view of the padded keys (unfold), so the work is a fixed
+handful of batched kernels whatever T is, on every device, autograd included, and in float64 for the tests. Written
+with tensor ops rather than flex_attention because it must also run on the CPU and on a T4 (sm 7.5), and the same
+code serving every device is the code the float64 test covers.
 """
 
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
-BLOCK = 128
-"""Queries per block: the band of keys a block reads is BLOCK + W - 1 wide."""
+BLOCK = 64
+"""Queries per block: the band of keys a block reads is BLOCK + W - 1 wide (at W = 32, 95 keys per query)."""
 
 
 def window_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_sink: torch.Tensor | None, window: int,
@@ -24,23 +26,27 @@ def window_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_sink: 
     """Softmax attention (B, H, T, d) of q over the window and the sinks outside it; k, v (B, H, T, d) already
     repeated to the query heads; q_sink None means q itself (no query is far enough for the rotations to differ)."""
     B, H, T, d = q.shape
-    q_sink = q if q_sink is None else q_sink
     acc = torch.promote_types(q.dtype, torch.float32)  # scores and softmax in fp32 at least (float64 stays)
-    out = torch.empty(B, H, T, v.shape[-1], dtype=v.dtype, device=v.device)
-    sink_k, sink_v = k[:, :, :sinks].to(acc), v[:, :, :sinks].to(acc)  # (B, H, S, d)
-    for a in range(0, T, block):
-        b = min(a + block, T)
-        lo = max(0, a - window + 1)  # the band's first key
-        i = torch.arange(a, b, device=q.device)[:, None]  # (n, 1) query positions
-        j = torch.arange(lo, b, device=q.device)[None, :]  # (1, m) key positions
-        in_window = (j <= i) & (i - j < window)  # (n, m)
-        scores = torch.einsum("bhqd,bhkd->bhqk", q[:, :, a:b].to(acc), k[:, :, lo:b].to(acc)) * scaling
-        scores = scores.masked_fill(~in_window, float("-inf"))  # (B, H, n, m)
-        values = v[:, :, lo:b].to(acc)  # (B, H, m, d)
-        far = i - torch.arange(sinks, device=q.device)[None, :] >= window  # (n, S)
-        if sinks and bool(far.any()):
-            s = torch.einsum("bhqd,bhkd->bhqk", q_sink[:, :, a:b].to(acc), sink_k) * scaling  # (B, H, n, S)
-            scores = torch.cat([s.masked_fill(~far, float("-inf")), scores], -1)  # (B, H, n, S + m)
-            values = torch.cat([sink_v, values], 2)  # (B, H, S + m, d)
-        out[:, :, a:b] = torch.einsum("bhqk,bhkd->bhqd", torch.softmax(scores, -1), values).to(v.dtype)
-    return out
+    n = -(-T // block)  # blocks
+    P = window - 1  # keys before a block's first query that its band holds
+    pad = n * block - T
+
+    def bands(x):  # (B, H, T, e) -> (B, H, n, block + P, e): block b's keys, positions b*block - P ...
+        x = F.pad(x, (0, 0, P, pad))  # (B, H, P + n*block, e)
+        return x.unfold(2, block + P, block).transpose(-1, -2)
+
+    qb = F.pad(q, (0, 0, 0, pad)).view(B, H, n, block, d).to(acc)  # (B, H, n, block, d)
+    scores = torch.einsum("bhnqd,bhnkd->bhnqk", qb, bands(k).to(acc)) * scaling  # (B, H, n, block, block + P)
+    i = torch.arange(n * block, device=q.device).view(n, block, 1)  # query positions
+    j = i[:, :1] - P + torch.arange(block + P, device=q.device).view(1, 1, -1)  # (n, 1, block + P) key positions
+    scores = scores.masked_fill(~((j <= i) & (i - j < window) & (j >= 0)), float("-inf"))
+    values = bands(v).to(acc)  # (B, H, n, block + P, d)
+    if sinks and T > window:  # some query has a sink outside its window
+        qs = q if q_sink is None else q_sink
+        qs = F.pad(qs, (0, 0, 0, pad)).view(B, H, n, block, d).to(acc)
+        s = torch.einsum("bhnqd,bhkd->bhnqk", qs, k[:, :, :sinks].to(acc)) * scaling  # (B, H, n, block, S)
+        far = i - torch.arange(sinks, device=q.device) >= window  # (n, block, S)
+        scores = torch.cat([s.masked_fill(~far, float("-inf")), scores], -1)  # (B, H, n, block, S + block + P)
+        values = torch.cat([v[:, :, None, :sinks].to(acc).expand(B, H, n, sinks, v.shape[-1]), values], 3)
+    out = torch.einsum("bhnqk,bhnkd->bhnqd", torch.softmax(scores, -1), values)  # (B, H, n, block, d)
+    return out.reshape(B, H, n * block, -1)[:, :, :T].to(v.dtype)

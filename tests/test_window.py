@@ -38,8 +38,11 @@ def test_blocked_window_equals_the_dense_reference(T, W, S, block):
         torch.testing.assert_close(a, b, atol=1e-11, rtol=1e-9)
 
 
-def test_the_mixer_takes_the_blocked_path_on_cpu_with_the_dense_paths_result():
-    """HybridMixer.window_attention on CPU (blocked) equals its dense SDPA form (float64, sinks far and near)."""
+@pytest.mark.parametrize("kernel", ["blocked", "dense"])
+def test_the_mixers_window_kernels_equal_the_dense_reference(kernel, monkeypatch):
+    """HybridMixer.window_attention, blocked (the default on every device) and the dense-mask SDPA that
+    TCACHE_WINDOW=dense keeps for benchmarks, equals the reference (float64, sinks far and near)."""
+    monkeypatch.setenv("TCACHE_WINDOW", kernel)
     from transformers import LlamaConfig, LlamaForCausalLM
 
     from tcache.student.hybrid import HybridConfig, HybridStudent
