@@ -97,9 +97,7 @@ def test_generate_through_the_static_path_equals_full_forward_greedy(recipe, mon
     monkeypatch.setenv("TCACHE_STATIC_DECODE", "1")
     hf = to_hf(student(recipe), {"config": {"recipe": recipe}}).eval()
     calls = {"step": 0, "parallel": 0}
-    # v1 (sLSTM blocks) keeps decode.py's step (static_decode.supported): its recurrent step is counted there
-    step_owner = StaticDecoder if recipe != "v1" else None
-    step = StaticDecoder._step if step_owner else decode.step
+    step = StaticDecoder._step
     # the parallel forward over a whole prefix: the xLSTM's features(), the hybrid's converted teacher
     owner = hf.student.lm.model if recipe == "hybrid" else hf.student
     name = "forward" if recipe == "hybrid" else "features"
@@ -113,10 +111,7 @@ def test_generate_through_the_static_path_equals_full_forward_greedy(recipe, mon
         calls["parallel"] += 1
         return parallel(*a, **k)
 
-    if step_owner:
-        monkeypatch.setattr(StaticDecoder, "_step", counted_step)
-    else:
-        monkeypatch.setattr(decode, "step", counted_step)
+    monkeypatch.setattr(StaticDecoder, "_step", counted_step)
     monkeypatch.setattr(owner, name, counted_parallel)
     prompt, new = ids(2, W + S + 4), 10
     got = hf.generate(prompt, max_new_tokens=new, do_sample=False, pad_token_id=0, eos_token_id=None)
@@ -131,7 +126,7 @@ def test_generate_through_the_static_path_equals_full_forward_greedy(recipe, mon
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU (run in the GPU call)")
-@pytest.mark.parametrize("recipe", ["v2", "hybrid"])  # v1 keeps decode.py's step (static_decode.supported)
+@pytest.mark.parametrize("recipe", ["v1", "v2", "hybrid"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_captured_step_replays_the_eager_static_step_on_cuda(recipe, dtype):
     """The CUDA graph's replay gives the eager static step's logits (fp32: 1e-4; bf16: the dtype's tolerance), its
@@ -177,3 +172,20 @@ def test_a_prefill_split_into_rows_equals_the_whole_batch(recipe, monkeypatch):
     assert len(flat[0]) == len(flat[1]) > 1
     for a, b in zip(*flat):
         torch.testing.assert_close(a, b)
+
+
+@pytest.mark.parametrize("first", [True, False])
+def test_the_branch_free_slstm_pointwise_equals_xlstms(first):
+    """static_decode._slstm_pointwise (no host branch, so a CUDA graph can hold it) gives xlstm's vanilla pointwise
+    step exactly, at the first step (n all zero: xlstm's other branch) and after it (float64)."""
+    from xlstm.blocks.slstm.src.vanilla.slstm import slstm_forward_pointwise
+
+    from tcache.student.static_decode import _slstm_pointwise
+
+    g = torch.Generator().manual_seed(int(first))
+    B, H = 3, 8
+    wx, ry, b = (torch.randn(B, 4 * H, generator=g, dtype=torch.float64) for _ in range(3))
+    states = torch.randn(4, B, H, generator=g, dtype=torch.float64)
+    states[2] = 0.0 if first else states[2].abs() + 0.1  # n
+    for got, want in zip(_slstm_pointwise(wx, ry, b, states, {}), slstm_forward_pointwise(wx, ry, b, states, {})):
+        torch.testing.assert_close(got, want, atol=0, rtol=0)
