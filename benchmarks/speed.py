@@ -1,7 +1,7 @@
 """Decode and prefill speed of the students against their teacher, each served through transformers' generate()
 (issue 22). One process per row, driven by a parent that writes DIR/speed.json, DIR/speed.md and DIR/speed.png:
 
-    python benchmarks/speed.py --shape smollm2-360m --out DIR          # the GPU run (H200, ~8 minutes)
+    python benchmarks/speed.py --shape smollm2-360m --out DIR          # the GPU run (H200, ~9 minutes)
     python benchmarks/speed.py --shape tiny --device cpu --lengths 64,256 --student-lengths 512 --batches 1,2 \\
         --steps 4 --out DIR                                             # a CPU smoke run
     python benchmarks/speed.py --replot DIR/speed.json                  # speed.md and speed.png again
@@ -20,7 +20,8 @@ Rows:
     v2, hybrid, v1  the exported student class (TcacheStudentForCausalLM, via to_hf) with its static decode state,
                     a CUDA graph replayed per token (TCACHE_STATIC_DECODE=1 in the row's process; on CPU the same
                     static buffers run uncaptured)
-    v2-eager, ...   the same students with TCACHE_STATIC_DECODE=0: decode.py's concatenating step, eager; only at
+    v2-eager, ...   (only when --models names them) the same students with TCACHE_STATIC_DECODE=0: decode.py's
+                    concatenating step, eager; only at
                     --eager-lengths (default the shortest --lengths: a student's step does not depend on the prefix,
                     and the GPU run's time goes to the rows that do)
 
@@ -81,21 +82,27 @@ SHAPES = {
 }
 ROWS = ("teacher-static", "teacher-eager", "v2", "hybrid", "v1", "v2-eager", "hybrid-eager", "v1-eager")
 """Table order."""
-RUN_ORDER = ("teacher-eager", "v2-eager", "hybrid-eager", "v1-eager", "teacher-static", "v2", "hybrid", "v1")
-"""Process order: rows likely to finish inside their share first, so what they leave over goes to the later ones;
-teacher-static (every ratio's reference, and its compiles) before the students whose longest prefills would take
-any time they are given."""
-ROW_WEIGHT = {"teacher-static": 140, "teacher-eager": 55, "v2": 90, "hybrid": 70, "v1": 70,
+DEFAULT_ROWS = ROWS[:5]
+"""--models' default: the two teacher rows and each student as users get it; the -eager student rows (decode.py's
+concatenating step, the path before the static one) only when named."""
+RUN_ORDER = ("teacher-static", "v2", "hybrid", "teacher-eager", "v2-eager", "hybrid-eager", "v1-eager", "v1")
+"""Process order: teacher-static first (every ratio's reference, and its compiles), then the students whose ratios
+are the point; v1 last, since its sLSTM prefill is a loop over the prompt that spends whatever it is given."""
+ROW_WEIGHT = {"teacher-static": 200, "teacher-eager": 45, "v2": 110, "hybrid": 120, "v1": 50,
               "v2-eager": 30, "hybrid-eager": 40, "v1-eager": 30}
-"""Share of --budget per row: estimated seconds of the GPU run (H200, smollm2-360m, the default cells), ~10 s of
-each for imports and the build. teacher-static: ~3 compiles (automatic dynamic shapes) of maybe 30-45 s and ~3M
-prompt tokens at ~200k tokens/s; v2: ~4M prompt tokens at ~90k tokens/s without batch 64 x 128k (8M); the hybrid
-prefills with a dense window mask (~25k tokens/s at 32k, quadratic) and v1's vanilla sLSTM loops over the prompt in
-Python, so both spend whatever they get; -eager rows: ~33 eager steps of 30-80 ms per generate at one context."""
+"""Share of --budget per row: estimated seconds of the GPU run (H200, smollm2-360m, the default cells), ~15 s of
+each for imports and the build. teacher-static: 3 compiles of 40-60 s each (transformers' default CompileConfig has
+automatic dynamic shapes: a static graph, then one with the cache length dynamic, then the batch) and ~3M prompt
+tokens; v2 and the hybrid: one CUDA-graph capture per batch (~15 s) and ~4M prompt tokens at ~80k tokens/s (batch
+64 x 128k, 8.4M more, comes last); v1's vanilla sLSTM prefill loops over the prompt in Python (~7 ms a position),
+so it gets the short contexts; teacher-eager: --eager-steps eager steps of ~0.1 s per cell."""
 STATIC_ENV = "TCACHE_STATIC_DECODE"
 WARM_PROMPT = 64
 """Prompt tokens of the warm-up generate: the decode step's shapes do not depend on it (the static cache's length is
 set explicitly), and it is longer than the hybrid's window + sinks."""
+FATAL_RC = 3
+"""A row's process exits with this after a CUDA error that leaves its context unusable (an illegal memory access):
+the parent starts it again for the cells it has not reached, if the row's share has time left."""
 MIN_ROW_S = 20.0
 """A row's process is not started with less time than this: importing and building take ~10 s."""
 DECODE_KEYS = ("decode_tok_s", "step_ms", "step_ms_median", "state_bytes", "peak_gib", "decode_peak_gib",
@@ -367,7 +374,8 @@ class Runner:
     def __init__(self, row: str, model, dev: Dev, a):
         self.row, self.model, self.dev, self.a = row, model, dev, a
         self.vocab = model.config.vocab_size
-        self.new_tokens = a.steps + 1  # the first comes from the prefill, then `steps` decode forwards
+        steps = a.eager_steps if row == "teacher-eager" else a.steps
+        self.new_tokens = steps + 1  # the first comes from the prefill, then `steps` decode forwards
         self.warm: dict = {}  # warm-up key -> None (done) or its failure, not retried
         self.params = param_bytes_read(model)
         self.bandwidth = copy_gbps(dev)
@@ -507,6 +515,7 @@ def child(a) -> None:
 
     row, t0 = a.child, time.perf_counter()
     path = Path(a.child_out) / f"row-{row}.json"
+    done = json.loads(path.read_text()) if path.exists() else {}  # a restart after a fatal CUDA error
     dev = Dev(torch.device(a.device))
     dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[a.dtype]
     model = build(row, SHAPES[a.shape], dev.device, dtype)
@@ -514,22 +523,73 @@ def child(a) -> None:
     doc = {"device": dev.name(), "torch": torch.__version__, "transformers": transformers.__version__,
            "env": {STATIC_ENV: os.environ.get(STATIC_ENV)}, "param_bytes": run.params, "copy_gbps": run.bandwidth,
            "startup_s": time.perf_counter() - t0}
+    doc = {**done, **doc, "restarts": done.get("restarts", -1) + 1}
     print(f"[{row}] built in {doc['startup_s']:.1f} s: {fmt(run.params / 2**20)} MiB of parameters read per step, "
           f"copy bandwidth {fmt(run.bandwidth)} GB/s", flush=True)
     has_graphs = graph_count(row, model) is not None
     for kind, B, L in plan(row, a):
+        if label(L) in done.get(cell_keys(row, kind, B)[0], {}):
+            continue  # measured (or failed) before the restart
         t = time.perf_counter()
+        fatal = False
         try:
             res = run.prefill(L) if kind == "prefill" else run.decode(B, L)
         except Exception as e:  # an OOM or a kernel's failure costs this cell, not the row
-            res = failure(e)
-        dev.free()
+            res, fatal = failure(e), is_fatal(e)
+        if not fatal:
+            dev.free()
         put(doc, row, kind, B, L, res)
         doc[graph_key(row)] = {**run.graphs, "retries": run.retries} if has_graphs else None
         doc["kernels"] = getattr(getattr(model, "student", None), "kernels", None)  # a student's mLSTM / sLSTM
         doc["seconds"] = time.perf_counter() - t0
         save(path, doc)
         print(progress(row, kind, B, L, res, time.perf_counter() - t), flush=True)
+        if fatal:  # this process's CUDA context is gone: the parent restarts the row for the rest
+            sys.exit(FATAL_RC)
+    if dev.cuda and not is_teacher(row):
+        doc["step_profile"] = step_profile(model)
+        save(path, doc)
+        print(f"[{row}] one captured step: {json.dumps(doc['step_profile'])[:600]}", flush=True)
+
+
+def is_fatal(e: BaseException) -> bool:
+    """A CUDA error after which the process's context cannot run anything (an illegal memory access)."""
+    text = str(e).lower()
+    return type(e).__name__ == "AcceleratorError" or "illegal memory access" in text or "unspecified launch" in text
+
+
+def step_profile(model, reps: int = 5, top: int = 12) -> dict | str:
+    """What one captured decode step is made of (issue 22: what bounds it): at the largest batch <= 8 the row
+    captured, its graph replayed alone (ms per replay, CUDA events), then under torch.profiler: kernels per step and
+    the kernels taking most time, each with launches and microseconds per step."""
+    from torch.profiler import ProfilerActivity, profile
+
+    decoders = {B: d for (B, _), d in getattr(model, "_static_decoders", {}).items() if d.graph is not None}
+    if not decoders:
+        return "no captured step"
+    B = max((b for b in decoders if b <= 8), default=min(decoders))
+    graph = decoders[B].graph
+    graph.replay()
+    torch.cuda.synchronize()
+    a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    times = []
+    for _ in range(20):
+        a.record()
+        graph.replay()
+        b.record()
+        b.synchronize()
+        times.append(a.elapsed_time(b))
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(reps):
+            graph.replay()
+        torch.cuda.synchronize()
+    kernels = [k for k in prof.key_averages() if k.device_type.name == "CUDA"]
+    kernels.sort(key=lambda k: -k.self_device_time_total)
+    return {"batch": B, "replay_ms_median": statistics.median(times),
+            "kernels_per_step": sum(k.count for k in kernels) / reps,
+            "kernel_us_per_step": sum(k.self_device_time_total for k in kernels) / reps,
+            "top": [{"name": k.key[:90], "per_step": k.count / reps, "us_per_step": k.self_device_time_total / reps}
+                    for k in kernels[:top]]}
 
 
 # --- the parent: one process per row, within the budget ---------------------------------------------------------
@@ -542,7 +602,7 @@ def child_command(row: str, a, work: Path) -> list[str]:
     cmd = [sys.executable, os.path.abspath(__file__), "--child", row, "--child-out", str(work),
            f"--shape={a.shape}", f"--device={a.device}", f"--dtype={a.dtype}", f"--steps={a.steps}",
            f"--lengths={csv(a.lengths)}", f"--student-lengths={csv(a.student_lengths)}",
-           f"--eager-lengths={csv(a.eager_lengths)}", f"--batches={csv(a.batches)}"]
+           f"--eager-lengths={csv(a.eager_lengths)}", f"--batches={csv(a.batches)}", f"--eager-steps={a.eager_steps}"]
     return cmd + (["--cpu-compile"] if a.cpu_compile else [])
 
 
@@ -572,17 +632,22 @@ def run_row(row: str, a, work: Path, limit: float | None) -> dict:
     else:
         print(f"== {row}: up to {'-' if limit is None else f'{limit:.0f}'} s", flush=True)
         # a process group of its own (same session): a stop at the time share ends its compile workers too
-        p = subprocess.Popen(child_command(row, a, work), env=row_env(row), process_group=0)
         previous = signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # raised in the wait below
         try:
-            rc = p.wait(timeout=limit)
-            status = "ok" if rc == 0 else f"exited {rc}"
+            for attempt in range(4):  # the first run and up to three restarts
+                left = None if limit is None else limit - (time.monotonic() - t0)
+                p = subprocess.Popen(child_command(row, a, work), env=row_env(row), process_group=0)
+                try:
+                    rc = p.wait(timeout=left)
+                except BaseException:  # the share's end, Ctrl-C or SIGTERM: the row's group does not get them
+                    kill_group(p)
+                    raise
+                status = "ok" if rc == 0 else f"exited {rc}"
+                if rc != FATAL_RC or attempt == 3 or (left is not None and limit - (time.monotonic() - t0) < MIN_ROW_S):
+                    break
+                print(f"== {row}: restarted after a fatal CUDA error", flush=True)
         except subprocess.TimeoutExpired:
-            kill_group(p)
             status = f"stopped at its time share ({limit:.0f} s)"
-        except BaseException:  # Ctrl-C or SIGTERM of this process: the row's group does not get them itself
-            kill_group(p)
-            raise
         finally:
             signal.signal(signal.SIGTERM, previous)
     path = work / f"row-{row}.json"
@@ -619,6 +684,7 @@ def parent(a) -> None:
     work = Path(tempfile.mkdtemp(prefix="speed-rows-"))  # the rows' own files: DIR gets the three outputs only
     doc = {"device": None, "command": "python " + shlex.join(sys.argv), "torch": torch.__version__,
            "transformers": None, "shape": a.shape, "dtype": a.dtype, "steps": a.steps, "new_tokens": a.steps + 1,
+           "eager_steps": a.eager_steps,
            "batches": a.batches, "lengths": [label(x) for x in a.lengths],
            "student_lengths": [label(x) for x in a.student_lengths],
            "eager_lengths": [label(x) for x in a.eager_lengths], "budget_s": a.budget, "rows": {}}
@@ -670,7 +736,8 @@ def markdown(doc: dict) -> str:
     lines = [f"# Inference speed: {doc['shape']}, {doc['dtype']}, {doc['device']}", "", f"`{doc['command']}`", "",
              f"torch {doc['torch']}, transformers {doc['transformers']}; each decode cell is one greedy generate() "
              f"of {doc['new_tokens']} tokens after a warm-up: tokens/s = batch x {doc['steps']} / the time of the "
-             f"{doc['steps']} forwards after the first token (the prefill excluded). Copy bandwidth "
+             f"{doc['steps']} forwards after the first token (the prefill excluded; teacher-eager: "
+             f"{doc.get('eager_steps', doc['steps'])} forwards). Copy bandwidth "
              f"{fmt(bw)} GB/s. Empty: not planned for that row; `not run`: out of its time share."]
 
     def cell(r, key, c):
@@ -764,16 +831,20 @@ def counts(text: str | None) -> list[int]:
 def arguments(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--shape", default="smollm2-360m", choices=sorted(SHAPES))
-    ap.add_argument("--models", default=",".join(ROWS), help=f"rows, comma-separated, of: {', '.join(ROWS)}")
+    ap.add_argument("--models", default=",".join(DEFAULT_ROWS),
+                    help=f"rows, comma-separated, of: {', '.join(ROWS)} (default: the first five)")
     ap.add_argument("--lengths", default="2k,8k,32k", help="contexts of every row")
     ap.add_argument("--student-lengths", default="128k", help="more contexts for the students (v2, hybrid, v1)")
     ap.add_argument("--eager-lengths", default=None,
                     help="contexts of the -eager student rows (default: the shortest of --lengths)")
     ap.add_argument("--batches", default="1,8,64")
     ap.add_argument("--steps", type=int, default=32, help="timed decode steps per generate (steps + 1 new tokens)")
+    ap.add_argument("--eager-steps", type=int, default=8,
+                    help="timed steps of teacher-eager's cells (its steps take ~0.1 s, and the budget goes to the rows "
+                         "the ratios compare)")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--dtype", default="bf16", choices=["bf16", "fp32"])
-    ap.add_argument("--budget", type=float, default=460.0,
+    ap.add_argument("--budget", type=float, default=500.0,
                     help="seconds for all rows together (0: no limit), shared by ROW_WEIGHT")
     ap.add_argument("--out", default="speed-out")
     ap.add_argument("--cpu-compile", action="store_true",
@@ -787,7 +858,7 @@ def arguments(argv=None):
     if unknown:
         ap.error(f"--models: unknown {', '.join(unknown)}; rows are {', '.join(ROWS)}")
     a.lengths, a.student_lengths, a.batches = counts(a.lengths), counts(a.student_lengths), counts(a.batches)
-    if not a.lengths or not a.batches or a.steps < 1:
+    if not a.lengths or not a.batches or a.steps < 1 or a.eager_steps < 1:
         ap.error("--lengths and --batches need at least one value, --steps at least 1")
     a.eager_lengths = counts(a.eager_lengths) if a.eager_lengths is not None else [min(a.lengths)]
     return a
