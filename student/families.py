@@ -67,13 +67,32 @@ def build_hybrid(cfg: DistillConfig, manifest, device: torch.device, budget: int
     checkpointing = resolve_checkpointing(cfg.checkpointing, device, budget)
     if checkpointing:
         model.enable_checkpointing()
+    compile_mode = hybrid_compile(cfg.compile, device)
+    if checkpointing and compile_mode == "cudagraphs":
+        raise TcacheError("--compile cudagraphs does not compose with the hybrid's activation checkpointing; pass "
+                          "--compile on (the default where it runs) or --checkpointing off")
+    if COMPILE_MODES[compile_mode] is not None:
+        # each decoder layer (mixer, norms, MLP) fused by inductor; transformers' checkpointing wraps the layer's
+        # __call__, so a recomputed layer runs its compiled forward again (tests/test_hybrid_compile.py)
+        for layer in model.lm.model.layers:
+            layer.compile(mode=COMPILE_MODES[compile_mode])
     info = {"mlstm_kernel": kernel, "slstm_backend": "none", "blocks": len(model.lm.model.layers),
-            "heads": model.lm.config.num_attention_heads, "slstm_at": [], "compile": "off",
+            "heads": model.lm.config.num_attention_heads, "slstm_at": [], "compile": compile_mode,
             "window": cfg.window, "sinks": cfg.sinks, "full_attention_layers": hcfg.full_attention_layers,
             "branches": cfg.branches, "checkpointing": checkpointing}
     if lora is not None:
         info["lora"] = lora
     return model, info
+
+
+def hybrid_compile(choice: str, device: torch.device) -> str:
+    """The hybrid's --compile: auto is `on` (inductor, no CUDA graphs: they do not compose with activation
+    checkpointing, and a training step of the teacher's size is not launch-bound) on GPUs of compute capability
+    >= 8.0, off on a T4 and the CPU; cudagraphs is refused with checkpointing."""
+    mode = resolve_compile(choice, device)
+    if choice == "auto" and mode == "cudagraphs":
+        mode = "on"
+    return mode
 
 
 FAMILIES = {"xlstm": build_xlstm, "hybrid": build_hybrid}

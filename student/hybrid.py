@@ -33,6 +33,9 @@ from tcache.student.lora import adapter_parameters
 WINDOW_ENV = "TCACHE_WINDOW"
 """blocked (default): window + sinks attention in O(T·W) on every device; dense: one SDPA call over a (T, S + T) mask
 (the earlier CUDA path, O(T^2)), for benchmarks that compare the two in one process."""
+MLSTM_INPUTS_ENV = "TCACHE_MLSTM_INPUTS"
+"""unset (default): the mLSTM kernel gets q, k, v in the layer's compute dtype; fp32: always fp32 (the earlier path),
+for benchmarks."""
 
 MODES = ("hybrid", "match", "teacher")
 BRANCHES = ("both", "mlstm", "window")
@@ -210,13 +213,17 @@ class HybridMixer(nn.Module):
             swa = self.window_attention(q, k, v, q_sink)  # (B, H, T, d)
             if self.branches == "window":
                 return swa
-        qf, kf = hedgehog(qm, self.phi_q), hedgehog(km, self.phi_k)  # (B, H, T, 2d) x2
+        # q, k, v reach the kernel in the layer's compute dtype (bf16 / fp16 under autocast: half the bytes the
+        # chunkwise kernel reads; fp32 stays fp32), the gates in fp32 as mlstm_kernels expects; the kernel
+        # accumulates in fp32 either way. TCACHE_MLSTM_INPUTS=fp32 feeds fp32 as before (for benchmarks).
+        dt = torch.float32 if os.environ.get(MLSTM_INPUTS_ENV) == "fp32" else v.dtype
+        qf, kf = hedgehog(qm, self.phi_q).to(dt), hedgehog(km, self.phi_k).to(dt)  # (B, H, T, 2d) x2
         i = self.igate(x).float().transpose(1, 2)  # (B, H, T)
         f = self.fgate(x).float().transpose(1, 2)  # (B, H, T)
         if states is None:
-            m = self.mlstm_fn(qf, kf, v.float(), i.unsqueeze(-1), f.unsqueeze(-1))  # (B, H, T, d)
+            m = self.mlstm_fn(qf, kf, v.to(dt), i.unsqueeze(-1), f.unsqueeze(-1))  # (B, H, T, d)
         else:
-            m, state = self.mlstm_fn(qf, kf, v.float(), i.unsqueeze(-1), f.unsqueeze(-1), return_last_states=True)
+            m, state = self.mlstm_fn(qf, kf, v.to(dt), i.unsqueeze(-1), f.unsqueeze(-1), return_last_states=True)
             states.append(state)
         if self.branches == "mlstm":
             return m.to(q.dtype)

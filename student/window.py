@@ -6,7 +6,7 @@
                                                                rotated to its StreamingLLM cache position)
 
 The same function as a dense-mask attention (tests/test_window.py holds them equal in float64 for T below, at and
-far beyond W). All blocks at once: the bands are a strided view of the padded keys (unfold), so the work is a fixed
+far beyond W). All blocks at once: the bands are gathered from the padded keys, so the work is a fixed
 handful of batched kernels whatever T is, on every device, autograd included, and in float64 for the tests. Written
 with tensor ops rather than flex_attention because it must also run on the CPU and on a T4 (sm 7.5), and the same
 code serving every device is the code the float64 test covers.
@@ -27,13 +27,18 @@ def window_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_sink: 
     repeated to the query heads; q_sink None means q itself (no query is far enough for the rotations to differ)."""
     B, H, T, d = q.shape
     acc = torch.promote_types(q.dtype, torch.float32)  # scores and softmax in fp32 at least (float64 stays)
+    block = max(block, window - 1)  # a band = the block and the previous block's last W - 1 keys
     n = -(-T // block)  # blocks
     P = window - 1  # keys before a block's first query that its band holds
     pad = n * block - T
 
-    def bands(x):  # (B, H, T, e) -> (B, H, n, block + P, e): block b's keys, positions b*block - P ...
-        x = F.pad(x, (0, 0, P, pad))  # (B, H, P + n*block, e)
-        return x.unfold(2, block + P, block).transpose(-1, -2)
+    def bands(x):  # (B, H, T, e) -> (B, H, n, P + block, e): block b's keys, positions b*block - P ...
+        # Built from reshapes, slices and a concatenation (zeros before position 0, masked below). Tensor.unfold's
+        # overlapping view and an index gather gave wrong key gradients through torch.compile (inductor, torch
+        # 2.13: unfold's backward; the gather under activation checkpointing; tests/test_hybrid_compile.py).
+        xb = F.pad(x, (0, 0, 0, pad)).view(B, H, n, block, x.shape[-1])  # (B, H, n, block, e)
+        prev = torch.cat([torch.zeros_like(xb[:, :, :1]), xb[:, :, :-1]], 2)[:, :, :, block - P:]  # (B, H, n, P, e)
+        return torch.cat([prev, xb], 3)
 
     qb = F.pad(q, (0, 0, 0, pad)).view(B, H, n, block, d).to(acc)  # (B, H, n, block, d)
     scores = torch.einsum("bhnqd,bhnkd->bhnqk", qb, bands(k).to(acc)) * scaling  # (B, H, n, block, block + P)
