@@ -16,6 +16,21 @@ fp16 autocast, batch 8 x 512, no accumulation. Measured, in this order, one at a
   capped    disk and online again under --max-gpu-memory (a 16 GB card's budget)
 disk, online and capped each run in a fresh process (clean peaks; a cap is per process). tokens/s over
 the steps after the warm-up; peak = torch.cuda.max_memory_allocated, reset before each.
+
+    python benchmarks/distill.py --hybrid --tokenizer TEACHER_DIR --train TRAIN.jsonl.xz --out RESULTS [--budget S]
+
+The hybrid recipe's step against its anchor (issue 23), each part in a fresh process, written to
+RESULTS/distill-hybrid-SHAPE.json under these keys (each with tokens_per_s, peak_gib, mfu):
+  plain_lm_eager, plain_lm_compiled   the teacher's own architecture trained as a plain LM: transformers' forward
+                                      (SDPA), CE, fused AdamW, bf16 autocast; eager, then torch.compile(model)
+  hybrid_stage1, hybrid_stage2        the library's Trainer on in-GPU cache rows, the recipe's defaults
+  hybrid_stage2_fp16_16gib            the T4 path: --precision fp16 --max-gpu-memory 16GiB (checkpointing on)
+  hybrid_stage2_compile_off, ..._dense_window, ..._mlstm_fp32   stage II with one change undone each: no compile;
+                                      the dense (T, S + T) window mask (TCACHE_WINDOW=dense, compile off: the
+                                      earlier default); fp32 mLSTM inputs (TCACHE_MLSTM_INPUTS=fp32)
+  v2_step                             the v2 student's training step (the library's defaults), for its MFU
+  plain_lm_compiled_2048, hybrid_stage2_2048   the same at 8 x 2048, where the window's O(T·W) shows
+MFU = 6 N tokens/s over the GPU's dense bf16 peak (N: all parameters; H100 / H200: 989 TFLOP/s).
 """
 
 from __future__ import annotations
@@ -123,10 +138,13 @@ def hybrid_stage_rate(cfg: DistillConfig, stage: int, warmup: int = 3, steps: in
     try:
         tr = setup(cfg)
         tr.begin_stage(tr.plan.stages[stage])
-        _, sec, _ = time_steps(tr, gpu_batches(cfg.cache, 0, 4), warmup, steps)
+        batches = gpu_batches(cfg.cache, 0, 4)
+        _, sec, _ = time_steps(tr, batches, warmup, steps)
     except Exception as e:  # an out-of-memory under the cap is a result, not a crash
         return {"error": f"{type(e).__name__}: {str(e).splitlines()[0][:200]}", "peak_gib": peak()}
+    T = batches[0][schema.INPUT_IDS].shape[1]
     return {"tokens_per_s": steps * B * T / sec, "peak_gib": peak(), "precision": tr.plan.info["precision"],
+            "compile": tr.plan.info["compile"], "T": T,
             "mlstm_kernel": tr.plan.info["mlstm_kernel"], "checkpointing": tr.plan.info["checkpointing"],
             "params": tr.model.param_counts()}
 
@@ -163,6 +181,143 @@ def run_distill(cfg: DistillConfig, warmup: int) -> dict:
             "kernels": meta.get("kernels")}
 
 
+PEAK_TFLOPS = {"H100": 989.4, "H200": 989.4, "A100": 312.0, "T4": 65.0}
+"""Dense bf16 (T4: fp16) tensor-core peak per GPU name, TFLOP/s."""
+
+HYBRID_PARTS = {  # name: spec, in the order they run (the anchor and the defaults first)
+    "plain_lm_compiled": {"kind": "plain", "compiled": True},
+    "hybrid_stage2": {"kind": "hybrid", "stage": 1},
+    "hybrid_stage1": {"kind": "hybrid", "stage": 0},
+    "hybrid_stage2_fp16_16gib": {"kind": "hybrid", "stage": 1, "precision": "fp16", "cap": "16GiB"},
+    "plain_lm_eager": {"kind": "plain", "compiled": False},
+    "hybrid_stage2_compile_off": {"kind": "hybrid", "stage": 1, "compile": "off"},
+    "hybrid_stage2_dense_window": {"kind": "hybrid", "stage": 1, "compile": "off", "env": {"TCACHE_WINDOW": "dense"}},
+    "hybrid_stage2_mlstm_fp32": {"kind": "hybrid", "stage": 1, "env": {"TCACHE_MLSTM_INPUTS": "fp32"}},
+    "v2_step": {"kind": "v2"},
+    "plain_lm_compiled_2048": {"kind": "plain", "compiled": True, "T": 2048},
+    "hybrid_stage2_2048": {"kind": "hybrid", "stage": 1, "T": 2048},
+}
+PART_MIN_S = 60.0
+"""A part is not started with less of --budget left than this."""
+
+
+def peak_tflops() -> float | None:
+    name = torch.cuda.get_device_name() if CUDA else ""
+    return next((v for k, v in PEAK_TFLOPS.items() if k in name), None)
+
+
+def with_mfu(res: dict, params: int) -> dict:
+    if "tokens_per_s" in res and peak_tflops():
+        res["mfu"] = round(6 * params * res["tokens_per_s"] / (peak_tflops() * 1e12), 4)
+    return res
+
+
+def cache_for(a, teacher: Path, work: Path, T: int) -> Path:
+    """The random teacher's cache at sequence length T (built once)."""
+    cache = work / (f"cache-{a.shape}" + ("" if T == 512 else f"-{T}"))
+    if not (cache / schema.MANIFEST_FILE).exists():
+        build(BuildConfig(teacher=str(teacher), data=DataSpec(a.train), out=str(cache), tokens=(a.steps + 2) * B * T,
+                          seq_len=T, top_k=64, overwrite=True))
+    return cache
+
+
+def plain_lm_rate(teacher: Path, T: int, compiled: bool, warmup: int = 3, steps: int = 10) -> dict:
+    """The anchor: the teacher's architecture as a plain causal LM, as one trains it with transformers: its forward
+    with SDPA attention and its CE loss (labels), fused AdamW, bf16 autocast; torch.compile(model) when compiled."""
+    from transformers import AutoModelForCausalLM
+
+    reset_peak()
+    lm = AutoModelForCausalLM.from_pretrained(teacher, dtype=torch.float32, attn_implementation="sdpa").to(DEVICE)
+    lm.train()
+    opt = torch.optim.AdamW(lm.parameters(), lr=1e-5, fused=CUDA)
+    fwd = torch.compile(lm) if compiled else lm
+    g = torch.Generator().manual_seed(0)
+    batches = [torch.randint(0, lm.config.vocab_size, (B, T), generator=g).to(DEVICE) for _ in range(4)]
+
+    def one(i: int) -> None:
+        ids = batches[i % len(batches)]
+        with torch.autocast(DEVICE.type, dtype=torch.bfloat16, enabled=CUDA):
+            loss = fwd(input_ids=ids, labels=ids).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    t0 = time.perf_counter()
+    for i in range(warmup):
+        one(i)
+    sync()
+    warm = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    for i in range(steps):
+        one(i)
+    sync()
+    params = sum(p.numel() for p in lm.parameters())
+    return with_mfu({"tokens_per_s": steps * B * T / (time.perf_counter() - t0), "peak_gib": peak(),
+                     "warmup_s": round(warm, 1), "params": params, "compiled": compiled}, params)
+
+
+def hybrid_part(a, spec: dict, teacher: Path, work: Path) -> dict:
+    """One part of --hybrid (HYBRID_PARTS), in this process."""
+    T = spec.get("T", 512)
+    try:
+        if spec["kind"] == "plain":
+            return plain_lm_rate(teacher, T, spec["compiled"])
+        cache = str(cache_for(a, teacher, work, T))
+        if spec["kind"] == "v2":
+            cfg = DistillConfig(cache=cache, out=str(work / "v2"), recipe="v2", steps=a.steps, batch_size=B,
+                                grad_accum=1)
+            res = step_rate(cfg, gpu_batches(cache, plan_budget(cfg, load_manifest(cache)).groups, 4), 3, 10)
+            return with_mfu(res, res["params"]["total"] if isinstance(res["params"], dict) else res["params"])
+        cfg = DistillConfig(cache=cache, out=str(work / "hybrid"), recipe="hybrid", steps=a.steps, batch_size=B,
+                            grad_accum=1, precision=spec.get("precision", "auto"), max_gpu_memory=spec.get("cap"),
+                            compile=spec.get("compile", "auto"))
+        res = hybrid_stage_rate(cfg, spec["stage"])
+        return with_mfu(res, res["params"]["total"]) if "params" in res else res
+    except Exception as e:  # an out-of-memory under the cap is a result, not a crash
+        return {"error": f"{type(e).__name__}: {str(e).splitlines()[0][:200]}", "peak_gib": peak()}
+
+
+def hybrid_bench(a, teacher: Path, out: Path) -> None:
+    """Every HYBRID_PARTS entry in its own process, inside --budget; the JSON and a table with each part's ratio
+    to plain_lm_compiled."""
+    import os
+
+    res = {"shape": a.shape, "batch": B, "device": torch.cuda.get_device_name() if CUDA else "cpu",
+           "torch": torch.__version__, "command": "python " + " ".join(sys.argv), "peak_tflops": peak_tflops()}
+    t_end = time.monotonic() + a.budget if a.budget > 0 else None
+    for name, spec in HYBRID_PARTS.items():
+        left = None if t_end is None else t_end - time.monotonic()
+        if left is not None and left < PART_MIN_S:
+            res[name] = {"error": f"not run: {left:.0f} s of --budget left"}
+            continue
+        cmd = [sys.executable, __file__, "--tokenizer", a.tokenizer, "--train", a.train, "--out", a.out, "--work",
+               a.work, "--shape", a.shape, "--steps", str(a.steps), "--hybrid-stage", json.dumps(spec)]
+        t0 = time.monotonic()
+        try:
+            p = subprocess.run(cmd, capture_output=True, text=True, timeout=left,
+                               env={**os.environ, **spec.get("env", {})})
+            lines = [x for x in p.stdout.splitlines() if x.startswith("RESULT ")]
+            res[name] = (json.loads(lines[-1][7:]) if lines else
+                         {"error": (p.stderr.strip().splitlines() or ["?"])[-1][:300]})
+        except subprocess.TimeoutExpired:
+            res[name] = {"error": "not run: out of --budget"}
+        res[name]["wall_s"] = round(time.monotonic() - t0, 1)
+        print(json.dumps({name: res[name]}), flush=True)
+        (out / f"distill-hybrid-{a.shape}.json").write_text(json.dumps(res, indent=2))
+    anchor = res.get("plain_lm_compiled", {}).get("tokens_per_s")
+    for name in HYBRID_PARTS:
+        r = res[name]
+        if anchor and "tokens_per_s" in r:
+            ref = res.get("plain_lm_compiled_2048", {}).get("tokens_per_s") if name.endswith("_2048") else anchor
+            r["x_plain_lm_compiled"] = round(r["tokens_per_s"] / ref, 3) if ref else None
+    (out / f"distill-hybrid-{a.shape}.json").write_text(json.dumps(res, indent=2))
+    print(f"\n| {a.shape}, batch {B} | tokens/s | x plain LM compiled | MFU | peak GiB |\n|---|---|---|---|---|")
+    for name in HYBRID_PARTS:
+        r = res[name]
+        print(f"| {name} | {r.get('tokens_per_s', float('nan')):,.0f} | {r.get('x_plain_lm_compiled', '-')} | "
+              f"{r.get('mfu', '-')} | {r.get('peak_gib', '-')} | {r.get('error', '')}")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--tokenizer", required=True, help="a HF model dir whose tokenizer the random teachers use")
@@ -181,6 +336,7 @@ def main() -> None:
     ap.add_argument("--hybrid", action="store_true",
                     help="the hybrid recipe's stage I and stage II steps: defaults (auto precision, no cap) and fp16 "
                          "under --cap, each stage in a fresh process")
+    ap.add_argument("--budget", type=float, default=0, help="--hybrid: seconds for all parts (0: no limit)")
     ap.add_argument("--single", default=None, help=argparse.SUPPRESS)  # internal: one distill run, as JSON
     ap.add_argument("--hybrid-stage", default=None, help=argparse.SUPPRESS)  # internal: one hybrid stage, as JSON
     a = ap.parse_args()
@@ -201,31 +357,11 @@ def main() -> None:
     if a.single:  # one distill run in this fresh process
         print("RESULT " + json.dumps(run_distill(replace(base, **json.loads(a.single)), min(5, a.steps - 1))))
         return
-    if a.hybrid_stage:  # one hybrid stage's step in this fresh process (clean peak; a cap is per process)
-        spec = json.loads(a.hybrid_stage)
-        cfg = DistillConfig(cache=str(cache), out=str(work / "hybrid"), recipe="hybrid", steps=a.steps,
-                            batch_size=B, grad_accum=1, precision=spec["precision"], max_gpu_memory=spec["cap"])
-        print("RESULT " + json.dumps(hybrid_stage_rate(cfg, spec["stage"])))
+    if a.hybrid_stage:  # one part of --hybrid in this fresh process (clean peak; a cap is per process)
+        print("RESULT " + json.dumps(hybrid_part(a, json.loads(a.hybrid_stage), teacher, work)))
         return
     if a.hybrid:
-        res = {"shape": a.shape, "recipe": "hybrid", "batch": [B, T], "step": {}}
-        for prec, cap in (("auto", None), ("fp16", a.cap)):
-            for stage in (0, 1):
-                name = f"stage {'I' if stage == 0 else 'II'}, precision {prec}" + (f", capped {cap}" if cap else "")
-                cmd = [sys.executable, __file__, "--tokenizer", a.tokenizer, "--train", a.train, "--out", a.out,
-                       "--work", a.work, "--shape", a.shape, "--steps", str(a.steps),
-                       "--hybrid-stage", json.dumps({"stage": stage, "precision": prec, "cap": cap})]
-                p = subprocess.run(cmd, capture_output=True, text=True)
-                lines = [x for x in p.stdout.splitlines() if x.startswith("RESULT ")]
-                res["step"][name] = (json.loads(lines[-1][7:]) if lines else
-                                     {"error": (p.stderr.strip().splitlines() or ["?"])[-1][:300]})
-                print(json.dumps({name: res["step"][name]}), flush=True)
-        res["device"] = torch.cuda.get_device_name() if CUDA else "cpu"
-        res["torch"], res["command"] = torch.__version__, " ".join(sys.argv)
-        (out / f"distill-hybrid-{a.shape}.json").write_text(json.dumps(res, indent=2))
-        print(f"\n| {a.shape} hybrid step | tokens/s | peak GiB |\n|---|---|---|")
-        for name, r in res["step"].items():
-            print(f"| {name} | {r.get('tokens_per_s', float('nan')):,.0f} | {r.get('peak_gib')} | {r.get('error', '')}")
+        hybrid_bench(a, teacher, out)
         return
     groups = plan_budget(base, load_manifest(cache)).groups
     batches = gpu_batches(str(cache), groups, 4)

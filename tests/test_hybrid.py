@@ -136,6 +136,47 @@ def test_mixer_matches_a_float64_reference(T, window, sinks):
     assert ((got.double() - ref).abs().max() / ref.abs().max()) < 1e-5
 
 
+BF16_TOLERANCE = 3e-2
+"""Largest |error| over max |reference| of the mixer under bf16 autocast. bf16's 8-bit mantissa rounds each value by up
+to 2^-8 = 0.4% relative; the gate pre-activations come from bf16 Linear layers, so an input-gate bias of ~6 moves by
+up to ~0.023, a factor of up to exp(0.023) = 1.024 on a token's weight in the mLSTM sum. The kernel accumulates in
+fp32. Measured on CPU: 1.6e-2."""
+
+
+@pytest.mark.parametrize("device", ["cpu"] + (["cuda"] if torch.cuda.is_available() else []))
+def test_mixer_under_bf16_autocast_stays_within_bf16_tolerance_of_float64(device):
+    """The training path on a GPU: bf16 autocast, q, k, v into the mLSTM kernel in bf16 (student/hybrid.py's mix;
+    on CUDA mlstm_kernels' Triton kernel, on CPU its native one), against the float64 equations (BF16_TOLERANCE);
+    the fp32-input path (TCACHE_MLSTM_INPUTS=fp32) is measured beside it."""
+    import os
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=64, hidden_size=128, intermediate_size=64, num_hidden_layers=1,
+                      num_attention_heads=2, num_key_value_heads=1, head_dim=64)
+    student = HybridStudent(LlamaForCausalLM(cfg), HybridConfig(window=32, sinks=4)).to(device)
+    student.set_kernel(torch.device(device))
+    m = student.mixers[0]
+    T = 256
+    with torch.no_grad():
+        for p in m.new_parameters():
+            p.add_(0.3 * torch.randn_like(p))
+        x = torch.randn(2, T, 128, device=device)
+        q, k, v, q_sink = (torch.randn(2, 2, T, 64, device=device).bfloat16() for _ in range(4))
+        ref = reference_mix(x.cpu(), q.cpu(), k.cpu(), v.cpu(), m.cpu(), q_sink.cpu())
+        m.to(device)
+        errors = {}
+        for inputs in ("bf16", "fp32"):
+            os.environ["TCACHE_MLSTM_INPUTS"] = inputs
+            try:
+                with torch.autocast(device, dtype=torch.bfloat16):
+                    got = m.mix(x.bfloat16(), q, k, v, q_sink)
+            finally:
+                del os.environ["TCACHE_MLSTM_INPUTS"]
+            errors[inputs] = float((got.double().cpu() - ref).abs().max() / ref.abs().max())
+    print(f"mixer on {device} under bf16 autocast, max error / max |ref|: {errors}")
+    assert errors["bf16"] < BF16_TOLERANCE and errors["fp32"] < BF16_TOLERANCE, errors
+
+
 def test_stage_one_matching_falls_on_the_shared_teacher(tmp_path, shared_cache):
     """Stage I alone (teacher-forced attention-output matching, new parameters only) lowers the loss, and
     touches no teacher weight."""

@@ -14,19 +14,21 @@ def dense(q, k, v, q_sink, W, S, scaling):
     """An independent reference: every (query, key) pair scored, the mask built from the definitions."""
     T = q.shape[2]
     q_sink = q if q_sink is None else q_sink
-    i = torch.arange(T)[:, None]
-    j = torch.arange(T)[None, :]
+    i = torch.arange(T, device=q.device)[:, None]
+    j = torch.arange(T, device=q.device)[None, :]
     win = (j <= i) & (i - j < W)  # (T, T)
     far = (j < S) & (i - j >= W)  # (T, T) sinks outside the window
     s = torch.where(win, q @ k.transpose(-1, -2), torch.where(far, q_sink @ k.transpose(-1, -2), float("-inf")))
     return F.softmax(s * scaling, -1) @ v
 
 
+@pytest.mark.parametrize("device", ["cpu"] + (["cuda"] if torch.cuda.is_available() else []))
 @pytest.mark.parametrize("T, W, S, block", [(5, 8, 2, 4), (8, 8, 2, 3), (9, 8, 0, 4), (70, 8, 4, 16),
                                             (200, 16, 4, 32), (64, 64, 4, 128), (130, 3, 1, 7)])
-def test_blocked_window_equals_the_dense_reference(T, W, S, block):
+def test_blocked_window_equals_the_dense_reference(T, W, S, block, device):
     g = torch.Generator().manual_seed(T * 31 + W)
-    q, k, v, qs = (torch.randn(2, 3, T, 8, generator=g, dtype=torch.float64, requires_grad=True) for _ in range(4))
+    q, k, v, qs = (torch.randn(2, 3, T, 8, generator=g, dtype=torch.float64).to(device).requires_grad_()
+                   for _ in range(4))
     use_sink = T > W
     got = window_attention(q, k, v, qs if use_sink else None, W, S, 0.35, block=block)
     want = dense(q, k, v, qs if use_sink else None, W, S, 0.35)
