@@ -17,7 +17,8 @@ def hybrid(device: str):
     from tcache.student.hybrid import HybridConfig, HybridStudent
 
     torch.manual_seed(0)
-    lm = LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+    # head dim 16: mlstm_kernels' Triton kernel (CUDA) needs K >= 16 in its matrix products
+    lm = LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=64, intermediate_size=64, num_hidden_layers=2,
                                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256))  # 150 tokens: 3 window blocks
     model = HybridStudent(lm, HybridConfig(window=8, sinks=2)).to(device)
     with torch.no_grad():  # gates away from their init, so every branch carries gradient
