@@ -1,7 +1,8 @@
 """Decode and prefill speed of the students against their teacher, each served through transformers' generate()
 (issue 22). One process per row, driven by a parent that writes DIR/speed.json, DIR/speed.md and DIR/speed.png:
 
-    python benchmarks/speed.py --shape smollm2-360m --out DIR          # the GPU run (H200, ~9 minutes)
+    python benchmarks/speed.py --shape smollm2-360m --out DIR          # the GPU run (one H200: > 10 minutes)
+    python benchmarks/speed.py --shape smollm2-360m --gpus 2 --out DIR # rows side by side on two GPUs
     python benchmarks/speed.py --shape tiny --device cpu --lengths 64,256 --student-lengths 512 --batches 1,2 \\
         --steps 4 --out DIR                                             # a CPU smoke run
     python benchmarks/speed.py --replot DIR/speed.json                  # speed.md and speed.png again
@@ -65,6 +66,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -623,33 +625,42 @@ def kill_group(p: subprocess.Popen) -> None:
     p.wait()
 
 
-def run_row(row: str, a, work: Path, limit: float | None) -> dict:
+LIVE: set = set()
+"""Row processes running now (one per --gpus lane): the parent stops them all if it is stopped itself."""
+STOP = threading.Event()
+"""Set when the parent is stopped: no lane starts another process."""
+
+
+def run_row(row: str, a, work: Path, limit: float | None, gpu: int | None = None) -> dict:
     """Run one row's process for at most `limit` seconds; its saved row, with every planned cell it did not reach
-    marked "not run: <why>"."""
+    marked "not run: <why>". `gpu`: the one GPU the process sees (--gpus lanes), else all."""
     t0 = time.monotonic()
     if limit is not None and limit < MIN_ROW_S:
         status = f"not started: {limit:.0f} s of the budget left"
     else:
         print(f"== {row}: up to {'-' if limit is None else f'{limit:.0f}'} s", flush=True)
         # a process group of its own (same session): a stop at the time share ends its compile workers too
-        previous = signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # raised in the wait below
         try:
             for attempt in range(4):  # the first run and up to three restarts
+                if STOP.is_set():
+                    raise KeyboardInterrupt
                 left = None if limit is None else limit - (time.monotonic() - t0)
-                p = subprocess.Popen(child_command(row, a, work), env=row_env(row), process_group=0)
+                env = row_env(row) if gpu is None else {**row_env(row), "CUDA_VISIBLE_DEVICES": str(gpu)}
+                p = subprocess.Popen(child_command(row, a, work), env=env, process_group=0)
+                LIVE.add(p)
                 try:
                     rc = p.wait(timeout=left)
                 except BaseException:  # the share's end, Ctrl-C or SIGTERM: the row's group does not get them
                     kill_group(p)
                     raise
+                finally:
+                    LIVE.discard(p)
                 status = "ok" if rc == 0 else f"exited {rc}"
                 if rc != FATAL_RC or attempt == 3 or (left is not None and limit - (time.monotonic() - t0) < MIN_ROW_S):
                     break
                 print(f"== {row}: restarted after a fatal CUDA error", flush=True)
         except subprocess.TimeoutExpired:
             status = f"stopped at its time share ({limit:.0f} s)"
-        finally:
-            signal.signal(signal.SIGTERM, previous)
     path = work / f"row-{row}.json"
     doc = json.loads(path.read_text()) if path.exists() else {}
     for kind, B, L in plan(row, a):
@@ -678,6 +689,15 @@ def add_ratios(doc: dict) -> None:
         r["x_teacher_prefill"] = {c: ratio(v, pre.get(c)) for c, v in r.get("prefill_tok_s", {}).items()}
 
 
+def plan_lanes(order: list[str], gpus: int) -> list[list[str]]:
+    """Rows per GPU for --gpus: each row, heaviest first, to the lane with the least ROW_WEIGHT so far; within a
+    lane the rows keep RUN_ORDER. One lane (the whole order) for one GPU."""
+    lanes: list[list[str]] = [[] for _ in range(max(1, gpus))]
+    for row in sorted(order, key=lambda r: -ROW_WEIGHT[r]):
+        min(lanes, key=lambda ln: sum(ROW_WEIGHT[r] for r in ln)).append(row)
+    return [[r for r in order if r in ln] for ln in lanes if ln]
+
+
 def parent(a) -> None:
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -689,21 +709,40 @@ def parent(a) -> None:
            "student_lengths": [label(x) for x in a.student_lengths],
            "eager_lengths": [label(x) for x in a.eager_lengths], "budget_s": a.budget, "rows": {}}
     deadline = time.monotonic() + a.budget if a.budget > 0 else None
-    order = [r for r in RUN_ORDER if r in a.models]
-    try:
+    lanes = plan_lanes([r for r in RUN_ORDER if r in a.models], a.gpus)
+    doc["lanes"] = lanes if a.gpus > 1 else None
+    lock = threading.Lock()
+
+    def lane(gpu: int, order: list[str]) -> None:
         for i, row in enumerate(order):
+            if STOP.is_set():
+                return
             limit = None
             if deadline is not None:  # this row's weight in what is left, so time a row leaves goes to later ones
                 limit = (deadline - time.monotonic()) * ROW_WEIGHT[row] / sum(ROW_WEIGHT[r] for r in order[i:])
-            result = run_row(row, a, work, limit)
-            for key in ("device", "transformers", "torch"):  # as the rows' processes saw them
-                doc[key] = result.get(key) or doc[key]
-            doc["rows"][row] = result
-            doc["rows"] = {r: doc["rows"][r] for r in ROWS if r in doc["rows"]}  # table order
-            add_ratios(doc)
-            (out / "speed.json").write_text(json.dumps(doc, indent=1))  # what ran so far
-            (out / "speed.md").write_text(markdown(doc))
-    finally:
+            result = run_row(row, a, work, limit, gpu if a.gpus > 1 else None)
+            with lock:
+                for key in ("device", "transformers", "torch"):  # as the rows' processes saw them
+                    doc[key] = result.get(key) or doc[key]
+                doc["rows"][row] = result
+                doc["rows"] = {r: doc["rows"][r] for r in ROWS if r in doc["rows"]}  # table order
+                add_ratios(doc)
+                (out / "speed.json").write_text(json.dumps(doc, indent=1))  # what ran so far
+                (out / "speed.md").write_text(markdown(doc))
+
+    previous = signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # raised in the join below
+    try:
+        threads = [threading.Thread(target=lane, args=(g, rows), daemon=True) for g, rows in enumerate(lanes)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            while t.is_alive():  # a timed join, so Ctrl-C and SIGTERM reach this (main) thread
+                t.join(timeout=0.5)
+    finally:  # stopped (Ctrl-C, SIGTERM) or done: no row's process group outlives the parent
+        signal.signal(signal.SIGTERM, previous)
+        STOP.set()
+        for p in list(LIVE):
+            kill_group(p)
         shutil.rmtree(work, ignore_errors=True)
     print(markdown(doc), flush=True)
     plot(doc, out / "speed.png")
@@ -846,6 +885,9 @@ def arguments(argv=None):
     ap.add_argument("--dtype", default="bf16", choices=["bf16", "fp32"])
     ap.add_argument("--budget", type=float, default=500.0,
                     help="seconds for all rows together (0: no limit), shared by ROW_WEIGHT")
+    ap.add_argument("--gpus", type=int, default=1,
+                    help="run rows side by side, one process per GPU (rows split by ROW_WEIGHT; --budget is each "
+                         "lane's): the default matrix needs ~800 s on one H200, more than one 10-minute call")
     ap.add_argument("--out", default="speed-out")
     ap.add_argument("--cpu-compile", action="store_true",
                     help="compile teacher-static's step on CPU as well (a dry run of what generate does on CUDA)")
