@@ -1,0 +1,52 @@
+"""benchmarks/frontier.py's state bytes equal what generation really holds: the static decode state of a real hybrid
+student (StaticDecoder.nbytes, every branch choice and dtype) and, for a full-attention layer, transformers' own KV
+cache after a prefill of the same length."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+
+from frontier import state_bytes  # noqa: E402
+
+
+def teacher():
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    return LlamaForCausalLM(LlamaConfig(vocab_size=97, hidden_size=64, intermediate_size=64, num_hidden_layers=3,
+                                        num_attention_heads=4, num_key_value_heads=2))
+
+
+@pytest.mark.parametrize("branches", ["hybrid", "window", "mlstm"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_state_bytes_equal_the_static_decode_state(branches, dtype):
+    from tcache.student import decode
+    from tcache.student.hybrid import HybridConfig, HybridStudent
+    from tcache.student.static_decode import StaticDecoder
+
+    lm = teacher()
+    model = HybridStudent(lm, HybridConfig(window=8, sinks=2, branches=branches)).to(dtype).eval()
+    model.set_kernel(torch.device("cpu"))
+    with torch.no_grad():
+        _, state = decode.prefill(model, torch.randint(0, 97, (3, 30)))
+    got = StaticDecoder(model, state, capture=False).nbytes() - 8  # less its position counter (one int64)
+    assert got == state_bytes(lm.config, 8, 2, branches, dtype_bytes=dtype.itemsize, batch=3)
+
+
+def test_a_full_attention_layer_counts_transformers_kv_cache():
+    lm = teacher().eval()
+    T = 50
+    with torch.no_grad():
+        cache = lm(torch.randint(0, 97, (2, T)), use_cache=True).past_key_values
+    kv = sum(t.numel() * t.element_size() for layer in cache.layers for t in (layer.keys, layer.values))
+    per_layer = kv // lm.config.num_hidden_layers
+    with_one = state_bytes(lm.config, 8, 2, full_attention_layers=1, context=T, dtype_bytes=4, batch=2)
+    without = state_bytes(lm.config, 8, 2, full_attention_layers=0, context=T, dtype_bytes=4, batch=2)
+    converted = without // lm.config.num_hidden_layers
+    assert with_one == without - converted + per_layer
