@@ -40,16 +40,14 @@ def loss_and_grads(model, ids):
 # With checkpointing only: the recompute path is the harder composition (it found an inductor bug the plain one did
 # not), and test_distill_with_compile_on... covers compiled layers without checkpointing end to end.
 @pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("checkpointing", [True])
-def test_compiled_layers_give_the_eager_loss_and_gradients(device, checkpointing):
+def test_compiled_layers_give_the_eager_loss_and_gradients_under_checkpointing(device):
     torch._dynamo.reset()
     ids = torch.randint(0, 64, (2, 150), generator=torch.Generator().manual_seed(1)).to(device)
     eager = hybrid(device)
     compiled = hybrid(device)
     compiled.load_state_dict(eager.state_dict())
-    if checkpointing:
-        eager.enable_checkpointing(), compiled.enable_checkpointing()
-        eager.train(), compiled.train()
+    eager.enable_checkpointing(), compiled.enable_checkpointing()
+    eager.train(), compiled.train()
     for layer in compiled.lm.model.layers:
         layer.compile()
     want_loss, want = loss_and_grads(eager, ids)
