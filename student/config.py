@@ -9,6 +9,7 @@ from typing import Callable
 from tcache.device import PRECISIONS
 from tcache.errors import TcacheError
 from tcache.fields import opt
+from tcache.student.match_loss import MATCH_LOSSES
 from tcache.student.losses import KD_TAILS
 from tcache.student.model import MLSTM_KERNELS, SLSTM_BACKENDS, StudentConfig, roundup
 from tcache.student.runtime import COMPILE_MODES
@@ -130,6 +131,10 @@ class DistillConfig:
     keeps the mLSTM normaliser's floor inactive (docs/hybrid.md)."""
     mlstm_rope: bool = False
     """Hybrid recipe: give the mLSTM branch RoPE-rotated q and k (the paper's reading) instead of unrotated."""
+    match_loss: str = opt("output", choices=MATCH_LOSSES)
+    """Hybrid recipe: stage I's objective per layer: output (MSE of the attention output against the teacher's),
+    weights (Hedgehog's cross-entropy of the teacher's softmax attention weights against the mLSTM feature maps'
+    linear attention weights; O(T^2) compute per layer, in chunks of queries), or both (their sum)."""
     from_scratch: bool = False
     """xLSTM recipes: random embedding and head, trained with the blocks (the papers' xLSTM baseline)."""
     train: str = opt("all", choices=TRAIN_CHOICES)
@@ -256,9 +261,16 @@ class DistillConfig:
         if not 0 <= self.min_lr_ratio <= 1:
             raise TcacheError(f"--min-lr-ratio is a fraction of --lr in [0, 1], got {self.min_lr_ratio}")
         for flag, choices, v in (("--kd-tail", KD_TAILS, self.kd_tail), ("--compile", COMPILE_MODES, self.compile),
-                                 ("--precision", PRECISIONS, self.precision), ("--train", TRAIN_CHOICES, self.train)):
+                                 ("--precision", PRECISIONS, self.precision), ("--train", TRAIN_CHOICES, self.train),
+                                 ("--match-loss", MATCH_LOSSES, self.match_loss)):
             if v not in choices:
                 raise TcacheError(f"{flag} {v!r} is unknown; use one of {', '.join(choices)}")
+        if self.match_loss != "output" and not any(s.loss == "match" for s in recipe.stages):
+            raise TcacheError(f"--match-loss {self.match_loss} sets the hybrid recipe's stage I objective; the "
+                              f"{self.recipe} recipe has no stage I: use --recipe hybrid or drop --match-loss")
+        if self.match_loss != "output" and self.branches == "window":
+            raise TcacheError(f"--match-loss {self.match_loss} trains the mLSTM's feature maps; --branches window has "
+                              "none: use --branches both or mlstm, or drop --match-loss")
         if self.max_gpu_memory is not None:
             parse_bytes(self.max_gpu_memory)
         self.stage1_tokens = parse_count(self.stage1_tokens, "--stage1-tokens") if self.stage1_tokens else None

@@ -13,8 +13,8 @@ d x d map (identity at init) followed by [softmax(z), softmax(-z)] over the feat
 phi(k) >= 0 and the mLSTM normaliser stays positive. Grouped-query teachers repeat their kv heads.
 
 Modes of a mixer: "hybrid" (the student), "match" (stage I: returns the teacher's own attention so every layer
-sees the teacher's input, and keeps the MSE between its hybrid output and that attention, both before W_o),
-"teacher" (the teacher's full causal attention: the converted model before any change).
+sees the teacher's input, and keeps the --match-loss terms of student/match_loss.py), "teacher" (the teacher's full
+causal attention: the converted model before any change).
 """
 
 from __future__ import annotations
@@ -29,10 +29,8 @@ from torch import nn
 
 from tcache.errors import TcacheError
 from tcache.student.lora import adapter_parameters
+from tcache.student.match_loss import MATCH_LOSSES, stage_one_losses
 
-WINDOW_ENV = "TCACHE_WINDOW"
-"""blocked (default): window + sinks attention in O(T·W) on every device; dense: one SDPA call over a (T, S + T) mask
-(the earlier CUDA path, O(T^2)), for benchmarks that compare the two in one process."""
 MLSTM_INPUTS_ENV = "TCACHE_MLSTM_INPUTS"
 """unset (default): the mLSTM kernel gets q, k, v in the layer's compute dtype; fp32: always fp32 (the earlier path),
 for benchmarks."""
@@ -63,13 +61,6 @@ class HybridConfig:
 
     def to_dict(self) -> dict:
         return asdict(self)
-
-
-def window_mask(T: int, window: int, sinks: int, device) -> torch.Tensor:
-    """(T, T) bool, True where query i may attend to key j: j <= i and (i - j < window or j < sinks)."""
-    i = torch.arange(T, device=device)[:, None]
-    j = torch.arange(T, device=device)[None, :]
-    return (j <= i) & ((i - j < window) | (j < sinks))
 
 
 def hedgehog(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
@@ -125,6 +116,9 @@ class HybridMixer(nn.Module):
         self.mlstm_fn = None  # set by HybridStudent.set_kernel
         self.cache = None  # a decode.MixerState while generating
         self.last_mse: torch.Tensor | None = None
+        self.match_loss = "output"  # stage I's objective (MATCH_LOSSES): HybridStudent.set_match_loss
+        self.last_weights_ce: torch.Tensor | None = None  # kept in match mode unless match_loss is "output"
+        self.last_match: torch.Tensor | None = None  # the chosen objective of the last match-mode forward
 
     def new_parameters(self) -> list[nn.Parameter]:
         return [self.phi_q, self.phi_k, *self.igate.parameters(), *self.fgate.parameters(), self.ogate_w,
@@ -154,7 +148,10 @@ class HybridMixer(nn.Module):
             if self.mode == "match":
                 with torch.no_grad():
                     full = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=self.scaling)
-                self.last_mse = F.mse_loss(h.float(), full.float())
+                # the feature maps of the mLSTM branch, on its own q, k (B, H, T, 2d), if the loss needs them
+                features = lambda: (hedgehog(qm, self.phi_q), hedgehog(km, self.phi_k))  # noqa: E731
+                self.last_mse, self.last_weights_ce, self.last_match = stage_one_losses(
+                    self.match_loss, h, full, features, q, k, self.scaling)
                 h = full  # teacher forcing: the next layer sees the teacher's own input
         return self.o_proj(h.transpose(1, 2).reshape(B, T, -1)), None
 
@@ -178,28 +175,11 @@ class HybridMixer(nn.Module):
 
     def window_attention(self, q, k, v, q_sink) -> torch.Tensor:
         """Softmax attention over the window and the sinks: (B, H, T, d), blocked in O(T·W) on every device
-        (student/window.py); TCACHE_WINDOW=dense selects the earlier single SDPA call over a dense (T, S + T) mask,
-        kept so benchmarks can run both in one process. A sink outside a query's window is scored with the query rotated to
-        its cache position (sink_queries): the keys are [sink keys; all keys] and the head dimension is doubled,
-        [q, q_sink] against [0, k_sink] for the sink entries and [k, 0] for the window entries."""
-        T, S = q.shape[2], self.sinks
-        if os.environ.get(WINDOW_ENV, "blocked") != "dense":  # O(T·W) (student/window.py), no (T, T) mask
-            from tcache.student.window import window_attention
+        (student/window.py); TCACHE_WINDOW=dense selects the earlier single SDPA call over a dense mask. A sink
+        outside a query's window is scored with the query rotated to its cache position (sink_queries)."""
+        from tcache.student.window import attend
 
-            return window_attention(q, k, v, q_sink, self.window, S, self.scaling)
-        if q_sink is None:
-            allowed = window_mask(T, self.window, S, q.device)  # (T, T)
-            return F.scaled_dot_product_attention(q, k, v, attn_mask=allowed, scale=self.scaling)
-        zeros = torch.zeros_like(k[:, :, :S])  # (B, H, S, d)
-        keys = torch.cat([torch.cat([zeros, k[:, :, :S]], -1), torch.cat([k, torch.zeros_like(k)], -1)], 2)
-        values = torch.cat([v[:, :, :S], v], 2)  # (B, H, S + T, d)
-        i = torch.arange(T, device=q.device)[:, None]
-        j = torch.arange(T, device=q.device)[None, :]
-        in_window = (j <= i) & (i - j < self.window)  # (T, T)
-        far_sink = i - torch.arange(S, device=q.device)[None, :] >= self.window  # (T, S)
-        mask = torch.cat([far_sink, in_window], 1)  # (T, S + T)
-        return F.scaled_dot_product_attention(torch.cat([q, q_sink], -1), keys, values, attn_mask=mask,
-                                              scale=self.scaling)  # (B, H, T, d)
+        return attend(q, k, v, q_sink, self.window, self.sinks, self.scaling)  # (B, H, T, d)
 
     def mix(self, x: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
             q_sink: torch.Tensor | None = None, qm: torch.Tensor | None = None,
@@ -325,9 +305,17 @@ class HybridStudent(nn.Module):
         x, _ = self.features(ids)
         return self.head(x), None  # (B, T, V)
 
+    def set_match_loss(self, kind: str) -> None:
+        """Stage I's objective per layer (MATCH_LOSSES): output (the default), weights or both."""
+        if kind not in MATCH_LOSSES:
+            raise ValueError(f"match loss must be one of {MATCH_LOSSES}, got {kind!r}")
+        for m in self.mixers:
+            m.match_loss = kind
+
     def match_loss(self) -> torch.Tensor:
-        """Stage I: the sum over converted layers of the MSE kept by the last forward in "match" mode."""
-        return torch.stack([m.last_mse for m in self.mixers]).sum()
+        """Stage I: the sum over converted layers of the objective kept by the last forward in "match" mode:
+        the output MSE (default), the attention weights' cross-entropy, or both summed (set_match_loss)."""
+        return torch.stack([m.last_match for m in self.mixers]).sum()
 
     def param_counts(self) -> dict:
         total = sum(p.numel() for p in self.parameters())

@@ -24,6 +24,7 @@ from dataclasses import dataclass
 import torch
 
 from tcache.student import decode
+from tcache.student.slstm_step import branch_free_slstm
 
 ENV = "TCACHE_STATIC_DECODE"
 """auto (default): the static, captured step on CUDA, decode.py's on CPU; 1: static everywhere (captured on CUDA);
@@ -42,50 +43,12 @@ def enabled(device: torch.device) -> bool:
 
 def supported(model) -> bool:
     """Every recipe: the hybrid, mLSTM-only students (v2) and students with sLSTM blocks (v1) on xlstm's vanilla
-    sLSTM cell (its pointwise step swapped for a branch-free one while stepping, `_slstm_pointwise`). xlstm's CUDA
+    sLSTM cell (its pointwise step swapped for a branch-free one while stepping: student/slstm_step.py). xlstm's CUDA
     sLSTM cell is not captured: it keeps decode.py's step."""
     if model.family == "hybrid" or not model.cfg.slstm_at:
         return True
     return all(getattr(blk.xlstm, "slstm_cell", None) is None or hasattr(blk.xlstm.slstm_cell, "pointwise")
                for blk in model.blocks.blocks)
-
-
-def _slstm_pointwise(Wx, Ry, b, states, constants):
-    """xlstm's vanilla sLSTM pointwise step (xlstm/blocks/slstm/src/vanilla/slstm.py) without its host branch:
-    `if torch.all(n == 0.0)` reads a value on the host, which a CUDA graph cannot hold, so the same choice is made
-    on the device with torch.where. Same equations, same dtypes; tests/test_static_decode.py holds the v1 step to
-    decode.py's (xlstm's own cell)."""
-    from torch.nn.functional import logsigmoid
-
-    raw = Wx + Ry + b  # (B, 4H)
-    y, c, n, m = torch.unbind(states.view(4, states.shape[1], -1), dim=0)  # (B, H) each
-    iraw, fraw, zraw, oraw = torch.unbind(raw.view(raw.shape[0], 4, -1), dim=1)
-    logfplusm = m + logsigmoid(fraw)
-    mnew = torch.where((n == 0.0).all(), iraw, torch.max(iraw, logfplusm))
-    ogate = torch.sigmoid(oraw)
-    igate = torch.minimum(torch.exp(iraw - mnew), torch.ones_like(iraw))
-    fgate = torch.minimum(torch.exp(logfplusm - mnew), torch.ones_like(iraw))
-    cnew = fgate * c + igate * torch.tanh(zraw)
-    nnew = fgate * n + igate
-    ynew = ogate * cnew / nnew
-    return torch.stack((ynew, cnew, nnew, mnew), dim=0), torch.stack((igate, fgate, zraw, ogate), dim=0)
-
-
-class _BranchFreeSlstm:
-    """While stepping: every vanilla sLSTM cell of the model uses _slstm_pointwise (restored on exit)."""
-
-    def __init__(self, model):
-        self.cells = [c for blk in getattr(getattr(model, "blocks", None), "blocks", [])
-                      if (c := getattr(blk.xlstm, "slstm_cell", None)) is not None and hasattr(c, "pointwise")]
-
-    def __enter__(self):
-        self.saved = [c.pointwise for c in self.cells]
-        for c in self.cells:
-            c.pointwise = _slstm_pointwise
-
-    def __exit__(self, *exc):
-        for c, fn in zip(self.cells, self.saved):
-            c.pointwise = fn
 
 
 def _layer_call(layer, h, position_embeddings, position_ids):
@@ -260,7 +223,7 @@ class StaticDecoder:
         else:
             block = _fused(_block_call, self.compile)
             x = model.embed(ids)  # (B, 1, D)
-            with _BranchFreeSlstm(model):
+            with branch_free_slstm(model):
                 for blk, st in zip(model.blocks.blocks, self.layers):
                     x = block(blk, x, st)  # (B, 1, D)
             logits = model.head(model.norm(x))  # (B, 1, V)

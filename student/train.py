@@ -61,6 +61,8 @@ class Trainer:
         stage, cfg, device = sp.stage, self.cfg, self.device
         self.model.set_stage(stage.train if stage.loss == "match" else cfg.train,
                              "match" if stage.loss == "match" else "hybrid")
+        if stage.loss == "match":  # which per-layer objective the mixers keep (--match-loss)
+            self.model.set_match_loss(cfg.match_loss)
         self.params = [p for p in self.model.parameters() if p.requires_grad]
         decay = [p for p in self.params if p.ndim >= 2]
         no_decay = [p for p in self.params if p.ndim < 2]

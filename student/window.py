@@ -14,9 +14,14 @@ code serving every device is the code the float64 test covers.
 
 from __future__ import annotations
 
+import os
+
 import torch
 import torch.nn.functional as F
 
+WINDOW_ENV = "TCACHE_WINDOW"
+"""blocked (default): window_attention, O(T·W) on every device; dense: dense_window_attention, one SDPA call over a
+(T, S + T) mask (the earlier CUDA path, O(T^2)), for benchmarks that compare the two in one process."""
 BLOCK = 64
 """Queries per block: the band of keys a block reads is BLOCK + W - 1 wide (at W = 32, 95 keys per query)."""
 
@@ -55,3 +60,32 @@ def window_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_sink: 
         values = torch.cat([v[:, :, None, :sinks].to(acc).expand(B, H, n, sinks, v.shape[-1]), values], 3)
     out = torch.einsum("bhnqk,bhnkd->bhnqd", torch.softmax(scores, -1), values)  # (B, H, n, block, d)
     return out.reshape(B, H, n * block, -1)[:, :, :T].to(v.dtype)
+
+
+def dense_window_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_sink: torch.Tensor | None,
+                           window: int, sinks: int, scaling: float) -> torch.Tensor:
+    """window_attention's function as one SDPA call over a dense (T, S + T) mask, O(T^2): the hybrid's CUDA path
+    before the blocked one, kept so benchmarks compare the two in one process (TCACHE_WINDOW=dense). A sink outside
+    a query's window is scored with q_sink: the keys are [sink keys; all keys] and the head dimension is doubled,
+    [q, q_sink] against [0, k_sink] for the sink entries and [k, 0] for the window entries."""
+    T, S = q.shape[2], sinks
+    i = torch.arange(T, device=q.device)[:, None]
+    j = torch.arange(T, device=q.device)[None, :]
+    in_window = (j <= i) & (i - j < window)  # (T, T)
+    if q_sink is None:
+        allowed = in_window | ((j <= i) & (j < S))  # (T, T): no query is far enough for the rotations to differ
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=allowed, scale=scaling)
+    zeros = torch.zeros_like(k[:, :, :S])  # (B, H, S, d)
+    keys = torch.cat([torch.cat([zeros, k[:, :, :S]], -1), torch.cat([k, torch.zeros_like(k)], -1)], 2)
+    values = torch.cat([v[:, :, :S], v], 2)  # (B, H, S + T, d)
+    far_sink = i - torch.arange(S, device=q.device)[None, :] >= window  # (T, S)
+    mask = torch.cat([far_sink, in_window], 1)  # (T, S + T)
+    return F.scaled_dot_product_attention(torch.cat([q, q_sink], -1), keys, values, attn_mask=mask,
+                                          scale=scaling)  # (B, H, T, d)
+
+
+def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_sink: torch.Tensor | None, window: int, sinks: int,
+           scaling: float) -> torch.Tensor:
+    """The window + sinks attention (B, H, T, d) by the kernel TCACHE_WINDOW picks (blocked by default)."""
+    dense = os.environ.get(WINDOW_ENV, "blocked") == "dense"
+    return (dense_window_attention if dense else window_attention)(q, k, v, q_sink, window, sinks, scaling)

@@ -176,11 +176,11 @@ def test_a_prefill_split_into_rows_equals_the_whole_batch(recipe, monkeypatch):
 
 @pytest.mark.parametrize("first", [True, False])
 def test_the_branch_free_slstm_pointwise_equals_xlstms(first):
-    """static_decode._slstm_pointwise (no host branch, so a CUDA graph can hold it) gives xlstm's vanilla pointwise
+    """slstm_step._slstm_pointwise (no host branch, so a CUDA graph can hold it) gives xlstm's vanilla pointwise
     step exactly, at the first step (n all zero: xlstm's other branch) and after it (float64)."""
     from xlstm.blocks.slstm.src.vanilla.slstm import slstm_forward_pointwise
 
-    from tcache.student.static_decode import _slstm_pointwise
+    from tcache.student.slstm_step import _slstm_pointwise
 
     g = torch.Generator().manual_seed(int(first))
     B, H = 3, 8
