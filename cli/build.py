@@ -34,10 +34,28 @@ class _BytesColumn(ProgressColumn):
 BUILD_ONLY = ("overwrite", "resume")
 
 
+class _Repeatable(click.Option):
+    """--data, which a mixture repeats: click collects the paths into a tuple; a config file's one path (a YAML
+    scalar, `data: FILE`) is a tuple of one, its list (`data: [A, B]`) the tuple."""
+
+    def type_cast_value(self, ctx: click.Context, value):
+        return super().type_cast_value(ctx, (value,) if isinstance(value, str) else value)
+
+
+def _repeatable(fn, name: str):
+    """Make the generated option of field `name` (DataSources.path: --data) repeatable, as generated otherwise
+    (flag, help, required): the field is shared with `tcache eval`, whose --data is one path."""
+    params = fn.__click_params__
+    for k, p in enumerate(params):
+        if p.name == name:
+            params[k] = _Repeatable([*p.opts, p.name], type=p.type, required=p.required, help=p.help, multiple=True)
+    return fn
+
+
 def build_options(fn, skip: tuple[str, ...] = ()):
     """The options `build` and `plan` share (BuildConfig's fields, and --config to read them from a file), so a
     plan is made for exactly the build it describes."""
-    return config_file_option(BuildConfig)(config_options(BuildConfig, skip=skip)(fn))
+    return config_file_option(BuildConfig)(_repeatable(config_options(BuildConfig, skip=skip)(fn), "path"))
 
 
 def build_config(**options) -> BuildConfig:

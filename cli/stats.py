@@ -13,6 +13,24 @@ from tcache.cli.format import human_bytes, human_count
 from tcache.cli.errors import friendly_errors
 
 
+def _data_rows(dataset: dict) -> list[tuple[str, str]]:
+    """The table's data rows: the one source's description; or a mixture's split, fields and config once, then
+    its sources one a row, each with its weight (share) and how many of the cache's tokens are its."""
+    def describe(d: dict, keys: tuple[str, ...]) -> str:
+        return ", ".join(f"{k}={d[k]}" for k in keys if d.get(k) is not None)
+
+    if "mixture" not in dataset:
+        return [("dataset", describe(dataset, tuple(dataset)))]
+    sources = dataset["mixture"]
+    total = sum(d["tokens"] or 0 for d in sources)
+    shared = describe(sources[0], ("config", "split", "text_field"))  # one --data-config, --split, --text-field
+    rows = [("dataset", f"mixture of {len(sources)} sources; {shared}")]
+    for d in sources:
+        taken = f"{d['tokens']:,} tokens ({d['tokens'] / total:.1%})" if d["tokens"] is not None and total else "-"
+        rows.append((f"  {d['path']}", f"weight {d['weight']:.3g}, {taken}"))
+    return rows
+
+
 @click.command()
 @click.argument("cache", type=click.Path())
 @click.option("--json", "as_json", is_flag=True, help="Print machine-readable JSON instead of tables.")
@@ -53,7 +71,7 @@ def stats(cache, as_json, sample_rows, plot_file) -> None:
         ("rows / shards / seq_len", f"{s['rows']:,} / {s['shards']} / {s['seq_len']}"),
         ("top-k", str(s["top_k"])),
         ("hidden groups", f"{s['hidden_groups']}  layers {s['layer_groups']}"),
-        ("dataset", ", ".join(f"{k}={v}" for k, v in s["dataset"].items() if v is not None)),
+        *_data_rows(s["dataset"]),
         ("bytes on disk", f"{human_bytes(s['bytes_total'])} ({s['bytes_per_token']:.0f} B/token in shards)"),
     ]
     b = s["build"]

@@ -182,9 +182,10 @@ def _text_batches(texts: Iterable[str], chars_per_call: int, max_docs: int) -> I
         yield batch
 
 
-def _encode(tokenizer, texts: list[str], eos_id: int) -> np.ndarray:
-    """Token ids of each text followed by EOS, concatenated (int32). A fast tokenizer's backend is called
-    directly (the ids transformers would return, without building its per-text dicts)."""
+def _encode(tokenizer, texts: list[str], eos_id: int, docs: bool = False) -> np.ndarray | list[np.ndarray]:
+    """Token ids of each text followed by EOS, concatenated (int32); with `docs`, one array per text (views of
+    that one array). A fast tokenizer's backend is called directly (the ids transformers would return, without
+    building its per-text dicts)."""
     backend = getattr(tokenizer, "backend_tokenizer", tokenizer)
     if hasattr(backend, "encode_batch"):
         seqs = [e.ids for e in backend.encode_batch(texts, add_special_tokens=False)]
@@ -196,7 +197,7 @@ def _encode(tokenizer, texts: list[str], eos_id: int) -> np.ndarray:
         out[pos:pos + len(ids)] = ids
         out[pos + len(ids)] = eos_id
         pos += len(ids) + 1
-    return out
+    return np.split(out, np.cumsum([len(ids) + 1 for ids in seqs])[:-1]) if docs else out
 
 
 _worker_tokenizer = None
@@ -224,8 +225,8 @@ def die_with_parent(parent: int, every_s: float = 0.2) -> None:
     threading.Thread(target=watch, daemon=True, name="die-with-parent").start()
 
 
-def _worker_encode(texts: list[str], eos_id: int) -> np.ndarray:
-    return _encode(_worker_tokenizer, texts, eos_id)
+def _worker_encode(texts: list[str], eos_id: int, docs: bool = False) -> np.ndarray | list[np.ndarray]:
+    return _encode(_worker_tokenizer, texts, eos_id, docs)
 
 
 @contextlib.contextmanager
@@ -265,11 +266,12 @@ class TokenizerPool:
             for _ in range(workers):
                 self._ex.submit(len, "")
 
-    def encode(self, texts: Iterable[str], eos_id: int) -> Iterator[np.ndarray]:
-        """Token arrays (docs + EOS) of consecutive groups of texts, in order."""
+    def encode(self, texts: Iterable[str], eos_id: int, docs: bool = False) -> Iterator[np.ndarray]:
+        """Token arrays (docs + EOS) of consecutive groups of texts, in order; with `docs`, a list of one array
+        per text for each group."""
         pending: collections.deque = collections.deque()
         for batch in _text_batches(texts, self.chars_per_task, self.max_docs):
-            pending.append(self._ex.submit(_worker_encode, batch, eos_id))
+            pending.append(self._ex.submit(_worker_encode, batch, eos_id, docs))
             if len(pending) >= 2 * self.workers:
                 yield pending.popleft().result()
         while pending:
@@ -310,3 +312,17 @@ def pack_rows(texts: Iterable[str], tokenizer, seq_len: int, eos_id: int, pool: 
             block = buf[: n_full * seq_len].reshape(n_full, seq_len)  # (n, T)
             buf = buf[n_full * seq_len:].copy()
             yield from block
+
+
+def iter_docs(spec: DataSpec, tokenizer, eos_id: int, pool: TokenizerPool | None = None,
+              chars_per_call: int = 4_000_000, max_docs: int = 1024) -> Iterator[np.ndarray]:
+    """Token ids (int32, the document's then one EOS) of each document of `spec` in dataset order: pack_rows'
+    stream cut at document ends, for a mixture, which interleaves whole documents of several sources."""
+    texts = iter_texts(spec)
+    if pool is not None:
+        groups = pool.encode(texts, eos_id, docs=True)
+    else:
+        batches = _text_batches(texts, chars_per_call, max_docs)
+        groups = (_encode(tokenizer, batch, eos_id, docs=True) for batch in batches)
+    for group in groups:
+        yield from group

@@ -6,6 +6,7 @@ estimates is measured on the path a build takes (same batches, tokenisation, wri
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import time
 from dataclasses import dataclass, field
@@ -16,7 +17,7 @@ import numpy as np
 import torch
 
 import tcache
-from tcache.text import TokenizerPool, iter_texts, pack_rows
+from tcache.text import DataSpec, TokenizerPool, iter_docs, iter_texts, pack_rows
 from tcache import configfile, outdir, ownership
 from tcache.errors import Interrupted, TcacheError
 from tcache.hf import num_layers, text_config, tokenizer_sha256
@@ -66,7 +67,7 @@ def build_share(cfg: BuildConfig, on_progress: ProgressFn | None = None) -> Mani
 
 def _build(cfg: BuildConfig, work: Path, ts: TeacherSetup, pool: TokenizerPool | None,
            on_progress: ProgressFn | None, stop: StopRequest) -> Manifest:
-    identity = build_identity(cfg, ts)
+    identity = _identity(cfg, ts)
     state = resume_state(cfg, work, identity) if cfg.resume else None
     batch_size = state.batch_size if state else cfg.batch_size or auto_batch_size(ts.device, cfg.seq_len,
                                                                                   ts.vocab_size, ts.hidden_size)
@@ -75,8 +76,8 @@ def _build(cfg: BuildConfig, work: Path, ts: TeacherSetup, pool: TokenizerPool |
     # A resumed build re-reads and re-tokenises the rows before its first missing one (cheap next to the
     # teacher) and restarts at a batch boundary of the original build, so every batch is the same.
     start = rows_done // batch_size * batch_size
-    rows = packed_rows(cfg, ts.tokenizer, pool, start, cfg.rows)
     manifest = cache_manifest(cfg, ts)
+    rows = packed_rows(cfg, ts.tokenizer, pool, start, cfg.rows, tally=manifest.dataset.get("mixture"))
     # The options, resolved, so `--config CACHE/config.yaml` repeats this build; before the shards, as the
     # manifest that marks a complete cache is written last.
     ownership.claim(work, "cache", CACHE_ENTRIES)  # tcache's marker, before anything else is written there
@@ -93,11 +94,101 @@ def _build(cfg: BuildConfig, work: Path, ts: TeacherSetup, pool: TokenizerPool |
     return manifest
 
 
-def packed_rows(cfg: BuildConfig, tokenizer, pool: TokenizerPool | None, start: int, stop: int
-                ) -> Iterator[np.ndarray]:
-    """Packed rows start..stop-1 of the data, (seq_len,) each. The first row is read now: dataset and
-    text-field errors surface before the output directory is touched (and before a loop's clock starts)."""
-    rows = pack_rows(iter_texts(cfg.data), tokenizer, cfg.seq_len, tokenizer.eos_token_id, pool=pool)
+def _identity(cfg: BuildConfig, ts: TeacherSetup) -> dict:
+    """build_identity; for a mixture, with every source's description and files and the shares, which fix the
+    interleaving a resume must repeat (one source: exactly as before mixtures, so its builds stay resumable)."""
+    if len(cfg.sources) == 1:
+        return build_identity(cfg, ts)
+    each = [build_identity(dataclasses.replace(cfg, data=s, data_weights=None), ts) for s in cfg.sources]
+    return {**each[0], "data": [e["data"] for e in each], "data_files": [e["data_files"] for e in each],
+            "data_shares": list(cfg.shares)}
+
+
+def data_record(cfg: BuildConfig) -> dict:
+    """The manifest's `dataset`: one source's description, or {"mixture": [per source its description, weight
+    (its share, sum 1) and tokens (how many of the cache's tokens are its, filled in as rows are packed)]}."""
+    if len(cfg.sources) == 1:
+        return cfg.data.describe()
+    # under torchrun a rank packs every row but keeps only its shards: its count would not be the cache's
+    tokens = 0 if cfg.share_world == 1 else None
+    return {"mixture": [{**s.describe(), "weight": w, "tokens": tokens} for s, w in zip(cfg.sources, cfg.shares)]}
+
+
+class SourceRanOut(TcacheError):
+    """A mixture's source has no more documents. Not resumable: a resume would run out at the same document."""
+
+
+def mixed_rows(sources: tuple[DataSpec, ...], shares: tuple[float, ...], tokenizer, seq_len: int,
+               pool: TokenizerPool | None = None) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """Rows of a mixture: (row (seq_len,) int32, tokens of each source in it (n,) int64), packed as pack_rows
+    packs one source, from whole documents drawn one at a time from the source furthest below its share of the
+    tokens drawn so far (share * drawn - its drawn, largest; a tie goes to the earlier --data). So the order
+    depends only on the documents, not on the budget or the batches, and every prefix of the cache holds each
+    source's share to within about one document. A source that runs out ends the build (one line naming it):
+    the rest of the cache would not hold the mixture asked for. Written here rather than with
+    datasets.interleave_datasets: that samples documents by probability, so the shares would hold in documents
+    and in expectation, not in tokens and in every prefix."""
+    eos = tokenizer.eos_token_id
+    docs = [iter_docs(s, tokenizer, eos, pool) for s in sources]
+    share = np.asarray(shares, dtype=np.float64)  # (n,)
+    drawn = np.zeros(len(sources), dtype=np.int64)  # (n,) tokens drawn per source, EOS included
+    queued: list[list] = []  # [source, ids not yet in a row], in stream order
+    have = 0  # tokens queued
+    while True:
+        while have < seq_len:
+            i = int(np.argmax(share * drawn.sum() - drawn))  # argmax: the first of equal deficits
+            doc = next(docs[i], None)
+            if doc is None:
+                raise SourceRanOut(
+                    f"--data {sources[i].path} ran out of documents after {drawn[i]:,} tokens, short of its "
+                    f"{share[i]:.0%} share of the mixture; add documents to it, lower its --data-weights share, "
+                    "or lower --tokens")
+            drawn[i] += len(doc)
+            queued.append([i, doc])
+            have += len(doc)
+        row = np.empty(seq_len, dtype=np.int32)
+        counts = np.zeros(len(sources), dtype=np.int64)
+        pos = 0
+        while pos < seq_len:
+            i, ids = queued[0]
+            take = min(len(ids), seq_len - pos)
+            row[pos:pos + take] = ids[:take]
+            counts[i] += take
+            pos += take
+            if take == len(ids):
+                queued.pop(0)
+            else:
+                queued[0][1] = ids[take:]  # the document goes on in the next row
+        have -= seq_len
+        yield row, counts
+
+
+def _tallied(pairs: Iterator[tuple[np.ndarray, np.ndarray]], tally: list[dict] | None) -> Iterator[np.ndarray]:
+    """The rows of `pairs`, each row's tokens per source added to the records of `tally` as it is taken: rows
+    are read only as far as the build needs (the last is its last row), so the counts are the cache's."""
+    for row, counts in pairs:
+        if tally is not None and tally[0]["tokens"] is not None:
+            for rec, c in zip(tally, counts):
+                rec["tokens"] += int(c)
+        yield row
+
+
+def packed_rows(cfg: BuildConfig, tokenizer, pool: TokenizerPool | None, start: int, stop: int,
+                tally: list[dict] | None = None) -> Iterator[np.ndarray]:
+    """Packed rows start..stop-1 of the data, (seq_len,) each; a mixture's (mixed_rows) counted into `tally`,
+    the manifest's mixture records. The first row is read now, and a mixture's first document of each source:
+    dataset and text-field errors surface before the output directory is touched (and before a loop's clock
+    starts)."""
+    if len(cfg.sources) == 1:
+        rows = pack_rows(iter_texts(cfg.data), tokenizer, cfg.seq_len, tokenizer.eos_token_id, pool=pool)
+    else:
+        for s in cfg.sources:  # the first row may hold only the first source's documents
+            texts = iter_texts(s)
+            empty = next(texts, None) is None
+            texts.close()
+            if empty:
+                raise TcacheError(f"--data {s.path} holds no text; point it at documents, or drop it from the mixture")
+        rows = _tallied(mixed_rows(cfg.sources, cfg.shares, tokenizer, cfg.seq_len, pool), tally)
     first = next(rows, None)
     if first is None:
         raise TcacheError(f"--data {cfg.data.path} holds fewer than {cfg.seq_len} tokens; nothing to cache")
@@ -123,7 +214,7 @@ def cache_manifest(cfg: BuildConfig, ts: TeacherSetup) -> Manifest:
         },
         tokenizer={"sha256": tokenizer_sha256(tokenizer), "eos_token_id": int(tokenizer.eos_token_id),
                    "size": len(tokenizer)},
-        dataset=cfg.data.describe(),
+        dataset=data_record(cfg),
         vocab_size=ts.vocab_size, hidden_size=ts.hidden_size, num_layers=num_layers(config), seq_len=cfg.seq_len,
         top_k=cfg.top_k, hidden_groups=cfg.hidden_groups, layer_groups=ts.groups,
         rows_per_shard=cfg.rows_per_shard, tokens_requested=cfg.tokens,
@@ -221,7 +312,7 @@ def run_loop(cfg: BuildConfig, ts: TeacherSetup, writer: CacheWriter, rows: Iter
 def _resumable(e: BaseException, writer: CacheWriter) -> BaseException:
     """Mark an exception that escaped after the build state was written: the same command with --resume
     continues from the last complete shard."""
-    if (writer.out_dir / outdir.BUILD_STATE).exists():
+    if (writer.out_dir / outdir.BUILD_STATE).exists() and not isinstance(e, SourceRanOut):
         e.resumable = True
         if not isinstance(e, (TcacheError, Interrupted)):
             e.add_note(f"{len(writer.manifest.shards)} complete shard(s) are kept in {writer.out_dir}; "

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 from tcache.device import PRECISIONS
@@ -12,16 +13,61 @@ from tcache.units import parse_count
 from tcache.teachercache import schema
 
 
+@dataclass(frozen=True)
+class DataSources(DataSpec):
+    """A DataSpec whose --data may be repeated (a build's mixture): several paths, each read with the same
+    --data-config, --split and --text-field. BuildConfig keeps one path as a plain DataSpec."""
+
+    path: str | tuple[str, ...] = opt(flag="--data")  # the help stays DataSpec's: --data-weights tells of repeating
+
+    def __post_init__(self) -> None:
+        paths = (self.path,) if isinstance(self.path, str) else tuple(str(p) for p in self.path)
+        if not paths:
+            raise TcacheError("--data is missing; pass --data PATH (repeat it for a mixture)")
+        twice = next((p for i, p in enumerate(paths) if p in paths[:i]), None)
+        if twice is not None:
+            raise TcacheError(f"--data {twice} is given twice; give each source once (--data-weights sets its share)")
+        object.__setattr__(self, "path", paths[0] if len(paths) == 1 else paths)
+
+    @property
+    def specs(self) -> tuple[DataSpec, ...]:
+        """One DataSpec per path, in order."""
+        paths = (self.path,) if isinstance(self.path, str) else self.path
+        return tuple(DataSpec(p, self.config, self.split, self.text_field) for p in paths)
+
+
+def _weights(value, n: int) -> tuple[float, ...]:
+    """--data-weights as numbers: `0.7,0.3` from the command line, a list from a config file; one positive,
+    finite number per --data."""
+    items = [w.strip() for w in value.split(",")] if isinstance(value, str) else list(value)
+    fix = f"give one positive number per --data, in order, e.g. --data-weights {','.join(['1'] * n)}"
+    if len(items) != n:
+        raise TcacheError(f"--data-weights gives {len(items)} weight(s) for {n} --data source(s); {fix}")
+    weights = []
+    for w in items:
+        try:
+            x = float(w)
+        except (TypeError, ValueError):
+            raise TcacheError(f"--data-weights: {w!r} is not a number; {fix}") from None
+        if isinstance(w, bool) or not math.isfinite(x) or x <= 0:
+            raise TcacheError(f"--data-weights: {w!r} is not a positive number; {fix}")
+        weights.append(x)
+    return tuple(weights)
+
+
 @dataclass
 class BuildConfig:
     teacher: str = opt()
     """HF causal LM: hub id (HuggingFaceTB/SmolLM2-360M) or local directory."""
-    data: DataSpec = opt(nested=True)
+    data: DataSources = opt(nested=True)
     """Where the text comes from."""
     tokens: int = opt(text=True)
     """Token budget: 100000, 2.5k, 512M, 1B. Rounded down to whole rows."""
     out: str = opt()
     """Cache directory to create."""
+    data_weights: tuple[float, ...] | None = opt(None, text=True, flag="--data-weights", metavar="W,W,...")
+    """Repeat --data for a mixture: its sources' shares of the token budget, one per --data in order (0.7,0.3;
+    normalised to sum 1); default equal shares. Documents are interleaved by share (docs/format.md)."""
     seq_len: int = DEFAULT_SEQ_LEN
     """Tokens per packed row."""
     top_k: int = 64
@@ -58,6 +104,11 @@ class BuildConfig:
 
     def __post_init__(self) -> None:
         self.tokens = parse_count(self.tokens, "--tokens")
+        specs = self.data.specs if isinstance(self.data, DataSources) else (self.data,)
+        if self.data_weights is not None:
+            self.data_weights = _weights(self.data_weights, len(specs))
+        if len(specs) == 1:  # one source is a plain DataSpec: config, manifest and identity exactly as before mixtures
+            self.data = specs[0]
         if self.hidden_groups < 0:
             raise TcacheError(f"--hidden-groups must be 0 (no hidden states) or more, got {self.hidden_groups}")
         if self.tokenizer_workers < -1:
@@ -81,3 +132,14 @@ class BuildConfig:
     @property
     def rows(self) -> int:
         return self.tokens // self.seq_len
+
+    @property
+    def sources(self) -> tuple[DataSpec, ...]:
+        """One DataSpec per --data, in order (one for a single source)."""
+        return self.data.specs if isinstance(self.data, DataSources) else (self.data,)
+
+    @property
+    def shares(self) -> tuple[float, ...]:
+        """Each source's share of the token budget (sum 1): --data-weights normalised, else equal."""
+        w = self.data_weights or (1.0,) * len(self.sources)
+        return tuple(x / sum(w) for x in w)

@@ -36,6 +36,9 @@ class Manifest:
 
     teacher: dict[str, Any]
     tokenizer: dict[str, Any]
+    # One source: its DataSpec.describe() (path, config, split, text_field). A mixture (several --data):
+    # {"mixture": [{path, config, split, text_field, weight, tokens}, ...]} in --data order, weight its share of
+    # the budget (sum 1), tokens how many of the cache's tokens are its (sum = tokens; null if built by torchrun).
     dataset: dict[str, Any]
     vocab_size: int
     hidden_size: int
