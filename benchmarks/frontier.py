@@ -40,25 +40,34 @@ def state_bytes(config, window: int, sinks: int, branches: str = "hybrid", full_
     return batch * (converted * per_layer + full)
 
 
+def _flag(flags: list[str], name: str, default: str | None = None) -> str | None:
+    return flags[flags.index(name) + 1] if name in flags else default
+
+
 def points(quality: dict, config) -> list[dict]:
-    """One point per hybrid / window-cut row of a quality.json: its state bytes and its ratio to the teacher per
-    set. Rows say their window, sinks, branches and full-attention layers (benchmarks/quality.py)."""
+    """One point per hybrid row and window cut of a quality.json (benchmarks/quality.py: `runs`, each with its
+    distill `flags` and `sets` -> {set: {vs_teacher}}): its state bytes and its ratio to the teacher per set. A row
+    with --stage 1 only is left out (its stage II did not run)."""
     out = []
-    for name, row in quality.get("rows", {}).items():
-        if "window" not in row:
+    for name, run in quality.get("runs", {}).items():
+        flags = run.get("flags") or []
+        if run.get("recipe", "hybrid") not in ("hybrid", "window-cut") or _flag(flags, "--stage") == "1":
             continue
-        ratios = row.get("x_teacher") or {}
-        out.append({"name": name, "window": row["window"], "branches": row.get("branches", "hybrid"),
-                    "full_attention_layers": len(row.get("full_attention_layers") or []),
-                    "trained": row.get("trained", True), "x_teacher": ratios,
-                    "state_bytes": state_bytes(config, row["window"], row.get("sinks", 4), row.get("branches", "hybrid"),
-                                               len(row.get("full_attention_layers") or []))})
+        cut = run.get("recipe") == "window-cut"
+        window, sinks = int(_flag(flags, "--window", "32")), int(_flag(flags, "--sinks", "4"))
+        branches = "window" if cut else _flag(flags, "--branches", "both")
+        full = len([x for x in (_flag(flags, "--full-attention-layers", "") or "").split(",") if x.strip()])
+        out.append({"name": name, "window": window, "branches": branches, "full_attention_layers": full,
+                    "trained": not cut, "x_teacher": {k: v.get("vs_teacher") for k, v in run.get("sets", {}).items()},
+                    "state_bytes": state_bytes(config, window, sinks, "hybrid" if branches == "both" else branches,
+                                               full)})
     return out
 
 
 def plot(pts: list[dict], path: Path) -> None:
     """One panel per set: ratio to the teacher against state MiB (log), a line per (branches, full layers)."""
     import matplotlib
+    import matplotlib.ticker
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -77,6 +86,7 @@ def plot(pts: list[dict], path: Path) -> None:
             for x, y, w in xs:
                 ax.annotate(f"W{w}", (x, y), fontsize=7)
         ax.set_xscale("log")
+        ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())  # the minor labels overlap
         ax.set_xlabel("decode state per sequence at 32k (MiB)")
         ax.set_ylabel("perplexity / teacher's")
         ax.set_title(s)

@@ -50,3 +50,24 @@ def test_a_full_attention_layer_counts_transformers_kv_cache():
     without = state_bytes(lm.config, 8, 2, full_attention_layers=0, context=T, dtype_bytes=4, batch=2)
     converted = without // lm.config.num_hidden_layers
     assert with_one == without - converted + per_layer
+
+
+def test_points_read_a_quality_json():
+    """frontier.points takes quality.py's rows: a hybrid row by its flags, a window cut as window-only and untrained,
+    non-hybrid and stage-I-only rows left out."""
+    from frontier import points
+
+    cfg = teacher().config
+    sets = {"valid": {"vs_teacher": 1.1}, "pydocs": {"vs_teacher": 1.5}}
+    quality = {"runs": {
+        "hybrid-w64": {"recipe": "hybrid", "flags": ["--window", "64"], "sets": sets},
+        "cut-w64": {"recipe": "window-cut", "flags": ["--window", "64", "--sinks", "4"], "sets": sets},
+        "hybrid-full": {"recipe": "hybrid", "flags": ["--window", "32", "--full-attention-layers", "0,2"], "sets": sets},
+        "hybrid-stage1-only": {"recipe": "hybrid", "flags": ["--window", "32", "--stage", "1"], "sets": sets},
+        "v2": {"recipe": "v2", "flags": [], "sets": sets}}}
+    got = {p["name"]: p for p in points(quality, cfg)}
+    assert sorted(got) == ["cut-w64", "hybrid-full", "hybrid-w64"]
+    assert got["hybrid-w64"]["state_bytes"] == state_bytes(cfg, 64, 4, "hybrid")
+    assert got["cut-w64"]["state_bytes"] == state_bytes(cfg, 64, 4, "window") and not got["cut-w64"]["trained"]
+    assert got["hybrid-full"]["state_bytes"] == state_bytes(cfg, 32, 4, "hybrid", full_attention_layers=2)
+    assert got["hybrid-w64"]["x_teacher"] == {"valid": 1.1, "pydocs": 1.5}
