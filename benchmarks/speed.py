@@ -900,6 +900,10 @@ def arguments(argv=None):
     if unknown:
         ap.error(f"--models: unknown {', '.join(unknown)}; rows are {', '.join(ROWS)}")
     a.lengths, a.student_lengths, a.batches = counts(a.lengths), counts(a.student_lengths), counts(a.batches)
+    if a.gpus < 1:
+        ap.error(f"--gpus {a.gpus}: at least 1")
+    if a.gpus > 1 and a.device == "cuda" and torch.cuda.device_count() < a.gpus:
+        ap.error(f"--gpus {a.gpus}: this machine has {torch.cuda.device_count()} GPU(s); pass at most that many")
     if not a.lengths or not a.batches or a.steps < 1 or a.eager_steps < 1:
         ap.error("--lengths and --batches need at least one value, --steps at least 1")
     a.eager_lengths = counts(a.eager_lengths) if a.eager_lengths is not None else [min(a.lengths)]
