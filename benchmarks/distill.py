@@ -31,6 +31,8 @@ RESULTS/distill-hybrid-SHAPE.json under these keys (each with tokens_per_s, peak
   v2_step                             the v2 student's training step (the library's defaults), for its MFU
   plain_lm_compiled_2048, hybrid_stage2_2048   the same at 8 x 2048, where the window's O(T·W) shows
 MFU = 6 N tokens/s over the GPU's dense bf16 peak (N: all parameters; H100 / H200: 989 TFLOP/s).
+--parts A,B runs only those, in that order; --profile adds a profile of three more steps of each student part
+(RESULTS/profile-PART.txt: kernels per step, GPU time by kernel kind, the top kernels; the summary in the JSON).
 """
 
 from __future__ import annotations
@@ -121,32 +123,77 @@ def step_rate(cfg: DistillConfig, batches: list[dict], warmup: int, steps: int, 
            "loss_chunk": info["loss_chunk"], "compile": info["compile"], "grad_accum": cfg.grad_accum,
            "params": info["params"]}
     if profile is not None:
-        from torch.profiler import ProfilerActivity, profile as prof
-
-        with prof(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as p:
-            for i in range(3):
-                one(i)
-            sync()
-        profile.write_text(p.key_averages().table(sort_by="cuda_time_total", row_limit=40))
+        res["profile"] = profile_steps(one, profile)
     return res
 
 
-def hybrid_stage_rate(cfg: DistillConfig, stage: int, warmup: int = 3, steps: int = 10) -> dict:
+KERNEL_KINDS = (  # (kind, substrings of a kernel's name), first match wins
+    ("matmul", ("gemm", "nvjet", "cutlass", "sm90_", "splitk", "cublas")),
+    ("attention", ("flash", "fmha", "attention", "sdpa")),
+    ("mlstm", ("mlstm", "chunkwise", "_recurrent_", "_parallel_")),
+    ("inductor", ("triton_",)),
+    ("copy/fill", ("memcpy", "memset", "copy", "fill")),
+    ("reduce", ("reduce", "softmax", "norm")),
+    ("pointwise", ("elementwise", "vectorized", "unrolled")),
+)
+
+
+def kernel_kind(name: str) -> str:
+    low = name.lower()
+    return next((kind for kind, keys in KERNEL_KINDS if any(k in low for k in keys)), "other")
+
+
+def profile_steps(one: Callable, path: Path, steps: int = 3, top: int = 30) -> dict:
+    """Profile `steps` micro-steps (after the timed ones, so compiled and warm): per step, the kernel count, the GPU
+    time and its split by kernel kind; `path` gets the top kernels and torch.profiler's operator table."""
+    from torch.profiler import ProfilerActivity, profile as prof
+
+    with prof(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as p:
+        t0 = time.perf_counter()
+        for i in range(steps):
+            one(i)
+        sync()
+        wall_ms = (time.perf_counter() - t0) * 1e3 / steps
+    kernels = [e for e in p.events() if e.device_type.name == "CUDA"]  # every kernel launch (and memcpy/memset)
+    per: dict[str, list] = {}
+    for e in kernels:
+        n, t = per.setdefault(e.name, [0, 0.0])
+        per[e.name] = [n + 1, t + e.device_time_total / 1e3]  # us -> ms
+    gpu_ms = sum(t for _, t in per.values()) / steps
+    kinds: dict[str, float] = {}
+    for name, (_, t) in per.items():
+        kinds[kernel_kind(name)] = kinds.get(kernel_kind(name), 0.0) + t / steps
+    summary = {"kernels_per_step": round(len(kernels) / steps), "gpu_ms_per_step": round(gpu_ms, 2),
+               "wall_ms_per_step": round(wall_ms, 2),
+               "ms_by_kind": {k: round(v, 2) for k, v in sorted(kinds.items(), key=lambda kv: -kv[1])}}
+    lines = [json.dumps(summary), "", f"{'ms/step':>8} {'share':>6} {'calls/step':>10}  kernel"]
+    for name, (n, t) in sorted(per.items(), key=lambda kv: -kv[1][1])[:top]:
+        lines.append(f"{t / steps:8.3f} {t / steps / max(gpu_ms, 1e-9):6.1%} {n / steps:10.1f}  {name[:150]}")
+    lines += ["", p.key_averages().table(sort_by="self_cuda_time_total", row_limit=40)]
+    path.write_text("\n".join(lines) + "\n")
+    return summary
+
+
+def hybrid_stage_rate(cfg: DistillConfig, stage: int, warmup: int = 3, steps: int = 10,
+                      profile: Path | None = None) -> dict:
     """tokens/s and peak memory of one stage of the hybrid recipe's step (the library's Trainer), on cache rows
-    already on the device."""
+    already on the device; with `profile`, a profile of three more steps written there (profile_steps)."""
     reset_peak()
     try:
         tr = setup(cfg)
         tr.begin_stage(tr.plan.stages[stage])
         batches = gpu_batches(cfg.cache, 0, 4)
-        _, sec, _ = time_steps(tr, batches, warmup, steps)
+        _, sec, one = time_steps(tr, batches, warmup, steps)
     except Exception as e:  # an out-of-memory under the cap is a result, not a crash
         return {"error": f"{type(e).__name__}: {str(e).splitlines()[0][:200]}", "peak_gib": peak()}
     T = batches[0][schema.INPUT_IDS].shape[1]
-    return {"tokens_per_s": steps * B * T / sec, "peak_gib": peak(), "precision": tr.plan.info["precision"],
-            "compile": tr.plan.info["compile"], "T": T,
-            "mlstm_kernel": tr.plan.info["mlstm_kernel"], "checkpointing": tr.plan.info["checkpointing"],
-            "params": tr.model.param_counts()}
+    res = {"tokens_per_s": steps * B * T / sec, "peak_gib": peak(), "precision": tr.plan.info["precision"],
+           "compile": tr.plan.info["compile"], "T": T,
+           "mlstm_kernel": tr.plan.info["mlstm_kernel"], "checkpointing": tr.plan.info["checkpointing"],
+           "params": tr.model.param_counts()}
+    if profile is not None:
+        res["profile"] = profile_steps(one, profile)
+    return res
 
 
 def gpu_batches(cache: str, groups: int, n: int) -> list[dict]:
@@ -266,12 +313,14 @@ def hybrid_part(a, spec: dict, teacher: Path, work: Path) -> dict:
         if spec["kind"] == "v2":
             cfg = DistillConfig(cache=cache, out=str(work / "v2"), recipe="v2", steps=a.steps, batch_size=B,
                                 grad_accum=1)
-            res = step_rate(cfg, gpu_batches(cache, plan_budget(cfg, load_manifest(cache)).groups, 4), 3, 10)
+            prof = Path(a.out) / f"profile-{spec['name']}.txt" if spec.get("profile") else None
+            res = step_rate(cfg, gpu_batches(cache, plan_budget(cfg, load_manifest(cache)).groups, 4), 3, 10, prof)
             return with_mfu(res, res["params"]["total"] if isinstance(res["params"], dict) else res["params"])
         cfg = DistillConfig(cache=cache, out=str(work / "hybrid"), recipe="hybrid", steps=a.steps, batch_size=B,
                             grad_accum=1, precision=spec.get("precision", "auto"), max_gpu_memory=spec.get("cap"),
                             compile=spec.get("compile", "auto"))
-        res = hybrid_stage_rate(cfg, spec["stage"])
+        prof = Path(a.out) / f"profile-{spec['name']}.txt" if spec.get("profile") else None
+        res = hybrid_stage_rate(cfg, spec["stage"], profile=prof)
         return with_mfu(res, res["params"]["total"]) if "params" in res else res
     except Exception as e:  # an out-of-memory under the cap is a result, not a crash
         return {"error": f"{type(e).__name__}: {str(e).splitlines()[0][:200]}", "peak_gib": peak()}
@@ -285,7 +334,13 @@ def hybrid_bench(a, teacher: Path, out: Path) -> None:
     res = {"shape": a.shape, "batch": B, "device": torch.cuda.get_device_name() if CUDA else "cpu",
            "torch": torch.__version__, "command": "python " + " ".join(sys.argv), "peak_tflops": peak_tflops()}
     t_end = time.monotonic() + a.budget if a.budget > 0 else None
-    for name, spec in HYBRID_PARTS.items():
+    names = a.parts.split(",") if a.parts else list(HYBRID_PARTS)
+    unknown = [n for n in names if n not in HYBRID_PARTS]
+    if unknown:
+        raise SystemExit(f"--parts: unknown {', '.join(unknown)}; choose from {', '.join(HYBRID_PARTS)}")
+    parts = {n: HYBRID_PARTS[n] for n in names}  # in the order given
+    for name, spec in parts.items():
+        spec = {**spec, "name": name, "profile": a.profile and spec["kind"] != "plain"}
         left = None if t_end is None else t_end - time.monotonic()
         if left is not None and left < PART_MIN_S:
             res[name] = {"error": f"not run: {left:.0f} s of --budget left"}
@@ -305,14 +360,14 @@ def hybrid_bench(a, teacher: Path, out: Path) -> None:
         print(json.dumps({name: res[name]}), flush=True)
         (out / f"distill-hybrid-{a.shape}.json").write_text(json.dumps(res, indent=2))
     anchor = res.get("plain_lm_compiled", {}).get("tokens_per_s")
-    for name in HYBRID_PARTS:
+    for name in parts:
         r = res[name]
         if anchor and "tokens_per_s" in r:
             ref = res.get("plain_lm_compiled_2048", {}).get("tokens_per_s") if name.endswith("_2048") else anchor
             r["x_plain_lm_compiled"] = round(r["tokens_per_s"] / ref, 3) if ref else None
     (out / f"distill-hybrid-{a.shape}.json").write_text(json.dumps(res, indent=2))
     print(f"\n| {a.shape}, batch {B} | tokens/s | x plain LM compiled | MFU | peak GiB |\n|---|---|---|---|---|")
-    for name in HYBRID_PARTS:
+    for name in parts:
         r = res[name]
         print(f"| {name} | {r.get('tokens_per_s', float('nan')):,.0f} | {r.get('x_plain_lm_compiled', '-')} | "
               f"{r.get('mfu', '-')} | {r.get('peak_gib', '-')} | {r.get('error', '')}")
@@ -337,6 +392,8 @@ def main() -> None:
                     help="the hybrid recipe's stage I and stage II steps: defaults (auto precision, no cap) and fp16 "
                          "under --cap, each stage in a fresh process")
     ap.add_argument("--budget", type=float, default=0, help="--hybrid: seconds for all parts (0: no limit)")
+    ap.add_argument("--parts", default=None,
+                    help="--hybrid: only these parts, in this order (comma-separated HYBRID_PARTS names)")
     ap.add_argument("--single", default=None, help=argparse.SUPPRESS)  # internal: one distill run, as JSON
     ap.add_argument("--hybrid-stage", default=None, help=argparse.SUPPRESS)  # internal: one hybrid stage, as JSON
     a = ap.parse_args()
