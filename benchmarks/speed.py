@@ -46,6 +46,12 @@ Prefill tokens/s is one forward (use_cache=True, logits_to_keep=1, as generate's
 after a warm-up at that length. Ratios: every row's decode tokens/s over teacher-static's at the same cell, prefill
 over teacher-eager's forward.
 
+--overlap (the default on one GPU): teacher-static's process runs beside the other rows' (one after another), so its
+compiles, CPU work of ~50 s each, overlap their measurements; every timed section (a prefill cell's two forwards, a
+decode cell's timed generate, the step profile) holds a lock on the GPU, so no two rows ever measure at once. The
+warm-ups (4 tokens at a 64-token prompt) run outside it. The students decode after --student-lengths at
+--long-batches only (default 1,8).
+
 Time: --budget seconds for all rows together, shared by ROW_WEIGHT; a row's process is stopped at its share (what
 it measured is kept: it saves after every cell) and its cells run cheapest first (fewest prompt tokens), so a row
 out of time loses its largest cells, which speed.json names as "not run". If a model runs out of memory the cell
@@ -55,6 +61,8 @@ says "oom" and the row goes on.
 from __future__ import annotations
 
 import argparse
+import contextlib
+import fcntl
 import gc
 import json
 import os
@@ -90,18 +98,26 @@ concatenating step, the path before the static one) only when named."""
 RUN_ORDER = ("teacher-static", "v2", "hybrid", "teacher-eager", "v2-eager", "hybrid-eager", "v1-eager", "v1")
 """Process order: teacher-static first (every ratio's reference, and its compiles), then the students whose ratios
 are the point; v1 last, since its sLSTM prefill is a loop over the prompt that spends whatever it is given."""
-ROW_WEIGHT = {"teacher-static": 200, "teacher-eager": 45, "v2": 110, "hybrid": 120, "v1": 50,
+ROW_WEIGHT = {"teacher-static": 200, "teacher-eager": 45, "v2": 110, "hybrid": 120, "v1": 110,
               "v2-eager": 30, "hybrid-eager": 40, "v1-eager": 30}
 """Share of --budget per row: estimated seconds of the GPU run (H200, smollm2-360m, the default cells), ~15 s of
 each for imports and the build. teacher-static: 3 compiles of 40-60 s each (transformers' default CompileConfig has
 automatic dynamic shapes: a static graph, then one with the cache length dynamic, then the batch) and ~3M prompt
 tokens; v2 and the hybrid: one CUDA-graph capture per batch (~15 s) and ~4M prompt tokens at ~80k tokens/s (batch
-64 x 128k, 8.4M more, comes last); v1's vanilla sLSTM prefill loops over the prompt in Python (~7 ms a position),
-so it gets the short contexts; teacher-eager: --eager-steps eager steps of ~0.1 s per cell."""
+64 x 128k would be 8.4M more: not in --long-batches' default); v1 the same, its sLSTM prefill on xlstm's CUDA cells
+(student/slstm_cuda.py: ~22 s of nvcc first); teacher-eager: --eager-steps eager steps of ~0.1 s per cell. With
+--overlap, teacher-static's lane has the whole budget and the other rows share it by these weights."""
 STATIC_ENV = "TCACHE_STATIC_DECODE"
 WARM_PROMPT = 64
 """Prompt tokens of the warm-up generate: the decode step's shapes do not depend on it (the static cache's length is
 set explicitly), and it is longer than the hybrid's window + sinks."""
+WARM_NEW_TOKENS = 4
+"""Tokens of the warm-up generate: three decode steps compile teacher-static's step, run its CUDA-graph tree's
+warm-up and record it (the static cache's length is stated, so not the token count but cache_len sets the shapes);
+a student captures at its first step. Few, so a warm-up beside another row's measurement (--overlap) barely touches
+the GPU."""
+LOCKED_WARM_UP_BYTES = 8 * 2**30
+"""A teacher's warm-up whose KV cache is larger than this holds the GPU lock (--overlap)."""
 FATAL_RC = 3
 """A row's process exits with this after a CUDA error that leaves its context unusable (an illegal memory access):
 the parent starts it again for the cells it has not reached, if the row's share has time left."""
@@ -143,19 +159,20 @@ def family(row: str) -> str:
 # --- the plan: which cells a row runs, in which order --------------------------------------------------------------
 
 
-def contexts(row: str, a) -> list[int]:
+def contexts(row: str, a, B: int | None = None) -> list[int]:
+    """The row's contexts; at batch B (decode cells), --student-lengths only where B is in --long-batches."""
     if is_teacher(row):
         return a.lengths
     if row.endswith("-eager"):
         return a.eager_lengths
-    return a.lengths + a.student_lengths
+    return a.lengths + (a.student_lengths if B is None or B in a.long_batches else [])
 
 
 def plan(row: str, a) -> list[tuple[str, int, int]]:
     """(kind, batch, context) items, kind 'prefill' (batch 1) or 'decode', cheapest first: the prompt tokens each
     prefills (a prefill item runs twice, warm-up and timed). A row stopped at its time share loses its largest."""
     items = [("prefill", 1, L) for L in contexts(row, a)]
-    items += [("decode", B, L) for B in a.batches for L in contexts(row, a)]
+    items += [("decode", B, L) for B in a.batches for L in contexts(row, a, B)]
     return sorted(items, key=lambda it: (it[1] * it[2] * (2 if it[0] == "prefill" else 1), it[0] != "decode", it[1]))
 
 
@@ -267,6 +284,13 @@ def param_bytes_read(model) -> int:
         if p.data_ptr() not in skip:
             seen[p.data_ptr()] = p.numel() * p.element_size()
     return sum(seen.values())
+
+
+def kv_bytes(model, B: int, positions: int) -> int:
+    """Bytes of a transformers KV cache of B x positions for this (Llama-like) model."""
+    c = model.config
+    head_dim = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
+    return 2 * c.num_hidden_layers * c.num_key_value_heads * head_dim * model.dtype.itemsize * B * positions
 
 
 def state_bytes(cache) -> int:
@@ -412,9 +436,13 @@ class Runner:
             # recompiles); each cell is measured at its own length instead
             self.model.__dict__.pop("_previous_max_cache_length", None)
         before = graph_count(self.row, self.model)
+        # a teacher's warm-up allocates the cell's whole KV cache: a large one waits for the GPU (--overlap), so it
+        # cannot run another row's measurement out of memory
+        big = is_teacher(self.row) and kv_bytes(self.model, B, L + self.new_tokens) > LOCKED_WARM_UP_BYTES
         try:
-            out = generate(self.model, self.row, random_ids(B, WARM_PROMPT, self.vocab, self.dev), self.new_tokens,
-                           L + self.new_tokens, self.a.cpu_compile)
+            with gpu_lock(self.a.gpu_lock if big else None):
+                out = generate(self.model, self.row, random_ids(B, WARM_PROMPT, self.vocab, self.dev),
+                               min(WARM_NEW_TOKENS, self.new_tokens), L + self.new_tokens, self.a.cpu_compile)
             del out
         except Exception as e:
             self.warm[key] = failure(e)
@@ -439,11 +467,12 @@ class Runner:
         """One timed generate at (B, L) after the warm-up, split at its first token into prefill and decode."""
         self.warm_up(B, L)
         ids = random_ids(B, L, self.vocab, self.dev)
-        out, clock, t0, new_graphs = self.timed(ids, L)
-        if new_graphs:  # it compiled or captured: that time is not a decode step's, so once more (reported as is)
-            self.retries += 1
-            del out  # its cache, before the next call allocates another
+        with gpu_lock(self.a.gpu_lock):
             out, clock, t0, new_graphs = self.timed(ids, L)
+            if new_graphs:  # it compiled or captured: that time is not a decode step's, so once more (as is)
+                self.retries += 1
+                del out  # its cache, before the next call allocates another
+                out, clock, t0, new_graphs = self.timed(ids, L)
         check_generated(self.row, out, B, L, self.new_tokens)
         if len(clock.marks) != self.new_tokens:
             raise RuntimeError(f"the step clock saw {len(clock.marks)} tokens, not {self.new_tokens}")
@@ -535,7 +564,11 @@ def child(a) -> None:
         t = time.perf_counter()
         fatal = False
         try:
-            res = run.prefill(L) if kind == "prefill" else run.decode(B, L)
+            if kind == "prefill":
+                with gpu_lock(a.gpu_lock):
+                    res = run.prefill(L)
+            else:
+                res = run.decode(B, L)
         except Exception as e:  # an OOM or a kernel's failure costs this cell, not the row
             res, fatal = failure(e), is_fatal(e)
         if not fatal:
@@ -549,9 +582,25 @@ def child(a) -> None:
         if fatal:  # this process's CUDA context is gone: the parent restarts the row for the rest
             sys.exit(FATAL_RC)
     if dev.cuda and not is_teacher(row):
-        doc["step_profile"] = step_profile(model)
+        with gpu_lock(a.gpu_lock):
+            doc["step_profile"] = step_profile(model)
         save(path, doc)
         print(f"[{row}] one captured step: {json.dumps(doc['step_profile'])[:600]}", flush=True)
+
+
+@contextlib.contextmanager
+def gpu_lock(path: str | None):
+    """Hold the GPU for timed work (--overlap): an exclusive lock on a file all rows' processes share, so no two rows
+    measure at once while one row's compiles (CPU work) go on beside another's measurements. No path: no lock."""
+    if not path:
+        yield
+        return
+    with open(path, "a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)  # waits while another row measures
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
 
 
 def is_fatal(e: BaseException) -> bool:
@@ -604,13 +653,20 @@ def child_command(row: str, a, work: Path) -> list[str]:
     cmd = [sys.executable, os.path.abspath(__file__), "--child", row, "--child-out", str(work),
            f"--shape={a.shape}", f"--device={a.device}", f"--dtype={a.dtype}", f"--steps={a.steps}",
            f"--lengths={csv(a.lengths)}", f"--student-lengths={csv(a.student_lengths)}",
-           f"--eager-lengths={csv(a.eager_lengths)}", f"--batches={csv(a.batches)}", f"--eager-steps={a.eager_steps}"]
+           f"--eager-lengths={csv(a.eager_lengths)}", f"--batches={csv(a.batches)}", f"--eager-steps={a.eager_steps}",
+           f"--long-batches={csv(a.long_batches)}"]
+    if a.overlap:
+        cmd.append(f"--gpu-lock={work / 'gpu.lock'}")
     return cmd + (["--cpu-compile"] if a.cpu_compile else [])
 
 
-def row_env(row: str) -> dict:
-    """The row's process environment: unbuffered output, and the students' decode path (static or eager)."""
+def row_env(row: str, overlap: bool = False) -> dict:
+    """The row's process environment: unbuffered output, the students' decode path (static or eager), and with
+    --overlap half the cores for teacher-static's compile workers (the other rows' host-bound decode loops keep
+    theirs)."""
     env = dict(os.environ, PYTHONUNBUFFERED="1")
+    if overlap and row == "teacher-static":
+        env.setdefault("TORCHINDUCTOR_COMPILE_THREADS", str(max(1, (os.cpu_count() or 2) // 2)))
     if not is_teacher(row):
         env[STATIC_ENV] = "0" if row.endswith("-eager") else "1"
     return env
@@ -645,7 +701,9 @@ def run_row(row: str, a, work: Path, limit: float | None, gpu: int | None = None
                 if STOP.is_set():
                     raise KeyboardInterrupt
                 left = None if limit is None else limit - (time.monotonic() - t0)
-                env = row_env(row) if gpu is None else {**row_env(row), "CUDA_VISIBLE_DEVICES": str(gpu)}
+                env = row_env(row, a.overlap)
+                if gpu is not None:
+                    env["CUDA_VISIBLE_DEVICES"] = str(gpu)
                 p = subprocess.Popen(child_command(row, a, work), env=env, process_group=0)
                 LIVE.add(p)
                 try:
@@ -689,9 +747,12 @@ def add_ratios(doc: dict) -> None:
         r["x_teacher_prefill"] = {c: ratio(v, pre.get(c)) for c, v in r.get("prefill_tok_s", {}).items()}
 
 
-def plan_lanes(order: list[str], gpus: int) -> list[list[str]]:
+def plan_lanes(order: list[str], gpus: int, overlap: bool = False) -> list[list[str]]:
     """Rows per GPU for --gpus: each row, heaviest first, to the lane with the least ROW_WEIGHT so far; within a
-    lane the rows keep RUN_ORDER. One lane (the whole order) for one GPU."""
+    lane the rows keep RUN_ORDER. One lane (the whole order) for one GPU; with --overlap, teacher-static in a lane of
+    its own beside the rest (its compiles beside their measurements)."""
+    if overlap and gpus == 1 and "teacher-static" in order and len(order) > 1:
+        return [["teacher-static"], [r for r in order if r != "teacher-static"]]
     lanes: list[list[str]] = [[] for _ in range(max(1, gpus))]
     for row in sorted(order, key=lambda r: -ROW_WEIGHT[r]):
         min(lanes, key=lambda ln: sum(ROW_WEIGHT[r] for r in ln)).append(row)
@@ -709,8 +770,9 @@ def parent(a) -> None:
            "student_lengths": [label(x) for x in a.student_lengths],
            "eager_lengths": [label(x) for x in a.eager_lengths], "budget_s": a.budget, "rows": {}}
     deadline = time.monotonic() + a.budget if a.budget > 0 else None
-    lanes = plan_lanes([r for r in RUN_ORDER if r in a.models], a.gpus)
-    doc["lanes"] = lanes if a.gpus > 1 else None
+    lanes = plan_lanes([r for r in RUN_ORDER if r in a.models], a.gpus, a.overlap)
+    doc["lanes"] = lanes if len(lanes) > 1 else None
+    doc["overlap"] = a.overlap
     lock = threading.Lock()
 
     def lane(gpu: int, order: list[str]) -> None:
@@ -720,7 +782,7 @@ def parent(a) -> None:
             limit = None
             if deadline is not None:  # this row's weight in what is left, so time a row leaves goes to later ones
                 limit = (deadline - time.monotonic()) * ROW_WEIGHT[row] / sum(ROW_WEIGHT[r] for r in order[i:])
-            result = run_row(row, a, work, limit, gpu if a.gpus > 1 else None)
+            result = run_row(row, a, work, limit, gpu if a.gpus > 1 else None)  # --overlap: all on the one GPU
             with lock:
                 for key in ("device", "transformers", "torch"):  # as the rows' processes saw them
                     doc[key] = result.get(key) or doc[key]
@@ -877,6 +939,9 @@ def arguments(argv=None):
     ap.add_argument("--eager-lengths", default=None,
                     help="contexts of the -eager student rows (default: the shortest of --lengths)")
     ap.add_argument("--batches", default="1,8,64")
+    ap.add_argument("--long-batches", default="1,8",
+                    help="batches at which the students also decode after --student-lengths (batch 64 x 128k would "
+                         "prefill 8.4M tokens per student, ~100 s each)")
     ap.add_argument("--steps", type=int, default=32, help="timed decode steps per generate (steps + 1 new tokens)")
     ap.add_argument("--eager-steps", type=int, default=8,
                     help="timed steps of teacher-eager's cells (its steps take ~0.1 s, and the budget goes to the rows "
@@ -888,18 +953,26 @@ def arguments(argv=None):
     ap.add_argument("--gpus", type=int, default=1,
                     help="run rows side by side, one process per GPU (rows split by ROW_WEIGHT; --budget is each "
                          "lane's): the default matrix needs ~800 s on one H200, more than one 10-minute call")
+    ap.add_argument("--overlap", action=argparse.BooleanOptionalAction, default=None,
+                    help="on one GPU, run teacher-static beside the other rows: its compiles (CPU, ~50 s each) overlap "
+                         "their measurements, and every timed section holds a GPU lock, so no two rows measure at "
+                         "once (default: on for CUDA with --gpus 1)")
     ap.add_argument("--out", default="speed-out")
     ap.add_argument("--cpu-compile", action="store_true",
                     help="compile teacher-static's step on CPU as well (a dry run of what generate does on CUDA)")
     ap.add_argument("--replot", metavar="SPEED_JSON", help="only write speed.md and speed.png again from a speed.json")
     ap.add_argument("--child", help=argparse.SUPPRESS)
     ap.add_argument("--child-out", help=argparse.SUPPRESS)
+    ap.add_argument("--gpu-lock", default=None, help=argparse.SUPPRESS)  # --overlap's lock file, for a row process
     a = ap.parse_args(argv)
     a.models = [m.strip() for m in a.models.split(",") if m.strip()]
     unknown = [m for m in a.models if m not in ROWS]
     if unknown:
         ap.error(f"--models: unknown {', '.join(unknown)}; rows are {', '.join(ROWS)}")
     a.lengths, a.student_lengths, a.batches = counts(a.lengths), counts(a.student_lengths), counts(a.batches)
+    a.long_batches = counts(a.long_batches)
+    if a.overlap is None:
+        a.overlap = a.device == "cuda" and a.gpus == 1
     if a.gpus < 1:
         ap.error(f"--gpus {a.gpus}: at least 1")
     if a.gpus > 1 and a.device == "cuda" and torch.cuda.device_count() < a.gpus:

@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from tcache.errors import TcacheError
+from tcache.student import slstm_cuda
 
 
 @dataclass
@@ -141,6 +142,13 @@ def _xlstm_prefill(model, ids: torch.Tensor, keep: int = 0) -> tuple[torch.Tenso
     kernel = _mlstm_kernel_fn(resolve_mlstm_kernel("auto", ids.device))
     layers = [blk.xlstm for blk in model.blocks.blocks]
     states: list[dict] = [{} for _ in layers]
+    with slstm_cuda.cuda_cells(model, ids.device, model.embed.weight.dtype):  # CUDA sLSTM cells where they run
+        x = _xlstm_features_keeping_states(model, ids, layers, states, kernel)  # (B, T, D)
+    return model.head(x[:, -keep:]), DecodeState(layers=states, pos=ids.shape[1])  # (B, keep or T, V)
+
+
+def _xlstm_features_keeping_states(model, ids, layers, states, kernel) -> torch.Tensor:
+    """model.features(ids) (B, T, D), each block's final state kept in `states` on the way."""
     hooks, swapped = [], []
     for st, layer in zip(states, layers):
         if layer.conv1d.config.kernel_size > 0:
@@ -158,7 +166,7 @@ def _xlstm_prefill(model, ids: torch.Tensor, keep: int = 0) -> tuple[torch.Tenso
             h.remove()
         for cell, fn in swapped:
             cell.backend_fn = fn
-    return model.head(x[:, -keep:]), DecodeState(layers=states, pos=ids.shape[1])  # (B, keep or T, V)
+    return x
 
 
 def _keep_conv_input(st: dict):

@@ -21,7 +21,7 @@ from transformers.utils import ModelOutput
 
 from tcache import outdir, ownership
 from tcache.errors import TcacheError
-from tcache.student import decode, static_decode
+from tcache.student import decode, slstm_cuda, static_decode
 
 MODEL_TYPE = "tcache-student"
 MODELING_FILE = "modeling_tcache.py"
@@ -148,7 +148,8 @@ class TcacheStudentForCausalLM(PreTrainedModel, GenerationMixin):
             if static_decode.enabled(input_ids.device) and static_decode.supported(self.student):
                 cache = self._static(cache)
         else:
-            x, _ = self.student.features(input_ids)  # (B, T, D)
+            with slstm_cuda.cuda_cells(self.student, input_ids.device, next(self.parameters()).dtype):
+                x, _ = self.student.features(input_ids)  # (B, T, D)
             logits, cache = self.student.head(x[:, -logits_to_keep:]), None  # (B, T or keep, V)
         loss = None
         if labels is not None:

@@ -157,6 +157,41 @@ def test_captured_step_replays_the_eager_static_step_on_cuda(recipe, dtype):
     assert torch.equal(got, seq) and hf.static_decode_captures == 1
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="xlstm's CUDA sLSTM cell needs a GPU (run in the GPU call)")
+def test_v1_prefill_on_cuda_slstm_twins_continues_as_the_vanilla_cells(monkeypatch):
+    """v1's bf16 prefill on xlstm's CUDA sLSTM cells (student/slstm_cuda.py) is as close to a float32 vanilla
+    reference as the bf16 vanilla cells' own prefill: its logits, and the logits of three decode steps from the state
+    it leaves (the state the static decode continues from); the vanilla cells are back in place after it."""
+    import copy
+
+    from tcache.student import slstm_cuda
+    from tcache.student.model import Student, StudentConfig
+
+    torch.manual_seed(0)
+    cfg = StudentConfig(vocab_size=V, hidden_size=128, num_blocks=2, num_heads=4, context_length=64, slstm_at=[0],
+                        slstm_backend="vanilla", recipe="v1")
+    ref = Student(cfg).eval().cuda()  # float32 vanilla cells: the reference (fp32 never takes the twins)
+    model = copy.deepcopy(ref).to(torch.bfloat16)
+    prompt, nxt = ids(2, 40).cuda(), ids(2, 3, seed=2).cuda()
+
+    def run(m):
+        logits, state = decode.prefill(m, prompt)
+        steps = [decode.step(m, nxt[:, t:t + 1], state) for t in range(3)]
+        return torch.cat([logits[:, -1:]] + steps, 1).float()  # (B, 4, V)
+
+    with torch.no_grad():
+        want = run(ref)
+        assert slstm_cuda.usable(model, prompt.device, torch.bfloat16)
+        twin = run(model)
+        monkeypatch.setenv(slstm_cuda.ENV, "vanilla")
+        assert not slstm_cuda.usable(model, prompt.device, torch.bfloat16)
+        vanilla = run(model)
+    cell = model.blocks.blocks[0].xlstm.slstm_cell
+    assert type(cell).__name__ == "sLSTMCell_vanilla" and slstm_cuda.TWIN in cell.__dict__
+    err_twin, err_vanilla = (twin - want).abs().max().item(), (vanilla - want).abs().max().item()
+    assert err_twin <= 2 * err_vanilla + 1e-2, (err_twin, err_vanilla)
+
+
 @pytest.mark.parametrize("recipe", ["v2", "hybrid"])
 def test_a_prefill_split_into_rows_equals_the_whole_batch(recipe, monkeypatch):
     """A batch too large for one kernel grid is prefilled a few rows at a time (decode._rows_per_call): the logits
