@@ -171,6 +171,8 @@ def test_v1_prefill_on_cuda_slstm_twins_continues_as_the_vanilla_cells(monkeypat
     cfg = StudentConfig(vocab_size=V, hidden_size=128, num_blocks=2, num_heads=4, context_length=64, slstm_at=[0],
                         slstm_backend="vanilla", recipe="v1")
     ref = Student(cfg).eval().cuda()  # float32 vanilla cells: the reference (fp32 never takes the twins)
+    with torch.no_grad():  # the recurrent kernel starts at zeros: random, so its layout conversion is exercised
+        ref.blocks.blocks[0].xlstm.slstm_cell._recurrent_kernel_.normal_(0, 0.2)
     model = copy.deepcopy(ref).to(torch.bfloat16)
     prompt, nxt = ids(2, 40).cuda(), ids(2, 3, seed=2).cuda()
 
