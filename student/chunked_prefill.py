@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 
 from tcache.errors import TcacheError
-from tcache.student import decode
+from tcache.student import decode, slstm_cuda
 
 
 @torch.no_grad()
@@ -49,6 +49,15 @@ def chunked_prefill(model, ids: torch.Tensor, keep: int = 0,
     T = ids.shape[1]
     if T <= chunk:
         return decode.prefill(model, ids, keep)
+    # xlstm's CUDA sLSTM cells for every chunk where they run (v1 on a GPU with nvcc): the vanilla cell's Python loop
+    # prefills ~0.5k tokens/s at the seeds' shape, so a 32k prompt took a minute (decode.prefill swaps them for chunk
+    # 0 by itself; inside this block its own swap finds the twins in place and leaves them)
+    with slstm_cuda.cuda_cells(model, ids.device, model.embed.weight.dtype):
+        return _chunked(model, ids, keep, chunk)
+
+
+def _chunked(model, ids: torch.Tensor, keep: int, chunk: int) -> tuple[torch.Tensor, decode.DecodeState]:
+    T = ids.shape[1]
     first = 0 if keep <= 0 else T - min(keep, T)  # first position whose logits are returned
     # chunk 0: decode.prefill; keep=1 when none of its logits are wanted (keep=0 would return all of them)
     want = max(0, chunk - first)
