@@ -76,6 +76,7 @@ import sys
 import tempfile
 import threading
 import time
+import traceback
 from pathlib import Path
 
 import torch
@@ -599,6 +600,15 @@ def gpu_lock(path: str | None):
         fcntl.flock(f, fcntl.LOCK_EX)  # waits while another row measures
         try:
             yield
+        except BaseException as e:
+            # What a failed section allocated (a teacher's half-built 80 GB static cache) is still held by its
+            # traceback's frames: freed before the lock goes, or the next row's cell, granted the GPU, finds it
+            # full (run3: three hybrid cells "oom" in 0.6 s right after teacher-static's 64 x 32k warm-up failed)
+            traceback.clear_frames(e.__traceback__)
+            gc.collect()
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+            raise
         finally:
             fcntl.flock(f, fcntl.LOCK_UN)
 

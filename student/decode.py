@@ -99,10 +99,10 @@ def prefill(model, ids: torch.Tensor, keep: int = 0) -> tuple[torch.Tensor, Deco
 
 def _stacked(states: list[DecodeState]) -> DecodeState:
     """One state of the rows of `states` (each a prefill of some rows of one batch, in order)."""
-    def cat(xs):
+    def cat(xs, dim=0):
         if isinstance(xs[0], (tuple, list)):
-            return tuple(cat([x[i] for x in xs]) for i in range(len(xs[0])))
-        return torch.cat(xs) if xs[0] is not None else None
+            return tuple(cat([x[i] for x in xs], dim) for i in range(len(xs[0])))
+        return torch.cat(xs, dim) if xs[0] is not None else None
 
     layers = []
     for parts in zip(*(s.layers for s in states)):
@@ -111,7 +111,8 @@ def _stacked(states: list[DecodeState]) -> DecodeState:
                                         for f in ("sink_k", "sink_v", "win_k", "win_v", "mlstm")},
                                      pos=parts[0].pos))
         else:
-            layers.append({k: cat([p[k] for p in parts]) for k in parts[0]})
+            # the sLSTM cell's state is (4, B, D): its rows on dim 1; every other tensor leads with the batch
+            layers.append({k: cat([p[k] for p in parts], 1 if k == "slstm_state" else 0) for k in parts[0]})
     return DecodeState(layers=layers, pos=states[0].pos)
 
 
@@ -304,8 +305,7 @@ def _mlstm_step(mx, x, qm, km, v, st: MixerState) -> torch.Tensor:
     from tcache.student.hybrid import hedgehog
 
     qf, kf = hedgehog(qm, mx.phi_q)[:, :, 0], hedgehog(km, mx.phi_k)[:, :, 0]  # (B, H, 2d) x2
-    i = mx.igate(x).float()[:, 0, :, None]  # (B, H, 1)
-    f = mx.fgate(x).float()[:, 0, :, None]  # (B, H, 1)
+    i, f = (g.float()[:, 0, :, None] for g in mx.gates(x))  # (B, H, 1) x2
     c, n, m = st.mlstm
     # eps as the chunkwise kernel of HybridStudent.set_kernel (1e-12)
     h, st.mlstm = mlstm_recurrent_step__native(qf, kf, v[:, :, 0].float(), i, f, c, n, m, eps=1e-12)

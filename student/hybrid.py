@@ -124,6 +124,18 @@ class HybridMixer(nn.Module):
         return [self.phi_q, self.phi_k, *self.igate.parameters(), *self.fgate.parameters(), self.ogate_w,
                 self.ogate_b]
 
+    def gates(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Input and forget gate pre-activations (..., H) x2 of x (..., D), from one projection. Each gate is H wide
+        (15 at SmolLM2's shape): an output row of H elements is not 16-byte aligned, so cuBLAS falls back to an
+        align-1 kernel, 24 us a call at batch 8 on an H200, a third of the captured decode step's time
+        (benchmarks/results/speed-h200-static/run3's step profile). Stacked and padded with zero rows to a multiple
+        of 8 outputs, the two weights make one aligned GEMM; the parameters (and checkpoints) stay igate / fgate."""
+        H, pad = self.H, -(2 * self.H) % 8
+        w = torch.cat([self.igate.weight, self.fgate.weight, self.igate.weight.new_zeros(pad, x.shape[-1])])
+        b = torch.cat([self.igate.bias, self.fgate.bias, self.igate.bias.new_zeros(pad)])
+        g = F.linear(x, w, b)  # (..., 2H + pad)
+        return g[..., :H], g[..., H:2 * H]
+
     def forward(self, hidden_states: torch.Tensor, position_embeddings=None, attention_mask=None, **kwargs):
         from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
@@ -198,8 +210,7 @@ class HybridMixer(nn.Module):
         # accumulates in fp32 either way. TCACHE_MLSTM_INPUTS=fp32 feeds fp32 as before (for benchmarks).
         dt = torch.float32 if os.environ.get(MLSTM_INPUTS_ENV) == "fp32" else v.dtype
         qf, kf = hedgehog(qm, self.phi_q).to(dt), hedgehog(km, self.phi_k).to(dt)  # (B, H, T, 2d) x2
-        i = self.igate(x).float().transpose(1, 2)  # (B, H, T)
-        f = self.fgate(x).float().transpose(1, 2)  # (B, H, T)
+        i, f = (g.float().transpose(1, 2) for g in self.gates(x))  # (B, H, T) x2
         if states is None:
             m = self.mlstm_fn(qf, kf, v.to(dt), i.unsqueeze(-1), f.unsqueeze(-1))  # (B, H, T, d)
         else:

@@ -308,8 +308,7 @@ def _mlstm(mx, x, qm, km, v, st: StaticMixer) -> torch.Tensor:
     from tcache.student.hybrid import hedgehog
 
     qf, kf = hedgehog(qm, mx.phi_q)[:, :, 0], hedgehog(km, mx.phi_k)[:, :, 0]  # (B, H, 2d) x2
-    i = mx.igate(x).float()[:, 0, :, None]  # (B, H, 1)
-    f = mx.fgate(x).float()[:, 0, :, None]  # (B, H, 1)
+    i, f = (g.float()[:, 0, :, None] for g in mx.gates(x))  # (B, H, 1) x2
     c, n, m = st.mlstm
     h, new = mlstm_recurrent_step__native(qf, kf, v[:, :, 0].float(), i, f, c, n, m, eps=1e-12)
     _copy(st.mlstm, new)

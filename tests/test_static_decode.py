@@ -194,7 +194,7 @@ def test_v1_prefill_on_cuda_slstm_twins_continues_as_the_vanilla_cells(monkeypat
     assert err_twin <= 2 * err_vanilla + 1e-2, (err_twin, err_vanilla)
 
 
-@pytest.mark.parametrize("recipe", ["v2", "hybrid"])
+@pytest.mark.parametrize("recipe", ["v1", "v2", "hybrid"])
 def test_a_prefill_split_into_rows_equals_the_whole_batch(recipe, monkeypatch):
     """A batch too large for one kernel grid is prefilled a few rows at a time (decode._rows_per_call): the logits
     and every tensor of the stacked state equal the whole batch's."""
