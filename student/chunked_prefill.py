@@ -143,7 +143,7 @@ def _mlstm_from_state(st: dict, name: str, chunk_size: int = 64, eps: float = 1e
     padding), from st's mLSTM state as the kernel's initial state; leaves the last state in st."""
     from mlstm_kernels.torch import get_mlstm_kernel
 
-    from tcache.student.model import CLOSED_GATE
+    from tcache.student.model import CLOSED_GATE, padded_length
 
     kernel = get_mlstm_kernel(name)
 
@@ -161,7 +161,7 @@ def _mlstm_from_state(st: dict, name: str, chunk_size: int = 64, eps: float = 1e
         # chunk_size 64; mlstm_kernels' select_heuristic_xl_chunk_kernel_params asserts it), so the end is padded
         # to one, as _mlstm_kernel_fn pads: closed input and open forget gates, a no-op on the outputs < S and
         # on the last state
-        L = _padded_length(S, chunk_size)
+        L = padded_length(S, chunk_size)
         pad, cs = L - S, min(chunk_size, L)
         if pad:
             q, k, v = (F.pad(t, (0, 0, 0, pad)) for t in (q, k, v))  # (B, NH, L, DH)
@@ -175,10 +175,3 @@ def _mlstm_from_state(st: dict, name: str, chunk_size: int = 64, eps: float = 1e
         return h[:, :, :S].to(dtype)  # (B, NH, S, DH)
 
     return fn
-
-
-def _padded_length(S: int, chunk_size: int = 64) -> int:
-    """The length S pads to: the next multiple of chunk_size above it, else the next power of two >= MIN_CHUNK."""
-    from tcache.student.model import MIN_CHUNK
-
-    return -(-S // chunk_size) * chunk_size if S > chunk_size else max(MIN_CHUNK, 1 << (S - 1).bit_length())

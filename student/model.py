@@ -163,6 +163,12 @@ def _nvcc_available() -> bool:
     return shutil.which("nvcc") is not None or CUDA_HOME is not None
 
 
+def padded_length(S: int, chunk_size: int = 64) -> int:
+    """The length a sequence of S tokens pads to for the Triton XL-chunk kernel: the next multiple of chunk_size
+    above it, else the next power of two >= MIN_CHUNK."""
+    return -(-S // chunk_size) * chunk_size if S > chunk_size else max(MIN_CHUNK, 1 << (S - 1).bit_length())
+
+
 def _mlstm_kernel_fn(name: str, chunk_size: int = 64, eps: float = 1e-6):
     """An adapter with xlstm's classic backend signature over an `mlstm_kernels` sequence kernel.
 
@@ -179,7 +185,15 @@ def _mlstm_kernel_fn(name: str, chunk_size: int = 64, eps: float = 1e-6):
         i, f = igate_preact.squeeze(-1), fgate_preact.squeeze(-1)  # (B, NH, S) x2
         cs = chunk_size if S % chunk_size == 0 else math.gcd(S, chunk_size)
         pad = 0
-        if cs < MIN_CHUNK:
+        if "triton" in name and S % chunk_size:
+            # mlstm_kernels' Triton XL-chunk kernel takes 16, 32, 64 or multiples of 64 tokens (its
+            # select_heuristic_xl_chunk_kernel_params asserts it): a 40-token prompt padded to 48 failed on the H200
+            # (tests/test_static_decode.py's twin test). Padded to padded_length, exactly as below.
+            pad = padded_length(S, chunk_size) - S
+            cs = min(chunk_size, S + pad)
+            queries, keys, values = (F.pad(t, (0, 0, 0, pad)) for t in (queries, keys, values))  # (B, NH, S + pad, DH)
+            i, f = F.pad(i, (0, pad), value=-CLOSED_GATE), F.pad(f, (0, pad), value=CLOSED_GATE)  # (B, NH, S + pad)
+        elif cs < MIN_CHUNK:
             # An eval length like 131 would give chunks of 1 token (a Python loop over S chunks in the native
             # kernel; below Triton's smallest tile). Padding the end instead is exact: the mLSTM is causal, so
             # positions < S never see the padding, and the padded outputs are cut off. The padded gates are a

@@ -99,3 +99,54 @@ def test_refuses_hybrid_students_and_empty_chunks():
     model.family = "hybrid"
     with pytest.raises(TcacheError, match="xLSTM"):
         chunked_prefill(model, _ids())
+
+
+def test_padded_lengths_are_lengths_the_triton_kernel_accepts():
+    """Every prompt length pads (model.padded_length, used by the prefill's kernel adapter on CUDA and by the chunked
+    prefill's tails) to a length mlstm_kernels' Triton XL-chunk kernel takes, checked by that kernel's own parameter
+    heuristic (pure Python, so on CPU too); a 40-token prompt padded to 48 failed its assertion on the H200."""
+    from mlstm_kernels.triton.chunkwise.kernel_param_heuristics import select_heuristic_xl_chunk_kernel_params
+
+    from tcache.student.model import padded_length
+
+    for S in range(1, 700):
+        L = padded_length(S, 64)
+        assert S <= L < S + 64
+        select_heuristic_xl_chunk_kernel_params(L, target_chunk_size=min(64, L))  # raises on a length it refuses
+
+
+@pytest.mark.parametrize("S", [40, 96, 144])
+def test_the_kernel_adapter_pads_for_the_triton_kernel_exactly(S, monkeypatch):
+    """model._mlstm_kernel_fn given a Triton kernel's name hands the kernel only lengths it accepts (its own
+    heuristic asserts them), and its outputs and last state equal the unpadded call's (float64). The Triton kernel
+    needs a GPU, so its name is served here by the native chunkwise kernel, behind its heuristic's check."""
+    import mlstm_kernels.torch as mk
+    from mlstm_kernels.triton.chunkwise.kernel_param_heuristics import select_heuristic_xl_chunk_kernel_params
+
+    from tcache.student.model import _mlstm_kernel_fn
+
+    real, seen = mk.get_mlstm_kernel, []
+
+    def checked(name):
+        native = real("chunkwise--native_autograd")
+
+        def kernel(q, **kw):
+            seen.append(q.shape[2])
+            select_heuristic_xl_chunk_kernel_params(q.shape[2], target_chunk_size=kw["chunk_size"])
+            return native(q=q, **kw)
+        return kernel
+
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(2, 3, S, 16, generator=g, dtype=torch.float64) for _ in range(3))
+    i, f = (torch.randn(2, 3, S, 1, generator=g, dtype=torch.float64) + 2 for _ in range(2))
+    want, (c0, n0, m0) = _mlstm_kernel_fn("chunkwise--native_autograd", chunk_size=S)(q, k, v, i, f,
+                                                                                    return_last_states=True)
+    monkeypatch.setattr(mk, "get_mlstm_kernel", checked)
+    got, (c1, n1, m1) = _mlstm_kernel_fn("chunkwise--triton_xl_chunk")(q, k, v, i, f, return_last_states=True)
+    assert seen and seen[0] > S
+    # the kernel computes in fp32 whatever its inputs (the adapter's autocast_kernel_dtype), and the two calls chunk
+    # differently, so the outputs agree to fp32 rounding through the normaliser (~1e-3 here), the last state closer;
+    # a padding that leaked into the state (an open input gate) would move C, n, m by O(1)
+    torch.testing.assert_close(got.double(), want.double(), rtol=2e-3, atol=2e-3)
+    for a, b in ((c1, c0), (n1, n0), (m1, m0)):
+        torch.testing.assert_close(a.double(), b.double(), rtol=1e-5, atol=1e-5)
