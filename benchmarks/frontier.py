@@ -24,9 +24,10 @@ CONTEXT = 32 * 1024
 
 
 def state_bytes(config, window: int, sinks: int, branches: str = "hybrid", full_attention_layers: int = 0,
-                context: int = CONTEXT, dtype_bytes: int = 2, batch: int = 1) -> int:
+                context: int = CONTEXT, dtype_bytes: int = 2, batch: int = 1, feature_dim: int | None = None) -> int:
     """Bytes of a hybrid student's decode state for `batch` sequences at `context` tokens; `config` is the
-    teacher's transformers config (layers, heads, kv heads, head dim)."""
+    teacher's transformers config (layers, heads, kv heads, head dim); feature_dim the mLSTM's q / k features
+    (--feature-dim; default 2 x head dim)."""
     layers, H = config.num_hidden_layers, config.num_attention_heads
     Hkv = getattr(config, "num_key_value_heads", None) or H
     d = getattr(config, "head_dim", None) or config.hidden_size // H
@@ -35,7 +36,8 @@ def state_bytes(config, window: int, sinks: int, branches: str = "hybrid", full_
     # mLSTM-only ablation keeps them too, unused)
     per_layer = 2 * (window + sinks) * Hkv * d * dtype_bytes
     if branches != "window":
-        per_layer += H * (2 * d * d + 2 * d + 1) * 4  # C, n, m in fp32
+        F = feature_dim or 2 * d
+        per_layer += H * (F * d + F + 1) * 4  # C (F, d), n (F,), m in fp32
     full = full_attention_layers * 2 * context * Hkv * d * dtype_bytes
     return batch * (converted * per_layer + full)
 
@@ -57,10 +59,12 @@ def points(quality: dict, config) -> list[dict]:
         window, sinks = int(_flag(flags, "--window", "32")), int(_flag(flags, "--sinks", "4"))
         branches = "window" if cut else _flag(flags, "--branches", "both")
         full = len([x for x in (_flag(flags, "--full-attention-layers", "") or "").split(",") if x.strip()])
+        fdim = _flag(flags, "--feature-dim")
         out.append({"name": name, "window": window, "branches": branches, "full_attention_layers": full,
                     "trained": not cut, "x_teacher": {k: v.get("vs_teacher") for k, v in run.get("sets", {}).items()},
+                    "feature_dim": int(fdim) if fdim else None,
                     "state_bytes": state_bytes(config, window, sinks, "hybrid" if branches == "both" else branches,
-                                               full)})
+                                               full, feature_dim=int(fdim) if fdim else None)})
     return out
 
 

@@ -129,6 +129,9 @@ class DistillConfig:
     igate_bias: float | None = None
     """Hybrid recipe: the mLSTM input gate's bias at init; default ln(d sqrt(2d) / 2) for head dim d, which
     keeps the mLSTM normaliser's floor inactive (docs/hybrid.md)."""
+    feature_dim: int | None = None
+    """Hybrid recipe: Hedgehog features per head for the mLSTM's q and k (its state is F x d per head); default 2x
+    the head dim. A multiple of 16 (mlstm_kernels' Triton kernel)."""
     mlstm_rope: bool = False
     """Hybrid recipe: give the mLSTM branch RoPE-rotated q and k (the paper's reading) instead of unrotated."""
     match_loss: str = opt("output", choices=MATCH_LOSSES)
@@ -271,6 +274,13 @@ class DistillConfig:
         if self.match_loss != "output" and self.branches == "window":
             raise TcacheError(f"--match-loss {self.match_loss} trains the mLSTM's feature maps; --branches window has "
                               "none: use --branches both or mlstm, or drop --match-loss")
+        if self.feature_dim is not None:
+            if recipe.model != "hybrid":
+                raise TcacheError(f"--feature-dim sets the hybrid recipe's mLSTM features; the {self.recipe} recipe "
+                                  "has none: use --recipe hybrid or drop --feature-dim")
+            if self.feature_dim < 16 or self.feature_dim % 16:
+                raise TcacheError(f"--feature-dim must be a positive multiple of 16 (mlstm_kernels' Triton kernel "
+                                  f"tiles), got {self.feature_dim}; e.g. 32, 64 or 128")
         if self.max_gpu_memory is not None:
             parse_bytes(self.max_gpu_memory)
         self.stage1_tokens = parse_count(self.stage1_tokens, "--stage1-tokens") if self.stage1_tokens else None

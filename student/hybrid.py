@@ -55,6 +55,10 @@ class HybridConfig:
     """both (the hybrid), mlstm (no window branch) or window (no mLSTM): the ablations (--branches)."""
     igate_bias: float | None = None
     """Input-gate bias at init (mean of N(., 0.1)); None: ln(d sqrt(2d) / 2), see init_igate_bias (--igate-bias)."""
+    feature_dim: int | None = None
+    """Hedgehog features per head fed to the mLSTM as q and k (--feature-dim): two softmaxes of F/2 each over a
+    learned (d, F/2) map. None: 2d (the map square, identity at init). The mLSTM state C is (F, d) per head, so F
+    sets its size: the state of the quality / state frontier (benchmarks/frontier.py)."""
     mlstm_rope: bool = False
     """Feed the mLSTM branch and the output gate RoPE-rotated q, k (--mlstm-rope); by default they get the
     unrotated projections, so nothing outside the window depends on absolute position (see docs/hybrid.md)."""
@@ -64,20 +68,30 @@ class HybridConfig:
 
 
 def hedgehog(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    """Hedgehog feature map per head: (B, H, T, d) with weight (H, d, d) -> (B, H, T, 2d), each half a
+    """Hedgehog feature map per head: (B, H, T, d) with weight (H, d, F/2) -> (B, H, T, F), each half a
     softmax over the feature dimension (fp32)."""
-    z = torch.einsum("bhtd,hde->bhte", x.float(), weight.float())  # (B, H, T, d)
-    return torch.cat([torch.softmax(z, -1), torch.softmax(-z, -1)], -1)  # (B, H, T, 2d)
+    z = torch.einsum("bhtd,hde->bhte", x.float(), weight.float())  # (B, H, T, F/2)
+    return torch.cat([torch.softmax(z, -1), torch.softmax(-z, -1)], -1)  # (B, H, T, F)
 
 
-def init_igate_bias(head_dim: int, given: float | None = None) -> float:
+def feature_dim(cfg: HybridConfig, head_dim: int) -> int:
+    """The mLSTM's q / k features per head: cfg.feature_dim, else 2d."""
+    return cfg.feature_dim if cfg.feature_dim is not None else 2 * head_dim
+
+
+def init_igate_bias(head_dim: int, given: float | None = None, features: int | None = None) -> float:
     """The input gate's bias at init. xLSTM's is ~0, made for learned q, k of norm ~sqrt(d); here the mLSTM sees
     Hedgehog features (two softmaxes, phi(q) . phi(k) ~ 2/d at the identity init) and the kernel still scales by
     (2d)^-1/2, so one token adds only ~2/(d sqrt(2d)) ~ 0.003 (d = 64) to n . q: the normaliser's floor
     max(|n . q|, 1) held at 90-99% of positions of the shared teacher, leaving the branch an unnormalised,
     nearly silent sum. ln(d sqrt(2d) / 2) (5.9 at d = 64) makes one token's share ~1, so the mLSTM starts as the
-    normalised linear attention that Hedgehog / LoLCATs train (the floor only guards a near-empty memory)."""
-    return given if given is not None else math.log(head_dim * math.sqrt(2 * head_dim) / 2)
+    normalised linear attention that Hedgehog / LoLCATs train (the floor only guards a near-empty memory).
+    With F features (--feature-dim) the same reasoning gives phi(q) . phi(k) ~ 4/F and a scale F^-1/2, so
+    ln(F sqrt(F) / 4), which is the formula above at F = 2d."""
+    if given is not None:
+        return given
+    F_ = features if features is not None else 2 * head_dim
+    return math.log(F_ * math.sqrt(F_) / 4)
 
 
 def resolve_mlstm_kernel(name: str, device: torch.device) -> str:
@@ -101,15 +115,17 @@ class HybridMixer(nn.Module):
         self.window, self.sinks, self.branches, self.mlstm_rope = cfg.window, cfg.sinks, cfg.branches, cfg.mlstm_rope
         d = self.head_dim
         # the only parameters that do not come from the teacher
-        self.phi_q = nn.Parameter(torch.eye(d).repeat(num_heads, 1, 1))  # (H, d, d)
-        self.phi_k = nn.Parameter(torch.eye(d).repeat(num_heads, 1, 1))  # (H, d, d)
+        half = feature_dim(cfg, d) // 2
+        # identity at init (the first F/2 of the head's dims when F/2 < d; zero columns beyond d when F/2 > d)
+        self.phi_q = nn.Parameter(torch.eye(d, half).repeat(num_heads, 1, 1))  # (H, d, F/2)
+        self.phi_k = nn.Parameter(torch.eye(d, half).repeat(num_heads, 1, 1))  # (H, d, F/2)
         self.igate = nn.Linear(hidden_size, num_heads)
         self.fgate = nn.Linear(hidden_size, num_heads)
         self.ogate_w = nn.Parameter(torch.zeros(num_heads, 3 * d))  # (H, 3d)
         self.ogate_b = nn.Parameter(torch.zeros(num_heads))  # (H,)
         with torch.no_grad():  # xLSTM's gate init (zero weights, forget bias 3..6), input bias raised: see below
             nn.init.zeros_(self.igate.weight)
-            nn.init.normal_(self.igate.bias, mean=init_igate_bias(d, cfg.igate_bias), std=0.1)
+            nn.init.normal_(self.igate.bias, mean=init_igate_bias(d, cfg.igate_bias, 2 * half), std=0.1)
             nn.init.zeros_(self.fgate.weight)
             self.fgate.bias.copy_(torch.linspace(*cfg.fgate_bias, num_heads))
         self.mode = "hybrid"

@@ -115,14 +115,17 @@ def reference_mix(x, q, k, v, mixer: HybridMixer, q_sink=None, qm=None, km=None)
     return o * m + (1 - o) * swa
 
 
-@pytest.mark.parametrize("T,window,sinks", [(40, 8, 4), (64, 16, 0), (33, 64, 2), (50, 4, 3)])
-def test_mixer_matches_a_float64_reference(T, window, sinks):
+@pytest.mark.parametrize("T,window,sinks,fdim", [(40, 8, 4, None), (64, 16, 0, None), (33, 64, 2, None),
+                                                 (50, 4, 3, None), (40, 8, 4, 16), (50, 4, 3, 48)])
+def test_mixer_matches_a_float64_reference(T, window, sinks, fdim):
     """HybridMixer.mix (mlstm_kernels' chunkwise kernel, SDPA with the window mask) against the equations
-    written out in float64: quadratic mLSTM with its normaliser, masked softmax, per-head output gate."""
+    written out in float64: quadratic mLSTM with its normaliser, masked softmax, per-head output gate; at the
+    default Hedgehog feature dim (2d = 32) and at --feature-dim 16 and 48 (a smaller / larger mLSTM state)."""
     torch.manual_seed(0)
     cfg = LlamaConfig(vocab_size=64, hidden_size=48, intermediate_size=64, num_hidden_layers=1,
                       num_attention_heads=3, num_key_value_heads=1, head_dim=16)
-    student = HybridStudent(LlamaForCausalLM(cfg), HybridConfig(window=window, sinks=sinks))
+    student = HybridStudent(LlamaForCausalLM(cfg), HybridConfig(window=window, sinks=sinks, feature_dim=fdim))
+    assert student.mixers[0].phi_q.shape == (3, 16, (fdim or 32) // 2)
     student.set_kernel(torch.device("cpu"))
     m = student.mixers[0]
     with torch.no_grad():
@@ -354,3 +357,45 @@ def test_stage_one_has_no_weight_decay_and_setup_trains_with_checkpointing_on_re
     tr = setup(DistillConfig(cache=str(hybrid_cache), out=str(tmp_path / "r"), recipe="hybrid", steps=2,
                              batch_size=2, grad_accum=1, checkpointing="on"))
     assert tr.model.training and tr.model.lm.model.layers[0].gradient_checkpointing
+
+
+def test_feature_dim_is_validated_in_one_line_naming_the_flag(tmp_path, shared_cache):
+    """--feature-dim: a multiple of 16 for the hybrid recipe only; a bad value is one line naming the flag."""
+    from tcache.student.config import DistillConfig
+
+    base = dict(cache=str(shared_cache), out=str(tmp_path / "x"), recipe="hybrid")
+    with pytest.raises(TcacheError, match=r"^--feature-dim must be a positive multiple of 16 .* got 24; "):
+        DistillConfig(**base, feature_dim=24)
+    with pytest.raises(TcacheError, match="^--feature-dim sets the hybrid recipe's .* the v2 recipe has none"):
+        DistillConfig(**{**base, "recipe": "v2"}, feature_dim=32)
+    assert DistillConfig(**base, feature_dim=32).feature_dim == 32
+    r = CliRunner().invoke(main, ["distill", str(shared_cache), "--out", str(tmp_path / "y"), "--recipe", "hybrid",
+                                  "--feature-dim", "20"])
+    assert r.exit_code != 0 and "Traceback" not in r.output
+    errors = [x for x in r.output.splitlines() if "Error" in x]
+    assert len(errors) == 1 and "--feature-dim" in errors[0], r.output
+
+
+def test_a_smaller_feature_dim_decodes_as_its_full_forward():
+    """A hybrid at --feature-dim 16 (head dim 8: half the default state): its recurrent decode steps (decode.py and
+    the static state) give its full forward's logits, and the mLSTM state is (16, d) per head."""
+    from tcache.student import decode
+    from tcache.student.static_decode import StaticDecoder
+
+    torch.manual_seed(0)
+    lm = LlamaForCausalLM(LlamaConfig(vocab_size=97, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256))
+    lm.config._attn_implementation = "sdpa"
+    model = HybridStudent(lm, HybridConfig(window=6, sinks=2, feature_dim=16)).eval()
+    model.set_kernel(torch.device("cpu"))
+    with torch.no_grad():
+        for mx in model.mixers:
+            mx.ogate_w.normal_(0, 0.3), mx.phi_q.add_(torch.randn_like(mx.phi_q) * 0.1)
+        ids = torch.randint(0, 97, (2, 20), generator=torch.Generator().manual_seed(1))
+        full, _ = model(ids)  # (2, 20, V): the parallel forward (chunkwise mLSTM, blocked window)
+        _, state = decode.prefill(model, ids[:, :12])
+        assert state.layers[0].mlstm[0].shape[-2:] == (16, 8)
+        static = StaticDecoder(model, state, capture=False)
+        for t in range(12, 20):
+            got = static.step(ids[:, t:t + 1])  # (2, 1, V): the logits after token t
+            torch.testing.assert_close(got[:, 0], full[:, t], atol=1e-4, rtol=1e-4)
