@@ -68,7 +68,26 @@ RUNS = {
     # knobs: stage II end to end on the new parameters only (the teacher's stay exactly as copied), or all at 1e-4
     "hybrid-new-lr1e-3": ("hybrid", ["--window", "32", "--train", "new", "--lr", "1e-3"], None),
     "hybrid-lr1e-4": ("hybrid", ["--window", "32", "--lr", "1e-4"], None),
+    # issue 24: the mixer variants (feature-map capacity = mLSTM state size; stage I on the attention weights; LoRA
+    # stage II) and the quality / state frontier (windows 16..256, window-only against the hybrid, full layers)
+    "hybrid-f64": ("hybrid", ["--window", "32", "--feature-dim", "64"], None),
+    "hybrid-f32": ("hybrid", ["--window", "32", "--feature-dim", "32"], None),
+    "hybrid-weights": ("hybrid", ["--window", "32", "--match-loss", "weights"], None),
+    "hybrid-match-both": ("hybrid", ["--window", "32", "--match-loss", "both"], None),
+    "hybrid-lora": ("hybrid", ["--window", "32", "--train", "lora"], None),
+    "hybrid-w128": ("hybrid", ["--window", "128"], None),
+    "hybrid-w256": ("hybrid", ["--window", "256"], None),
+    "hybrid-full1": ("hybrid", ["--window", "32", "--full-attention-layers", "0"], None),
+    "hybrid-full2": ("hybrid", ["--window", "32", "--full-attention-layers", "0,4"], None),
+    **{f"window-only-w{w}": ("hybrid", ["--window", str(w), "--branches", "window", "--stage", "2"], None)
+       for w in (16, 64, 128, 256)},
 }
+PRESETS = {
+    "issue24": ["hybrid", "window-only", "hybrid-f64", "hybrid-f32", "hybrid-weights", "hybrid-match-both",
+                "hybrid-lora", "hybrid-w16", "hybrid-w64", "hybrid-w128", "hybrid-w256", "hybrid-full1",
+                "hybrid-full2", "window-only-w16", "window-only-w64", "window-only-w128", "window-only-w256"],
+}
+"""--runs NAME: a named list of rows (each also gets its window cut and the teacher)."""
 DEFAULT_RUNS = ["v1", "v1-ce-only", "v2", "v2-ce-only", "scratch", "hybrid", "hybrid-w16", "hybrid-w64",
                 "hybrid-no-stage1", "hybrid-stage1-only", "hybrid-igate0", "hybrid-mlstm-only", "window-only",
                 "hybrid-ce-only", "hybrid-mlstm-rope",
@@ -185,7 +204,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--heldout", default=",".join(HELDOUT),
                     help="comma-separated held-out sets scored at 512 tokens per window ('' for none)")
     ap.add_argument("--heldout-tokens", default="400k", help="tokens per held-out set (each holds ~400k)")
-    ap.add_argument("--runs", default=",".join(DEFAULT_RUNS))
+    ap.add_argument("--runs", default=",".join(DEFAULT_RUNS),
+                    help=f"comma-separated rows, or a preset ({', '.join(PRESETS)}: issue 24's variants and frontier)")
     ap.add_argument("--grad-accum", default="4")
     ap.add_argument("--deadline", type=float, default=560, help="seconds; unfinished runs are killed")
     ap.add_argument("--collect-only", action="store_true", help="only rebuild the results from --work")
@@ -225,7 +245,10 @@ def head_tokens(a) -> int:
 
 def main() -> None:
     a = parse_args()
-    names = [n for n in a.runs.split(",") if n]
+    names = [m for n in a.runs.split(",") if n for m in PRESETS.get(n, [n])]
+    unknown = [n for n in names if n not in RUNS]
+    if unknown:
+        raise SystemExit(f"--runs: unknown {', '.join(unknown)}; choose from {', '.join([*PRESETS, *RUNS])}")
     cuts = [cut_name(w) for w in cut_windows(names)]
     if a.collect_only:
         m = json.loads((Path(a.work) / "cache" / "manifest.json").read_text())
