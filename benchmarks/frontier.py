@@ -24,10 +24,11 @@ CONTEXT = 32 * 1024
 
 
 def state_bytes(config, window: int, sinks: int, branches: str = "hybrid", full_attention_layers: int = 0,
-                context: int = CONTEXT, dtype_bytes: int = 2, batch: int = 1, feature_dim: int | None = None) -> int:
+                context: int = CONTEXT, dtype_bytes: int = 2, batch: int = 1, feature_dim: int | None = None,
+                mlstm_heads: str = "query") -> int:
     """Bytes of a hybrid student's decode state for `batch` sequences at `context` tokens; `config` is the
     teacher's transformers config (layers, heads, kv heads, head dim); feature_dim the mLSTM's q / k features
-    (--feature-dim; default 2 x head dim)."""
+    (--feature-dim; default 2 x head dim), mlstm_heads its heads (--mlstm-heads: query or kv)."""
     layers, H = config.num_hidden_layers, config.num_attention_heads
     Hkv = getattr(config, "num_key_value_heads", None) or H
     d = getattr(config, "head_dim", None) or config.hidden_size // H
@@ -37,7 +38,8 @@ def state_bytes(config, window: int, sinks: int, branches: str = "hybrid", full_
     per_layer = 2 * (window + sinks) * Hkv * d * dtype_bytes
     if branches != "window":
         F = feature_dim or 2 * d
-        per_layer += H * (F * d + F + 1) * 4  # C (F, d), n (F,), m in fp32
+        Hm = Hkv if mlstm_heads == "kv" else H
+        per_layer += Hm * (F * d + F + 1) * 4  # C (F, d), n (F,), m in fp32 per mLSTM head
     full = full_attention_layers * 2 * context * Hkv * d * dtype_bytes
     return batch * (converted * per_layer + full)
 
@@ -59,12 +61,12 @@ def points(quality: dict, config) -> list[dict]:
         window, sinks = int(_flag(flags, "--window", "32")), int(_flag(flags, "--sinks", "4"))
         branches = "window" if cut else _flag(flags, "--branches", "both")
         full = len([x for x in (_flag(flags, "--full-attention-layers", "") or "").split(",") if x.strip()])
-        fdim = _flag(flags, "--feature-dim")
+        fdim, mheads = _flag(flags, "--feature-dim"), _flag(flags, "--mlstm-heads", "query")
         out.append({"name": name, "window": window, "branches": branches, "full_attention_layers": full,
                     "trained": not cut, "x_teacher": {k: v.get("vs_teacher") for k, v in run.get("sets", {}).items()},
                     "feature_dim": int(fdim) if fdim else None,
                     "state_bytes": state_bytes(config, window, sinks, "hybrid" if branches == "both" else branches,
-                                               full, feature_dim=int(fdim) if fdim else None)})
+                                               full, feature_dim=int(fdim) if fdim else None, mlstm_heads=mheads)})
     return out
 
 

@@ -10,6 +10,9 @@ from tcache.device import PRECISIONS
 from tcache.errors import TcacheError
 from tcache.fields import opt
 from tcache.student.match_loss import MATCH_LOSSES
+
+MLSTM_HEADS = ("query", "kv")
+"""--mlstm-heads: the hybrid mLSTM's states per query head or per key / value head (student/hybrid.py)."""
 from tcache.student.losses import KD_TAILS
 from tcache.student.model import MLSTM_KERNELS, SLSTM_BACKENDS, StudentConfig, roundup
 from tcache.student.runtime import COMPILE_MODES
@@ -132,6 +135,9 @@ class DistillConfig:
     feature_dim: int | None = None
     """Hybrid recipe: Hedgehog features per head for the mLSTM's q and k (its state is F x d per head); default 2x
     the head dim. A multiple of 16 (mlstm_kernels' Triton kernel)."""
+    mlstm_heads: str = opt("query", choices=MLSTM_HEADS)
+    """Hybrid recipe: the mLSTM's heads: query (one state per query head) or kv (one per key / value head, shared
+    by its group of query heads: a decode state H / Hkv times smaller)."""
     mlstm_rope: bool = False
     """Hybrid recipe: give the mLSTM branch RoPE-rotated q and k (the paper's reading) instead of unrotated."""
     match_loss: str = opt("output", choices=MATCH_LOSSES)
@@ -265,7 +271,8 @@ class DistillConfig:
             raise TcacheError(f"--min-lr-ratio is a fraction of --lr in [0, 1], got {self.min_lr_ratio}")
         for flag, choices, v in (("--kd-tail", KD_TAILS, self.kd_tail), ("--compile", COMPILE_MODES, self.compile),
                                  ("--precision", PRECISIONS, self.precision), ("--train", TRAIN_CHOICES, self.train),
-                                 ("--match-loss", MATCH_LOSSES, self.match_loss)):
+                                 ("--match-loss", MATCH_LOSSES, self.match_loss),
+                                 ("--mlstm-heads", MLSTM_HEADS, self.mlstm_heads)):
             if v not in choices:
                 raise TcacheError(f"{flag} {v!r} is unknown; use one of {', '.join(choices)}")
         if self.match_loss != "output" and not any(s.loss == "match" for s in recipe.stages):
@@ -274,6 +281,9 @@ class DistillConfig:
         if self.match_loss != "output" and self.branches == "window":
             raise TcacheError(f"--match-loss {self.match_loss} trains the mLSTM's feature maps; --branches window has "
                               "none: use --branches both or mlstm, or drop --match-loss")
+        if self.mlstm_heads != "query" and recipe.model != "hybrid":
+            raise TcacheError(f"--mlstm-heads sets the hybrid recipe's mLSTM heads; the {self.recipe} recipe has its "
+                              "own blocks: use --recipe hybrid or drop --mlstm-heads")
         if self.feature_dim is not None:
             if recipe.model != "hybrid":
                 raise TcacheError(f"--feature-dim sets the hybrid recipe's mLSTM features; the {self.recipe} recipe "

@@ -29,7 +29,7 @@ class MixerState:
     sink_v: torch.Tensor | None = None  # (B, Hkv, <=S, d)
     win_k: torch.Tensor | None = None  # (B, Hkv, <=W, d)
     win_v: torch.Tensor | None = None  # (B, Hkv, <=W, d)
-    mlstm: tuple | None = None  # C (B, H, 2d, d), n (B, H, 2d), m (B, H, 1)
+    mlstm: tuple | None = None  # C (B, Hm, F, d), n (B, Hm, F), m (B, Hm, 1): Hm the mLSTM's heads, F its features
     pos: int = 0  # tokens consumed
     sink_rope: tuple | None = None  # cos, sin (B, 1, d) at min(pos, S + W - 1), set per step by the driver
 
@@ -246,7 +246,7 @@ def mixer_forward(mx, x: torch.Tensor, position_embeddings) -> torch.Tensor:
         qm, km = (q, k.repeat_interleave(rep, 1)) if mx.mlstm_rope else (q0, k0.repeat_interleave(rep, 1))
         h = mx.mix(x, q, k.repeat_interleave(rep, 1), v.repeat_interleave(rep, 1),
                    mx.sink_queries(q0, k0, cos, sin, rope), qm, km, states=states if mx.branches != "window" else None)
-        st.mlstm = states[0] if states else None
+        st.mlstm = mx.keep_state(states[0]) if states else None
         # copies, not views: a view of the prompt's keys would keep all T of them alive (measured: 10 GiB at 32k x 8)
         st.sink_k, st.sink_v = k[:, :, :mx.sinks].clone(), v[:, :, :mx.sinks].clone()
         st.win_k, st.win_v = k[:, :, -mx.window:].clone(), v[:, :, -mx.window:].clone()
@@ -302,11 +302,10 @@ def _mlstm_step(mx, x, qm, km, v, st: MixerState) -> torch.Tensor:
     """One mLSTM step with mlstm_kernels' recurrent kernel (the chunkwise kernel's own equations): (B, H, 1, d)."""
     from mlstm_kernels.torch.recurrent.native_step import mlstm_recurrent_step__native
 
-    from tcache.student.hybrid import hedgehog
-
-    qf, kf = hedgehog(qm, mx.phi_q)[:, :, 0], hedgehog(km, mx.phi_k)[:, :, 0]  # (B, H, 2d) x2
+    qf, kf = (t[:, :, 0] for t in mx.features(qm, km))  # (B, H, F) x2
     i, f = (g.float()[:, 0, :, None] for g in mx.gates(x))  # (B, H, 1) x2
-    c, n, m = st.mlstm
+    c, n, m = mx.head_state(st.mlstm)
     # eps as the chunkwise kernel of HybridStudent.set_kernel (1e-12)
-    h, st.mlstm = mlstm_recurrent_step__native(qf, kf, v[:, :, 0].float(), i, f, c, n, m, eps=1e-12)
+    h, new = mlstm_recurrent_step__native(qf, kf, v[:, :, 0].float(), i, f, c, n, m, eps=1e-12)
+    st.mlstm = mx.keep_state(new)
     return h[:, :, None]  # (B, H, 1, d)

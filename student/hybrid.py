@@ -59,6 +59,10 @@ class HybridConfig:
     """Hedgehog features per head fed to the mLSTM as q and k (--feature-dim): two softmaxes of F/2 each over a
     learned (d, F/2) map. None: 2d (the map square, identity at init). The mLSTM state C is (F, d) per head, so F
     sets its size: the state of the quality / state frontier (benchmarks/frontier.py)."""
+    mlstm_heads: str = "query"
+    """The mLSTM's heads (--mlstm-heads): query (one state per query head, H) or kv (one per key / value head, Hkv,
+    as GQA shares keys: the key feature map and the gates per kv head, each query head reading its group's state;
+    the decode state H / Hkv times smaller)."""
     mlstm_rope: bool = False
     """Feed the mLSTM branch and the output gate RoPE-rotated q, k (--mlstm-rope); by default they get the
     unrotated projections, so nothing outside the window depends on absolute position (see docs/hybrid.md)."""
@@ -111,23 +115,26 @@ class HybridMixer(nn.Module):
         self.layer_idx = getattr(attn, "layer_idx", None)
         self.head_dim = attn.head_dim
         self.scaling = attn.scaling
+        if cfg.mlstm_heads not in ("query", "kv"):
+            raise TcacheError(f"--mlstm-heads {cfg.mlstm_heads!r} is unknown; use query or kv")
         self.H, self.Hkv = num_heads, num_kv_heads
+        self.Hm = num_kv_heads if cfg.mlstm_heads == "kv" else num_heads  # heads of the mLSTM state
         self.window, self.sinks, self.branches, self.mlstm_rope = cfg.window, cfg.sinks, cfg.branches, cfg.mlstm_rope
         d = self.head_dim
         # the only parameters that do not come from the teacher
         half = feature_dim(cfg, d) // 2
         # identity at init (the first F/2 of the head's dims when F/2 < d; zero columns beyond d when F/2 > d)
         self.phi_q = nn.Parameter(torch.eye(d, half).repeat(num_heads, 1, 1))  # (H, d, F/2)
-        self.phi_k = nn.Parameter(torch.eye(d, half).repeat(num_heads, 1, 1))  # (H, d, F/2)
-        self.igate = nn.Linear(hidden_size, num_heads)
-        self.fgate = nn.Linear(hidden_size, num_heads)
+        self.phi_k = nn.Parameter(torch.eye(d, half).repeat(self.Hm, 1, 1))  # (Hm, d, F/2)
+        self.igate = nn.Linear(hidden_size, self.Hm)
+        self.fgate = nn.Linear(hidden_size, self.Hm)
         self.ogate_w = nn.Parameter(torch.zeros(num_heads, 3 * d))  # (H, 3d)
         self.ogate_b = nn.Parameter(torch.zeros(num_heads))  # (H,)
         with torch.no_grad():  # xLSTM's gate init (zero weights, forget bias 3..6), input bias raised: see below
             nn.init.zeros_(self.igate.weight)
             nn.init.normal_(self.igate.bias, mean=init_igate_bias(d, cfg.igate_bias, 2 * half), std=0.1)
             nn.init.zeros_(self.fgate.weight)
-            self.fgate.bias.copy_(torch.linspace(*cfg.fgate_bias, num_heads))
+            self.fgate.bias.copy_(torch.linspace(*cfg.fgate_bias, self.Hm))
         self.mode = "hybrid"
         self.mlstm_fn = None  # set by HybridStudent.set_kernel
         self.cache = None  # a decode.MixerState while generating
@@ -146,11 +153,34 @@ class HybridMixer(nn.Module):
         align-1 kernel, 24 us a call at batch 8 on an H200, a third of the captured decode step's time
         (benchmarks/results/speed-h200-static/run3's step profile). Stacked and padded with zero rows to a multiple
         of 8 outputs, the two weights make one aligned GEMM; the parameters (and checkpoints) stay igate / fgate."""
-        H, pad = self.H, -(2 * self.H) % 8
+        H, pad = self.Hm, -(2 * self.Hm) % 8
         w = torch.cat([self.igate.weight, self.fgate.weight, self.igate.weight.new_zeros(pad, x.shape[-1])])
         b = torch.cat([self.igate.bias, self.fgate.bias, self.igate.bias.new_zeros(pad)])
-        g = F.linear(x, w, b)  # (..., 2H + pad)
-        return g[..., :H], g[..., H:2 * H]
+        g = F.linear(x, w, b)  # (..., 2Hm + pad)
+        i, f = g[..., :H], g[..., H:2 * H]  # (..., Hm) x2
+        if self.Hm != self.H:  # kv heads: each query head of a group gets its group's gates
+            i, f = (t.repeat_interleave(self.H // self.Hm, -1) for t in (i, f))  # (..., H) x2
+        return i, f
+
+    def features(self, qm: torch.Tensor, km: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The mLSTM's Hedgehog features (B, H, T, F) x2 of its q, k (B, H, T, d); with kv heads the key map runs
+        once per group (km repeats the kv head's keys within a group) and its features are repeated to the group's
+        query heads, so the group's H / Hkv mLSTM states are equal: decode keeps one (keep_state)."""
+        qf = hedgehog(qm, self.phi_q)  # (B, H, T, F)
+        if self.Hm == self.H:
+            return qf, hedgehog(km, self.phi_k)
+        r = self.H // self.Hm
+        return qf, hedgehog(km[:, ::r], self.phi_k).repeat_interleave(r, 1)  # (B, H, T, F)
+
+    def keep_state(self, state: tuple) -> tuple:
+        """The mLSTM state decode keeps: C (B, Hm, F, d), n, m of a state over the H heads (one per group)."""
+        r = self.H // self.Hm
+        return state if r == 1 else tuple(t[:, ::r] for t in state)
+
+    def head_state(self, state: tuple) -> tuple:
+        """keep_state's inverse: the kept state over the H heads (each group's repeated)."""
+        r = self.H // self.Hm
+        return state if r == 1 else tuple(t.repeat_interleave(r, 1) for t in state)
 
     def forward(self, hidden_states: torch.Tensor, position_embeddings=None, attention_mask=None, **kwargs):
         from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
@@ -177,7 +207,7 @@ class HybridMixer(nn.Module):
                 with torch.no_grad():
                     full = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=self.scaling)
                 # the feature maps of the mLSTM branch, on its own q, k (B, H, T, 2d), if the loss needs them
-                features = lambda: (hedgehog(qm, self.phi_q), hedgehog(km, self.phi_k))  # noqa: E731
+                features = lambda: self.features(qm, km)  # noqa: E731
                 self.last_mse, self.last_weights_ce, self.last_match = stage_one_losses(
                     self.match_loss, h, full, features, q, k, self.scaling)
                 h = full  # teacher forcing: the next layer sees the teacher's own input
@@ -225,7 +255,7 @@ class HybridMixer(nn.Module):
         # chunkwise kernel reads; fp32 stays fp32), the gates in fp32 as mlstm_kernels expects; the kernel
         # accumulates in fp32 either way. TCACHE_MLSTM_INPUTS=fp32 feeds fp32 as before (for benchmarks).
         dt = torch.float32 if os.environ.get(MLSTM_INPUTS_ENV) == "fp32" else v.dtype
-        qf, kf = hedgehog(qm, self.phi_q).to(dt), hedgehog(km, self.phi_k).to(dt)  # (B, H, T, 2d) x2
+        qf, kf = (t.to(dt) for t in self.features(qm, km))  # (B, H, T, F) x2
         i, f = (g.float().transpose(1, 2) for g in self.gates(x))  # (B, H, T) x2
         if states is None:
             m = self.mlstm_fn(qf, kf, v.to(dt), i.unsqueeze(-1), f.unsqueeze(-1))  # (B, H, T, d)

@@ -84,7 +84,7 @@ class StaticMixer:
     sink_v: torch.Tensor  # (B, Hkv, S, d)
     win_k: torch.Tensor  # (B, Hkv, W, d) ring buffer: position t at slot t % W
     win_v: torch.Tensor  # (B, Hkv, W, d)
-    mlstm: tuple | None  # C (B, H, 2d, d), n (B, H, 2d), m (B, H, 1)
+    mlstm: tuple | None  # C (B, Hm, F, d), n (B, Hm, F), m (B, Hm, 1)
     pos: torch.Tensor  # (1,) int64, shared by all layers: the position of the token being stepped
     sink_rope: tuple | None = None  # cos, sin (B, 1, d) at min(pos, S + W - 1), set per step
 
@@ -305,11 +305,9 @@ def _mlstm(mx, x, qm, km, v, st: StaticMixer) -> torch.Tensor:
     """One mLSTM step (mlstm_kernels' recurrent step, the chunkwise kernel's equations) into the fixed C, n, m."""
     from mlstm_kernels.torch.recurrent.native_step import mlstm_recurrent_step__native
 
-    from tcache.student.hybrid import hedgehog
-
-    qf, kf = hedgehog(qm, mx.phi_q)[:, :, 0], hedgehog(km, mx.phi_k)[:, :, 0]  # (B, H, 2d) x2
+    qf, kf = (t[:, :, 0] for t in mx.features(qm, km))  # (B, H, F) x2
     i, f = (g.float()[:, 0, :, None] for g in mx.gates(x))  # (B, H, 1) x2
-    c, n, m = st.mlstm
+    c, n, m = mx.head_state(st.mlstm)  # (B, H, F, d), ...: views of the fixed buffers, or their groups repeated
     h, new = mlstm_recurrent_step__native(qf, kf, v[:, :, 0].float(), i, f, c, n, m, eps=1e-12)
-    _copy(st.mlstm, new)
+    _copy(st.mlstm, mx.keep_state(new))
     return h[:, :, None]  # (B, H, 1, d)

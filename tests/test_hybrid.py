@@ -99,9 +99,12 @@ def reference_mix(x, q, k, v, mixer: HybridMixer, q_sink=None, qm=None, km=None)
 
     qm = q if qm is None else qm.double()
     km = k if km is None else km.double()
-    qf, kf = phi(qm, mixer.phi_q), phi(km, mixer.phi_k)  # (B, H, T, 2d)
-    i_pre = (x @ mixer.igate.weight.double().T + mixer.igate.bias.double()).transpose(1, 2)  # (B, H, T)
-    logf = F.logsigmoid((x @ mixer.fgate.weight.double().T + mixer.fgate.bias.double()).transpose(1, 2))
+    r = H // mixer.phi_k.shape[0]  # --mlstm-heads kv: the key map and the gates per kv head, shared by its group
+    wi, bi, wf, bf = (t.double().repeat_interleave(r, 0) for t in (mixer.igate.weight, mixer.igate.bias,
+                                                                    mixer.fgate.weight, mixer.fgate.bias))
+    qf, kf = phi(qm, mixer.phi_q), phi(km, mixer.phi_k.repeat_interleave(r, 0))  # (B, H, T, F)
+    i_pre = (x @ wi.T + bi).transpose(1, 2)  # (B, H, T)
+    logf = F.logsigmoid((x @ wf.T + bf).transpose(1, 2))
     cum = torch.cumsum(logf, -1)  # (B, H, T)
     # D[i, j] = exp(sum_{j < t <= i} log f_t + i_j) for j <= i
     logD = cum[..., :, None] - cum[..., None, :] + i_pre[..., None, :]  # (B, H, T, T)
@@ -115,17 +118,22 @@ def reference_mix(x, q, k, v, mixer: HybridMixer, q_sink=None, qm=None, km=None)
     return o * m + (1 - o) * swa
 
 
-@pytest.mark.parametrize("T,window,sinks,fdim", [(40, 8, 4, None), (64, 16, 0, None), (33, 64, 2, None),
-                                                 (50, 4, 3, None), (40, 8, 4, 16), (50, 4, 3, 48)])
-def test_mixer_matches_a_float64_reference(T, window, sinks, fdim):
+@pytest.mark.parametrize("T,window,sinks,fdim,heads", [(40, 8, 4, None, "query"), (64, 16, 0, None, "query"),
+                                                       (33, 64, 2, None, "query"), (50, 4, 3, None, "query"),
+                                                       (40, 8, 4, 16, "query"), (50, 4, 3, 48, "query"),
+                                                       (40, 8, 4, None, "kv"), (50, 4, 3, 16, "kv")])
+def test_mixer_matches_a_float64_reference(T, window, sinks, fdim, heads):
     """HybridMixer.mix (mlstm_kernels' chunkwise kernel, SDPA with the window mask) against the equations
     written out in float64: quadratic mLSTM with its normaliser, masked softmax, per-head output gate; at the
-    default Hedgehog feature dim (2d = 32) and at --feature-dim 16 and 48 (a smaller / larger mLSTM state)."""
+    default Hedgehog feature dim (2d = 32) and at --feature-dim 16 and 48 (a smaller / larger mLSTM state), with the
+    mLSTM over the query heads and over the kv heads (--mlstm-heads kv: its keys the kv head's, as the layer gives)."""
     torch.manual_seed(0)
     cfg = LlamaConfig(vocab_size=64, hidden_size=48, intermediate_size=64, num_hidden_layers=1,
                       num_attention_heads=3, num_key_value_heads=1, head_dim=16)
-    student = HybridStudent(LlamaForCausalLM(cfg), HybridConfig(window=window, sinks=sinks, feature_dim=fdim))
+    student = HybridStudent(LlamaForCausalLM(cfg), HybridConfig(window=window, sinks=sinks, feature_dim=fdim,
+                                                                mlstm_heads=heads))
     assert student.mixers[0].phi_q.shape == (3, 16, (fdim or 32) // 2)
+    assert student.mixers[0].phi_k.shape[0] == (1 if heads == "kv" else 3)
     student.set_kernel(torch.device("cpu"))
     m = student.mixers[0]
     with torch.no_grad():
@@ -133,6 +141,8 @@ def test_mixer_matches_a_float64_reference(T, window, sinks, fdim):
             p.add_(0.3 * torch.randn_like(p))
         x = torch.randn(2, T, 48)
         q, k, v, q_sink, qm, km = (torch.randn(2, 3, T, 16) for _ in range(6))
+        if heads == "kv":  # one kv head: the layer hands the mLSTM that head's keys repeated to its 3 query heads
+            km = km[:, :1].expand(-1, 3, -1, -1)
         q_sink = q_sink if T > window + sinks - 1 and sinks else None  # sinks at StreamingLLM's cache positions
         got = m.mix(x, q, k, v, q_sink, qm, km)
     ref = reference_mix(x, q, k, v, m, q_sink, qm, km)
@@ -376,9 +386,11 @@ def test_feature_dim_is_validated_in_one_line_naming_the_flag(tmp_path, shared_c
     assert len(errors) == 1 and "--feature-dim" in errors[0], r.output
 
 
-def test_a_smaller_feature_dim_decodes_as_its_full_forward():
-    """A hybrid at --feature-dim 16 (head dim 8: half the default state): its recurrent decode steps (decode.py and
-    the static state) give its full forward's logits, and the mLSTM state is (16, d) per head."""
+@pytest.mark.parametrize("fdim, heads", [(16, "query"), (None, "kv"), (16, "kv")])
+def test_a_smaller_mlstm_state_decodes_as_its_full_forward(fdim, heads):
+    """A hybrid at --feature-dim 16 (head dim 8: half the default state) and / or --mlstm-heads kv (2 states for 4
+    query heads): its recurrent decode steps (decode.py and the static state) give its full forward's logits, and
+    the kept mLSTM state is (Hm, F, d)."""
     from tcache.student import decode
     from tcache.student.static_decode import StaticDecoder
 
@@ -386,7 +398,7 @@ def test_a_smaller_feature_dim_decodes_as_its_full_forward():
     lm = LlamaForCausalLM(LlamaConfig(vocab_size=97, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256))
     lm.config._attn_implementation = "sdpa"
-    model = HybridStudent(lm, HybridConfig(window=6, sinks=2, feature_dim=16)).eval()
+    model = HybridStudent(lm, HybridConfig(window=6, sinks=2, feature_dim=fdim, mlstm_heads=heads)).eval()
     model.set_kernel(torch.device("cpu"))
     with torch.no_grad():
         for mx in model.mixers:
@@ -394,8 +406,11 @@ def test_a_smaller_feature_dim_decodes_as_its_full_forward():
         ids = torch.randint(0, 97, (2, 20), generator=torch.Generator().manual_seed(1))
         full, _ = model(ids)  # (2, 20, V): the parallel forward (chunkwise mLSTM, blocked window)
         _, state = decode.prefill(model, ids[:, :12])
-        assert state.layers[0].mlstm[0].shape[-2:] == (16, 8)
+        _, ref = decode.prefill(model, ids[:, :12])
+        assert state.layers[0].mlstm[0].shape[1:] == (2 if heads == "kv" else 4, fdim or 16, 8)
         static = StaticDecoder(model, state, capture=False)
         for t in range(12, 20):
             got = static.step(ids[:, t:t + 1])  # (2, 1, V): the logits after token t
             torch.testing.assert_close(got[:, 0], full[:, t], atol=1e-4, rtol=1e-4)
+            torch.testing.assert_close(decode.step(model, ids[:, t:t + 1], ref)[:, 0], full[:, t], atol=1e-4,
+                                       rtol=1e-4)
