@@ -72,6 +72,7 @@ RUNS = {
     # stage II) and the quality / state frontier (windows 16..256, window-only against the hybrid, full layers)
     "hybrid-f64": ("hybrid", ["--window", "32", "--feature-dim", "64"], None),
     "hybrid-f32": ("hybrid", ["--window", "32", "--feature-dim", "32"], None),
+    "hybrid-joint": ("hybrid", ["--window", "32", "--mix", "joint"], None),
     "hybrid-kv": ("hybrid", ["--window", "32", "--mlstm-heads", "kv"], None),
     "hybrid-kv-f64": ("hybrid", ["--window", "32", "--mlstm-heads", "kv", "--feature-dim", "64"], None),
     "hybrid-weights": ("hybrid", ["--window", "32", "--match-loss", "weights"], None),
@@ -85,7 +86,7 @@ RUNS = {
        for w in (16, 64, 128, 256)},
 }
 PRESETS = {
-    "issue24": ["hybrid", "window-only", "hybrid-f64", "hybrid-f32", "hybrid-kv", "hybrid-kv-f64", "hybrid-weights", "hybrid-match-both",
+    "issue24": ["hybrid", "window-only", "hybrid-joint", "hybrid-f64", "hybrid-f32", "hybrid-kv", "hybrid-kv-f64", "hybrid-weights", "hybrid-match-both",
                 "hybrid-lora", "hybrid-w16", "hybrid-w64", "hybrid-w128", "hybrid-w256", "hybrid-full1",
                 "hybrid-full2", "window-only-w16", "window-only-w64", "window-only-w128", "window-only-w256"],
 }

@@ -12,6 +12,8 @@ from tcache.fields import opt
 from tcache.student.match_loss import MATCH_LOSSES
 
 MLSTM_HEADS = ("query", "kv")
+MIXES = ("gate", "joint")
+"""--mix: the hybrid's output gate between its branches, or LoLCATs' joint normalisation (student/joint.py)."""
 """--mlstm-heads: the hybrid mLSTM's states per query head or per key / value head (student/hybrid.py)."""
 from tcache.student.losses import KD_TAILS
 from tcache.student.model import MLSTM_KERNELS, SLSTM_BACKENDS, StudentConfig, roundup
@@ -138,6 +140,10 @@ class DistillConfig:
     mlstm_heads: str = opt("query", choices=MLSTM_HEADS)
     """Hybrid recipe: the mLSTM's heads: query (one state per query head) or kv (one per key / value head, shared
     by its group of query heads: a decode state H / Hkv times smaller)."""
+    mix: str = opt("gate", choices=MIXES)
+    """Hybrid recipe: how the window and the mLSTM combine: gate (a per-head output gate, the default) or joint
+    (LoLCATs: one softmax denominator over the window's scores and the mLSTM's linear scores outside the window;
+    quadratic in T like LoLCATs' training form, and generate() re-runs the full forward per token)."""
     mlstm_rope: bool = False
     """Hybrid recipe: give the mLSTM branch RoPE-rotated q and k (the paper's reading) instead of unrotated."""
     match_loss: str = opt("output", choices=MATCH_LOSSES)
@@ -272,7 +278,7 @@ class DistillConfig:
         for flag, choices, v in (("--kd-tail", KD_TAILS, self.kd_tail), ("--compile", COMPILE_MODES, self.compile),
                                  ("--precision", PRECISIONS, self.precision), ("--train", TRAIN_CHOICES, self.train),
                                  ("--match-loss", MATCH_LOSSES, self.match_loss),
-                                 ("--mlstm-heads", MLSTM_HEADS, self.mlstm_heads)):
+                                 ("--mlstm-heads", MLSTM_HEADS, self.mlstm_heads), ("--mix", MIXES, self.mix)):
             if v not in choices:
                 raise TcacheError(f"{flag} {v!r} is unknown; use one of {', '.join(choices)}")
         if self.match_loss != "output" and not any(s.loss == "match" for s in recipe.stages):
@@ -281,6 +287,9 @@ class DistillConfig:
         if self.match_loss != "output" and self.branches == "window":
             raise TcacheError(f"--match-loss {self.match_loss} trains the mLSTM's feature maps; --branches window has "
                               "none: use --branches both or mlstm, or drop --match-loss")
+        if self.mix != "gate" and (recipe.model != "hybrid" or self.branches != "both"):
+            raise TcacheError(f"--mix {self.mix} combines the hybrid recipe's two branches; use it with --recipe "
+                              "hybrid and --branches both, or drop --mix")
         if self.mlstm_heads != "query" and recipe.model != "hybrid":
             raise TcacheError(f"--mlstm-heads sets the hybrid recipe's mLSTM heads; the {self.recipe} recipe has its "
                               "own blocks: use --recipe hybrid or drop --mlstm-heads")

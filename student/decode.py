@@ -204,9 +204,9 @@ def _keep_slstm_state(st: dict):
 def _hybrid_run(model, ids: torch.Tensor, state: DecodeState, keep: int = 0) -> torch.Tensor:
     """The converted teacher's own forward (transformers' layers, norms, MLPs) with each mixer reading and
     writing its MixerState; RoPE positions continue from the state."""
-    if model.cfg.full_attention_layers:
+    if not model.recurrent:
         raise TcacheError("generation with a recurrent state is not built for --full-attention-layers (their KV "
-                          "cache grows with the prefix); generate with use_cache=False")
+                          "cache grows with the prefix) nor for --mix joint; generate with use_cache=False")
     lm, B, T = model.lm, ids.shape[0], ids.shape[1]
     pos = torch.arange(state.pos, state.pos + T, device=ids.device)[None].expand(B, -1)  # (B, T)
     last = model.cfg.sinks + model.cfg.window - 1

@@ -55,7 +55,7 @@ def build_hybrid(cfg: DistillConfig, manifest, device: torch.device, budget: int
     hcfg = HybridConfig(window=cfg.window, sinks=cfg.sinks, full_attention_layers=list(cfg.full_attention_layers),
                         mlstm_kernel=cfg.mlstm_kernel if cfg.mlstm_kernel != "parallel" else "auto",
                         branches=cfg.branches, mlstm_rope=cfg.mlstm_rope, igate_bias=cfg.igate_bias,
-                        feature_dim=cfg.feature_dim, mlstm_heads=cfg.mlstm_heads)
+                        feature_dim=cfg.feature_dim, mlstm_heads=cfg.mlstm_heads, mix=cfg.mix)
     torch.manual_seed(cfg.seed)
     model = load_hybrid(str(Path(cfg.cache) / schema.TEACHER_DIR), hcfg)
     lora = None

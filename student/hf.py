@@ -142,8 +142,7 @@ class TcacheStudentForCausalLM(PreTrainedModel, GenerationMixin):
             logits = cache.step(input_ids)  # (B, 1, V): fixed buffers, a CUDA graph replay on CUDA
         elif use_cache and cache is not None:
             logits = decode.step(self.student, input_ids, cache)  # (B, T, V)
-        elif use_cache and not self.training and not (self.config.family == "hybrid"
-                                                      and self.student.cfg.full_attention_layers):
+        elif use_cache and not self.training and getattr(self.student, "recurrent", True):
             logits, cache = decode.prefill(self.student, input_ids, logits_to_keep)  # (B, T or keep, V)
             if static_decode.enabled(input_ids.device) and static_decode.supported(self.student):
                 cache = self._static(cache)
@@ -236,6 +235,6 @@ def _write_export(hf: "TcacheStudentForCausalLM", student_dir: Path, work: Path)
     gen = GenerationConfig(bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
                            pad_token_id=tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id)
     student = hf.student
-    if student.family == "hybrid" and student.cfg.full_attention_layers:
-        gen.use_cache = False  # decode.prefill refuses them: their KV cache would grow
+    if not getattr(student, "recurrent", True):
+        gen.use_cache = False  # decode.prefill refuses them: a full-attention layer's KV cache would grow
     gen.save_pretrained(work)

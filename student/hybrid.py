@@ -63,6 +63,10 @@ class HybridConfig:
     """The mLSTM's heads (--mlstm-heads): query (one state per query head, H) or kv (one per key / value head, Hkv,
     as GQA shares keys: the key feature map and the gates per kv head, each query head reading its group's state;
     the decode state H / Hkv times smaller)."""
+    mix: str = "gate"
+    """How the branches combine (--mix): gate (a per-head output gate between the two normalised branches) or
+    joint (LoLCATs' one denominator over the window's softmax and the linear scores outside it: student/joint.py;
+    generation then runs the full forward per token)."""
     mlstm_rope: bool = False
     """Feed the mLSTM branch and the output gate RoPE-rotated q, k (--mlstm-rope); by default they get the
     unrotated projections, so nothing outside the window depends on absolute position (see docs/hybrid.md)."""
@@ -117,9 +121,13 @@ class HybridMixer(nn.Module):
         self.scaling = attn.scaling
         if cfg.mlstm_heads not in ("query", "kv"):
             raise TcacheError(f"--mlstm-heads {cfg.mlstm_heads!r} is unknown; use query or kv")
+        if cfg.mix not in ("gate", "joint") or (cfg.mix == "joint" and cfg.branches != "both"):
+            raise TcacheError(f"--mix {cfg.mix!r} with --branches {cfg.branches}: use --mix gate or joint, joint with "
+                              "--branches both (it mixes both branches)")
         self.H, self.Hkv = num_heads, num_kv_heads
         self.Hm = num_kv_heads if cfg.mlstm_heads == "kv" else num_heads  # heads of the mLSTM state
         self.window, self.sinks, self.branches, self.mlstm_rope = cfg.window, cfg.sinks, cfg.branches, cfg.mlstm_rope
+        self.mix_form = cfg.mix
         d = self.head_dim
         # the only parameters that do not come from the teacher
         half = feature_dim(cfg, d) // 2
@@ -247,6 +255,13 @@ class HybridMixer(nn.Module):
         mLSTM's state after the last position (generation's prefill)."""
         qm = q if qm is None else qm
         km = k if km is None else km
+        if self.mix_form == "joint":  # LoLCATs' one denominator; no recurrent state to hand back
+            from tcache.student.joint import joint_attention
+
+            qf, kf = self.features(qm, km)  # (B, H, T, F) x2
+            i, f = (g.float().transpose(1, 2) for g in self.gates(x))  # (B, H, T) x2
+            return joint_attention(q, k, v, q_sink, qf, kf, i, f, self.ogate_b, self.window, self.sinks,
+                                   self.scaling)  # (B, H, T, d)
         if self.branches != "mlstm":
             swa = self.window_attention(q, k, v, q_sink)  # (B, H, T, d)
             if self.branches == "window":
@@ -312,6 +327,12 @@ class HybridStudent(nn.Module):
         self.kernels = {"mlstm": cfg.mlstm_kernel, "window": "sdpa"}
 
     family = "hybrid"
+
+    @property
+    def recurrent(self) -> bool:
+        """Whether generation can run from a bounded recurrent state (decode.py): not with full-attention layers
+        (their KV cache grows) nor with --mix joint (not built for it)."""
+        return not self.cfg.full_attention_layers and self.cfg.mix == "gate"
 
     @property
     def head(self) -> nn.Module:

@@ -414,3 +414,94 @@ def test_a_smaller_mlstm_state_decodes_as_its_full_forward(fdim, heads):
             torch.testing.assert_close(got[:, 0], full[:, t], atol=1e-4, rtol=1e-4)
             torch.testing.assert_close(decode.step(model, ids[:, t:t + 1], ref)[:, 0], full[:, t], atol=1e-4,
                                        rtol=1e-4)
+
+
+def reference_joint(x, q, k, v, mixer: HybridMixer, q_sink, qm, km) -> torch.Tensor:
+    """--mix joint written out in float64, weight by weight (LoLCATs' hybrid attention with the mLSTM's decay as
+    products of forget gates): y_t = sum_j w_tj v_j / sum_j w_tj."""
+    x, q, k, v, qm, km = (t.double() for t in (x, q, k, v, qm, km))
+    qs = q if q_sink is None else q_sink.double()
+    B, H, T, d = q.shape
+    r = H // mixer.phi_k.shape[0]
+
+    def phi(t, w):
+        z = torch.einsum("bhtd,hde->bhte", t, w.double())
+        return torch.cat([torch.softmax(z, -1), torch.softmax(-z, -1)], -1)
+
+    qf, kf = phi(qm, mixer.phi_q), phi(km[:, ::r], mixer.phi_k).repeat_interleave(r, 1)  # (B, H, T, F)
+    wi, bi, wf, bf = (t.double().repeat_interleave(r, 0) for t in (mixer.igate.weight, mixer.igate.bias,
+                                                                    mixer.fgate.weight, mixer.fgate.bias))
+    ig = (x @ wi.T + bi).transpose(1, 2)  # (B, H, T)
+    fg = torch.sigmoid((x @ wf.T + bf).transpose(1, 2))  # (B, H, T)
+    share = torch.sigmoid(mixer.ogate_b.double())[None, :]  # (1, H)
+    out = torch.zeros(B, H, T, d, dtype=torch.float64)
+    for t in range(T):
+        num, den = torch.zeros(B, H, d, dtype=torch.float64), torch.zeros(B, H, dtype=torch.float64)
+        for j in range(t + 1):
+            if t - j < mixer.window:
+                w = share * torch.exp((q[:, :, t] * k[:, :, j]).sum(-1) * mixer.scaling)
+            elif j < mixer.sinks:
+                w = share * torch.exp((qs[:, :, t] * k[:, :, j]).sum(-1) * mixer.scaling)
+            else:
+                decay = torch.exp(ig[:, :, j]) * torch.prod(fg[:, :, j + 1:t + 1], -1)
+                w = (1 - share) * (qf[:, :, t] * kf[:, :, j]).sum(-1) / math.sqrt(qf.shape[-1]) * decay
+            num, den = num + w[..., None] * v[:, :, j], den + w
+        out[:, :, t] = num / den[..., None]
+    return out
+
+
+@pytest.mark.parametrize("T,window,sinks,heads", [(40, 8, 4, "query"), (33, 6, 0, "query"), (20, 32, 2, "query"),
+                                                  (70, 8, 3, "kv")])
+def test_joint_mix_matches_a_float64_reference(T, window, sinks, heads):
+    """--mix joint (student/joint.py, blocked over queries) against its equations written out weight by weight in
+    float64, below and beyond the window, with and without sinks, over query and kv mLSTM heads; and it is a
+    different function from the gate mix."""
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=64, hidden_size=48, intermediate_size=64, num_hidden_layers=1,
+                      num_attention_heads=3, num_key_value_heads=1, head_dim=16)
+    student = HybridStudent(LlamaForCausalLM(cfg), HybridConfig(window=window, sinks=sinks, mix="joint",
+                                                                mlstm_heads=heads))
+    student.set_kernel(torch.device("cpu"))
+    m = student.mixers[0]
+    with torch.no_grad():
+        for p in m.new_parameters():
+            p.add_(0.3 * torch.randn_like(p))
+        x = torch.randn(2, T, 48)
+        q, k, v, q_sink, qm, km = (torch.randn(2, 3, T, 16) for _ in range(6))
+        km = km[:, :1].expand(-1, 3, -1, -1) if heads == "kv" else km
+        q_sink = q_sink if T > window + sinks - 1 and sinks else None
+        got = m.mix(x, q, k, v, q_sink, qm, km)
+        m.mix_form = "gate"
+        gate = m.mix(x, q, k, v, q_sink, qm, km)
+    ref = reference_joint(x, q, k, v, m, q_sink, qm, km)
+    assert ((got.double() - ref).abs().max() / ref.abs().max()) < 1e-5
+    if T > window:  # beyond the window the two forms differ
+        assert ((gate.double() - ref).abs().max() / ref.abs().max()) > 1e-2
+
+
+def test_joint_mix_trains_and_generates_through_the_full_forward(tmp_path, hybrid_cache):
+    """tcache distill --recipe hybrid --mix joint runs both stages and exports; the exported model generates through
+    its full forward (no recurrent state is built for this form, and decode.prefill says so in one line): its
+    greedy tokens are the argmax of the saved student's own forward, token by token."""
+    from transformers import AutoModelForCausalLM
+
+    from tcache.student import decode
+    from tcache.student.io import load_student
+
+    out, hf_dir = tmp_path / "joint", tmp_path / "hf"
+    r = run("distill", hybrid_cache, "--out", out, "--recipe", "hybrid", "--mix", "joint", "--steps", 2,
+            "--stage1-tokens", 256, "--batch-size", 2, "--grad-accum", 1, "--window", 8, "--sinks", 2,
+            "--export", hf_dir)
+    assert r.exit_code == 0, r.output
+    student, _ = load_student(out, torch.device("cpu"))
+    assert student.cfg.mix == "joint" and not student.recurrent
+    prompt = torch.randint(0, 256, (1, 12), generator=torch.Generator().manual_seed(0))
+    with pytest.raises(TcacheError, match="--mix joint"):
+        decode.prefill(student, prompt)
+    model = AutoModelForCausalLM.from_pretrained(hf_dir, trust_remote_code=True).eval()
+    with torch.no_grad():
+        got = model.generate(prompt, max_new_tokens=4, do_sample=False)[0, 12:]
+        ids = prompt
+        for _ in range(4):
+            ids = torch.cat([ids, student(ids)[0][:, -1:].argmax(-1)], 1)
+    assert got.tolist() == ids[0, 12:].tolist()
