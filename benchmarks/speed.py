@@ -185,7 +185,7 @@ def build(row: str, shape: dict, device: torch.device, dtype: torch.dtype):
     def make():
         from transformers import LlamaConfig, LlamaForCausalLM
 
-        from tcache.student.config import _v1_sizes, _v2_sizes
+        from tcache.student.recipes import _v1_sizes, _v2_sizes
         from tcache.student.hf import to_hf
         from tcache.student.hybrid import HybridConfig, HybridStudent
         from tcache.student.model import Student, StudentConfig

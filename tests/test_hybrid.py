@@ -17,7 +17,8 @@ from promises import Case
 from tcache.cli.main import main
 from tcache.errors import TcacheError
 from tcache.student.config import DistillConfig
-from tcache.student.hybrid import HybridConfig, HybridMixer, HybridStudent
+from tcache.student.hybrid import HybridConfig, HybridStudent
+from tcache.student.mixer import HybridMixer
 from tcache.student.io import load_student
 from tcache.student.train import distill
 from conftest import build_cache

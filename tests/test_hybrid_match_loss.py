@@ -17,7 +17,8 @@ from tcache.cli.main import main
 from tcache.errors import TcacheError
 from tcache.student.config import DistillConfig
 from tcache.student.data import CacheRows
-from tcache.student.hybrid import HybridConfig, HybridStudent, hedgehog, load_hybrid
+from tcache.student.hybrid import HybridConfig, HybridStudent, load_hybrid
+from tcache.student.mixer import hedgehog
 from tcache.student.match_loss import attention_weights_ce
 from tcache.student.io import load_student
 from tcache.student.train import distill
