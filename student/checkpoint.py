@@ -84,7 +84,9 @@ def _check_resume_config(cfg: DistillConfig, ckpt: Path) -> None:
     if "lora" not in (saved.get("train"), now["train"]):  # LoRA's options change nothing in another run (and a
         # checkpoint from before they existed has none)
         saved, now = ({k: v for k, v in d.items() if not k.startswith("lora_")} for d in (saved, now))
-    saved.setdefault("match_loss", "output")  # a checkpoint from before --match-loss trained with its default
+    # a checkpoint from before an option existed trained with its default
+    for k, v in (("match_loss", "output"), ("feature_dim", None), ("mlstm_heads", "query"), ("mix", "gate")):
+        saved.setdefault(k, v)
     diffs = sorted(k for k in set(saved) | set(now) if k not in RESUMABLE_DIFFS and saved.get(k) != now.get(k))
     if diffs:
         shown = ", ".join(f"{k}: {saved.get(k)!r} -> {now.get(k)!r}" for k in diffs[:4])

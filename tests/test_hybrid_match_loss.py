@@ -184,8 +184,11 @@ def test_a_bad_match_loss_is_one_line_naming_the_flag(tmp_path, shared_cache):
     assert len(errors) == 1 and "--match-loss" in errors[0], r.output
 
 
-def test_a_checkpoint_from_before_match_loss_resumes_with_the_default(tmp_path):
-    """A run saved before --match-loss existed (no key) resumes as `output`, and is refused with `weights`."""
+@pytest.mark.parametrize("key, other", [("match_loss", {"match_loss": "weights"}), ("feature_dim", {"feature_dim": 32}),
+                                        ("mlstm_heads", {"mlstm_heads": "kv"}), ("mix", {"mix": "joint"})])
+def test_a_checkpoint_from_before_an_option_resumes_with_its_default(tmp_path, key, other):
+    """A run saved before --match-loss / --feature-dim / --mlstm-heads / --mix existed (no key) resumes with the
+    option's default, and is refused with another value."""
     import json
 
     from tcache.errors import TcacheError
@@ -193,8 +196,8 @@ def test_a_checkpoint_from_before_match_loss_resumes_with_the_default(tmp_path):
     from tcache.student.config import DistillConfig
 
     cfg = DistillConfig(cache="c", out="o", recipe="hybrid")
-    saved = {k: v for k, v in json.loads(json.dumps(cfg.to_dict())).items() if k != "match_loss"}
+    saved = {k: v for k, v in json.loads(json.dumps(cfg.to_dict())).items() if k != key}
     (tmp_path / CONFIG_FILE).write_text(json.dumps(saved))
     _check_resume_config(DistillConfig(cache="c", out="o", recipe="hybrid"), tmp_path)
     with pytest.raises(TcacheError, match="another configuration"):
-        _check_resume_config(DistillConfig(cache="c", out="o", recipe="hybrid", match_loss="weights"), tmp_path)
+        _check_resume_config(DistillConfig(cache="c", out="o", recipe="hybrid", **other), tmp_path)
