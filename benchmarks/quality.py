@@ -86,10 +86,13 @@ RUNS = {
        for w in (16, 64, 128, 256)},
 }
 PRESETS = {
-    "issue24": ["hybrid", "window-only", "hybrid-joint", "hybrid-f64", "hybrid-f32", "hybrid-kv", "hybrid-kv-f64", "hybrid-weights", "hybrid-match-both",
-                "hybrid-lora", "hybrid-w16", "hybrid-w64", "hybrid-w128", "hybrid-w256", "hybrid-full1",
-                "hybrid-full2", "window-only-w16", "window-only-w64", "window-only-w128", "window-only-w256"],
+    # the mixer variants at W = 32 (one GPU call), and the quality / state frontier (another)
+    "issue24-mixers": ["hybrid", "window-only", "hybrid-joint", "hybrid-f64", "hybrid-f32", "hybrid-kv",
+                       "hybrid-kv-f64", "hybrid-weights", "hybrid-match-both", "hybrid-lora"],
+    "issue24-frontier": ["hybrid-w16", "hybrid-w64", "hybrid-w128", "hybrid-w256", "hybrid-full1", "hybrid-full2",
+                         "window-only-w16", "window-only-w64", "window-only-w128", "window-only-w256"],
 }
+PRESETS["issue24"] = PRESETS["issue24-mixers"] + PRESETS["issue24-frontier"]
 """--runs NAME: a named list of rows (each also gets its window cut and the teacher)."""
 DEFAULT_RUNS = ["v1", "v1-ce-only", "v2", "v2-ce-only", "scratch", "hybrid", "hybrid-w16", "hybrid-w64",
                 "hybrid-no-stage1", "hybrid-stage1-only", "hybrid-igate0", "hybrid-mlstm-only", "window-only",

@@ -184,3 +184,10 @@ def test_window_cut_covering_the_window_is_the_teacher(tmp_path, teacher_dir, te
 def test_small_window_cut_is_worse(tmp_path, teacher_dir, text):
     want = teacher_perplexity(teacher_dir, text)
     assert cut_perplexity(teacher_dir, tmp_path / "cut", text, 8) > 1.05 * want
+
+
+def test_every_preset_names_known_rows_and_the_windows_get_their_cuts():
+    """--runs presets expand to rows quality.py defines; issue 24's frontier gets a window cut per window it uses."""
+    assert all(name in quality.RUNS for rows in quality.PRESETS.values() for name in rows)
+    assert quality.PRESETS["issue24"] == quality.PRESETS["issue24-mixers"] + quality.PRESETS["issue24-frontier"]
+    assert quality.cut_windows(quality.PRESETS["issue24"]) == [16, 32, 64, 128, 256]
