@@ -61,12 +61,13 @@ def points(quality: dict, config) -> list[dict]:
         window, sinks = int(_flag(flags, "--window", "32")), int(_flag(flags, "--sinks", "4"))
         branches = "window" if cut else _flag(flags, "--branches", "both")
         full = len([x for x in (_flag(flags, "--full-attention-layers", "") or "").split(",") if x.strip()])
-        fdim, mheads = _flag(flags, "--feature-dim"), _flag(flags, "--mlstm-heads", "query")
+        fdim = int(_flag(flags, "--feature-dim", "0")) or None
+        mheads = _flag(flags, "--mlstm-heads", "query")
         out.append({"name": name, "window": window, "branches": branches, "full_attention_layers": full,
                     "trained": not cut, "x_teacher": {k: v.get("vs_teacher") for k, v in run.get("sets", {}).items()},
-                    "feature_dim": int(fdim) if fdim else None,
+                    "feature_dim": fdim,
                     "state_bytes": state_bytes(config, window, sinks, "hybrid" if branches == "both" else branches,
-                                               full, feature_dim=int(fdim) if fdim else None, mlstm_heads=mheads)})
+                                               full, feature_dim=fdim, mlstm_heads=mheads)})
     return out
 
 

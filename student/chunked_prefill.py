@@ -27,7 +27,6 @@ Between chunks the state is kept in decode.step's convention (so after any chunk
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
 from tcache.errors import TcacheError
 from tcache.student import decode, slstm_cuda
@@ -143,7 +142,7 @@ def _mlstm_from_state(st: dict, name: str, chunk_size: int = 64, eps: float = 1e
     padding), from st's mLSTM state as the kernel's initial state; leaves the last state in st."""
     from mlstm_kernels.torch import get_mlstm_kernel
 
-    from tcache.student.model import CLOSED_GATE, padded_length
+    from tcache.student.model import pad_end, padded_length
 
     kernel = get_mlstm_kernel(name)
 
@@ -159,13 +158,11 @@ def _mlstm_from_state(st: dict, name: str, chunk_size: int = 64, eps: float = 1e
         i, f = igate_preact.squeeze(-1).float(), fgate_preact.squeeze(-1).float()  # (B, NH, S) x2
         # A chunk's tail can have any length; the Triton kernel takes only 16, 32, 64 or multiples of 64 (with
         # chunk_size 64; mlstm_kernels' select_heuristic_xl_chunk_kernel_params asserts it), so the end is padded
-        # to one, as _mlstm_kernel_fn pads: closed input and open forget gates, a no-op on the outputs < S and
-        # on the last state
+        # to one, as _mlstm_kernel_fn pads (model.pad_end: a no-op on the outputs < S and on the last state)
         L = padded_length(S, chunk_size)
         pad, cs = L - S, min(chunk_size, L)
         if pad:
-            q, k, v = (F.pad(t, (0, 0, 0, pad)) for t in (q, k, v))  # (B, NH, L, DH)
-            i, f = F.pad(i, (0, pad), value=-CLOSED_GATE), F.pad(f, (0, pad), value=CLOSED_GATE)  # (B, NH, L)
+            q, k, v, i, f = pad_end(q, k, v, i, f, pad)  # (B, NH, L, DH) x3, (B, NH, L) x2
         h, (c1, n1, m1) = kernel(q=q, k=k, v=v, i=i, f=f, c_initial=c0, n_initial=n0, m_initial=m0,
                                  chunk_size=cs, autocast_kernel_dtype=torch.float32, eps=eps,
                                  return_last_states=True)

@@ -9,7 +9,6 @@ from tcache.device import PRECISIONS
 from tcache.errors import TcacheError
 from tcache.fields import opt
 from tcache.student.match_loss import MATCH_LOSSES
-
 from tcache.student.losses import KD_TAILS
 from tcache.student.model import MLSTM_KERNELS, SLSTM_BACKENDS, StudentConfig
 from tcache.student.recipes import RECIPES, Recipe, Stage

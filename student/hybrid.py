@@ -12,8 +12,8 @@ MLPs, embedding and head, loaded from the cache's teacher/ directory). phi is He
 d x d map (identity at init) followed by [softmax(z), softmax(-z)] over the feature dimension, so phi(q) .
 phi(k) >= 0 and the mLSTM normaliser stays positive. Grouped-query teachers repeat their kv heads.
 
-The mixer itself is student/mixer.py. Modes of a mixer: "hybrid" (the student), "match" (stage I: returns the teacher's own attention so every layer
-sees the teacher's input, and keeps the --match-loss terms of student/match_loss.py), "teacher" (the teacher's full
+The mixer itself is student/mixer.py. Modes of a mixer: "hybrid" (the student), "match" (stage I: returns the
+teacher's own attention so every layer sees the teacher's input, and keeps the --match-loss terms of student/match_loss.py), "teacher" (the teacher's full
 causal attention: the converted model before any change).
 """
 

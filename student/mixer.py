@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from tcache.errors import TcacheError
+from tcache.student.config import MIXES, MLSTM_HEADS
 from tcache.student.match_loss import stage_one_losses
 
 if TYPE_CHECKING:
@@ -64,9 +65,9 @@ class HybridMixer(nn.Module):
         self.layer_idx = getattr(attn, "layer_idx", None)
         self.head_dim = attn.head_dim
         self.scaling = attn.scaling
-        if cfg.mlstm_heads not in ("query", "kv"):
-            raise TcacheError(f"--mlstm-heads {cfg.mlstm_heads!r} is unknown; use query or kv")
-        if cfg.mix not in ("gate", "joint") or (cfg.mix == "joint" and cfg.branches != "both"):
+        if cfg.mlstm_heads not in MLSTM_HEADS:  # DistillConfig checks the flags; this, a HybridConfig built in code
+            raise TcacheError(f"--mlstm-heads {cfg.mlstm_heads!r} is unknown; use one of {', '.join(MLSTM_HEADS)}")
+        if cfg.mix not in MIXES or (cfg.mix == "joint" and cfg.branches != "both"):
             raise TcacheError(f"--mix {cfg.mix!r} with --branches {cfg.branches}: use --mix gate or joint, joint with "
                               "--branches both (it mixes both branches)")
         self.H, self.Hkv = num_heads, num_kv_heads

@@ -163,6 +163,15 @@ def _nvcc_available() -> bool:
     return shutil.which("nvcc") is not None or CUDA_HOME is not None
 
 
+def pad_end(q, k, v, i, f, pad: int) -> tuple:
+    """q, k, v (B, NH, S, DH) and the gate pre-activations i, f (B, NH, S) with `pad` positions appended. Exact: the
+    mLSTM is causal, so positions < S never see the padding (its outputs are cut off), and the padded gates are a
+    closed input gate and an open forget gate, so the state after the padding (a prefill's state) is the state
+    after position S - 1."""
+    q, k, v = (F.pad(t, (0, 0, 0, pad)) for t in (q, k, v))  # (B, NH, S + pad, DH)
+    return q, k, v, F.pad(i, (0, pad), value=-CLOSED_GATE), F.pad(f, (0, pad), value=CLOSED_GATE)
+
+
 def padded_length(S: int, chunk_size: int = 64) -> int:
     """The length a sequence of S tokens pads to for the Triton XL-chunk kernel: the next multiple of chunk_size
     above it, else the next power of two >= MIN_CHUNK."""
@@ -188,21 +197,16 @@ def _mlstm_kernel_fn(name: str, chunk_size: int = 64, eps: float = 1e-6):
         if "triton" in name and S % chunk_size:
             # mlstm_kernels' Triton XL-chunk kernel takes 16, 32, 64 or multiples of 64 tokens (its
             # select_heuristic_xl_chunk_kernel_params asserts it): a 40-token prompt padded to 48 failed on the H200
-            # (tests/test_static_decode.py's twin test). Padded to padded_length, exactly as below.
+            # (tests/test_static_decode.py's twin test)
             pad = padded_length(S, chunk_size) - S
             cs = min(chunk_size, S + pad)
-            queries, keys, values = (F.pad(t, (0, 0, 0, pad)) for t in (queries, keys, values))  # (B, NH, S + pad, DH)
-            i, f = F.pad(i, (0, pad), value=-CLOSED_GATE), F.pad(f, (0, pad), value=CLOSED_GATE)  # (B, NH, S + pad)
         elif cs < MIN_CHUNK:
             # An eval length like 131 would give chunks of 1 token (a Python loop over S chunks in the native
-            # kernel; below Triton's smallest tile). Padding the end instead is exact: the mLSTM is causal, so
-            # positions < S never see the padding, and the padded outputs are cut off. The padded gates are a
-            # closed input gate and an open forget gate, so the state after the padding (a generation's prefill
-            # state) is the state after position S - 1.
+            # kernel; below Triton's smallest tile): the end is padded instead (pad_end: exact)
             pad = -S % MIN_CHUNK
             cs = math.gcd(S + pad, chunk_size)
-            queries, keys, values = (F.pad(t, (0, 0, 0, pad)) for t in (queries, keys, values))  # (B, NH, S + pad, DH)
-            i, f = F.pad(i, (0, pad), value=-CLOSED_GATE), F.pad(f, (0, pad), value=CLOSED_GATE)  # (B, NH, S + pad)
+        if pad:
+            queries, keys, values, i, f = pad_end(queries, keys, values, i, f, pad)  # S + pad positions
         # The kernel's own compute dtype stays fp32: its bf16 and fp16 builds crashed Triton's compiler on
         # the H100 here (LLVM SLPVectorizer assertion, triton 3.x); fp32 is the path validated against the
         # parallel form (benchmarks/gpu_probe.py).
