@@ -33,9 +33,9 @@ def one(cache: str, recipe: str, overrides: dict) -> dict:
 
     import torch
 
-    from tcache.student.config import DistillConfig
-    from tcache.student.train import setup
-    from tcache.student.data import CacheRows
+    from tcache.student.training.config import DistillConfig
+    from tcache.student.training.train import setup
+    from tcache.student.training.data import CacheRows
 
     rss = lambda: resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # noqa: E731  GiB (Linux: KiB)
     base = rss()

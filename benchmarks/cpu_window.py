@@ -29,7 +29,7 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--out")
     a = ap.parse_args()
-    from tcache.student.hybrid import HybridConfig, load_hybrid
+    from tcache.student.models.hybrid import HybridConfig, load_hybrid
 
     torch.set_num_threads(a.threads)
     model = load_hybrid(a.teacher, HybridConfig()).eval()

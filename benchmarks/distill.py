@@ -52,11 +52,11 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.shapes import make_teacher  # noqa: E402
-from tcache.student.data import CacheRows  # noqa: E402
-from tcache.student.budget import plan_budget  # noqa: E402
-from tcache.student.config import DistillConfig  # noqa: E402
-from tcache.student.schedules import Anneal  # noqa: E402
-from tcache.student.train import Trainer, distill, setup  # noqa: E402
+from tcache.student.training.data import CacheRows  # noqa: E402
+from tcache.student.training.budget import plan_budget  # noqa: E402
+from tcache.student.training.config import DistillConfig  # noqa: E402
+from tcache.student.training.schedules import Anneal  # noqa: E402
+from tcache.student.training.train import Trainer, distill, setup  # noqa: E402
 from tcache.teachercache import schema  # noqa: E402
 from tcache.teachercache.manifest import load_manifest  # noqa: E402
 from tcache.teachercache.config import BuildConfig  # noqa: E402

@@ -20,8 +20,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from tcache.student import losses  # noqa: E402
-from tcache.student.io import load_student  # noqa: E402
+from tcache.student.training import losses  # noqa: E402
+from tcache.student.models.io import load_student  # noqa: E402
 from tcache.teachercache import schema  # noqa: E402
 from tcache.teachercache.codecs import decode_hidden, encode_hidden  # noqa: E402
 from tcache.text import DataSpec, iter_texts, pack_rows  # noqa: E402

@@ -21,9 +21,9 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.distill import B, T, gpu_batches, time_steps  # noqa: E402
-from tcache.student.config import DistillConfig  # noqa: E402
-from tcache.student.model import Student, StudentConfig  # noqa: E402
-from tcache.student.train import setup  # noqa: E402
+from tcache.student.training.config import DistillConfig  # noqa: E402
+from tcache.student.models.xlstm import Student, StudentConfig  # noqa: E402
+from tcache.student.training.train import setup  # noqa: E402
 
 
 def check_triton(results: dict) -> None:

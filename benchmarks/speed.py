@@ -106,7 +106,7 @@ each for imports and the build. teacher-static: 3 compiles of 40-60 s each (tran
 automatic dynamic shapes: a static graph, then one with the cache length dynamic, then the batch) and ~3M prompt
 tokens; v2 and the hybrid: one CUDA-graph capture per batch (~15 s) and ~4M prompt tokens at ~80k tokens/s (batch
 64 x 128k would be 8.4M more: not in --long-batches' default); v1 the same, its sLSTM prefill on xlstm's CUDA cells
-(student/slstm_cuda.py: ~22 s of nvcc first); teacher-eager: --eager-steps eager steps of ~0.1 s per cell. With
+(student/inference/slstm_cuda.py: ~22 s of nvcc first); teacher-eager: --eager-steps eager steps of ~0.1 s per cell. With
 --overlap, teacher-static's lane has the whole budget and the other rows share it by these weights."""
 STATIC_ENV = "TCACHE_STATIC_DECODE"
 WARM_PROMPT = 64
@@ -185,10 +185,10 @@ def build(row: str, shape: dict, device: torch.device, dtype: torch.dtype):
     def make():
         from transformers import LlamaConfig, LlamaForCausalLM
 
-        from tcache.student.recipes import _v1_sizes, _v2_sizes
-        from tcache.student.hf import to_hf
-        from tcache.student.hybrid import HybridConfig, HybridStudent
-        from tcache.student.model import Student, StudentConfig
+        from tcache.student.training.recipes import _v1_sizes, _v2_sizes
+        from tcache.student.inference.hf import to_hf
+        from tcache.student.models.hybrid import HybridConfig, HybridStudent
+        from tcache.student.models.xlstm import Student, StudentConfig
 
         torch.manual_seed(0)
         cfg, fam = LlamaConfig(**shape), family(row)

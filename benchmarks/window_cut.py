@@ -28,7 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the checkout's t
 def window_cut(teacher: str, window: int, sinks: int = 4):
     """The teacher (fp32, as `tcache distill` loads it for the hybrid recipe) with its attention cut to the
     window + sinks: a HybridStudent in eval mode."""
-    from tcache.student.hybrid import HybridConfig, load_hybrid
+    from tcache.student.models.hybrid import HybridConfig, load_hybrid
 
     model = load_hybrid(teacher, HybridConfig(window=window, sinks=sinks, branches="window"))
     model.set_kernel(torch.device("cpu"))  # the window branch runs no mLSTM kernel; set it as a loaded student has
@@ -40,7 +40,7 @@ def save_window_cut(teacher: str, out: str | Path, window: int, sinks: int = 4, 
     recorded as the length it was "trained" at (the students' cache length), which eval only reports."""
     import tcache
     from tcache import ownership
-    from tcache.student.io import save_student
+    from tcache.student.models.io import save_student
 
     model = window_cut(teacher, window, sinks)
     out = Path(out)

@@ -1,4 +1,4 @@
-"""`tcache distill`: options -> DistillConfig -> tcache.student.train.distill, with a rich progress bar."""
+"""`tcache distill`: options -> DistillConfig -> tcache.student.training.train.distill, with a rich progress bar."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from tcache.cli.format import human_count
 from tcache.cli.interrupts import stops_cleanly
 from tcache.cli.errors import friendly_errors
 from tcache.cli.options import config_file_option, config_from, config_options
-from tcache.student.config import DistillConfig
+from tcache.student.training.config import DistillConfig
 
 LOG_EVERY_S = 10.0  # seconds between loss lines above the bar
 
@@ -24,11 +24,11 @@ LOG_EVERY_S = 10.0  # seconds between loss lines above the bar
 @stops_cleanly
 def distill(**options) -> None:
     """Train an xLSTM student from a cache alone (the teacher is never loaded)."""
-    from tcache.student.train import distill as run_distill
+    from tcache.student.training.train import distill as run_distill
 
     cfg = config_from(DistillConfig, options)
     if cfg.export:  # before hours of training, not after
-        from tcache.student.hf import check_export_target
+        from tcache.student.inference.hf import check_export_target
 
         check_export_target(cfg.export, cfg.overwrite, "--export")
     out = cfg.out
@@ -99,7 +99,7 @@ def distill(**options) -> None:
     t = meta["trained"]
     console.print(f"[green]student saved[/]: {out}  {t['steps']} steps, {t['tokens']:,} tokens, {t['seconds']:.0f} s")
     if cfg.export and dist.is_main():
-        from tcache.student.hf import export_student
+        from tcache.student.inference.hf import export_student
 
         export_student(out, cfg.export, overwrite=cfg.overwrite)
         console.print(f"[green]exported[/]: {cfg.export}  (AutoModelForCausalLM.from_pretrained(..., "

@@ -16,7 +16,7 @@ from rich.text import Text
 from tcache.cli.errors import friendly_errors
 from tcache.cli.format import human_count
 from tcache.cli.options import config_from, config_options
-from tcache.student.eval import EvalConfig
+from tcache.student.inference.eval import EvalConfig
 
 
 class _TokensColumn(ProgressColumn):
@@ -32,7 +32,7 @@ class _TokensColumn(ProgressColumn):
 @friendly_errors
 def eval_cmd(as_json: bool, **options) -> None:
     """Perplexity of MODEL (a `tcache distill` --out, or a HF causal LM) on the same windows for any model."""
-    from tcache.student.eval import perplexity
+    from tcache.student.inference.eval import perplexity
 
     cfg = config_from(EvalConfig, options)
     model = cfg.model

@@ -8,7 +8,7 @@ from rich.console import Console
 from tcache.cli.errors import friendly_errors
 from tcache.cli.interrupts import stops_cleanly
 from tcache.cli.options import config_from, config_options
-from tcache.student.generate import ExportConfig, GenerateConfig
+from tcache.student.inference.generate import ExportConfig, GenerateConfig
 
 
 @click.command()
@@ -16,7 +16,7 @@ from tcache.student.generate import ExportConfig, GenerateConfig
 @friendly_errors
 def export(**options) -> None:
     """Write STUDENT as a HF model: AutoModelForCausalLM.from_pretrained(OUT, trust_remote_code=True)."""
-    from tcache.student.generate import export as run_export
+    from tcache.student.inference.generate import export as run_export
 
     out = run_export(config_from(ExportConfig, options))
     Console(stderr=True).print(f"[green]exported[/]: {out}  (AutoModelForCausalLM.from_pretrained({str(out)!r}, "
@@ -30,7 +30,7 @@ def export(**options) -> None:
 def generate(**options) -> None:
     """Continue --prompt with MODEL (a student or its export), decoding from the recurrent state and printing each
     token as it comes. Ctrl-C (or SIGTERM) stops at the next token: the text so far stays, exit 130 (143)."""
-    from tcache.student.generate import generate as run_generate
+    from tcache.student.inference.generate import generate as run_generate
 
     r = run_generate(config_from(GenerateConfig, options), on_text=_show)
     Console(stderr=True).print(f"[dim]{r['new_tokens']} tokens in {r['seconds']:.2f} s "

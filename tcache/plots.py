@@ -18,7 +18,7 @@ from tcache.errors import TcacheError
 from tcache import pngs
 from tcache.outdir import STAGING_SUFFIX
 
-METRICS_FILE = "metrics.jsonl"  # student/metrics.py writes it; the base cannot import the student side
+METRICS_FILE = "metrics.jsonl"  # student/training/metrics.py writes it; the base cannot import the student side
 TRAINING_PNG = "training.png"
 # Panel titles: the loss terms in panel order (a term is drawn when some run logged it non-zero), then the rest.
 LOSS_TERMS = ("loss", "ce", "kd", "align", "match")

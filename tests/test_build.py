@@ -131,7 +131,7 @@ def test_version_1_caches_stay_readable(version):
         reader.verify()
     np.testing.assert_array_equal(decode_hidden(rows, dtype), decode_hidden_values(raw, dtype).astype(np.float32))
 
-    from tcache.student.io import load_teacher_parts  # what distill reads of an old cache's teacher/ copy
+    from tcache.student.models.io import load_teacher_parts  # what distill reads of an old cache's teacher/ copy
 
     parts = load_teacher_parts(cache)
     lm = AutoModelForCausalLM.from_pretrained(teacher, dtype=torch.float32)
@@ -173,7 +173,7 @@ def test_a_tied_head_is_stored_once_in_the_checkpoint_dtype(shared_cache, teache
     flagged tied, and the students get it in fp32 under both names, equal to transformers' own weights."""
     from safetensors import safe_open
 
-    from tcache.student.io import load_teacher_parts
+    from tcache.student.models.io import load_teacher_parts
 
     with safe_open(str(shared_cache / schema.EMBEDDINGS_FILE), "pt") as f:
         assert f.metadata()[schema.TIED_HEAD_KEY] == "true" and "lm_head" not in f.keys()

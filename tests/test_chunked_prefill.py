@@ -1,4 +1,4 @@
-"""chunked_prefill (student/chunked_prefill.py) equals decode.prefill on the whole prompt: every position's logits,
+"""chunked_prefill (student/inference/chunked_prefill.py) equals decode.prefill on the whole prompt: every position's logits,
 the state, and the greedy tokens and logits of decode.step continuing from it, for v1 (sLSTM + mLSTM blocks) and
 v2 (mLSTM blocks) students, with chunks shorter than the conv kernel, dividing the prompt, not dividing it and
 equal to it. Tiny random students on CPU (the native chunkwise kernel decode.prefill picks there)."""
@@ -8,10 +8,11 @@ from __future__ import annotations
 import pytest
 import torch
 
+import decode_oracle
 from tcache.errors import TcacheError
-from tcache.student import decode
-from tcache.student.chunked_prefill import chunked_prefill
-from tcache.student.model import Student, StudentConfig
+from tcache.student.inference import prefill
+from tcache.student.inference.chunked_prefill import chunked_prefill
+from tcache.student.models.xlstm import Student, StudentConfig
 
 T, V, STEPS = 160, 64, 5
 # max |logit difference| measured (logits ~ +-2.3), prompt / steps: fp32 8e-7 / 5e-7, fp64 3e-7 / 3e-7 (the mLSTM
@@ -43,15 +44,15 @@ def _ids() -> torch.Tensor:
     return torch.randint(0, V, (2, T), generator=torch.Generator().manual_seed(1))  # (B, T)
 
 
-def _tensors(state: decode.DecodeState) -> list[torch.Tensor]:
+def _tensors(state: prefill.DecodeState) -> list[torch.Tensor]:
     return [t for layer in state.layers for key in sorted(layer) for t in layer[key]]
 
 
-def _greedy(model, logits: torch.Tensor, state: decode.DecodeState) -> tuple[torch.Tensor, torch.Tensor]:
+def _greedy(model, logits: torch.Tensor, state: prefill.DecodeState) -> tuple[torch.Tensor, torch.Tensor]:
     """STEPS greedy tokens (B, STEPS) from the prompt's last logits and the state, and their step logits."""
     tok, toks, outs = logits[:, -1:].argmax(-1), [], []  # (B, 1)
     for _ in range(STEPS):
-        out = decode.step(model, tok, state)  # (B, 1, V)
+        out = decode_oracle.step(model, tok, state)  # (B, 1, V)
         tok = out.argmax(-1)
         toks.append(tok)
         outs.append(out)
@@ -62,11 +63,11 @@ def _greedy(model, logits: torch.Tensor, state: decode.DecodeState) -> tuple[tor
 @pytest.mark.parametrize("recipe", RECIPES)
 def test_chunked_prefill_equals_the_one_shot_prefill(recipe, dtype):
     model, ids, atol = _student(recipe, dtype), _ids(), ATOL[dtype]
-    ref, ref_state = decode.prefill(model, ids)  # (B, T, V)
+    ref, ref_state = prefill.prefill(model, ids)  # (B, T, V)
     ref_tensors = [t.clone() for t in _tensors(ref_state)]  # decode.step updates the state in place
     ref_toks, ref_steps = _greedy(model, ref, ref_state)
     # the tolerance is not vacuous: the last chunk prefilled from an empty state is far off
-    alone, _ = decode.prefill(model, ids[:, -20:])
+    alone, _ = prefill.prefill(model, ids[:, -20:])
     assert (alone - ref[:, -20:]).abs().max() > 1000 * atol
     # 3: shorter than the conv kernel (4), so its kept inputs span chunks; 32 divides T; 70 does not (chunks of 70
     # tokens pad to 128 for the kernel, the last, 20, to 32); T: one chunk (decode.prefill itself)
@@ -85,7 +86,7 @@ def test_chunked_prefill_equals_the_one_shot_prefill(recipe, dtype):
 @pytest.mark.parametrize("recipe", RECIPES)
 def test_keep_returns_the_last_positions_across_chunks(recipe):
     model, ids = _student(recipe, torch.float32), _ids()
-    ref, _ = decode.prefill(model, ids)
+    ref, _ = prefill.prefill(model, ids)
     for keep in (1, 40, 80, T, T + 5):  # within the last chunk, spanning two, three, all, more than T
         logits, state = chunked_prefill(model, ids, keep=keep, chunk=32)
         assert logits.shape == (2, min(keep, T), V) and state.pos == T
@@ -107,7 +108,7 @@ def test_padded_lengths_are_lengths_the_triton_kernel_accepts():
     heuristic (pure Python, so on CPU too); a 40-token prompt padded to 48 failed its assertion on the H200."""
     from mlstm_kernels.triton.chunkwise.kernel_param_heuristics import select_heuristic_xl_chunk_kernel_params
 
-    from tcache.student.model import padded_length
+    from tcache.student.models.xlstm import padded_length
 
     for S in range(1, 700):
         L = padded_length(S, 64)
@@ -123,7 +124,7 @@ def test_the_kernel_adapter_pads_for_the_triton_kernel_exactly(S, monkeypatch):
     import mlstm_kernels.torch as mk
     from mlstm_kernels.triton.chunkwise.kernel_param_heuristics import select_heuristic_xl_chunk_kernel_params
 
-    from tcache.student.model import _mlstm_kernel_fn
+    from tcache.student.models.xlstm import _mlstm_kernel_fn
 
     real, seen = mk.get_mlstm_kernel, []
 

@@ -17,8 +17,8 @@ from tcache.cli.distill import distill
 from tcache.cli.main import main
 from tcache.cli.options import config_from
 from tcache.cli.plan import plan
-from tcache.student.config import DistillConfig
-from tcache.student.schedules import Anneal
+from tcache.student.training.config import DistillConfig
+from tcache.student.training.schedules import Anneal
 from tcache.teachercache.config import BuildConfig
 from tcache.teachercache.manifest import load_manifest
 from tcache.text import DataSpec

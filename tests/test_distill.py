@@ -12,12 +12,12 @@ from click.testing import CliRunner
 
 from tcache.cli.main import main
 from conftest import build_cache
-from tcache.student import losses
-from tcache.student.io import load_student, load_teacher_parts
-from tcache.student.model import Student
-from tcache.student.config import DistillConfig, student_config
-from tcache.student.train import distill
-from tcache.student.schedules import Anneal
+from tcache.student.training import losses
+from tcache.student.models.io import load_student, load_teacher_parts
+from tcache.student.models.xlstm import Student
+from tcache.student.training.config import DistillConfig, student_config
+from tcache.student.training.train import distill
+from tcache.student.training.schedules import Anneal
 from tcache.teachercache.codecs import decode_hidden
 from tcache.teachercache.manifest import load_manifest
 from tcache.teachercache.reader import CacheReader
@@ -204,7 +204,7 @@ def test_resume_with_another_configuration_is_refused(tmp_path, tiny_cache):
 
 
 def test_anneal_options_parse(tmp_path, tiny_cache):
-    from tcache.student.schedules import parse_anneal
+    from tcache.student.training.schedules import parse_anneal
 
     assert parse_anneal("0.8:0.5", "--alpha", 0.05) == Anneal(0.8, 0.5, 0.05)
     assert parse_anneal("0.3", "--beta", 0.05) == Anneal(0.3, 0.3, 0.0)

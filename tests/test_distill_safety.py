@@ -16,8 +16,8 @@ import pytest
 
 from conftest import REPO, build_cache
 from promises import Case
-from tcache.student.config import DistillConfig
-from tcache.student.train import distill
+from tcache.student.training.config import DistillConfig
+from tcache.student.training.train import distill
 from test_cli_build import assert_clean_error, run
 
 

@@ -11,10 +11,10 @@ from click.testing import CliRunner
 
 from tcache.cli.main import main
 from conftest import build_cache, text_head
-from tcache.student.io import load_student
-from tcache.student.model import PARALLEL_MAX_CONTEXT, Student, StudentConfig, resolve_kernels
-from tcache.student.config import DistillConfig
-from tcache.student.train import distill
+from tcache.student.models.io import load_student
+from tcache.student.models.xlstm import PARALLEL_MAX_CONTEXT, Student, StudentConfig, resolve_kernels
+from tcache.student.training.config import DistillConfig
+from tcache.student.training.train import distill
 
 T = 32  # the students' training length
 CPU = torch.device("cpu")

@@ -28,16 +28,16 @@ def teacher():
                                                    ("hybrid", 48, "query"), ("hybrid", 16, "kv")])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_state_bytes_equal_the_static_decode_state(branches, fdim, heads, dtype):
-    from tcache.student import decode
-    from tcache.student.hybrid import HybridConfig, HybridStudent
-    from tcache.student.static_decode import StaticDecoder
+    from tcache.student.inference import prefill
+    from tcache.student.models.hybrid import HybridConfig, HybridStudent
+    from tcache.student.inference.decode import StaticDecoder
 
     lm = teacher()
     model = HybridStudent(lm, HybridConfig(window=8, sinks=2, branches=branches, feature_dim=fdim,
                                                  mlstm_heads=heads)).to(dtype).eval()
     model.set_kernel(torch.device("cpu"))
     with torch.no_grad():
-        _, state = decode.prefill(model, torch.randint(0, 97, (3, 30)))
+        _, state = prefill.prefill(model, torch.randint(0, 97, (3, 30)))
     got = StaticDecoder(model, state, capture=False).nbytes() - 8  # less its position counter (one int64)
     assert got == state_bytes(lm.config, 8, 2, branches, dtype_bytes=dtype.itemsize, batch=3, feature_dim=fdim,
                                mlstm_heads=heads)

@@ -13,14 +13,15 @@ import torch.nn.functional as F
 from click.testing import CliRunner
 from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
+import decode_oracle
 from promises import Case
 from tcache.cli.main import main
 from tcache.errors import TcacheError
-from tcache.student.config import DistillConfig
-from tcache.student.hybrid import HybridConfig, HybridStudent
-from tcache.student.mixer import HybridMixer
-from tcache.student.io import load_student
-from tcache.student.train import distill
+from tcache.student.training.config import DistillConfig
+from tcache.student.models.hybrid import HybridConfig, HybridStudent
+from tcache.student.models.mixer import HybridMixer
+from tcache.student.models.io import load_student
+from tcache.student.training.train import distill
 from conftest import build_cache
 
 
@@ -159,7 +160,7 @@ fp32. Measured on CPU: 1.6e-2."""
 
 @pytest.mark.parametrize("device", ["cpu"] + (["cuda"] if torch.cuda.is_available() else []))
 def test_mixer_under_bf16_autocast_stays_within_bf16_tolerance_of_float64(device):
-    """The training path on a GPU: bf16 autocast, q, k, v into the mLSTM kernel in bf16 (student/hybrid.py's mix;
+    """The training path on a GPU: bf16 autocast, q, k, v into the mLSTM kernel in bf16 (student/models/hybrid.py's mix;
     on CUDA mlstm_kernels' Triton kernel, on CPU its native one), against the float64 equations (BF16_TOLERANCE);
     the fp32-input path (TCACHE_MLSTM_INPUTS=fp32) is measured beside it."""
     import os
@@ -356,7 +357,7 @@ def test_gradient_checkpointing_leaves_the_gradients_unchanged(mode):
 def test_stage_one_has_no_weight_decay_and_setup_trains_with_checkpointing_on_request(hybrid_cache, tmp_path):
     """Stage I trains identity-initialised feature maps at lr 1e-2: decay would pull them towards zero
     (LoLCATs' attention transfer uses none); stage II keeps the recipe's 0.1."""
-    from tcache.student.train import setup
+    from tcache.student.training.train import setup
 
     tr = setup(DistillConfig(cache=str(hybrid_cache), out=str(tmp_path / "r"), recipe="hybrid", steps=2,
                              batch_size=2, grad_accum=1))
@@ -372,7 +373,7 @@ def test_stage_one_has_no_weight_decay_and_setup_trains_with_checkpointing_on_re
 
 def test_feature_dim_is_validated_in_one_line_naming_the_flag(tmp_path, shared_cache):
     """--feature-dim: a multiple of 16 for the hybrid recipe only; a bad value is one line naming the flag."""
-    from tcache.student.config import DistillConfig
+    from tcache.student.training.config import DistillConfig
 
     base = dict(cache=str(shared_cache), out=str(tmp_path / "x"), recipe="hybrid")
     with pytest.raises(TcacheError, match=r"^--feature-dim must be a positive multiple of 16 .* got 24; "):
@@ -392,8 +393,8 @@ def test_a_smaller_mlstm_state_decodes_as_its_full_forward(fdim, heads):
     """A hybrid at --feature-dim 16 (head dim 8: half the default state) and / or --mlstm-heads kv (2 states for 4
     query heads): its recurrent decode steps (decode.py and the static state) give its full forward's logits, and
     the kept mLSTM state is (Hm, F, d)."""
-    from tcache.student import decode
-    from tcache.student.static_decode import StaticDecoder
+    from tcache.student.inference import prefill
+    from tcache.student.inference.decode import StaticDecoder
 
     torch.manual_seed(0)
     lm = LlamaForCausalLM(LlamaConfig(vocab_size=97, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
@@ -406,14 +407,14 @@ def test_a_smaller_mlstm_state_decodes_as_its_full_forward(fdim, heads):
             mx.ogate_w.normal_(0, 0.3), mx.phi_q.add_(torch.randn_like(mx.phi_q) * 0.1)
         ids = torch.randint(0, 97, (2, 20), generator=torch.Generator().manual_seed(1))
         full, _ = model(ids)  # (2, 20, V): the parallel forward (chunkwise mLSTM, blocked window)
-        _, state = decode.prefill(model, ids[:, :12])
-        _, ref = decode.prefill(model, ids[:, :12])
+        _, state = prefill.prefill(model, ids[:, :12])
+        _, ref = prefill.prefill(model, ids[:, :12])
         assert state.layers[0].mlstm[0].shape[1:] == (2 if heads == "kv" else 4, fdim or 16, 8)
         static = StaticDecoder(model, state, capture=False)
         for t in range(12, 20):
             got = static.step(ids[:, t:t + 1])  # (2, 1, V): the logits after token t
             torch.testing.assert_close(got[:, 0], full[:, t], atol=1e-4, rtol=1e-4)
-            torch.testing.assert_close(decode.step(model, ids[:, t:t + 1], ref)[:, 0], full[:, t], atol=1e-4,
+            torch.testing.assert_close(decode_oracle.step(model, ids[:, t:t + 1], ref)[:, 0], full[:, t], atol=1e-4,
                                        rtol=1e-4)
 
 
@@ -454,7 +455,7 @@ def reference_joint(x, q, k, v, mixer: HybridMixer, q_sink, qm, km) -> torch.Ten
 @pytest.mark.parametrize("T,window,sinks,heads", [(40, 8, 4, "query"), (33, 6, 0, "query"), (20, 32, 2, "query"),
                                                   (70, 8, 3, "kv")])
 def test_joint_mix_matches_a_float64_reference(T, window, sinks, heads):
-    """--mix joint (student/joint.py, blocked over queries) against its equations written out weight by weight in
+    """--mix joint (student/models/joint.py, blocked over queries) against its equations written out weight by weight in
     float64, below and beyond the window, with and without sinks, over query and kv mLSTM heads; and it is a
     different function from the gate mix."""
     torch.manual_seed(0)
@@ -486,8 +487,8 @@ def test_joint_mix_trains_and_generates_through_the_full_forward(tmp_path, hybri
     greedy tokens are the argmax of the saved student's own forward, token by token."""
     from transformers import AutoModelForCausalLM
 
-    from tcache.student import decode
-    from tcache.student.io import load_student
+    from tcache.student.inference import prefill
+    from tcache.student.models.io import load_student
 
     out, hf_dir = tmp_path / "joint", tmp_path / "hf"
     r = run("distill", hybrid_cache, "--out", out, "--recipe", "hybrid", "--mix", "joint", "--steps", 2,
@@ -498,7 +499,7 @@ def test_joint_mix_trains_and_generates_through_the_full_forward(tmp_path, hybri
     assert student.cfg.mix == "joint" and not student.recurrent
     prompt = torch.randint(0, 256, (1, 12), generator=torch.Generator().manual_seed(0))
     with pytest.raises(TcacheError, match="--mix joint"):
-        decode.prefill(student, prompt)
+        prefill.prefill(student, prompt)
     model = AutoModelForCausalLM.from_pretrained(hf_dir, trust_remote_code=True).eval()
     with torch.no_grad():
         got = model.generate(prompt, max_new_tokens=4, do_sample=False)[0, 12:]

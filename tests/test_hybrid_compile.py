@@ -14,7 +14,7 @@ DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 def hybrid(device: str):
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from tcache.student.hybrid import HybridConfig, HybridStudent
+    from tcache.student.models.hybrid import HybridConfig, HybridStudent
 
     torch.manual_seed(0)
     # head dim 16: mlstm_kernels' Triton kernel (CUDA) needs K >= 16 in its matrix products

@@ -15,13 +15,13 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 from tcache.cli.main import main
 from tcache.errors import TcacheError
-from tcache.student.config import DistillConfig
-from tcache.student.data import CacheRows
-from tcache.student.hybrid import HybridConfig, HybridStudent, load_hybrid
-from tcache.student.mixer import hedgehog
-from tcache.student.match_loss import attention_weights_ce
-from tcache.student.io import load_student
-from tcache.student.train import distill
+from tcache.student.training.config import DistillConfig
+from tcache.student.training.data import CacheRows
+from tcache.student.models.hybrid import HybridConfig, HybridStudent, load_hybrid
+from tcache.student.models.mixer import hedgehog
+from tcache.student.models.match_loss import attention_weights_ce
+from tcache.student.models.io import load_student
+from tcache.student.training.train import distill
 from tcache.teachercache import schema
 
 
@@ -192,8 +192,8 @@ def test_a_checkpoint_from_before_an_option_resumes_with_its_default(tmp_path, k
     import json
 
     from tcache.errors import TcacheError
-    from tcache.student.checkpoint import CONFIG_FILE, _check_resume_config
-    from tcache.student.config import DistillConfig
+    from tcache.student.training.checkpoint import CONFIG_FILE, _check_resume_config
+    from tcache.student.training.config import DistillConfig
 
     cfg = DistillConfig(cache="c", out="o", recipe="hybrid")
     saved = {k: v for k, v in json.loads(json.dumps(cfg.to_dict())).items() if k != key}

@@ -23,7 +23,7 @@ STUDENT_MAY_IMPORT = {"schema", "manifest", "reader", "codecs"}
 
 
 def library_files():
-    return [p for d in LIBRARY for p in sorted((ROOT / d).glob("*.py"))]
+    return [p for d in LIBRARY for p in sorted((ROOT / d).rglob("*.py"))]
 
 
 def test_no_generic_top_level_package_is_installed(tmp_path):
@@ -49,7 +49,7 @@ def _imports(path: Path) -> set[str]:
     return names
 
 
-@pytest.mark.parametrize("path", sorted((ROOT / "student").glob("*.py")), ids=lambda p: p.name)
+@pytest.mark.parametrize("path", sorted((ROOT / "student").rglob("*.py")), ids=lambda p: p.relative_to(ROOT).as_posix())
 def test_the_student_reads_only_the_cache_format_and_the_base(path):
     used = {m.split(".")[2] for m in _imports(path) if m.startswith("tcache.teachercache.")}
     assert used <= STUDENT_MAY_IMPORT, f"{path.name} imports the build side: {sorted(used - STUDENT_MAY_IMPORT)}"
@@ -68,8 +68,8 @@ def _commands() -> dict[str, click.Command]:
 def test_options_come_from_the_config_fields():
     """Each config field is an option of its command with the field's default and docstring, and the
     command has no option of its own beyond presentation (--json)."""
-    from tcache.student.config import DistillConfig
-    from tcache.student.eval import EvalConfig
+    from tcache.student.training.config import DistillConfig
+    from tcache.student.inference.eval import EvalConfig
     from tcache.teachercache.config import BuildConfig
     from tcache.text import DataSpec
 

@@ -1,4 +1,4 @@
-"""--train lora (student/lora.py): peft adapters on the converted teacher's projections in the hybrid's stage II.
+"""--train lora (student/models/lora.py): peft adapters on the converted teacher's projections in the hybrid's stage II.
 Only the adapters and the new mixer parameters train, every adapter is in the forward path (the mixers call the
 LoRA layers), the merged student computes what the adapted one did, the saved and exported students load without
 peft, and a LoRA run resumes exactly from a checkpoint holding its adapters."""
@@ -18,11 +18,11 @@ from conftest import build_cache
 from test_hybrid import metrics
 from tcache.cli.main import main
 from tcache.errors import TcacheError
-from tcache.student import lora
-from tcache.student.config import LORA_TARGETS, DistillConfig
-from tcache.student.hybrid import HybridConfig, HybridStudent
-from tcache.student.io import load_student
-from tcache.student.train import distill, setup
+from tcache.student.models import lora
+from tcache.student.training.config import LORA_TARGETS, DistillConfig
+from tcache.student.models.hybrid import HybridConfig, HybridStudent
+from tcache.student.models.io import load_student
+from tcache.student.training.train import distill, setup
 
 CPU = torch.device("cpu")
 TINY = LlamaConfig(vocab_size=96, hidden_size=48, intermediate_size=64, num_hidden_layers=2, num_attention_heads=3,
@@ -94,7 +94,7 @@ def test_the_trainer_optimises_exactly_those_in_stage_two(lora_cache, tmp_path):
 
 def test_trainable_counts_of_the_shared_teacher(teacher_dir):
     """The figures docs/hybrid.md gives: 19.3M parameters; --train lora at the defaults trains 1.31M of them."""
-    from tcache.student.hybrid import load_hybrid
+    from tcache.student.models.hybrid import load_hybrid
 
     student = load_hybrid(str(teacher_dir), HybridConfig())
     student.set_trainable("all")
@@ -159,7 +159,7 @@ def test_the_merged_student_computes_what_the_adapted_one_did():
 def test_the_saved_and_exported_student_hold_merged_weights_and_load_without_peft(lora_cache, tmp_path, monkeypatch):
     """A CLI lora run: its student (and the export of it) is a plain hybrid whose logits are the adapted model's
     at the end of training."""
-    from tcache.student.hf import export_student
+    from tcache.student.inference.hf import export_student
 
     x = ids(T=64)
     seen = {}
@@ -274,7 +274,7 @@ def test_lora_options_resolve_and_a_target_the_teacher_lacks_is_named():
 
 def test_lora_options_do_not_block_resuming_another_run(tmp_path):
     """A checkpoint without LoRA (or from before its options existed) resumes whatever --lora-* say now."""
-    from tcache.student.checkpoint import CONFIG_FILE, _check_resume_config
+    from tcache.student.training.checkpoint import CONFIG_FILE, _check_resume_config
 
     cfg = DistillConfig(cache="c", out="o", recipe="hybrid")
     saved = {k: v for k, v in json.loads(json.dumps(cfg.to_dict())).items() if not k.startswith("lora_")}

@@ -6,9 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from tcache.student import losses
-
-
+from tcache.student.training import losses
 def softmax(x, axis=-1):
     e = np.exp(x - x.max(axis, keepdims=True))
     return e / e.sum(axis, keepdims=True)

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import torch
 
-from tcache.student.config import DistillConfig
-from tcache.student.data import CacheRows
-from tcache.student.train import setup
+from tcache.student.training.config import DistillConfig
+from tcache.student.training.data import CacheRows
+from tcache.student.training.train import setup
 
 
 def _grads(cache, tmp_path, **overrides):

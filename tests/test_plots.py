@@ -13,7 +13,7 @@ from click.testing import CliRunner
 
 from tcache import plots, pngs
 from tcache.cli.main import main
-from tcache.student.metrics import METRICS_FILE
+from tcache.student.training.metrics import METRICS_FILE
 from test_cli_build import assert_clean_error
 
 WEIGHTS = ["weights", "temperature", "lr", "grad_norm"]
@@ -127,8 +127,8 @@ def test_stats_plot(tmp_path, shared_cache):
 
 
 def test_distill_draws_the_plot_at_each_checkpoint_and_at_the_end(tmp_path, shared_cache, monkeypatch):
-    import tcache.student.train as train
-    from tcache.student.config import DistillConfig
+    import tcache.student.training.train as train
+    from tcache.student.training.config import DistillConfig
 
     calls = []
 

@@ -153,7 +153,7 @@ def teacher_perplexity(teacher_dir: Path, data: Path) -> float:
 
 def eval_perplexity(model: Path, data: Path) -> dict:
     """`tcache eval MODEL --data DATA --tokens WINDOWS*SEQ --seq-len SEQ --device cpu`, in process."""
-    from tcache.student.eval import EvalConfig, perplexity
+    from tcache.student.inference.eval import EvalConfig, perplexity
     from tcache.text import DataSpec
 
     r = perplexity(EvalConfig(model=str(model), data=DataSpec(str(data)), tokens=WINDOWS * SEQ, seq_len=SEQ,

@@ -30,8 +30,8 @@ T = 32  # the tiny students' training length
 @pytest.fixture(scope="module")
 def fixtures(tmp_path_factory, tiny_teacher, teacher_dir, valid_jsonl, shared_cache):
     """Session fixtures by name, plus a tiny cache and a tiny distill run made once for the rows."""
-    from tcache.student.config import DistillConfig
-    from tcache.student.train import distill
+    from tcache.student.training.config import DistillConfig
+    from tcache.student.training.train import distill
 
     root = tmp_path_factory.mktemp("promises")
     text = text_head(valid_jsonl, root / "text.jsonl", 8000)

@@ -6,7 +6,7 @@ import math
 
 import pytest
 
-from tcache.student.schedules import Anneal, annealed, lr_at
+from tcache.student.training.schedules import Anneal, annealed, lr_at
 
 ALPHA = Anneal(start=0.8, final=0.5, delta=0.05)
 

@@ -1,5 +1,5 @@
-"""The static decode state (student/static_decode.py): fixed buffers whose storage never changes, the ring-buffer
-window equal to decode.py's concatenating path for prefixes shorter than, equal to and longer than the window (and
+"""The static decode state (student/inference/decode.py): fixed buffers whose storage never changes, the ring-buffer
+window equal to an independent concatenating step (tests/decode_oracle.py) for prefixes shorter than, equal to and longer than the window (and
 the sinks), and greedy generation through the static path equal to full-forward greedy for every recipe, with the
 recurrent step proven to run (the prefix is never re-run)."""
 
@@ -8,8 +8,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from tcache.student import decode
-from tcache.student.static_decode import StaticDecoder
+import decode_oracle
+from tcache.student.inference import prefill
+from tcache.student.inference.decode import StaticDecoder
 
 V = 97
 W, S = 6, 2  # the hybrid's window and sinks: small, so prefixes cross both
@@ -19,8 +20,8 @@ def student(recipe: str):
     """A tiny random student of each recipe, float32, eval mode (its kernels as tcache eval picks them on CPU)."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from tcache.student.hybrid import HybridConfig, HybridStudent
-    from tcache.student.model import Student, StudentConfig
+    from tcache.student.models.hybrid import HybridConfig, HybridStudent
+    from tcache.student.models.xlstm import Student, StudentConfig
 
     torch.manual_seed(0)
     if recipe == "hybrid":
@@ -55,13 +56,13 @@ def test_static_steps_equal_the_concatenating_path_and_keep_their_storage(recipe
     model = student(recipe)
     prompt = ids(2, T)
     with torch.no_grad():
-        _, ref = decode.prefill(model, prompt)
-        _, state = decode.prefill(model, prompt)
+        _, ref = prefill.prefill(model, prompt)
+        _, state = prefill.prefill(model, prompt)
     static = StaticDecoder(model, state, capture=False)
     ptrs = [t.data_ptr() for t in static._tensors()]
     nxt = ids(2, 8, seed=2)
     for t in range(8):
-        want = decode.step(model, nxt[:, t:t + 1], ref)  # (2, 1, V)
+        want = decode_oracle.step(model, nxt[:, t:t + 1], ref)  # (2, 1, V)
         got = static.step(nxt[:, t:t + 1])
         torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
         assert [x.data_ptr() for x in static._tensors()] == ptrs
@@ -73,12 +74,12 @@ def test_the_ring_buffer_holds_the_last_window_at_its_slots():
     path's window, reordered), and the sinks hold positions 0..S-1."""
     model = student("hybrid")
     with torch.no_grad():
-        _, ref = decode.prefill(model, ids(1, 3))
-        _, state = decode.prefill(model, ids(1, 3))
+        _, ref = prefill.prefill(model, ids(1, 3))
+        _, state = prefill.prefill(model, ids(1, 3))
     static = StaticDecoder(model, state, capture=False)
     nxt = ids(1, 9, seed=3)
     for t in range(9):
-        decode.step(model, nxt[:, t:t + 1], ref)
+        decode_oracle.step(model, nxt[:, t:t + 1], ref)
         static.step(nxt[:, t:t + 1])
     P = 3 + 9  # positions 0..11 seen
     for buf, st in zip(static.layers, ref.layers):
@@ -89,12 +90,10 @@ def test_the_ring_buffer_holds_the_last_window_at_its_slots():
 
 @pytest.mark.parametrize("recipe", ["v1", "v2", "hybrid"])
 def test_generate_through_the_static_path_equals_full_forward_greedy(recipe, monkeypatch):
-    """generate() of the exported class with the static path on (TCACHE_STATIC_DECODE=1, as it is by default on
-    CUDA) gives the tokens of re-running the whole prefix each time; the static step ran once per new token after
+    """generate() of the exported class (the static path, the one decode path on every device) gives the tokens of re-running the whole prefix each time; the static step ran once per new token after
     the first, and the parallel forward only once (the prefix is never re-run)."""
-    from tcache.student.hf import to_hf
+    from tcache.student.inference.hf import to_hf
 
-    monkeypatch.setenv("TCACHE_STATIC_DECODE", "1")
     hf = to_hf(student(recipe), {"config": {"recipe": recipe}}).eval()
     calls = {"step": 0, "parallel": 0}
     step = StaticDecoder._step
@@ -131,13 +130,13 @@ def test_generate_through_the_static_path_equals_full_forward_greedy(recipe, mon
 def test_captured_step_replays_the_eager_static_step_on_cuda(recipe, dtype):
     """The CUDA graph's replay gives the eager static step's logits (fp32: 1e-4; bf16: the dtype's tolerance), its
     buffers keep their storage, and it is captured once for all steps; greedy generate() equals full-forward greedy."""
-    from tcache.student.hf import to_hf
+    from tcache.student.inference.hf import to_hf
 
     model = student(recipe).cuda().to(dtype)
     prompt = ids(2, W + S + 3).cuda()
     with torch.no_grad():
-        _, a = decode.prefill(model, prompt)
-        _, b = decode.prefill(model, prompt)
+        _, a = prefill.prefill(model, prompt)
+        _, b = prefill.prefill(model, prompt)
     eager, graph = StaticDecoder(model, a, capture=False), StaticDecoder(model, b, capture=True)
     nxt = ids(2, 6, seed=2).cuda()
     tol = dict(atol=1e-4, rtol=1e-4) if dtype == torch.float32 else dict(atol=2e-2, rtol=2e-2)
@@ -159,13 +158,13 @@ def test_captured_step_replays_the_eager_static_step_on_cuda(recipe, dtype):
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="xlstm's CUDA sLSTM cell needs a GPU (run in the GPU call)")
 def test_v1_prefill_on_cuda_slstm_twins_continues_as_the_vanilla_cells(monkeypatch):
-    """v1's bf16 prefill on xlstm's CUDA sLSTM cells (student/slstm_cuda.py) is as close to a float32 vanilla
+    """v1's bf16 prefill on xlstm's CUDA sLSTM cells (student/inference/slstm_cuda.py) is as close to a float32 vanilla
     reference as the bf16 vanilla cells' own prefill: its logits, and the logits of three decode steps from the state
     it leaves (the state the static decode continues from); the vanilla cells are back in place after it."""
     import copy
 
-    from tcache.student import slstm_cuda
-    from tcache.student.model import Student, StudentConfig
+    from tcache.student.inference import slstm_cuda
+    from tcache.student.models.xlstm import Student, StudentConfig
 
     torch.manual_seed(0)
     cfg = StudentConfig(vocab_size=V, hidden_size=128, num_blocks=2, num_heads=4, context_length=64, slstm_at=[0],
@@ -177,8 +176,8 @@ def test_v1_prefill_on_cuda_slstm_twins_continues_as_the_vanilla_cells(monkeypat
     prompt, nxt = ids(2, 40).cuda(), ids(2, 3, seed=2).cuda()
 
     def run(m):
-        logits, state = decode.prefill(m, prompt)
-        steps = [decode.step(m, nxt[:, t:t + 1], state) for t in range(3)]
+        logits, state = prefill.prefill(m, prompt)
+        steps = [decode_oracle.step(m, nxt[:, t:t + 1], state) for t in range(3)]
         return torch.cat([logits[:, -1:]] + steps, 1).float()  # (B, 4, V)
 
     with torch.no_grad():
@@ -196,14 +195,14 @@ def test_v1_prefill_on_cuda_slstm_twins_continues_as_the_vanilla_cells(monkeypat
 
 @pytest.mark.parametrize("recipe", ["v1", "v2", "hybrid"])
 def test_a_prefill_split_into_rows_equals_the_whole_batch(recipe, monkeypatch):
-    """A batch too large for one kernel grid is prefilled a few rows at a time (decode._rows_per_call): the logits
+    """A batch too large for one kernel grid is prefilled a few rows at a time (prefill._rows_per_call): the logits
     and every tensor of the stacked state equal the whole batch's."""
     model = student(recipe)
     prompt = ids(5, W + S + 3)
     with torch.no_grad():
-        want_logits, want = decode.prefill(model, prompt)
-        monkeypatch.setattr(decode, "_rows_per_call", lambda m, x: 2)
-        got_logits, got = decode.prefill(model, prompt)
+        want_logits, want = prefill.prefill(model, prompt)
+        monkeypatch.setattr(prefill, "_rows_per_call", lambda m, x: 2)
+        got_logits, got = prefill.prefill(model, prompt)
     torch.testing.assert_close(got_logits, want_logits)
     flat = StaticDecoder(model, want, capture=False)._tensors(), StaticDecoder(model, got, capture=False)._tensors()
     assert len(flat[0]) == len(flat[1]) > 1
@@ -217,7 +216,7 @@ def test_the_branch_free_slstm_pointwise_equals_xlstms(first):
     step exactly, at the first step (n all zero: xlstm's other branch) and after it (float64)."""
     from xlstm.blocks.slstm.src.vanilla.slstm import slstm_forward_pointwise
 
-    from tcache.student.slstm_step import _slstm_pointwise
+    from tcache.student.inference.slstm_step import _slstm_pointwise
 
     g = torch.Generator().manual_seed(int(first))
     B, H = 3, 8

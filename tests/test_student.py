@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from tcache.student.config import RECIPES
-from tcache.student.model import Student, StudentConfig, resolve_kernels
-from tcache.student.runtime import resolve_precision
+from tcache.student.training.config import RECIPES
+from tcache.student.models.xlstm import Student, StudentConfig, resolve_kernels
+from tcache.student.training.runtime import resolve_precision
 from tcache.errors import TcacheError
 
 

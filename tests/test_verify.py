@@ -14,7 +14,7 @@ from click.testing import CliRunner
 
 from tcache.cli.errors import friendly_errors
 from tcache.cli.main import main
-from tcache.student.data import CacheRows
+from tcache.student.training.data import CacheRows
 from tcache.teachercache import schema
 from tcache.teachercache.manifest import load_manifest
 from tcache.errors import TcacheError

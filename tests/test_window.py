@@ -1,4 +1,4 @@
-"""The blocked window + sinks attention (student/window.py) equals the hybrid's dense-mask SDPA, in float64, for T
+"""The blocked window + sinks attention (student/models/window.py) equals the hybrid's dense-mask SDPA, in float64, for T
 below, at and far beyond the window, with and without sinks, values and gradients."""
 
 from __future__ import annotations
@@ -7,7 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from tcache.student.window import window_attention
+from tcache.student.models.window import window_attention
 
 
 def dense(q, k, v, q_sink, W, S, scaling):
@@ -47,7 +47,7 @@ def test_the_mixers_window_kernels_equal_the_dense_reference(kernel, monkeypatch
     monkeypatch.setenv("TCACHE_WINDOW", kernel)
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from tcache.student.hybrid import HybridConfig, HybridStudent
+    from tcache.student.models.hybrid import HybridConfig, HybridStudent
 
     lm = LlamaForCausalLM(LlamaConfig(vocab_size=50, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
                                       num_attention_heads=4, num_key_value_heads=2)).double()

@@ -8,10 +8,10 @@ from pathlib import Path
 import torch
 
 from tcache.errors import TcacheError
-from tcache.student.config import DistillConfig, student_config
-from tcache.student.io import load_teacher_parts
-from tcache.student.model import Student, resolve_kernels
-from tcache.student.runtime import COMPILE_MODES, resolve_checkpointing, resolve_compile
+from tcache.student.training.config import DistillConfig, student_config
+from tcache.student.models.io import load_teacher_parts
+from tcache.student.models.xlstm import Student, resolve_kernels
+from tcache.student.training.runtime import COMPILE_MODES, resolve_checkpointing, resolve_compile
 from tcache.teachercache import schema
 
 
@@ -50,7 +50,7 @@ def build_xlstm(cfg: DistillConfig, manifest, device: torch.device, budget: int 
 
 def build_hybrid(cfg: DistillConfig, manifest, device: torch.device, budget: int | None):
     """Hauzenberger et al.: the teacher from the cache's full weights, attention replaced by hybrid mixers."""
-    from tcache.student.hybrid import HybridConfig, load_hybrid
+    from tcache.student.models.hybrid import HybridConfig, load_hybrid
 
     hcfg = HybridConfig(window=cfg.window, sinks=cfg.sinks, full_attention_layers=list(cfg.full_attention_layers),
                         mlstm_kernel=cfg.mlstm_kernel if cfg.mlstm_kernel != "parallel" else "auto",
@@ -60,7 +60,7 @@ def build_hybrid(cfg: DistillConfig, manifest, device: torch.device, budget: int
     model = load_hybrid(str(Path(cfg.cache) / schema.TEACHER_DIR), hcfg)
     lora = None
     if cfg.train == "lora":  # stage II's adapters, there from the start (B = 0: they add nothing until they train)
-        from tcache.student.lora import add_adapters
+        from tcache.student.models.lora import add_adapters
 
         lora = add_adapters(model, cfg.lora_rank, cfg.lora_alpha, cfg.lora_dropout, cfg.lora_targets)
     model.to(device)

@@ -20,7 +20,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from tcache.student.io import is_student_dir, load_student
+from tcache.student.models.io import is_student_dir, load_student
 from tcache.fields import opt
 from tcache.text import DEFAULT_SEQ_LEN, DataSpec, iter_texts, pack_rows
 from tcache.units import parse_count

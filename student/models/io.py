@@ -10,7 +10,7 @@ from pathlib import Path
 
 import torch
 
-from tcache.student.model import Student, StudentConfig, resolve_kernels
+from tcache.student.models.xlstm import Student, StudentConfig, resolve_kernels
 from tcache.teachercache import schema
 from tcache import outdir, ownership
 from tcache.errors import TcacheError
@@ -92,7 +92,7 @@ def _load_hybrid(path: Path, doc: dict, device: torch.device):
     """A hybrid student: the teacher's architecture from its config.json, converted, then its weights."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from tcache.student.hybrid import HybridConfig, HybridStudent
+    from tcache.student.models.hybrid import HybridConfig, HybridStudent
 
     try:
         config = AutoConfig.from_pretrained(path)

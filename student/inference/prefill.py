@@ -1,13 +1,12 @@
-"""Recurrent generation for a student: `prefill` runs a prompt through the parallel (chunkwise) kernels once and
-keeps each layer's state; `step` then consumes one token per call from that state. The state is bounded, whatever
-the prefix length:
+"""A prompt through a student once: `prefill` runs it through the parallel (chunkwise) kernels and keeps each layer's
+state, which the static decoder (decode.py) then loads into its fixed buffers and steps. The state is bounded,
+whatever the prompt's length:
 
     xLSTM (v1, v2)  per block: mLSTM (C, n, m) or sLSTM state, and the causal conv's last inputs
     hybrid          per layer: mLSTM (C, n, m), the window's last W keys / values and the S sinks' keys / values
 
-The xLSTM steps are xlstm's own (`xLSTMBlock.step`); prefill only captures the state its parallel forward passes
-through (the conv's input, the kernel's last state), so a prompt costs one parallel forward, not T steps. The hybrid
-step uses mlstm_kernels' recurrent step and the window/sink attention over the kept keys.
+An xLSTM prefill captures the state its parallel forward passes through (the conv's input, the kernel's last state),
+in the convention of xlstm's own recurrent `step`, so a prompt costs one parallel forward, not T steps.
 """
 
 from __future__ import annotations
@@ -18,9 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from tcache.errors import TcacheError
-from tcache.student import slstm_cuda
-
-
+from tcache.student.inference import slstm_cuda
 @dataclass
 class MixerState:
     """One hybrid layer's generation state (kv tensors keep the teacher's Hkv heads, RoPE applied)."""
@@ -31,7 +28,29 @@ class MixerState:
     win_v: torch.Tensor | None = None  # (B, Hkv, <=W, d)
     mlstm: tuple | None = None  # C (B, Hm, F, d), n (B, Hm, F), m (B, Hm, 1): Hm the mLSTM's heads, F its features
     pos: int = 0  # tokens consumed
-    sink_rope: tuple | None = None  # cos, sin (B, 1, d) at min(pos, S + W - 1), set per step by the driver
+    sink_rope: tuple | None = None  # cos, sin (B, 1, d) at min(pos, S + W - 1), set by the driver
+
+    def forward(self, mx, x: torch.Tensor, position_embeddings) -> torch.Tensor:
+        """The mixer `mx`'s head outputs (B, H, T, d) for a prompt x (B, T, D), through the parallel form, keeping
+        this layer's state on the way (HybridMixer.forward hands itself here while its `cache` is this state)."""
+        from transformers.models.llama.modeling_llama import apply_rotary_pos_emb as rope
+
+        if self.pos:
+            raise ValueError("a MixerState is filled by one prefill; step from the static decoder (decode.py)")
+        cos, sin = position_embeddings  # (B, T, d) x2
+        q, k, v = mx.qkv(x)  # (B, H, T, d), (B, Hkv, T, d) x2
+        q0, k0 = q, k
+        q, k = rope(q, k, cos, sin)
+        rep = mx.H // mx.Hkv
+        states: list = []
+        qm, km = (q, k.repeat_interleave(rep, 1)) if mx.mlstm_rope else (q0, k0.repeat_interleave(rep, 1))
+        h = mx.mix(x, q, k.repeat_interleave(rep, 1), v.repeat_interleave(rep, 1),
+                   mx.sink_queries(q0, k0, cos, sin, rope), qm, km, states=states if mx.branches != "window" else None)
+        self.mlstm = mx.keep_state(states[0]) if states else None
+        # copies, not views: a view of the prompt's keys would keep all T of them alive (measured: 10 GiB at 32k x 8)
+        self.sink_k, self.sink_v = k[:, :, :mx.sinks].clone(), v[:, :, :mx.sinks].clone()
+        self.win_k, self.win_v = k[:, :, -mx.window:].clone(), v[:, :, -mx.window:].clone()
+        return h
 
 
 @dataclass
@@ -89,9 +108,9 @@ def prefill(model, ids: torch.Tensor, keep: int = 0) -> tuple[torch.Tensor, Deco
         return torch.cat([p[0] for p in parts]), _stacked([p[1] for p in parts])
     if model.family == "hybrid":
         state = DecodeState(layers=[MixerState() for _ in model.mixers])
-        return _hybrid_run(model, ids, state, keep), state
+        return run_hybrid(model, ids, state, keep), state
     if ids.device.type == "cuda" and ids.shape[1] > CHUNK:
-        from tcache.student.chunked_prefill import chunked_prefill
+        from tcache.student.inference.chunked_prefill import chunked_prefill
 
         return chunked_prefill(model, ids, keep, CHUNK)
     return _xlstm_prefill(model, ids, keep)
@@ -116,29 +135,12 @@ def _stacked(states: list[DecodeState]) -> DecodeState:
     return DecodeState(layers=layers, pos=states[0].pos)
 
 
-@torch.no_grad()
-def step(model, ids: torch.Tensor, state: DecodeState) -> torch.Tensor:
-    """Logits (B, T, V) of the next tokens ids (B, T) given the state (updated in place); T > 1 steps T times."""
-    if state.pos == 0:
-        raise ValueError("step() needs a prefilled state; call prefill() first")
-    if ids.shape[1] > 1:
-        return torch.cat([step(model, ids[:, t:t + 1], state) for t in range(ids.shape[1])], 1)
-    if model.family == "hybrid":
-        return _hybrid_run(model, ids, state)
-    x = model.embed(ids)  # (B, 1, D)
-    for blk, st in zip(model.blocks.blocks, state.layers):
-        x, new = blk.step(x, **st)  # xlstm's recurrent step: (B, 1, D)
-        st.update(new)
-    state.pos += 1
-    return model.head(model.norm(x))  # (B, 1, V)
-
-
 # --- xLSTM students --------------------------------------------------------------------------------------------
 
 
 def _xlstm_prefill(model, ids: torch.Tensor, keep: int = 0) -> tuple[torch.Tensor, DecodeState]:
-    from tcache.student.hybrid import resolve_mlstm_kernel
-    from tcache.student.model import _mlstm_kernel_fn
+    from tcache.student.models.hybrid import resolve_mlstm_kernel
+    from tcache.student.models.xlstm import _mlstm_kernel_fn
 
     kernel = _mlstm_kernel_fn(resolve_mlstm_kernel("auto", ids.device))
     layers = [blk.xlstm for blk in model.blocks.blocks]
@@ -201,7 +203,7 @@ def _keep_slstm_state(st: dict):
 # --- hybrid students -------------------------------------------------------------------------------------------
 
 
-def _hybrid_run(model, ids: torch.Tensor, state: DecodeState, keep: int = 0) -> torch.Tensor:
+def run_hybrid(model, ids: torch.Tensor, state: DecodeState, keep: int = 0) -> torch.Tensor:
     """The converted teacher's own forward (transformers' layers, norms, MLPs) with each mixer reading and
     writing its MixerState; RoPE positions continue from the state."""
     if not model.recurrent:
@@ -224,88 +226,3 @@ def _hybrid_run(model, ids: torch.Tensor, state: DecodeState, keep: int = 0) -> 
     for st in state.layers:
         st.pos = state.pos
     return model.head(out.last_hidden_state[:, -keep:])  # (B, keep or T, V)
-
-
-def mixer_forward(mx, x: torch.Tensor, position_embeddings) -> torch.Tensor:
-    """A HybridMixer's head outputs (B, H, T, d) in generation: a prompt (state empty) runs the parallel form and
-    keeps the state; one token (T = 1) steps from it."""
-    from transformers.models.llama.modeling_llama import apply_rotary_pos_emb as rope
-
-    from tcache.student.static_decode import StaticMixer, mixer_step
-
-    if isinstance(mx.cache, StaticMixer):  # the static, capturable step (student/static_decode.py)
-        return mixer_step(mx, x, position_embeddings, mx.cache)
-    st: MixerState = mx.cache
-    cos, sin = position_embeddings  # (B, T, d) x2
-    q, k, v = mx.qkv(x)  # (B, H, T, d), (B, Hkv, T, d) x2
-    q0, k0 = q, k
-    q, k = rope(q, k, cos, sin)
-    rep = mx.H // mx.Hkv
-    if st.pos == 0:  # prefill
-        states: list = []
-        qm, km = (q, k.repeat_interleave(rep, 1)) if mx.mlstm_rope else (q0, k0.repeat_interleave(rep, 1))
-        h = mx.mix(x, q, k.repeat_interleave(rep, 1), v.repeat_interleave(rep, 1),
-                   mx.sink_queries(q0, k0, cos, sin, rope), qm, km, states=states if mx.branches != "window" else None)
-        st.mlstm = mx.keep_state(states[0]) if states else None
-        # copies, not views: a view of the prompt's keys would keep all T of them alive (measured: 10 GiB at 32k x 8)
-        st.sink_k, st.sink_v = k[:, :, :mx.sinks].clone(), v[:, :, :mx.sinks].clone()
-        st.win_k, st.win_v = k[:, :, -mx.window:].clone(), v[:, :, -mx.window:].clone()
-        return h
-    if x.shape[1] != 1:
-        raise ValueError("a prefilled mixer steps one token at a time")
-    pos = st.pos  # this token's position
-    if pos < mx.sinks:
-        st.sink_k, st.sink_v = torch.cat([st.sink_k, k], 2), torch.cat([st.sink_v, v], 2)
-    st.win_k = torch.cat([st.win_k, k], 2)[:, :, -mx.window:]  # (B, Hkv, <=W, d)
-    st.win_v = torch.cat([st.win_v, v], 2)[:, :, -mx.window:]
-    return mix_step(mx, x, q, q0, k0, k, v, lambda: _window_step(mx, q, q0, st, pos, rep),
-                    lambda qm, km, vr: _mlstm_step(mx, x, qm, km, vr, st))
-
-
-def mix_step(mx, x, q, q0, k0, k, v, window, mlstm) -> torch.Tensor:
-    """One token's head outputs (B, H, 1, d) from its branches, as HybridMixer.mix mixes them: `window()` the window
-    + sinks attention, `mlstm(qm, km, v)` the mLSTM step (decode.py's concatenating state, or static_decode's)."""
-    rep = mx.H // mx.Hkv
-    vr = v.repeat_interleave(rep, 1)  # (B, H, 1, d)
-    qm, km = (q, k.repeat_interleave(rep, 1)) if mx.mlstm_rope else (q0, k0.repeat_interleave(rep, 1))
-    swa = window() if mx.branches != "mlstm" else None  # (B, H, 1, d)
-    if mx.branches == "window":
-        return swa
-    m = mlstm(qm, km, vr)  # (B, H, 1, d)
-    if mx.branches == "mlstm":
-        return m.to(q.dtype)
-    return mx.gate_mix(qm, km, vr, m, swa)
-
-
-def _window_step(mx, q, q0, st: MixerState, pos: int, rep: int) -> torch.Tensor:
-    """Softmax attention of one query over the window's keys and the sinks outside it (the parallel form's
-    window_attention, restricted to the last row): (B, H, 1, d)."""
-    from transformers.models.llama.modeling_llama import rotate_half
-
-    # hand-written rather than SDPA: the sink entries use the query rotated to its cache position (sink_queries)
-    # and the window entries the query at its own, which one SDPA call over one query cannot express
-    kw, vw = st.win_k.repeat_interleave(rep, 1), st.win_v.repeat_interleave(rep, 1)  # (B, H, <=W, d) x2
-    scores = [torch.einsum("bhqd,bhkd->bhqk", q.float(), kw.float()) * mx.scaling]  # (B, H, 1, <=W)
-    values = [vw]
-    far = [s for s in range(st.sink_k.shape[2]) if pos - s >= mx.window]  # sinks that left the window
-    if far:
-        cos, sin = st.sink_rope  # (B, 1, d)
-        q_sink = q0 * cos[:, None] + rotate_half(q0) * sin[:, None]  # (B, H, 1, d)
-        ks = st.sink_k[:, :, far].repeat_interleave(rep, 1)  # (B, H, n, d)
-        scores.insert(0, torch.einsum("bhqd,bhkd->bhqk", q_sink.float(), ks.float()) * mx.scaling)
-        values.insert(0, st.sink_v[:, :, far].repeat_interleave(rep, 1))
-    p = torch.softmax(torch.cat(scores, -1), -1)  # (B, H, 1, n + <=W)
-    return torch.einsum("bhqk,bhkd->bhqd", p, torch.cat(values, 2).float()).to(q.dtype)  # (B, H, 1, d)
-
-
-def _mlstm_step(mx, x, qm, km, v, st: MixerState) -> torch.Tensor:
-    """One mLSTM step with mlstm_kernels' recurrent kernel (the chunkwise kernel's own equations): (B, H, 1, d)."""
-    from mlstm_kernels.torch.recurrent.native_step import mlstm_recurrent_step__native
-
-    qf, kf = (t[:, :, 0] for t in mx.features(qm, km))  # (B, H, F) x2
-    i, f = (g.float()[:, 0, :, None] for g in mx.gates(x))  # (B, H, 1) x2
-    c, n, m = mx.head_state(st.mlstm)
-    # eps as the chunkwise kernel of HybridStudent.set_kernel (1e-12)
-    h, new = mlstm_recurrent_step__native(qf, kf, v[:, :, 0].float(), i, f, c, n, m, eps=1e-12)
-    st.mlstm = mx.keep_state(new)
-    return h[:, :, None]  # (B, H, 1, d)

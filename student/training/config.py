@@ -8,19 +8,16 @@ from dataclasses import asdict, dataclass
 from tcache.device import PRECISIONS
 from tcache.errors import TcacheError
 from tcache.fields import opt
-from tcache.student.match_loss import MATCH_LOSSES
-from tcache.student.losses import KD_TAILS
-from tcache.student.model import MLSTM_KERNELS, SLSTM_BACKENDS, StudentConfig
-from tcache.student.recipes import RECIPES, Recipe, Stage
-from tcache.student.runtime import COMPILE_MODES
-from tcache.student.schedules import Anneal, parse_anneal
+from tcache.student.models.match_loss import MATCH_LOSSES
+from tcache.student.training.losses import KD_TAILS
+from tcache.student.models.xlstm import MLSTM_KERNELS, SLSTM_BACKENDS, StudentConfig
+from tcache.student.training.recipes import RECIPES, Recipe, Stage
+from tcache.student.models.mixer import MIXES, MLSTM_HEADS
+from tcache.student.training.runtime import COMPILE_MODES
+from tcache.student.training.schedules import Anneal, parse_anneal
 from tcache.units import parse_bytes, parse_count
 
 
-MLSTM_HEADS = ("query", "kv")
-"""--mlstm-heads: the hybrid mLSTM's states per query head or per key / value head (student/mixer.py)."""
-MIXES = ("gate", "joint")
-"""--mix: the hybrid's output gate between its branches, or LoLCATs' joint normalisation (student/joint.py)."""
 TRAIN_CHOICES = ("all", "mixer", "new", "lora")
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 

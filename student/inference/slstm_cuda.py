@@ -1,6 +1,6 @@
 """xlstm's CUDA sLSTM cell standing in for a student's vanilla cells in inference forwards over many tokens.
 
-The exported student (student/hf.py) builds its sLSTM blocks on xlstm's vanilla cell: it runs on every device,
+The exported student (student/inference/hf.py) builds its sLSTM blocks on xlstm's vanilla cell: it runs on every device,
 its state dict is the checkpoint's, and its pointwise step is what the static decode captures (slstm_step.py).
 But the vanilla cell loops over the positions in Python: at v1's seeds' shape on an H200 it prefills 2.1k tokens/s
 per layer, so a 128k prompt takes minutes. xlstm's CUDA cell runs the same recurrence in its own kernels, 52k
@@ -43,7 +43,7 @@ def _slstm_layers(model) -> list:
 def usable(model, device: torch.device, dtype: torch.dtype) -> bool:
     """Whether this forward should run on CUDA twins: sLSTM blocks on vanilla cells, no gradients, a GPU of
     compute capability >= 8.0 with nvcc, a bf16 or fp16 model, and not switched off."""
-    from tcache.student.model import _nvcc_available
+    from tcache.student.models.xlstm import _nvcc_available
 
     if os.environ.get(ENV, "cuda") == "vanilla" or torch.is_grad_enabled() or device.type != "cuda":
         return False

@@ -18,17 +18,18 @@ from tcache.device import resolve_device
 from tcache.errors import Interrupted, TcacheError
 from tcache.plots import training_plot
 from tcache.signals import stop_on_signals
-from tcache.student import losses, lora
-from tcache.student.checkpoint import (CONFIG_FILE, RUN_ENTRIES, RunState, cache_identity, resume_from, run_dir,
+from tcache.student.training import losses
+from tcache.student.models import lora
+from tcache.student.training.checkpoint import (CONFIG_FILE, RUN_ENTRIES, RunState, cache_identity, resume_from, run_dir,
                                        save_checkpoint)
-from tcache.student.budget import Plan, StagePlan, plan_budget
-from tcache.student.config import RECIPES, DistillConfig, student_config
-from tcache.student.data import CacheRows, epoch_loader
-from tcache.student.families import FAMILIES
-from tcache.student.io import save_student
-from tcache.student.metrics import METRICS_FILE, MetricsLog, truncate_metrics
-from tcache.student.runtime import cap_gpu_memory, resolve_loss_chunk, resolve_precision, resolve_workers
-from tcache.student.schedules import annealed, lr_at
+from tcache.student.training.budget import Plan, StagePlan, plan_budget
+from tcache.student.training.config import RECIPES, DistillConfig, student_config
+from tcache.student.training.data import CacheRows, epoch_loader
+from tcache.student.training.families import FAMILIES
+from tcache.student.models.io import save_student
+from tcache.student.training.metrics import METRICS_FILE, MetricsLog, truncate_metrics
+from tcache.student.training.runtime import cap_gpu_memory, resolve_loss_chunk, resolve_precision, resolve_workers
+from tcache.student.training.schedules import annealed, lr_at
 from tcache.teachercache import schema
 from tcache.teachercache.manifest import Manifest, load_manifest
 from tcache.teachercache.reader import ShardHasher

@@ -1,9 +1,9 @@
-"""A static generation state and a captured decode step, as transformers' StaticCache is for a transformer: every
-tensor of the state is allocated once for (batch, dtype, device) and updated in place, so one step is a fixed-shape
-function of (token ids, state) and, on CUDA, is captured once in a CUDA graph and replayed (one launch per token
-instead of ~30 small kernels per layer from the host).
+"""The one decode path, on every device: a static generation state and its step, as transformers' StaticCache is for a
+transformer. Every tensor of the state is allocated once for (batch, dtype, device) and updated in place, so one step
+is a fixed-shape function of (token ids, state); on CUDA it is captured once in a CUDA graph and replayed (one launch
+per token instead of ~30 small kernels per layer from the host), on CPU it runs as it is.
 
-    xLSTM (v1, v2)  per block: the buffers of decode.prefill's state (mLSTM C, n, m; conv inputs; sLSTM state),
+    xLSTM (v1, v2)  per block: the buffers of prefill's state (mLSTM C, n, m; conv inputs; sLSTM state),
                     overwritten by xlstm's own `step` outputs with copy_
     hybrid          per layer: the sinks' keys / values (B, Hkv, S, d), the window's as a ring buffer (B, Hkv, W, d)
                     written at slot pos % W, the mLSTM C, n, m; one position counter (a device tensor)
@@ -11,9 +11,9 @@ instead of ~30 small kernels per layer from the host).
 Positions not yet filled are masked, never sliced away: the window slot j holds position p - ((p - j) mod W) for the
 token at position p, valid when that is >= 0; sink s is scored apart from the window once p - s >= W.
 
-`StaticDecoder.load(state)` copies a prefilled decode.DecodeState into the buffers (the prefill is the ordinary
-parallel forward, decode.prefill); `step(ids)` advances one token. tests/test_static_decode.py holds it to the
-concatenating path of decode.py and to full-forward greedy decoding.
+`StaticDecoder.load(state)` copies a prefilled prefill.DecodeState into the buffers (the prefill is the ordinary
+parallel forward); `step(ids)` advances. tests/test_static_decode.py holds it to an independent concatenating step
+(tests/decode_oracle.py) and to full-forward greedy decoding.
 """
 
 from __future__ import annotations
@@ -23,12 +23,12 @@ from dataclasses import dataclass
 
 import torch
 
-from tcache.student import decode
-from tcache.student.slstm_step import branch_free_slstm
+from tcache.student.inference.prefill import DecodeState, MixerState
+from tcache.student.inference.slstm_step import branch_free_slstm
 
-ENV = "TCACHE_STATIC_DECODE"
-"""auto (default): the static, captured step on CUDA, decode.py's on CPU; 1: static everywhere (captured on CUDA);
-0: never (the concatenating path of decode.py)."""
+GRAPH_ENV = "TCACHE_CUDA_GRAPH"
+"""auto (default): on CUDA the step is captured in a CUDA graph and replayed; 0: it runs eagerly (to debug a kernel,
+or to time the step without the graph)."""
 
 
 COMPILE_ENV = "TCACHE_STATIC_COMPILE"
@@ -36,15 +36,10 @@ COMPILE_ENV = "TCACHE_STATIC_COMPILE"
 step, reused by every layer), full (the whole step), off."""
 
 
-def enabled(device: torch.device) -> bool:
-    mode = os.environ.get(ENV, "auto").lower()
-    return mode in ("1", "on", "true") or (mode == "auto" and device.type == "cuda")
-
-
 def supported(model) -> bool:
     """Every recipe: the hybrid, mLSTM-only students (v2) and students with sLSTM blocks (v1) on xlstm's vanilla
-    sLSTM cell (its pointwise step swapped for a branch-free one while stepping: student/slstm_step.py). xlstm's CUDA
-    sLSTM cell is not captured: it keeps decode.py's step."""
+    sLSTM cell (its pointwise step swapped for a branch-free one while stepping: student/inference/slstm_step.py). xlstm's CUDA
+    sLSTM cell is not captured: it steps eagerly."""
     if model.family == "hybrid" or not model.cfg.slstm_at:
         return True
     return all(getattr(blk.xlstm, "slstm_cell", None) is None or hasattr(blk.xlstm.slstm_cell, "pointwise")
@@ -88,6 +83,10 @@ class StaticMixer:
     pos: torch.Tensor  # (1,) int64, shared by all layers: the position of the token being stepped
     sink_rope: tuple | None = None  # cos, sin (B, 1, d) at min(pos, S + W - 1), set per step
 
+    def forward(self, mx, x: torch.Tensor, position_embeddings) -> torch.Tensor:
+        """HybridMixer.forward hands itself here while its `cache` is this state: one token's head outputs."""
+        return mixer_step(mx, x, position_embeddings, self)
+
 
 def _copy(dst, src) -> None:
     """copy_ src into dst, through tuples."""
@@ -105,11 +104,14 @@ def _clone(x):
 class StaticDecoder:
     """The fixed generation state of one student at one (batch, dtype, device), and its step."""
 
-    def __init__(self, model, state: decode.DecodeState, capture: bool | None = None):
+    def __init__(self, model, state: DecodeState, capture: bool | None = None):
         self.model = model
         first = next(model.parameters())
         self.device = first.device
-        self.capture = self.device.type == "cuda" if capture is None else capture
+        if capture is None:
+            capture = (self.device.type == "cuda" and supported(model)
+                       and os.environ.get(GRAPH_ENV, "auto").lower() not in ("0", "off", "false"))
+        self.capture = capture
         self.compile = os.environ.get(COMPILE_ENV, "layer" if self.capture else "off").lower()
         self.fn = torch.compile(self._step, dynamic=False) if self.compile == "full" else self._step
         self.captures = 0  # CUDA graphs captured (once per decoder: a replay per token after that)
@@ -117,28 +119,28 @@ class StaticDecoder:
         self.pos = torch.zeros(1, dtype=torch.long, device=self.device)  # position of the next token
         if model.family == "hybrid":
             self.layers = [self._mixer_buffers(mx, st) for mx, st in zip(model.mixers, state.layers)]
-        else:  # decode.prefill's tensors are fresh copies: they are the buffers from here on
+        else:  # prefill's tensors are fresh copies: they are the buffers from here on
             self.layers = [{k: _clone(v) for k, v in st.items()} for st in state.layers]
         self.batch = self.batch_of(state)
         self.load(state)
 
     # -- buffers ---------------------------------------------------------------------------------------------
     @staticmethod
-    def batch_of(state: decode.DecodeState) -> int:
+    def batch_of(state: DecodeState) -> int:
         st = state.layers[0]
-        x = st.win_k if isinstance(st, decode.MixerState) else next(iter(st.values()))
+        x = st.win_k if isinstance(st, MixerState) else next(iter(st.values()))
         while isinstance(x, (tuple, list)):
             x = x[0]
         return x.shape[0]
 
-    def _mixer_buffers(self, mx, st: decode.MixerState) -> StaticMixer:
+    def _mixer_buffers(self, mx, st: MixerState) -> StaticMixer:
         B, Hkv, _, d = st.win_k.shape
         new = st.win_k.new_zeros
         return StaticMixer(sink_k=new(B, Hkv, mx.sinks, d), sink_v=new(B, Hkv, mx.sinks, d),
                            win_k=new(B, Hkv, mx.window, d), win_v=new(B, Hkv, mx.window, d),
                            mlstm=_clone(st.mlstm) if st.mlstm is not None else None, pos=self.pos)
 
-    def load(self, state: decode.DecodeState) -> "StaticDecoder":
+    def load(self, state: DecodeState) -> "StaticDecoder":
         """Copy a prefilled state of this batch into the buffers (their storage never changes)."""
         if self.batch_of(state) != self.batch:
             raise ValueError(f"a state of batch {self.batch_of(state)} into buffers of batch {self.batch}")
@@ -181,7 +183,9 @@ class StaticDecoder:
     # -- the step ----------------------------------------------------------------------------------------------
     @torch.no_grad()
     def step(self, ids: torch.Tensor) -> torch.Tensor:
-        """Logits (B, 1, V) of the next token ids (B, 1); the state advances in place."""
+        """Logits (B, T, V) of the next tokens ids (B, T), one step each; the state advances in place."""
+        if ids.shape[1] > 1:
+            return torch.cat([self.step(ids[:, t:t + 1]) for t in range(ids.shape[1])], 1)
         if not self.capture:
             return self._step(ids)
         if self.graph is None:
@@ -257,7 +261,7 @@ def _hybrid_step(model, ids: torch.Tensor, layers: list[StaticMixer], pos: torch
 
 def mixer_step(mx, x: torch.Tensor, position_embeddings, st: StaticMixer) -> torch.Tensor:
     """One token through a HybridMixer from its StaticMixer: head outputs (B, H, 1, d). The same equations as
-    decode.mixer_forward's step, on fixed buffers."""
+    parallel form's last row (HybridMixer.mix), on fixed buffers."""
     from transformers.models.llama.modeling_llama import apply_rotary_pos_emb as rope
 
     cos, sin = position_embeddings  # (B, 1, d) x2
@@ -273,7 +277,7 @@ def mixer_step(mx, x: torch.Tensor, position_embeddings, st: StaticMixer) -> tor
     slot = p % mx.window
     st.win_k.index_copy_(2, slot, k)
     st.win_v.index_copy_(2, slot, v)
-    return decode.mix_step(mx, x, q, q0, k0, k, v, lambda: _window(mx, q, q0, st),
+    return mix_step(mx, x, q, q0, k0, k, v, lambda: _window(mx, q, q0, st),
                            lambda qm, km, vr: _mlstm(mx, x, qm, km, vr, st))
 
 
@@ -311,3 +315,18 @@ def _mlstm(mx, x, qm, km, v, st: StaticMixer) -> torch.Tensor:
     h, new = mlstm_recurrent_step__native(qf, kf, v[:, :, 0].float(), i, f, c, n, m, eps=1e-12)
     _copy(st.mlstm, mx.keep_state(new))
     return h[:, :, None]  # (B, H, 1, d)
+
+
+def mix_step(mx, x, q, q0, k0, k, v, window, mlstm) -> torch.Tensor:
+    """One token's head outputs (B, H, 1, d) from its branches, as HybridMixer.mix mixes them: `window()` the window
+    + sinks attention, `mlstm(qm, km, v)` the mLSTM step."""
+    rep = mx.H // mx.Hkv
+    vr = v.repeat_interleave(rep, 1)  # (B, H, 1, d)
+    qm, km = (q, k.repeat_interleave(rep, 1)) if mx.mlstm_rope else (q0, k0.repeat_interleave(rep, 1))
+    swa = window() if mx.branches != "mlstm" else None  # (B, H, 1, d)
+    if mx.branches == "window":
+        return swa
+    m = mlstm(qm, km, vr)  # (B, H, 1, d)
+    if mx.branches == "mlstm":
+        return m.to(q.dtype)
+    return mx.gate_mix(qm, km, vr, m, swa)

@@ -6,8 +6,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Callable
 
-from tcache.student.model import roundup
-from tcache.student.schedules import Anneal
+from tcache.student.models.xlstm import roundup
+from tcache.student.training.schedules import Anneal
 
 
 @dataclass(frozen=True)
@@ -41,7 +41,7 @@ class Recipe:
     sizes: Callable[[int, int], tuple[int, int, list[int]]] | None = None
     """xLSTM family: (teacher layers L_t, teacher heads H_t) -> (blocks, heads, sLSTM block indices)."""
     model: str = "xlstm"
-    """Model family: xlstm (tcache.student.model) or hybrid (tcache.student.hybrid)."""
+    """Model family: xlstm (tcache.student.models.xlstm) or hybrid (tcache.student.models.hybrid)."""
     stages: tuple[Stage, ...] = (Stage("distill"),)
     lr: float = 2e-4
     """Peak learning rate of the (last) stage."""

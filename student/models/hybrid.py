@@ -12,8 +12,8 @@ MLPs, embedding and head, loaded from the cache's teacher/ directory). phi is He
 d x d map (identity at init) followed by [softmax(z), softmax(-z)] over the feature dimension, so phi(q) .
 phi(k) >= 0 and the mLSTM normaliser stays positive. Grouped-query teachers repeat their kv heads.
 
-The mixer itself is student/mixer.py. Modes of a mixer: "hybrid" (the student), "match" (stage I: returns the
-teacher's own attention so every layer sees the teacher's input, and keeps the --match-loss terms of student/match_loss.py), "teacher" (the teacher's full
+The mixer itself is student/models/mixer.py. Modes of a mixer: "hybrid" (the student), "match" (stage I: returns the
+teacher's own attention so every layer sees the teacher's input, and keeps the --match-loss terms of student/models/match_loss.py), "teacher" (the teacher's full
 causal attention: the converted model before any change).
 """
 
@@ -25,9 +25,9 @@ import torch
 from torch import nn
 
 from tcache.errors import TcacheError
-from tcache.student.lora import adapter_parameters
-from tcache.student.match_loss import MATCH_LOSSES
-from tcache.student.mixer import HybridMixer
+from tcache.student.models.lora import adapter_parameters
+from tcache.student.models.match_loss import MATCH_LOSSES
+from tcache.student.models.mixer import HybridMixer
 
 MODES = ("hybrid", "match", "teacher")
 BRANCHES = ("both", "mlstm", "window")
@@ -59,7 +59,7 @@ class HybridConfig:
     the decode state H / Hkv times smaller)."""
     mix: str = "gate"
     """How the branches combine (--mix): gate (a per-head output gate between the two normalised branches) or
-    joint (LoLCATs' one denominator over the window's softmax and the linear scores outside it: student/joint.py;
+    joint (LoLCATs' one denominator over the window's softmax and the linear scores outside it: student/models/joint.py;
     generation then runs the full forward per token)."""
     mlstm_rope: bool = False
     """Feed the mLSTM branch and the output gate RoPE-rotated q, k (--mlstm-rope); by default they get the
@@ -71,7 +71,7 @@ class HybridConfig:
 def resolve_mlstm_kernel(name: str, device: torch.device) -> str:
     if name != "auto":
         return name
-    from tcache.student.model import _triton_available
+    from tcache.student.models.xlstm import _triton_available
 
     return "chunkwise--triton_xl_chunk" if device.type == "cuda" and _triton_available() else "chunkwise--native_autograd"
 
@@ -127,7 +127,7 @@ class HybridStudent(nn.Module):
         return self.lm.get_output_embeddings()
 
     def set_kernel(self, device: torch.device) -> str:
-        from tcache.student.model import _mlstm_kernel_fn
+        from tcache.student.models.xlstm import _mlstm_kernel_fn
 
         name = resolve_mlstm_kernel(self.cfg.mlstm_kernel, device)
         # eps: the kernels add it to the normaliser in their stabilised units, where 1e-6 (xLSTM's) moved the
@@ -150,7 +150,7 @@ class HybridStudent(nn.Module):
 
     def set_trainable(self, which: str) -> None:
         """'new': only the feature maps and gates (stage I); 'mixer': those and the copied q/k/v/o projections;
-        'lora': those and the LoRA adapters (student/lora.py); 'all': every parameter (stage II)."""
+        'lora': those and the LoRA adapters (student/models/lora.py); 'all': every parameter (stage II)."""
         self.requires_grad_(which == "all")
         extra = adapter_parameters(self) if which == "lora" else []
         if which == "mixer":

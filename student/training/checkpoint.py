@@ -17,8 +17,8 @@ import torch
 
 from tcache import dist, outdir
 from tcache.errors import TcacheError
-from tcache.student.config import RESUMABLE_DIFFS, DistillConfig
-from tcache.student.io import STUDENT_FILE
+from tcache.student.training.config import RESUMABLE_DIFFS, DistillConfig
+from tcache.student.models.io import STUDENT_FILE
 
 CKPT_DIR = "checkpoints"
 CONFIG_FILE = "distill_config.json"

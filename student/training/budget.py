@@ -7,7 +7,7 @@ import math
 from dataclasses import dataclass, field
 
 from tcache.errors import TcacheError
-from tcache.student.config import RECIPES, DistillConfig, Stage
+from tcache.student.training.config import RECIPES, DistillConfig, Stage
 from tcache.teachercache import schema
 
 

@@ -1,8 +1,8 @@
-"""One hybrid mixer (student/hybrid.py converts each teacher attention into one): the window + sinks branch, the
-mLSTM branch over Hedgehog features, and their mix (the output gate, or LoLCATs' joint form: student/joint.py).
+"""One hybrid mixer (student/models/hybrid.py converts each teacher attention into one): the window + sinks branch, the
+mLSTM branch over Hedgehog features, and their mix (the output gate, or LoLCATs' joint form: student/models/joint.py).
 
     x (B, T, D) -> q, k, v (the teacher's projections and RoPE), kv heads repeated to the query heads
-      swa   = window + sinks softmax attention (student/window.py, O(T·W))
+      swa   = window + sinks softmax attention (student/models/window.py, O(T·W))
       mlstm = mLSTM(phi_q(qm), phi_k(km), v; gates from x)   (mlstm_kernels' chunkwise kernel)
       out   = o * mlstm + (1 - o) * swa, o = sigmoid(w_o [qm, km, v])  per head, before the teacher's W_o
 """
@@ -18,11 +18,15 @@ import torch.nn.functional as F
 from torch import nn
 
 from tcache.errors import TcacheError
-from tcache.student.config import MIXES, MLSTM_HEADS
-from tcache.student.match_loss import stage_one_losses
+from tcache.student.models.match_loss import stage_one_losses
+
+MLSTM_HEADS = ("query", "kv")
+"""--mlstm-heads: the mLSTM's states per query head or per key / value head."""
+MIXES = ("gate", "joint")
+"""--mix: the output gate between the branches, or LoLCATs' joint normalisation (joint.py)."""
 
 if TYPE_CHECKING:
-    from tcache.student.hybrid import HybridConfig
+    from tcache.student.models.hybrid import HybridConfig
 
 MLSTM_INPUTS_ENV = "TCACHE_MLSTM_INPUTS"
 """unset (default): the mLSTM kernel gets q, k, v in the layer's compute dtype; fp32: always fp32 (the earlier path),
@@ -91,7 +95,7 @@ class HybridMixer(nn.Module):
             self.fgate.bias.copy_(torch.linspace(*cfg.fgate_bias, self.Hm))
         self.mode = "hybrid"
         self.mlstm_fn = None  # set by HybridStudent.set_kernel
-        self.cache = None  # a decode.MixerState while generating
+        self.cache = None  # while generating, a state object of student/inference/ (prefill.MixerState, decode.StaticMixer)
         self.last_mse: torch.Tensor | None = None
         self.match_loss = "output"  # stage I's objective (MATCH_LOSSES): HybridStudent.set_match_loss
         self.last_weights_ce: torch.Tensor | None = None  # kept in match mode unless match_loss is "output"
@@ -141,10 +145,8 @@ class HybridMixer(nn.Module):
 
         x = hidden_states  # (B, T, D)
         B, T, _ = x.shape
-        if self.cache is not None:  # generation: tcache.student.decode keeps this layer's bounded state
-            from tcache.student.decode import mixer_forward
-
-            return self.o_proj(mixer_forward(self, x, position_embeddings).transpose(1, 2).reshape(B, T, -1)), None
+        if self.cache is not None:  # generation: the state object (student/inference/) runs this layer's forward
+            return self.o_proj(self.cache.forward(self, x, position_embeddings).transpose(1, 2).reshape(B, T, -1)), None
         q, k, v = self.qkv(x)  # (B, H, T, d), (B, Hkv, T, d) x2
         cos, sin = position_embeddings  # (B, T, d) x2
         q_sink = self.sink_queries(q, k, cos, sin, apply_rotary_pos_emb)  # (B, H, T, d) or None
@@ -187,9 +189,9 @@ class HybridMixer(nn.Module):
 
     def window_attention(self, q, k, v, q_sink) -> torch.Tensor:
         """Softmax attention over the window and the sinks: (B, H, T, d), blocked in O(T·W) on every device
-        (student/window.py); TCACHE_WINDOW=dense selects the earlier single SDPA call over a dense mask. A sink
+        (student/models/window.py); TCACHE_WINDOW=dense selects the earlier single SDPA call over a dense mask. A sink
         outside a query's window is scored with the query rotated to its cache position (sink_queries)."""
-        from tcache.student.window import attend
+        from tcache.student.models.window import attend
 
         return attend(q, k, v, q_sink, self.window, self.sinks, self.scaling)  # (B, H, T, d)
 
@@ -202,7 +204,7 @@ class HybridMixer(nn.Module):
         qm = q if qm is None else qm
         km = k if km is None else km
         if self.mix_form == "joint":  # LoLCATs' one denominator; no recurrent state to hand back
-            from tcache.student.joint import joint_attention
+            from tcache.student.models.joint import joint_attention
 
             qf, kf = self.features(qm, km)  # (B, H, T, F) x2
             i, f = (g.float().transpose(1, 2) for g in self.gates(x))  # (B, H, T) x2

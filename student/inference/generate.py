@@ -69,8 +69,8 @@ def load_hf_student(path: str | Path, device: torch.device):
     """(transformers model, tokenizer) from a `tcache distill` output or a `tcache export` directory."""
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-    from tcache.student.hf import MODEL_TYPE, to_hf
-    from tcache.student.io import is_student_dir, load_student
+    from tcache.student.inference.hf import MODEL_TYPE, to_hf
+    from tcache.student.models.io import is_student_dir, load_student
 
     path = Path(path)
     if is_student_dir(path):
@@ -206,6 +206,6 @@ def _result(cfg: GenerateConfig, text: str, n: int, seconds: float, device: torc
 
 
 def export(cfg: ExportConfig) -> Path:
-    from tcache.student.hf import export_student
+    from tcache.student.inference.hf import export_student
 
     return export_student(cfg.student, cfg.out, cfg.overwrite)

@@ -1,5 +1,5 @@
 """xlstm's vanilla sLSTM step made capturable: its pointwise step decides one branch on the host, which a CUDA graph
-cannot hold, so while the static decoder steps (student/static_decode.py) the cells use the same equations with the
+cannot hold, so while the static decoder steps (student/inference/decode.py) the cells use the same equations with the
 choice made on the device."""
 
 from __future__ import annotations

@@ -1,23 +1,23 @@
-"""Chunked prefill for xLSTM students (v1, v2): `decode.prefill` over a long prompt, `chunk` tokens at a time.
+"""Chunked prefill for xLSTM students (v1, v2): `prefill.prefill` over a long prompt, `chunk` tokens at a time.
 
-`decode.prefill` runs the chunkwise mLSTM kernel once over the whole prompt. At long T x batch that call fails
+`prefill.prefill` runs the chunkwise mLSTM kernel once over the whole prompt. At long T x batch that call fails
 inside mlstm_kernels' Triton kernel (H200, batch 8, 32k tokens: "Triton Error [CUDA]: invalid argument", a grid
 dimension limit). Here the prompt runs in chunks of at most `chunk` tokens, each starting from the state the last
 one left, so the final state and every position's logits are the one-shot prefill's (up to float rounding:
 tests/test_chunked_prefill.py):
 
-    chunk 0     decode.prefill itself
+    chunk 0     prefill.prefill itself
     chunk k>0   each block continues from its DecodeState entry:
       mLSTM     xlstm's mLSTMLayer.forward takes no initial state, so its pieces run here in its order (proj_up,
                 the causal conv given its last inputs, the cell with the mLSTM state as the kernel's c/n/m_initial,
                 skip, output gate, proj_down); the cell itself (gates, outnorm) is xlstm's, its backend_fn swapped
-                for the call, as decode.prefill swaps it
+                for the call, as prefill.prefill swaps it
       sLSTM     xlstm's sLSTMLayer.forward takes conv_state / slstm_state and returns the last states: called so
       block     xLSTMBlock.forward's pre-norm, residual and FFN, mirrored (its forward cannot pass the states)
 
-Between chunks the state is kept in decode.step's convention (so after any chunk it is a usable DecodeState):
+Between chunks the state is kept in xlstm's step convention (so after any chunk it is a usable DecodeState):
     mlstm_state  C (B, NH, DH, DH), n (B, NH, DH, 1), m (B, NH, 1, 1): xlstm's step scales k by DH^-1/2 where
-                 mlstm_kernels scales q, so C and n are the kernel's times DH^-1/2 (decode._keep_mlstm_state);
+                 mlstm_kernels scales q, so C and n are the kernel's times DH^-1/2 (prefill._keep_mlstm_state);
                  divided back when handed to the kernel
     conv_state   (the last kernel_size conv inputs (B, ks, F),): xlstm's conv step rolls it and overwrites the
                  oldest, so the parallel conv needs only its last ks - 1 (CausalConv1d.forward's conv_state)
@@ -29,38 +29,37 @@ from __future__ import annotations
 import torch
 
 from tcache.errors import TcacheError
-from tcache.student import decode, slstm_cuda
-
-
+from tcache.student.inference import prefill
+from tcache.student.inference import slstm_cuda
 @torch.no_grad()
 def chunked_prefill(model, ids: torch.Tensor, keep: int = 0,
-                    chunk: int = 8192) -> tuple[torch.Tensor, decode.DecodeState]:
-    """decode.prefill's contract, run `chunk` tokens at a time: logits (B, keep or T, V) of the prompt ids (B, T)
-    (of its last `keep` positions if keep > 0) and the state after its last token, for decode.step. A prompt of at
-    most `chunk` tokens is decode.prefill's. Take chunk a multiple of 64: the first chunk runs decode.prefill, whose
+                    chunk: int = 8192) -> tuple[torch.Tensor, prefill.DecodeState]:
+    """prefill.prefill's contract, run `chunk` tokens at a time: logits (B, keep or T, V) of the prompt ids (B, T)
+    (of its last `keep` positions if keep > 0) and the state after its last token, for the decoder. A prompt of at
+    most `chunk` tokens is prefill.prefill's. Take chunk a multiple of 64: the first chunk runs prefill.prefill, whose
     kernel adapter splits it into gcd(chunk, 64)-token kernel chunks (16 for chunk 1000: slower, and mlstm_kernels
     warns)."""
     if getattr(model, "family", None) == "hybrid":
         raise TcacheError("chunked_prefill is built for xLSTM students (v1, v2); a hybrid student prefills with "
-                          "decode.prefill")
+                          "prefill.prefill")
     if chunk < 1:
         raise ValueError(f"chunk must be at least 1 token, got {chunk}")
     T = ids.shape[1]
     if T <= chunk:
-        return decode.prefill(model, ids, keep)
+        return prefill.prefill(model, ids, keep)
     # xlstm's CUDA sLSTM cells for every chunk where they run (v1 on a GPU with nvcc): the vanilla cell's Python loop
-    # prefills ~0.5k tokens/s at the seeds' shape, so a 32k prompt took a minute (decode.prefill swaps them for chunk
+    # prefills ~0.5k tokens/s at the seeds' shape, so a 32k prompt took a minute (prefill.prefill swaps them for chunk
     # 0 by itself; inside this block its own swap finds the twins in place and leaves them)
     with slstm_cuda.cuda_cells(model, ids.device, model.embed.weight.dtype):
         return _chunked(model, ids, keep, chunk)
 
 
-def _chunked(model, ids: torch.Tensor, keep: int, chunk: int) -> tuple[torch.Tensor, decode.DecodeState]:
+def _chunked(model, ids: torch.Tensor, keep: int, chunk: int) -> tuple[torch.Tensor, prefill.DecodeState]:
     T = ids.shape[1]
     first = 0 if keep <= 0 else T - min(keep, T)  # first position whose logits are returned
-    # chunk 0: decode.prefill; keep=1 when none of its logits are wanted (keep=0 would return all of them)
+    # chunk 0: prefill.prefill; keep=1 when none of its logits are wanted (keep=0 would return all of them)
     want = max(0, chunk - first)
-    logits0, state = decode.prefill(model, ids[:, :chunk], keep=want or 1)
+    logits0, state = prefill.prefill(model, ids[:, :chunk], keep=want or 1)
     outs = [logits0] if want else []
     kernel = _kernel_name(ids.device)
     for a in range(chunk, T, chunk):
@@ -73,12 +72,12 @@ def _chunked(model, ids: torch.Tensor, keep: int, chunk: int) -> tuple[torch.Ten
 
 
 def _kernel_name(device: torch.device) -> str:
-    from tcache.student.hybrid import resolve_mlstm_kernel
+    from tcache.student.models.hybrid import resolve_mlstm_kernel
 
-    return resolve_mlstm_kernel("auto", device)  # the kernel decode.prefill picks
+    return resolve_mlstm_kernel("auto", device)  # the kernel prefill.prefill picks
 
 
-def _continue(model, ids: torch.Tensor, state: decode.DecodeState, kernel: str) -> torch.Tensor:
+def _continue(model, ids: torch.Tensor, state: prefill.DecodeState, kernel: str) -> torch.Tensor:
     """Student.features (no group means) over ids (B, S), every block starting from, and updating, its state."""
     x = model.embed(ids)  # (B, S, D)
     for blk, st in zip(model.blocks.blocks, state.layers):
@@ -104,7 +103,7 @@ def _conv(conv, x: torch.Tensor, st: dict) -> torch.Tensor:
 
 
 def _last_inputs(prev: torch.Tensor, x: torch.Tensor, ks: int) -> tuple[torch.Tensor]:
-    """decode.step's conv_state after the inputs x (B, S, F) followed those kept in prev (B, ks, F): the last ks,
+    """xlstm's step conv_state after the inputs x (B, S, F) followed those kept in prev (B, ks, F): the last ks,
     a copy (not a view of x)."""
     return (torch.cat([prev, x[:, -ks:]], 1)[:, -ks:].clone(),)  # (B, ks, F)
 
@@ -142,7 +141,7 @@ def _mlstm_from_state(st: dict, name: str, chunk_size: int = 64, eps: float = 1e
     padding), from st's mLSTM state as the kernel's initial state; leaves the last state in st."""
     from mlstm_kernels.torch import get_mlstm_kernel
 
-    from tcache.student.model import pad_end, padded_length
+    from tcache.student.models.xlstm import pad_end, padded_length
 
     kernel = get_mlstm_kernel(name)
 
@@ -150,7 +149,7 @@ def _mlstm_from_state(st: dict, name: str, chunk_size: int = 64, eps: float = 1e
         # (B, NH, S, DH) x3, (B, NH, S, 1) x2 -> (B, NH, S, DH)
         S, dtype = queries.shape[2], queries.dtype
         scale = queries.shape[-1] ** -0.5
-        c, n, m = st["mlstm_state"]  # decode.step's convention: C, n scaled by DH^-1/2
+        c, n, m = st["mlstm_state"]  # xlstm's step convention: C, n scaled by DH^-1/2
         c0 = (c.float() / scale).contiguous()  # (B, NH, DH, DH)
         n0 = (n.float().squeeze(-1) / scale).contiguous()  # (B, NH, DH)
         m0 = m.float().reshape(m.shape[0], m.shape[1], 1).contiguous()  # (B, NH, 1)
