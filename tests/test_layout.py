@@ -49,11 +49,90 @@ def _imports(path: Path) -> set[str]:
     return names
 
 
-@pytest.mark.parametrize("path", sorted((ROOT / "student").rglob("*.py")), ids=lambda p: p.relative_to(ROOT).as_posix())
-def test_the_student_reads_only_the_cache_format_and_the_base(path):
-    used = {m.split(".")[2] for m in _imports(path) if m.startswith("tcache.teachercache.")}
-    assert used <= STUDENT_MAY_IMPORT, f"{path.name} imports the build side: {sorted(used - STUDENT_MAY_IMPORT)}"
+# The import contract: what each room may import of tcache's own packages (anything else of tcache is refused;
+# third-party imports are free). A rule is a set of module prefixes; "tcache.<base>" is every module of tcache/.
+BASE = {f"tcache.{p.stem}" for p in (ROOT / "tcache").glob("*.py") if p.stem != "__init__"}
+CACHE_FORMAT = {f"tcache.teachercache.{m}" for m in STUDENT_MAY_IMPORT}
+CONTRACT = {
+    "tcache": BASE,  # the base imports only itself (its __main__ is the one door to the CLI, below)
+    "tcache.teachercache": BASE | {"tcache.teachercache"},
+    "tcache.student.models": BASE | CACHE_FORMAT | {"tcache.student.models"},
+    "tcache.student.training": BASE | CACHE_FORMAT | {"tcache.student.models", "tcache.student.training"},
+    "tcache.student.inference": BASE | CACHE_FORMAT | {"tcache.student.models", "tcache.student.inference"},
+    "tcache.student": BASE | {"tcache.student"},  # student/__init__ and hf.py, the exports' stable import
+    "tcache.cli": BASE | {"tcache.teachercache", "tcache.student", "tcache.cli"},
+}
+EXCEPTIONS = {("tcache.__main__", "tcache.cli.entry")}  # `python -m tcache` runs the CLI
+
+
+def module_name(path: Path) -> str:
+    rel = path.relative_to(ROOT).with_suffix("")
+    parts = list(rel.parts)
+    if parts[0] != "tcache":
+        parts.insert(0, "tcache")
+    return ".".join(p for p in parts if p != "__init__")
+
+
+def room_of(module: str) -> str:
+    """The longest CONTRACT key that `module` lies in; a module directly in student/ other than its __init__ and
+    hf.py (the exports' stable import) is in no room, so it may import nothing of tcache."""
+    if module.startswith("tcache.student.") and module.count(".") == 2 and module != "tcache.student.hf":
+        return module
+    return max((r for r in CONTRACT if module == r or module.startswith(r + ".")), key=len)
+
+
+def violations(module: str, imports: set[str]) -> list[str]:
+    """The tcache imports of `module` its room may not make, as "module -> import" (`from P import m` is judged
+    as P.m and as P; the bare namespace `tcache` is everyone's)."""
+    allowed = CONTRACT.get(room_of(module), set())
+    return [f"{module} -> {imp}" for imp in sorted(imports)
+            if imp.startswith("tcache.") and not any(module == m and (imp == e or imp.startswith(e + "."))
+                                                     for m, e in EXCEPTIONS)
+            and not any(imp == a or imp.startswith(a + ".") for a in allowed)]
+
+
+PACKAGES = {"tcache.teachercache", "tcache.student", "tcache.cli"} | {f"tcache.student.{p.name}" for p in
+                                                                      (ROOT / "student").iterdir() if p.is_dir()}
+
+
+def _tcache_imports(path: Path) -> set[str]:
+    """Every tcache name `path` imports (top-level, in functions, under TYPE_CHECKING); `from PACKAGE import m` is
+    judged by its module PACKAGE.m alone."""
+    return {n for n in _imports(path) if n.startswith("tcache.") and n not in PACKAGES}
+
+
+@pytest.mark.parametrize("path", library_files(), ids=lambda p: p.relative_to(ROOT).as_posix())
+def test_every_import_keeps_the_contract(path):
+    """models import neither training nor inference; training and inference import models, never each other;
+    student/ reads the cache's format, never its build side; the base imports nothing above it."""
+    assert not violations(module_name(path), _tcache_imports(path))
     assert not {m for m in _imports(path) if m.split(".")[0] in ("cli", "student", "teachercache")}
+
+
+@pytest.mark.parametrize("module, imported", [
+    ("tcache.student.models.mixer", "tcache.student.inference.prefill"),  # a model that knows how it is run
+    ("tcache.student.models.mixer", "tcache.student.training.config"),
+    ("tcache.student.training.train", "tcache.student.inference.eval"),
+    ("tcache.student.inference.hf", "tcache.student.training.config"),
+    ("tcache.student.training.data", "tcache.teachercache.build"),  # the cache's build side
+    ("tcache.student.inference.eval", "tcache.teachercache.writer"),
+    ("tcache.student.loose", "tcache.student.models.hybrid"),  # a module in no room
+    ("tcache.errors", "tcache.student.models.io"),  # the base importing a product package
+    ("tcache.teachercache.build", "tcache.student.training.config"),
+])
+def test_the_contract_refuses_what_it_forbids(module, imported):
+    """The check above can fail: each forbidden edge is reported, and its allowed mirror image is not."""
+    assert violations(module, {imported}) == [f"{module} -> {imported}"]
+
+
+def test_the_contract_allows_the_designed_edges():
+    for module, imported in [("tcache.student.training.train", "tcache.student.models.io"),
+                             ("tcache.student.inference.decode", "tcache.student.models.mixer"),
+                             ("tcache.student.training.data", "tcache.teachercache.reader"),
+                             ("tcache.student.hf", "tcache.student.inference.hf"),
+                             ("tcache.cli.distill", "tcache.student.training.train"),
+                             ("tcache.__main__", "tcache.cli.entry")]:
+        assert violations(module, {imported}) == [], (module, imported)
 
 
 def test_no_library_file_is_long():
