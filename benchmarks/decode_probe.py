@@ -1,23 +1,25 @@
 """Decode probe (issue 22): tokens/s of generate() after a B x T prompt, per model, timed as generate(64 new tokens)
-minus generate(1) after a warm-up of each, with the captures the static path made. Exploration on the way to
+minus generate(1) after a warm-up of each, with the captures the static decoder made. Exploration on the way to
 benchmarks/speed.py; its two H200 calls are kept in benchmarks/results/speed-h200-static/probe-call*.txt.
 
     B=8 T=8192 python benchmarks/decode_probe.py teacher-static hybrid hybrid-eager v2 v2-eager   # call 1
     B=8 T=8192 python benchmarks/decode_probe.py hybrid:layer v2:layer hybrid:full               # call 2 (+ B=1, B=64)
 
-NAME[:MODE]: teacher-static (transformers' static cache + compile), teacher-eager, a student (v2, hybrid) with the
-static decode path, NAME-eager without it; MODE = TCACHE_STATIC_COMPILE (layer, the default; full; off).
-Call 1 ran before the layer compile existed (its students' static step was uncompiled, i.e. MODE off)."""
+NAME[:MODE]: teacher-static (transformers' static cache + compile), teacher-eager, a student (v2, hybrid) with its
+static decoder (tcache.student.inference.decode.StaticDecoder: the step captured in a CUDA graph, compiled per
+MODE = TCACHE_STATIC_COMPILE: layer, the default; full; off), NAME-eager the same static step with TCACHE_CUDA_GRAPH=0
+and TCACHE_STATIC_COMPILE=off (neither captured nor compiled; a MODE is ignored). Call 1 ran before the layer compile
+existed, and its -eager rows ran the concatenating step the library has since dropped."""
 import os, sys, time, torch
-sys.path.insert(0, os.getcwd())
-from benchmarks.speed import SHAPES, build
+from speed import EAGER_ENV
+from speed_models import SHAPES, build
 dev, dt = torch.device("cuda"), torch.bfloat16
 N = 64
 B, T = int(os.environ.get('B', 8)), int(os.environ.get('T', 8192))
 for name in sys.argv[1:]:
     name, _, cmode = name.partition(":")
-    os.environ["TCACHE_STATIC_COMPILE"] = cmode or "layer"
-    os.environ["TCACHE_STATIC_DECODE"] = "0" if name.endswith("-eager") else "1"
+    os.environ.update(EAGER_ENV if name.endswith("-eager") else {"TCACHE_CUDA_GRAPH": "auto",
+                                                                 "TCACHE_STATIC_COMPILE": cmode or "layer"})
     base = name.removesuffix("-eager").removesuffix("-static")
     m = build(base if base != "teacher" else "teacher", SHAPES["smollm2-360m"], dev, dt)
     ids = torch.randint(1, 49152, (B, T), device=dev)
