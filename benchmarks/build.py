@@ -12,41 +12,35 @@ For the shared teacher and for a SmolLM2-360M-shaped teacher with random weights
 
 from __future__ import annotations
 
-import argparse
 import itertools
 import json
 import os
 import shutil
-import sys
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from benchmarks.shapes import make_teacher  # noqa: E402
-from tcache.teachercache.config import BuildConfig  # noqa: E402
-from tcache.teachercache.build import build  # noqa: E402
-from tcache.units import parse_count  # noqa: E402
-from tcache.text import DataSpec, iter_texts, pack_rows  # noqa: E402
-from tcache.hf import load_teacher  # noqa: E402
-from tcache.teachercache.teacher import teacher_targets  # noqa: E402
+from harness.env import describe, parser, workdirs
+from harness.results import table, write_json
+from harness.timing import loop_seconds
+from shapes import make_teacher
+from tcache.hf import load_teacher
+from tcache.teachercache.build import build
+from tcache.teachercache.config import BuildConfig
+from tcache.teachercache.teacher import teacher_targets
+from tcache.text import DataSpec, iter_texts, pack_rows
+from tcache.units import parse_count
 
 B, T = 64, 512
 
 
 def timed(fn, rows: np.ndarray) -> float:
     """tokens/s of fn over all rows in batches of B, after one warm-up batch."""
-    batches = [torch.from_numpy(rows[i:i + B]).cuda().long() for i in range(0, len(rows) - B + 1, B)]
-    fn(batches[0])
-    torch.cuda.synchronize()
-    t = time.perf_counter()
-    for ids in batches:
-        fn(ids)
-    torch.cuda.synchronize()
-    return len(batches) * B * T / (time.perf_counter() - t)
+    batches = [torch.from_numpy(rows[i:i + B]).cuda().long() for i in range(0, len(rows) - B + 1, B)]  # (B, T) each
+    _, seconds = loop_seconds(lambda i: fn(batches[i]), 1, len(batches))
+    return len(batches) * B * T / seconds
 
 
 @torch.no_grad()
@@ -98,29 +92,23 @@ def measure(name: str, teacher: str, data: str, tokens: int, work: Path) -> dict
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--teacher", required=True)
-    ap.add_argument("--train", required=True)
-    ap.add_argument("--out", required=True)
-    ap.add_argument("--work", default="/tmp/tcache-build-bench")
+    ap = parser(__doc__, ("teacher", "train", "out"), work="/tmp/tcache-build-bench")
     ap.add_argument("--tokens", default="8M")
     ap.add_argument("--smol-tokens", default="2M")
     a = ap.parse_args()
-    work, out = Path(a.work), Path(a.out)
-    work.mkdir(parents=True, exist_ok=True)
-    out.mkdir(parents=True, exist_ok=True)
+    work, out = workdirs(a)
     results = [measure("shared-teacher", a.teacher, a.train, parse_count(a.tokens), work)]
     smol = make_teacher("smollm2-360m", work / "smol-teacher", a.teacher)
     results.append(measure("smollm2-360m-shape", str(smol), a.train, parse_count(a.smol_tokens), work))
-    doc = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "command": " ".join(sys.argv),
-           "results": results}
-    (out / "build.json").write_text(json.dumps(doc, indent=2))
-    print("\n| teacher | tokens | bare tok/s | reference (x bare) | build loop (x bare) | build + sync (x bare) | B/token |")
-    print("|---|---|---|---|---|---|---|")
-    for r in results:
-        print(f"| {r['teacher']} | {r['tokens']:,} | {r['bare_tok_s']:,.0f} | {r['reference_tok_s']:,.0f} "
-              f"({r['ratio_reference_vs_bare']:.2f}x) | {r['build_loop_tok_s']:,.0f} ({r['ratio_build_vs_bare']:.2f}x) | "
-              f"{r['build_with_sync_tok_s']:,.0f} ({r['ratio_build_sync_vs_bare']:.2f}x) | {r['bytes_per_token_total']:.0f} |")
+    write_json(out / "build.json", {**describe("cuda"), "results": results})
+    print("\n" + "\n".join(table(
+        ["teacher", "tokens", "bare tok/s", "reference (x bare)", "build loop (x bare)", "build + sync (x bare)",
+         "B/token"],
+        [[r["teacher"], f"{r['tokens']:,}", f"{r['bare_tok_s']:,.0f}",
+          f"{r['reference_tok_s']:,.0f} ({r['ratio_reference_vs_bare']:.2f}x)",
+          f"{r['build_loop_tok_s']:,.0f} ({r['ratio_build_vs_bare']:.2f}x)",
+          f"{r['build_with_sync_tok_s']:,.0f} ({r['ratio_build_sync_vs_bare']:.2f}x)",
+          f"{r['bytes_per_token_total']:.0f}"] for r in results])))
 
 
 if __name__ == "__main__":

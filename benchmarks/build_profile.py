@@ -10,31 +10,17 @@ nf4 encode; pinned non-blocking device-to-host copy of the encoded fields.
 from __future__ import annotations
 
 import argparse
-import json
-import sys
 from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from tcache.teachercache.codecs import encode_hidden  # noqa: E402
-from tcache.teachercache.teacher import TeacherPass, topk_logprobs  # noqa: E402
-from tcache.hf import load_teacher  # noqa: E402
+from harness.results import write_json
+from harness.timing import cuda_ms as ms
+from tcache.hf import load_teacher
+from tcache.teachercache.codecs import encode_hidden
+from tcache.teachercache.teacher import TeacherPass, topk_logprobs
 
 B, T, K = 64, 512, 64
-
-
-def ms(fn, reps: int = 10) -> float:
-    fn()
-    torch.cuda.synchronize()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(reps):
-        fn()
-    end.record()
-    torch.cuda.synchronize()
-    return start.elapsed_time(end) / reps
 
 
 def main() -> None:
@@ -93,7 +79,7 @@ def main() -> None:
     for k, v in res.items():
         print(f"{k}: {v:.3f}" if isinstance(v, float) else f"{k}: {v}")
     if a.out:
-        Path(a.out).write_text(json.dumps(res, indent=2))
+        write_json(Path(a.out), res)
 
 
 if __name__ == "__main__":

@@ -9,13 +9,13 @@ from __future__ import annotations
 import argparse
 import json
 import resource
-import subprocess
 import sys
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+from harness.env import ROOT
+from harness.results import emit, row, table
+from harness.rows import run_result
 
 VARIANTS = {  # name -> DistillConfig overrides
     "defaults": {},
@@ -92,26 +92,23 @@ def main() -> None:
     ap.add_argument("--one", help=argparse.SUPPRESS)
     a = ap.parse_args()
     if a.one is not None:
-        print("RESULT " + json.dumps(one(a.cache, a.recipe, json.loads(a.one))))
+        emit(one(a.cache, a.recipe, json.loads(a.one)))
         return
     lines = ["# CPU distill memory: one micro-batch of the library's Trainer", "",
              f"Command: `python benchmarks/cpu_memory.py CACHE --recipe {a.recipe}` (CACHE: the shared teacher over "
              "100k tokens of corpus/valid.jsonl, seq_len 512); each row a fresh process, peak RSS (ru_maxrss).", "",
-             "| variant | peak RSS GiB | after setup GiB | micro-step s | kernels |", "|---|---|---|---|---|"]
+             *table(["variant", "peak RSS GiB", "after setup GiB", "micro-step s", "kernels"])]
     saved: dict = {}
     for name, ov in VARIANTS.items():
-        p = subprocess.run([sys.executable, __file__, a.cache, "--recipe", a.recipe, "--one", json.dumps(ov)],
-                           capture_output=True, text=True)
-        got = [x for x in p.stdout.splitlines() if x.startswith("RESULT ")]
-        r = json.loads(got[-1][7:]) if got else {"error": p.stderr.strip().splitlines()[-1][:200]}
+        r = run_result([sys.executable, __file__, a.cache, "--recipe", a.recipe, "--one", json.dumps(ov)])
         print(name, r, flush=True)
-        lines.append(f"| {name} | {r.get('peak_gib')} | {r.get('rss_after_setup_gib')} | {r.get('micro_step_s')} | "
-                     f"{r.get('kernels', r.get('error'))} |")
+        lines.append(row([name, r.get("peak_gib"), r.get("rss_after_setup_gib"), r.get("micro_step_s"),
+                          r.get("kernels", r.get("error"))]))
         if "saved_gib" in r:
             saved = r["saved_gib"]
     lines += ["", "Kept for the backward (GiB, autograd's saved tensors by the block that saved them), "
-              "`--checkpointing off`:", "", "| part | GiB |", "|---|---|"]
-    lines += [f"| {k} | {v} |" for k, v in saved.items()] + [f"| total | {sum(saved.values()):.3f} |"]
+              "`--checkpointing off`:", "",
+              *table(["part", "GiB"], [*saved.items(), ["total", f"{sum(saved.values()):.3f}"]])]
     Path(a.out).write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 

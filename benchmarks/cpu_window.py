@@ -10,15 +10,14 @@ Run it from two checkouts (before and after a change) to compare; the JSON names
 from __future__ import annotations
 
 import argparse
-import json
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from harness.env import versions
+from harness.results import write_json
 
 
 def main() -> None:
@@ -48,10 +47,10 @@ def main() -> None:
         print(f"T {T:6d}: {best:.3f} s  ({best / rows[min(rows)]:.2f}x the first length)", flush=True)
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
                             cwd=Path(__file__).parent).stdout.strip()
-    result = {"commit": commit, "threads": a.threads, "torch": torch.__version__, "seconds": rows,
+    result = {"commit": commit, "threads": a.threads, **versions(), "seconds": rows,
               "ratio_last_to_first": rows[max(rows)] / rows[min(rows)]}
     if a.out:
-        Path(a.out).write_text(json.dumps(result, indent=2))
+        write_json(Path(a.out), result)
 
 
 if __name__ == "__main__":

@@ -16,22 +16,31 @@
 
 from __future__ import annotations
 
-import argparse
 import json
-import os
 import shutil
 import subprocess
-import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+from harness.env import child_env, describe, parser, tcache
+from harness.results import error_line, row as row_of, table, write_json
+from harness.rows import Budget, Row, run_row
+
 STEPS = 8
+DEADLINE_S = 420
+"""Seconds from the script's start by which every build and distill process is stopped."""
+EVAL_S = 120
+"""Seconds one `tcache eval` may take."""
 
 
-def tcache(*args: str) -> list[str]:
-    return [sys.executable, "-m", "tcache", *map(str, args)]
+def logged(name: str, r: Row, cmd: list[str], out: Path) -> dict:
+    """A finished command as distill-matrix.json records it (its stderr's tail also goes to out/logs.txt)."""
+    rc = -9 if r.timed_out else r.rc
+    with open(out / "logs.txt", "a") as f:
+        f.write(f"### {name}: {' '.join(map(str, cmd))} -> {rc}\n{r.stderr[-3000:]}\n")
+    return {"cmd": " ".join(map(str, cmd)), "rc": rc, "wall_s": round(r.wall_s, 1),
+            "error": error_line(r.stderr) if rc else None}
 
 
 def matrix() -> dict[str, list[str]]:
@@ -51,12 +60,7 @@ def matrix() -> dict[str, list[str]]:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--teacher", required=True)
-    ap.add_argument("--train", required=True)
-    ap.add_argument("--valid", required=True)
-    ap.add_argument("--out", required=True)
-    ap.add_argument("--work", default="/tmp/tcache-matrix")
+    ap = parser(__doc__, ("teacher", "train", "valid", "out"), work="/tmp/tcache-matrix")
     ap.add_argument("--build-tokens", default="400k")
     ap.add_argument("--eval-tokens", default="256k")
     ap.add_argument("--parallel", type=int, default=6, help="distill processes at a time")
@@ -65,25 +69,14 @@ def main() -> None:
     shutil.rmtree(work, ignore_errors=True)
     work.mkdir(parents=True)
     out.mkdir(parents=True, exist_ok=True)
-    env = {**os.environ, "PYTHONPATH": f"{ROOT}:{os.environ.get('PYTHONPATH', '')}"}
+    env = child_env()
     t0 = time.time()
+    budget = Budget(DEADLINE_S)
     results: dict = {"runs": {}, "evals": {}}
 
-    def run(name: str, cmd: list[str], timeout: float = 420) -> dict:
-        t = time.time()
-        log = out / "logs.txt"
-        try:
-            p = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=max(timeout - (t - t0), 5))
-            rc, err = p.returncode, p.stderr
-        except subprocess.TimeoutExpired as e:
-            rc, err = -9, (e.stderr or b"").decode(errors="replace") if isinstance(e.stderr, bytes) else str(e.stderr)
-        with open(log, "a") as f:
-            f.write(f"### {name}: {' '.join(cmd)} -> {rc}\n{err[-3000:]}\n")
-        lines = [x for x in err.splitlines() if x.strip()]
-        bad = [x for x in lines if x.startswith(("Error", "RuntimeError", "Traceback")) or "Error:" in x]
-        r = {"cmd": " ".join(cmd), "rc": rc, "wall_s": round(time.time() - t, 1),
-             "error": (bad[-1] if bad else lines[-1] if lines else "")[:300] if rc else None}
-        print(f"{name}: rc {rc} in {r['wall_s']} s {r['error'] or ''}", flush=True)
+    def run(name: str, cmd: list[str]) -> dict:
+        r = logged(name, run_row(cmd, max(budget.left(), 5), env, capture=True), cmd, out)
+        print(f"{name}: rc {r['rc']} in {r['wall_s']} s {r['error'] or ''}", flush=True)
         return r
 
     # 1. the README's build
@@ -130,7 +123,7 @@ def main() -> None:
         full = run("build full", tcache("build", *common, "--out", work / "b-full"))
         b = work / "b-resumed"
         p = subprocess.Popen(tcache("build", *common, "--out", b), env=env, stdout=subprocess.DEVNULL,
-                             stderr=subprocess.PIPE, text=True)
+                             stderr=subprocess.PIPE, text=True)  # stopped by hand below: not a budgeted row
         while p.poll() is None:
             try:
                 if len(json.loads((b / "build-state.json").read_text())["shards"]) >= 2:
@@ -173,45 +166,32 @@ def main() -> None:
             if ref and r.get("losses") and ref.get("losses"):
                 r["max_rel_loss_diff_vs_eager"] = max(abs(x - y) / abs(y) for x, y in zip(r["losses"], ref["losses"]))
 
-    import torch
-
-    results.update(device=torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
-                   torch=torch.__version__, command=" ".join(sys.argv), total_wall_s=round(time.time() - t0, 1))
-    (out / "distill-matrix.json").write_text(json.dumps(results, indent=2))
-    print("\n| run | rc | steps | first / last loss | vs eager | tok/s | peak GiB | error |")
-    print("|---|---|---|---|---|---|---|---|")
+    results.update(**describe(), total_wall_s=round(time.time() - t0, 1))
+    write_json(out / "distill-matrix.json", results)
+    lines = table(["run", "rc", "steps", "first / last loss", "vs eager", "tok/s", "peak GiB", "error"])
     for name, r in runs.items():
         ls = r.get("losses") or []
         loss = f"{ls[0]:.4f} / {ls[-1]:.4f}" if ls else ""
         diff = f"{r['max_rel_loss_diff_vs_eager']:.1e}" if "max_rel_loss_diff_vs_eager" in r else ""
         extra = f" resume rc {r['resume_rc']} equal {r['resume_equal']}" if "resume_rc" in r else ""
-        print(f"| {name} | {r['rc']} | {r.get('steps', '')} | {loss} | {diff} | {r.get('tokens_per_s', '')} | "
-              f"{r.get('peak_gib', '')} | {(r['error'] or '')[:80]}{extra} |")
-    print("\n| eval | rc | perplexity | windows x seq | kernels |\n|---|---|---|---|---|")
-    for name, r in results["evals"].items():
-        print(f"| {name} | {r['rc']} | {r.get('perplexity', '')} | {r.get('windows', '')} x {r.get('seq_len', '')} | "
-              f"{r.get('kernels', '')} | {(r['error'] or '')[:80]}")
+        lines.append(row_of([name, r["rc"], r.get("steps", ""), loss, diff, r.get("tokens_per_s", ""),
+                             r.get("peak_gib", ""), (r["error"] or "")[:80] + extra]))
+    lines += ["", *table(["eval", "rc", "perplexity", "windows x seq", "kernels", "error"])]
+    lines += [row_of([name, r["rc"], r.get("perplexity", ""), f"{r.get('windows', '')} x {r.get('seq_len', '')}",
+                      r.get("kernels", ""), (r["error"] or "")[:80]]) for name, r in results["evals"].items()]
+    print("\n" + "\n".join(lines))
 
 
 def eval_json(job) -> None:
     name, (model, seq), a, env, out, results = job
     cmd = tcache("eval", model, "--data", a.valid, "--tokens", a.eval_tokens, "--seq-len", seq, "--json")
-    t = time.time()
-    try:
-        p = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120)
-    except subprocess.TimeoutExpired:
-        p = subprocess.CompletedProcess(cmd, -9, "", "killed after 120 s")
-    r = {"cmd": " ".join(cmd), "rc": p.returncode, "wall_s": round(time.time() - t, 1), "error": None}
-    if p.returncode == 0:
-        d = json.loads(p.stdout)
+    row = run_row(cmd, EVAL_S, env, capture=True)
+    r = logged(f"eval {name}", row, cmd, out)
+    if r["rc"] == 0:
+        d = json.loads(row.stdout)
         r.update(perplexity=round(d["perplexity"], 3), windows=d["windows"], seq_len=d["seq_len"],
                  kernels=d.get("kernels"))
-    else:
-        lines = [x for x in p.stderr.splitlines() if x.strip()]
-        r["error"] = (lines[-1] if lines else "")[:300]
-    with open(out / "logs.txt", "a") as f:
-        f.write(f"### eval {name}: {r['cmd']} -> {p.returncode}\n{p.stderr[-2000:]}\n")
-    print(f"eval {name}: rc {p.returncode} ppl {r.get('perplexity')} {r['error'] or ''}", flush=True)
+    print(f"eval {name}: rc {r['rc']} ppl {r.get('perplexity')} {r['error'] or ''}", flush=True)
     results["evals"][name] = r
 
 

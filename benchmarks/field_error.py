@@ -12,21 +12,19 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
-import sys
 from pathlib import Path
 
 import numpy as np
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from tcache.student.training import losses  # noqa: E402
-from tcache.student.models.io import load_student  # noqa: E402
-from tcache.teachercache import schema  # noqa: E402
-from tcache.teachercache.codecs import decode_hidden, encode_hidden  # noqa: E402
-from tcache.text import DataSpec, iter_texts, pack_rows  # noqa: E402
-from tcache.teachercache.teacher import TeacherPass  # noqa: E402
-from tcache.hf import load_teacher  # noqa: E402
+import harness  # noqa: F401  (this checkout's tcache)
+from tcache.hf import load_teacher
+from tcache.student.models.io import load_student
+from tcache.student.training import losses
+from tcache.teachercache import schema
+from tcache.teachercache.codecs import decode_hidden, encode_hidden
+from tcache.teachercache.teacher import TeacherPass
+from tcache.text import DataSpec, iter_texts, pack_rows
 
 
 def main() -> None:

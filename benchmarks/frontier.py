@@ -19,6 +19,8 @@ import argparse
 import json
 from pathlib import Path
 
+from quality_rows import flag_value
+
 CONTEXT = 32 * 1024
 """The context at which states are compared (tokens): a full-attention layer's KV grows with it, the rest not."""
 
@@ -44,10 +46,6 @@ def state_bytes(config, window: int, sinks: int, branches: str = "hybrid", full_
     return batch * (converted * per_layer + full)
 
 
-def _flag(flags: list[str], name: str, default: str | None = None) -> str | None:
-    return flags[flags.index(name) + 1] if name in flags else default
-
-
 def points(quality: dict, config) -> list[dict]:
     """One point per hybrid row and window cut of a quality.json (benchmarks/quality.py: `runs`, each with its
     distill `flags` and `sets` -> {set: {vs_teacher}}): its state bytes and its ratio to the teacher per set. A row
@@ -55,14 +53,14 @@ def points(quality: dict, config) -> list[dict]:
     out = []
     for name, run in quality.get("runs", {}).items():
         flags = run.get("flags") or []
-        if run.get("recipe", "hybrid") not in ("hybrid", "window-cut") or _flag(flags, "--stage") == "1":
+        if run.get("recipe", "hybrid") not in ("hybrid", "window-cut") or flag_value(flags, "--stage", None) == "1":
             continue
         cut = run.get("recipe") == "window-cut"
-        window, sinks = int(_flag(flags, "--window", "32")), int(_flag(flags, "--sinks", "4"))
-        branches = "window" if cut else _flag(flags, "--branches", "both")
-        full = len([x for x in (_flag(flags, "--full-attention-layers", "") or "").split(",") if x.strip()])
-        fdim = int(_flag(flags, "--feature-dim", "0")) or None
-        mheads = _flag(flags, "--mlstm-heads", "query")
+        window, sinks = int(flag_value(flags, "--window", "32")), int(flag_value(flags, "--sinks", "4"))
+        branches = "window" if cut else flag_value(flags, "--branches", "both")
+        full = len([x for x in (flag_value(flags, "--full-attention-layers", "") or "").split(",") if x.strip()])
+        fdim = int(flag_value(flags, "--feature-dim", "0")) or None
+        mheads = flag_value(flags, "--mlstm-heads", "query")
         out.append({"name": name, "window": window, "branches": branches, "full_attention_layers": full,
                     "trained": not cut, "x_teacher": {k: v.get("vs_teacher") for k, v in run.get("sets", {}).items()},
                     "feature_dim": fdim,

@@ -9,21 +9,19 @@ autocast, batch 8 x 512) for v1 (sLSTM vanilla / cuda) and v2 (mLSTM parallel / 
 
 from __future__ import annotations
 
-import argparse
 import json
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from benchmarks.distill import B, T, gpu_batches, time_steps  # noqa: E402
-from tcache.student.training.config import DistillConfig  # noqa: E402
-from tcache.student.models.xlstm import Student, StudentConfig  # noqa: E402
-from tcache.student.training.train import setup  # noqa: E402
+from distill_steps import B, T, gpu_batches, time_steps
+from harness.env import describe, parser, tcache
+from harness.results import write_json
+from tcache.student.models.xlstm import Student, StudentConfig
+from tcache.student.training.config import DistillConfig
+from tcache.student.training.train import setup
 
 
 def check_triton(results: dict) -> None:
@@ -60,20 +58,16 @@ def time_step(cache: Path, out: Path, recipe: str, mk: str, sb: str, steps: int 
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--teacher", required=True)
-    ap.add_argument("--train", required=True)
-    ap.add_argument("--out", required=True)
+    ap = parser(__doc__, ("teacher", "train", "out"))
     a = ap.parse_args()
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
-    res: dict = {"device": torch.cuda.get_device_name(), "torch": torch.__version__}
+    res: dict = describe("cuda")
     check_triton(res)
     print("triton adapter:", res["triton_vs_parallel"], flush=True)
     t = time.perf_counter()
-    p = subprocess.run([sys.executable, "-m", "tcache", "build", "--teacher", a.teacher, "--data", a.train,
-                        "--tokens", "2M", "--out", str(out / "cache"), "--batch-size", "64", "--overwrite"],
-                       capture_output=True, text=True)
+    p = subprocess.run(tcache("build", "--teacher", a.teacher, "--data", a.train, "--tokens", "2M", "--out",
+                              out / "cache", "--batch-size", "64", "--overwrite"), capture_output=True, text=True)
     res["build_2M"] = {"rc": p.returncode, "wall_s": time.perf_counter() - t, "tail": (p.stdout + p.stderr)[-600:]}
     print(json.dumps(res["build_2M"]), flush=True)
     res["steps"] = []
@@ -85,7 +79,7 @@ def main() -> None:
             r = {"recipe": name, "mlstm": mk, "slstm": sb, "error": f"{type(e).__name__}: {str(e)[:300]}"}
         res["steps"].append(r)
         print(json.dumps(r), flush=True)
-    (out / "probe.json").write_text(json.dumps(res, indent=2))
+    write_json(out / "probe.json", res)
 
 
 if __name__ == "__main__":

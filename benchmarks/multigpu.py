@@ -12,26 +12,25 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import subprocess
 import sys
-import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "benchmarks"))
+from harness.env import ROOT, child_env, describe, workdirs
+from harness.results import table, write_json
+from harness.rows import run_row
 
 
 def run(cmd: list[str], log: Path, gpus: int) -> float:
-    env = {**os.environ, "CUDA_VISIBLE_DEVICES": ",".join(map(str, range(gpus)))}
+    """Wall seconds of `tcache CMD` on `gpus` GPUs (under torchrun for more than one), its output in `log`."""
     launcher = ([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={gpus}"]
                 if gpus > 1 else [sys.executable])
-    t0 = time.perf_counter()
     with open(log, "w") as f:
-        p = subprocess.run(launcher + ["-m", "tcache", *cmd], stdout=f, stderr=subprocess.STDOUT, env=env, cwd=ROOT)
-    if p.returncode:
-        raise SystemExit(f"{' '.join(cmd)} on {gpus} GPU(s) failed (exit {p.returncode}); see {log}")
-    return time.perf_counter() - t0
+        env = child_env(CUDA_VISIBLE_DEVICES=",".join(map(str, range(gpus))))
+        r = run_row(launcher + ["-m", "tcache", *cmd], None, env, f, subprocess.STDOUT, cwd=ROOT)
+    if r.rc:
+        raise SystemExit(f"{' '.join(cmd)} on {gpus} GPU(s) failed (exit {r.rc}); see {log}")
+    return r.wall_s
 
 
 def main() -> None:
@@ -49,9 +48,7 @@ def main() -> None:
     ap.add_argument("--work", default="/tmp/multigpu")
     ap.add_argument("--out", default="multigpu-out")
     a = ap.parse_args()
-    work, out = Path(a.work), Path(a.out)
-    work.mkdir(parents=True, exist_ok=True)
-    out.mkdir(parents=True, exist_ok=True)
+    work, out = workdirs(a)
     teacher = make_teacher(a.shape, work / f"teacher-{a.shape}", a.tokenizer)
     rows = []
     caches = {}
@@ -79,17 +76,13 @@ def main() -> None:
                      "wall_s": round(wall, 1), "tokens_per_s": tokens / dt, "tokens_per_s_per_gpu": tokens / dt / g,
                      "final_loss": metrics[-1]["loss"]})
         print(json.dumps(rows[-1]), flush=True)
-    import torch
-
-    meta = {"device": torch.cuda.get_device_name(0), "gpus": a.gpus, "torch": torch.__version__,
-            "command": "python " + " ".join(sys.argv)}
-    (out / "multigpu.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
-    lines = [f"# Multi-GPU scaling: {a.shape}, {meta['device']} x {a.gpus}", "", f"`{meta['command']}`", "",
-             "| phase | GPUs | tokens/s | tokens/s per GPU | per GPU vs 1 GPU |", "|---|---|---|---|---|"]
+    meta = {**describe("cuda"), "gpus": a.gpus}
+    write_json(out / "multigpu.json", {"meta": meta, "rows": rows})
     base = {r["phase"]: r["tokens_per_s_per_gpu"] for r in rows if r["gpus"] == 1}
-    for r in rows:
-        lines.append(f"| {r['phase']} | {r['gpus']} | {r['tokens_per_s']:,.0f} | {r['tokens_per_s_per_gpu']:,.0f} | "
-                     f"{r['tokens_per_s_per_gpu'] / base[r['phase']]:.2f}x |")
+    lines = [f"# Multi-GPU scaling: {a.shape}, {meta['device']} x {a.gpus}", "", f"`{meta['command']}`", "",
+             *table(["phase", "GPUs", "tokens/s", "tokens/s per GPU", "per GPU vs 1 GPU"],
+                    [[r["phase"], r["gpus"], f"{r['tokens_per_s']:,.0f}", f"{r['tokens_per_s_per_gpu']:,.0f}",
+                      f"{r['tokens_per_s_per_gpu'] / base[r['phase']]:.2f}x"] for r in rows])]
     (out / "multigpu.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 

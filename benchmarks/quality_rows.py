@@ -1,5 +1,6 @@
-"""quality.py's rows and the arithmetic of its tables: what each row trains (its distill flags and CE-only baseline),
-the window cut it is measured against, log-gap closed, ratio to the teacher and recovery (tests/test_quality_tables.py)."""
+"""quality.py's rows and the arithmetic of its tables: what each row trains (its distill flags and CE-only
+baseline), the window cut it is measured against, log-gap closed, ratio to the teacher and recovery
+(tests/test_quality_tables.py)."""
 
 from __future__ import annotations
 

@@ -8,8 +8,8 @@ from pathlib import Path
 
 from harness.env import describe as measured_on
 from harness.results import read_json_output, row, table, write_json
-from quality_rows import CUT_SINKS, HEAD_WINDOWS, LONG, RUNS, cut_name, describe, gap_closed, head_tokens, heldout_sets, \
-    ratio_to_teacher, row_window, set_columns
+from quality_rows import CUT_SINKS, HEAD_WINDOWS, LONG, RUNS, cut_name, describe, gap_closed, head_tokens, \
+    heldout_sets, ratio_to_teacher, row_window, set_columns
 
 
 def write_results(out: Path, result: dict) -> None:

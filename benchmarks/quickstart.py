@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 import re
 import resource
 import shlex
@@ -20,7 +19,9 @@ import tempfile
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+from harness.env import ROOT, child_env, describe
+from harness.results import table
+
 MARK = "<!-- quickstart:"
 
 
@@ -50,7 +51,7 @@ def main() -> None:
     work = tmp / "work"
     work.mkdir()
     # the installed `tcache` script, as a user runs it; this checkout's package first if not installed
-    env = {**os.environ, "PYTHONPATH": f"{ROOT}:{os.environ.get('PYTHONPATH', '')}", "COLUMNS": "100"}
+    env = child_env(COLUMNS="100")
     rows, t0 = [], time.time()
     for cmd in quickstart_commands():
         t = time.time()
@@ -65,13 +66,14 @@ def main() -> None:
             print(p.stdout[-2000:], p.stderr[-2000:])
             break
     total = time.time() - t0
+    on = describe("cpu")
     ppl = [r[3] for r in rows if r[3] is not None]
     lines = ["# The README quickstart on this machine", "",
-             f"Command: `python benchmarks/quickstart.py` ({platform.processor() or platform.machine()}, "
-             f"{os.cpu_count()} cores, torch {__import__('torch').__version__}, {time.strftime('%Y-%m-%d')}); "
+             f"Command: `python benchmarks/quickstart.py` ({on['device']}, "
+             f"{os.cpu_count()} cores, torch {on['torch']}, {time.strftime('%Y-%m-%d')}); "
              "each command of the README's quickstart block, literally, in a fresh directory.", "",
-             "| command | wall s | exit | perplexity |", "|---|---|---|---|"]
-    lines += [f"| `{c}` | {s:.0f} | {rc} | {'' if p is None else f'{p:.2f}'} |" for c, s, rc, p, _ in rows]
+             *table(["command", "wall s", "exit", "perplexity"],
+                    [[f"`{c}`", f"{s:.0f}", rc, "" if p is None else f"{p:.2f}"] for c, s, rc, p, _ in rows])]
     lines += ["", f"Total: {total:.0f} s ({total / 60:.1f} min); peak RSS of any command: "
               f"{max(r[4] for r in rows) / 2**20:.2f} GiB."]
     if len(ppl) == 2:

@@ -276,7 +276,8 @@ def parent(a) -> None:
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix="speed-rows-"))  # the rows' own files: DIR gets the three outputs only
-    doc = {"device": None, "command": command(), "torch": torch.__version__, "transformers": None, "shape": a.shape, "dtype": a.dtype, "steps": a.steps, "new_tokens": a.steps + 1,
+    doc = {"device": None, "command": command(), "torch": torch.__version__, "transformers": None, "shape": a.shape,
+           "dtype": a.dtype, "steps": a.steps, "new_tokens": a.steps + 1,
            "eager_steps": a.eager_steps,
            "batches": a.batches, "lengths": [label(x) for x in a.lengths],
            "student_lengths": [label(x) for x in a.student_lengths],

@@ -62,3 +62,16 @@ def workdirs(a) -> tuple[Path, Path]:
     work.mkdir(parents=True, exist_ok=True)
     out.mkdir(parents=True, exist_ok=True)
     return work, out
+
+
+def parser(doc: str | None, required: tuple[str, ...] = (), work: str | None = None):
+    """An argument parser whose --help is the script's docstring, with the usual flags: each of `required` (e.g.
+    "teacher", "train", "out") a required path, and --work defaulting to `work` (scratch: caches, runs) when given."""
+    import argparse
+
+    ap = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    for name in required:
+        ap.add_argument(f"--{name}", required=True)
+    if work is not None:
+        ap.add_argument("--work", default=work, help="scratch directory (caches, runs)")
+    return ap

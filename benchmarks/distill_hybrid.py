@@ -1,0 +1,158 @@
+"""distill.py --hybrid: the hybrid recipe's training step against its anchor, the teacher's architecture trained as a
+plain LM (issue 23): each part of HYBRID_PARTS in a process of its own, inside --budget, with its MFU."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import torch
+
+from distill_steps import B, CUDA, DEVICE, cache_for, child_command, gpu_batches, profile_steps, step_rate, time_steps
+from harness.env import child_env, describe
+from harness.results import failure, table, write_json
+from harness.rows import Budget, run_result
+from harness.timing import loop_seconds, peak_gib, reset_peak
+from tcache.student.training.budget import plan_budget
+from tcache.student.training.config import DistillConfig
+from tcache.student.training.train import setup
+from tcache.teachercache import schema
+from tcache.teachercache.manifest import load_manifest
+
+PEAK_TFLOPS = {"H100": 989.4, "H200": 989.4, "A100": 312.0, "T4": 65.0}
+"""Dense bf16 (T4: fp16) tensor-core peak per GPU name, TFLOP/s."""
+
+HYBRID_PARTS = {  # name: spec, in the order they run (the anchor and the defaults first)
+    "plain_lm_compiled": {"kind": "plain", "compiled": True},
+    "hybrid_stage2": {"kind": "hybrid", "stage": 1},
+    "hybrid_stage1": {"kind": "hybrid", "stage": 0},
+    "hybrid_stage2_fp16_16gib": {"kind": "hybrid", "stage": 1, "precision": "fp16", "cap": "16GiB"},
+    "plain_lm_eager": {"kind": "plain", "compiled": False},
+    "hybrid_stage2_compile_off": {"kind": "hybrid", "stage": 1, "compile": "off"},
+    "hybrid_stage2_dense_window": {"kind": "hybrid", "stage": 1, "compile": "off", "env": {"TCACHE_WINDOW": "dense"}},
+    "hybrid_stage2_mlstm_fp32": {"kind": "hybrid", "stage": 1, "env": {"TCACHE_MLSTM_INPUTS": "fp32"}},
+    "v2_step": {"kind": "v2"},
+    "plain_lm_compiled_2048": {"kind": "plain", "compiled": True, "T": 2048},
+    "hybrid_stage2_2048": {"kind": "hybrid", "stage": 1, "T": 2048},
+}
+PART_MIN_S = 60.0
+"""A part is not started with less of --budget left than this."""
+
+
+def peak_tflops() -> float | None:
+    name = torch.cuda.get_device_name() if CUDA else ""
+    return next((v for k, v in PEAK_TFLOPS.items() if k in name), None)
+
+
+def with_mfu(res: dict, params: int) -> dict:
+    if "tokens_per_s" in res and peak_tflops():
+        res["mfu"] = round(6 * params * res["tokens_per_s"] / (peak_tflops() * 1e12), 4)
+    return res
+
+
+def plain_lm_rate(teacher: Path, T: int, compiled: bool, warmup: int = 3, steps: int = 10) -> dict:
+    """The anchor: the teacher's architecture as a plain causal LM, as one trains it with transformers: its forward
+    with SDPA attention and its CE loss (labels), fused AdamW, bf16 autocast; torch.compile(model) when compiled."""
+    from transformers import AutoModelForCausalLM
+
+    reset_peak()
+    lm = AutoModelForCausalLM.from_pretrained(teacher, dtype=torch.float32, attn_implementation="sdpa").to(DEVICE)
+    lm.train()
+    opt = torch.optim.AdamW(lm.parameters(), lr=1e-5, fused=CUDA)
+    fwd = torch.compile(lm) if compiled else lm
+    g = torch.Generator().manual_seed(0)
+    batches = [torch.randint(0, lm.config.vocab_size, (B, T), generator=g).to(DEVICE) for _ in range(4)]
+
+    def one(i: int) -> None:
+        ids = batches[i % len(batches)]
+        with torch.autocast(DEVICE.type, dtype=torch.bfloat16, enabled=CUDA):
+            loss = fwd(input_ids=ids, labels=ids).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    warm, sec = loop_seconds(one, warmup, steps)
+    params = sum(p.numel() for p in lm.parameters())
+    return with_mfu({"tokens_per_s": steps * B * T / sec, "peak_gib": peak_gib(),
+                     "warmup_s": round(warm, 1), "params": params, "compiled": compiled}, params)
+
+
+def hybrid_part(a, spec: dict, teacher: Path, work: Path) -> dict:
+    """One part of --hybrid (HYBRID_PARTS), in this process."""
+    T = spec.get("T", 512)
+    try:
+        if spec["kind"] == "plain":
+            return plain_lm_rate(teacher, T, spec["compiled"])
+        cache = str(cache_for(a, teacher, work, T))
+        if spec["kind"] == "v2":
+            cfg = DistillConfig(cache=cache, out=str(work / "v2"), recipe="v2", steps=a.steps, batch_size=B,
+                                grad_accum=1)
+            prof = Path(a.out) / f"profile-{spec['name']}.txt" if spec.get("profile") else None
+            res = step_rate(cfg, gpu_batches(cache, plan_budget(cfg, load_manifest(cache)).groups, 4), 3, 10, prof)
+            return with_mfu(res, res["params"]["total"] if isinstance(res["params"], dict) else res["params"])
+        cfg = DistillConfig(cache=cache, out=str(work / "hybrid"), recipe="hybrid", steps=a.steps, batch_size=B,
+                            grad_accum=1, precision=spec.get("precision", "auto"), max_gpu_memory=spec.get("cap"),
+                            compile=spec.get("compile", "auto"))
+        prof = Path(a.out) / f"profile-{spec['name']}.txt" if spec.get("profile") else None
+        res = hybrid_stage_rate(cfg, spec["stage"], profile=prof)
+        return with_mfu(res, res["params"]["total"]) if "params" in res else res
+    except Exception as e:  # an out-of-memory under the cap is a result, not a crash
+        return {"error": failure(e), "peak_gib": peak_gib()}
+
+
+def hybrid_bench(a, teacher: Path, out: Path) -> None:
+    """Every HYBRID_PARTS entry in its own process, inside --budget; the JSON and a table with each part's ratio
+    to plain_lm_compiled."""
+    res = {"shape": a.shape, "batch": B, **describe(), "peak_tflops": peak_tflops()}
+    budget = Budget(a.budget)
+    path = out / f"distill-hybrid-{a.shape}.json"
+    names = a.parts.split(",") if a.parts else list(HYBRID_PARTS)
+    unknown = [n for n in names if n not in HYBRID_PARTS]
+    if unknown:
+        raise SystemExit(f"--parts: unknown {', '.join(unknown)}; choose from {', '.join(HYBRID_PARTS)}")
+    parts = {n: HYBRID_PARTS[n] for n in names}  # in the order given
+    for name, spec in parts.items():
+        spec = {**spec, "name": name, "profile": a.profile and spec["kind"] != "plain"}
+        left = budget.left()
+        if left is not None and left < PART_MIN_S:
+            res[name] = {"error": f"not run: {left:.0f} s of --budget left"}
+            continue
+        t0 = time.monotonic()
+        res[name] = run_result(child_command(a, "--hybrid-stage", spec), left, child_env(**spec.get("env", {})))
+        res[name]["wall_s"] = round(time.monotonic() - t0, 1)
+        print(json.dumps({name: res[name]}), flush=True)
+        write_json(path, res)
+    anchor = res.get("plain_lm_compiled", {}).get("tokens_per_s")
+    for name in parts:
+        r = res[name]
+        if anchor and "tokens_per_s" in r:
+            ref = res.get("plain_lm_compiled_2048", {}).get("tokens_per_s") if name.endswith("_2048") else anchor
+            r["x_plain_lm_compiled"] = round(r["tokens_per_s"] / ref, 3) if ref else None
+    write_json(path, res)
+    head = [f"{a.shape}, batch {B}", "tokens/s", "x plain LM compiled", "MFU", "peak GiB", "error"]
+    cells = [[n, f"{res[n].get('tokens_per_s', float('nan')):,.0f}", res[n].get("x_plain_lm_compiled", "-"),
+              res[n].get("mfu", "-"), res[n].get("peak_gib", "-"), res[n].get("error", "")] for n in parts]
+    print("\n" + "\n".join(table(head, cells)))
+
+
+def hybrid_stage_rate(cfg: DistillConfig, stage: int, warmup: int = 3, steps: int = 10,
+                      profile: Path | None = None) -> dict:
+    """tokens/s and peak memory of one stage of the hybrid recipe's step (the library's Trainer), on cache rows
+    already on the device; with `profile`, a profile of three more steps written there (profile_steps)."""
+    reset_peak()
+    try:
+        tr = setup(cfg)
+        tr.begin_stage(tr.plan.stages[stage])
+        batches = gpu_batches(cfg.cache, 0, 4)
+        _, sec, one = time_steps(tr, batches, warmup, steps)
+    except Exception as e:  # an out-of-memory under the cap is a result, not a crash
+        return {"error": failure(e), "peak_gib": peak_gib()}
+    T = batches[0][schema.INPUT_IDS].shape[1]
+    res = {"tokens_per_s": steps * B * T / sec, "peak_gib": peak_gib(), "precision": tr.plan.info["precision"],
+           "compile": tr.plan.info["compile"], "T": T,
+           "mlstm_kernel": tr.plan.info["mlstm_kernel"], "checkpointing": tr.plan.info["checkpointing"],
+           "params": tr.model.param_counts()}
+    if profile is not None:
+        res["profile"] = profile_steps(one, profile)
+    return res
