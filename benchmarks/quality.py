@@ -77,7 +77,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--runs", default=",".join(DEFAULT_RUNS),
                     help=f"comma-separated rows, or a preset ({', '.join(PRESETS)}: issue 24's variants and frontier)")
     ap.add_argument("--grad-accum", default="4")
-    ap.add_argument("--deadline", type=float, default=560, help="seconds; unfinished runs are killed")
+    ap.add_argument("--deadline", type=float, default=560, help="seconds; unfinished runs are killed (0: no deadline)")
     ap.add_argument("--collect-only", action="store_true", help="only rebuild the results from --work")
     pre = argparse.ArgumentParser(add_help=False)
     pre.add_argument("--smoke", action="store_true")
@@ -142,7 +142,8 @@ def main() -> None:
 
     def run(cmd: list[str], log: Path, stdout=None) -> int:
         with open(log, "a") as lf:
-            r = run_row(cmd, max(budget.left(), 1), env, stdout or lf, lf)
+            left = budget.left()  # None: --deadline 0, no limit
+            r = run_row(cmd, None if left is None else max(left, 1), env, stdout or lf, lf)
         if r.timed_out:
             print(f"{log.stem}: killed at the deadline", flush=True)
             return -9
