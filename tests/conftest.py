@@ -77,3 +77,36 @@ def shared_cache(tmp_path_factory, teacher_dir, valid_jsonl) -> Path:
     build_cache(out, teacher_dir, valid_jsonl, tokens=12 * 128, seq_len=128, top_k=32, batch_size=4,
                 rows_per_shard=5)
     return out
+
+
+def teacher_fails_at_batch(mp: pytest.MonkeyPatch, n: int = 3) -> None:
+    """Within `mp`'s context, the build's n-th teacher batch raises RuntimeError("simulated failure")."""
+    import tcache.teachercache.build as build_mod
+
+    calls = {"n": 0}
+    real = build_mod.TeacherPass.__call__
+
+    def flaky(self, *args, **kw):
+        calls["n"] += 1
+        if calls["n"] == n:
+            raise RuntimeError("simulated failure")
+        return real(self, *args, **kw)
+
+    mp.setattr(build_mod.TeacherPass, "__call__", flaky)
+
+
+def assert_resumed_as_uninterrupted(full: list[dict], resumed: list[dict], kept: int, terms: tuple, run_a: Path,
+                                    run_b: Path) -> None:
+    """A run resumed after `kept` logged steps logs what the uninterrupted run logged (rel 1e-5) and ends with its
+    weights (1e-6)."""
+    import torch
+
+    from tcache.student.models.io import load_student
+
+    assert [r["step"] for r in resumed] == [r["step"] for r in full]
+    for r_full, r_res in zip(full[kept:], resumed[kept:]):
+        for term in terms:
+            assert r_res[term] == pytest.approx(r_full[term], rel=1e-5, abs=1e-7), (term, r_full, r_res)
+    wa = load_student(run_a, torch.device("cpu"))[0].state_dict()
+    wb = load_student(run_b, torch.device("cpu"))[0].state_dict()
+    assert all(torch.allclose(wa[k], wb[k], atol=1e-6) for k in wa)

@@ -13,7 +13,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from independent_check import assert_same_files, check_cache, decode_hidden_values, read_cache
-from conftest import build_cache, text_head
+from conftest import build_cache, teacher_fails_at_batch, text_head
 from tcache.teachercache import schema
 from tcache.teachercache.codecs import decode_hidden
 from tcache.teachercache.manifest import load_manifest
@@ -209,20 +209,9 @@ def small_text(tmp_path_factory, valid_jsonl):
 @pytest.fixture(scope="module")
 def failed_build(tmp_path_factory, tiny_teacher, small_text):
     """A build whose third teacher batch raised: (its directory, the exception). Tests copy the directory."""
-    import tcache.teachercache.build as build_mod
-
-    calls = {"n": 0}
-    real = build_mod.TeacherPass.__call__
-
-    def flaky(self, *args, **kw):
-        calls["n"] += 1
-        if calls["n"] == 3:
-            raise RuntimeError("simulated failure")
-        return real(self, *args, **kw)
-
     out = tmp_path_factory.mktemp("failed") / "c"
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(build_mod.TeacherPass, "__call__", flaky)
+        teacher_fails_at_batch(mp)
         with pytest.raises(RuntimeError) as err:
             build_cache(out, tiny_teacher, small_text, **FAILED_KW)
     return out, err.value

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import yaml
 
-from conftest import build_cache
+from conftest import build_cache, teacher_fails_at_batch
 from independent_check import assert_same_files, packed_reference, read_cache
 from tcache.teachercache import schema
 from tcache.teachercache.manifest import Manifest, load_manifest
@@ -176,20 +176,11 @@ def test_resume_continues_the_same_interleaving(tmp_path, tiny_teacher, sources,
     import tcache.teachercache.build as build_mod
     from tcache.teachercache.config import BuildConfig, DataSources
 
-    calls = {"n": 0}
-    real = build_mod.TeacherPass.__call__
-
-    def flaky(self, *args, **kw):
-        calls["n"] += 1
-        if calls["n"] == 3:
-            raise RuntimeError("simulated failure")
-        return real(self, *args, **kw)
-
     out = tmp_path / "c"
     cfg = BuildConfig(teacher=str(tiny_teacher), data=DataSources((str(sources["a"]), str(sources["b"]))),
                       data_weights=(3, 1), out=str(out), tokens=ROWS * SEQ, device="cpu", **KW)
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(build_mod.TeacherPass, "__call__", flaky)
+        teacher_fails_at_batch(mp)
         with pytest.raises(RuntimeError):
             build_mod.build(cfg)
     assert not (out / schema.MANIFEST_FILE).exists() and sorted(p.name for p in out.glob("shard-*.h5")) == [

@@ -38,7 +38,7 @@ step, reused by every layer), full (the whole step), off."""
 
 def supported(model) -> bool:
     """Every recipe: the hybrid, mLSTM-only students (v2) and students with sLSTM blocks (v1) on xlstm's vanilla
-    sLSTM cell (its pointwise step swapped for a branch-free one while stepping: student/inference/slstm_step.py). xlstm's CUDA
+    sLSTM cell (its pointwise step swapped for a branch-free one while stepping: slstm_step.py). xlstm's CUDA
     sLSTM cell is not captured: it steps eagerly."""
     if model.family == "hybrid" or not model.cfg.slstm_at:
         return True

@@ -1,5 +1,5 @@
-"""A student as a transformers model: `TcacheStudentForCausalLM` (AutoModelForCausalLM, generate() with the recurrent
-state of student/inference/decode.py) and `export_student`, which writes a HF model directory from a `tcache distill` output.
+"""A student as a transformers model: `TcacheStudentForCausalLM` (AutoModelForCausalLM, generate() from the static
+state of decode.py) and `export_student`, which writes a HF model directory from a `tcache distill` output.
 
 transformers has no architecture for these students: its `xLSTMForCausalLM` is xLSTM-7B's block (q/k/v straight from
 the residual stream, no causal conv, no learnable skip, a SwiGLU FFN in every block), while v1/v2 use xlstm's classic

@@ -95,7 +95,7 @@ class HybridMixer(nn.Module):
             self.fgate.bias.copy_(torch.linspace(*cfg.fgate_bias, self.Hm))
         self.mode = "hybrid"
         self.mlstm_fn = None  # set by HybridStudent.set_kernel
-        self.cache = None  # while generating, a state object of student/inference/ (prefill.MixerState, decode.StaticMixer)
+        self.cache = None  # while generating: a state object of inference/ (prefill.MixerState, decode.StaticMixer)
         self.last_mse: torch.Tensor | None = None
         self.match_loss = "output"  # stage I's objective (MATCH_LOSSES): HybridStudent.set_match_loss
         self.last_weights_ce: torch.Tensor | None = None  # kept in match mode unless match_loss is "output"
@@ -146,7 +146,8 @@ class HybridMixer(nn.Module):
         x = hidden_states  # (B, T, D)
         B, T, _ = x.shape
         if self.cache is not None:  # generation: the state object (student/inference/) runs this layer's forward
-            return self.o_proj(self.cache.forward(self, x, position_embeddings).transpose(1, 2).reshape(B, T, -1)), None
+            h = self.cache.forward(self, x, position_embeddings)  # (B, H, T, d)
+            return self.o_proj(h.transpose(1, 2).reshape(B, T, -1)), None
         q, k, v = self.qkv(x)  # (B, H, T, d), (B, Hkv, T, d) x2
         cos, sin = position_embeddings  # (B, T, d) x2
         q_sink = self.sink_queries(q, k, cos, sin, apply_rotary_pos_emb)  # (B, H, T, d) or None
