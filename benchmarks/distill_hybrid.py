@@ -23,11 +23,23 @@ from tcache.teachercache.manifest import load_manifest
 PEAK_TFLOPS = {"H100": 989.4, "H200": 989.4, "A100": 312.0, "T4": 65.0}
 """Dense bf16 (T4: fp16) tensor-core peak per GPU name, TFLOP/s."""
 
+BEFORE = {"TCACHE_COMPILE_SCOPE": "layer", "TCACHE_MLSTM_OP": "0"}
+"""The step as it was before issue 32: each decoder layer compiled alone, the mLSTM kernel through its autograd
+Function (a graph break around each call)."""
 HYBRID_PARTS = {  # name: spec, in the order they run (the anchor and the defaults first)
     "plain_lm_compiled": {"kind": "plain", "compiled": True},
     "hybrid_stage2": {"kind": "hybrid", "stage": 1},
     "hybrid_stage1": {"kind": "hybrid", "stage": 0},
+    "hybrid_stage2_cudagraphs": {"kind": "hybrid", "stage": 1, "compile": "cudagraphs"},
+    "hybrid_stage2_before": {"kind": "hybrid", "stage": 1, "env": BEFORE},
+    "hybrid_stage2_layer_op": {"kind": "hybrid", "stage": 1, "env": {"TCACHE_COMPILE_SCOPE": "layer"}},
+    "hybrid_stage2_layer_op_cudagraphs": {"kind": "hybrid", "stage": 1, "compile": "cudagraphs",
+                                          "env": {"TCACHE_COMPILE_SCOPE": "layer"}},
+    "hybrid_stage2_kernel_bf16": {"kind": "hybrid", "stage": 1, "env": {"TCACHE_MLSTM_KERNEL_DTYPE": "bf16"}},
+    "hybrid_stage1_cudagraphs": {"kind": "hybrid", "stage": 0, "compile": "cudagraphs"},
     "hybrid_stage2_fp16_16gib": {"kind": "hybrid", "stage": 1, "precision": "fp16", "cap": "16GiB"},
+    "hybrid_stage2_fp16_16gib_before": {"kind": "hybrid", "stage": 1, "precision": "fp16", "cap": "16GiB",
+                                        "env": BEFORE},
     "plain_lm_eager": {"kind": "plain", "compiled": False},
     "hybrid_stage2_compile_off": {"kind": "hybrid", "stage": 1, "compile": "off"},
     "hybrid_stage2_dense_window": {"kind": "hybrid", "stage": 1, "compile": "off", "env": {"TCACHE_WINDOW": "dense"}},
@@ -140,17 +152,21 @@ def hybrid_stage_rate(cfg: DistillConfig, stage: int, warmup: int = 3, steps: in
                       profile: Path | None = None) -> dict:
     """tokens/s and peak memory of one stage of the hybrid recipe's step (the library's Trainer), on cache rows
     already on the device; with `profile`, a profile of three more steps written there (profile_steps)."""
+    from torch._dynamo.utils import counters
+
     reset_peak()
     try:
         tr = setup(cfg)
         tr.begin_stage(tr.plan.stages[stage])
         batches = gpu_batches(cfg.cache, 0, 4)
-        _, sec, one = time_steps(tr, batches, warmup, steps)
+        warm_s, sec, one = time_steps(tr, batches, warmup, steps)
     except Exception as e:  # an out-of-memory under the cap is a result, not a crash
         return {"error": failure(e), "peak_gib": peak_gib()}
     T = batches[0][schema.INPUT_IDS].shape[1]
     res = {"tokens_per_s": steps * B * T / sec, "peak_gib": peak_gib(), "precision": tr.plan.info["precision"],
-           "compile": tr.plan.info["compile"], "T": T,
+           "compile": tr.plan.info["compile"], "compile_scope": tr.plan.info.get("compile_scope"), "T": T,
+           "warmup_s": round(warm_s, 1), "graph_breaks": sum(counters["graph_break"].values()),
+           "graphs": counters["stats"].get("unique_graphs", 0),
            "mlstm_kernel": tr.plan.info["mlstm_kernel"], "checkpointing": tr.plan.info["checkpointing"],
            "params": tr.model.param_counts()}
     if profile is not None:

@@ -16,7 +16,7 @@ from tcache.student.models.xlstm import Student, StudentConfig
 
 T, V, STEPS = 160, 64, 5
 # max |logit difference| measured (logits ~ +-2.3), prompt / steps: fp32 8e-7 / 5e-7, fp64 3e-7 / 3e-7 (the mLSTM
-# kernels compute in fp32 either way, as in model._mlstm_kernel_fn). Dropping one kind of state between chunks (the
+# kernels compute in fp32 either way, as in mlstm_kernel.mlstm_kernel_fn). Dropping one kind of state between chunks (the
 # mLSTM's, its m alone, either conv's, the sLSTM's, or the DH^-1/2 rescaling) moved the prompt's logits by 3e-2 to
 # 1.1; padding with open gates, or unscaled n alone, left them but not the state (checked below) as they were
 ATOL = {torch.float32: 1e-5, torch.float64: 1e-6}
@@ -103,12 +103,12 @@ def test_refuses_hybrid_students_and_empty_chunks():
 
 
 def test_padded_lengths_are_lengths_the_triton_kernel_accepts():
-    """Every prompt length pads (model.padded_length, used by the prefill's kernel adapter on CUDA and by the chunked
+    """Every prompt length pads (mlstm_kernel.padded_length, used by the prefill's kernel adapter on CUDA and by the chunked
     prefill's tails) to a length mlstm_kernels' Triton XL-chunk kernel takes, checked by that kernel's own parameter
     heuristic (pure Python, so on CPU too); a 40-token prompt padded to 48 failed its assertion on the H200."""
     from mlstm_kernels.triton.chunkwise.kernel_param_heuristics import select_heuristic_xl_chunk_kernel_params
 
-    from tcache.student.models.xlstm import padded_length
+    from tcache.student.models.mlstm_kernel import padded_length
 
     for S in range(1, 700):
         L = padded_length(S, 64)
@@ -118,13 +118,13 @@ def test_padded_lengths_are_lengths_the_triton_kernel_accepts():
 
 @pytest.mark.parametrize("S", [40, 96, 144])
 def test_the_kernel_adapter_pads_for_the_triton_kernel_exactly(S, monkeypatch):
-    """model._mlstm_kernel_fn given a Triton kernel's name hands the kernel only lengths it accepts (its own
+    """mlstm_kernel.mlstm_kernel_fn given a Triton kernel's name hands the kernel only lengths it accepts (its own
     heuristic asserts them), and its outputs and last state equal the unpadded call's (float64). The Triton kernel
     needs a GPU, so its name is served here by the native chunkwise kernel, behind its heuristic's check."""
     import mlstm_kernels.torch as mk
     from mlstm_kernels.triton.chunkwise.kernel_param_heuristics import select_heuristic_xl_chunk_kernel_params
 
-    from tcache.student.models.xlstm import _mlstm_kernel_fn
+    from tcache.student.models.mlstm_kernel import mlstm_kernel_fn
 
     real, seen = mk.get_mlstm_kernel, []
 
@@ -140,10 +140,10 @@ def test_the_kernel_adapter_pads_for_the_triton_kernel_exactly(S, monkeypatch):
     g = torch.Generator().manual_seed(0)
     q, k, v = (torch.randn(2, 3, S, 16, generator=g, dtype=torch.float64) for _ in range(3))
     i, f = (torch.randn(2, 3, S, 1, generator=g, dtype=torch.float64) + 2 for _ in range(2))
-    want, (c0, n0, m0) = _mlstm_kernel_fn("chunkwise--native_autograd", chunk_size=S)(q, k, v, i, f,
+    want, (c0, n0, m0) = mlstm_kernel_fn("chunkwise--native_autograd", chunk_size=S)(q, k, v, i, f,
                                                                                     return_last_states=True)
     monkeypatch.setattr(mk, "get_mlstm_kernel", checked)
-    got, (c1, n1, m1) = _mlstm_kernel_fn("chunkwise--triton_xl_chunk")(q, k, v, i, f, return_last_states=True)
+    got, (c1, n1, m1) = mlstm_kernel_fn("chunkwise--triton_xl_chunk")(q, k, v, i, f, return_last_states=True)
     assert seen and seen[0] > S
     # the kernel computes in fp32 whatever its inputs (the adapter's autocast_kernel_dtype), and the two calls chunk
     # differently, so the outputs agree to fp32 rounding through the normaliser (~1e-3 here), the last state closer;

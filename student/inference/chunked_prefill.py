@@ -137,11 +137,11 @@ def _slstm_layer(layer, x: torch.Tensor, st: dict) -> torch.Tensor:
 
 
 def _mlstm_from_state(st: dict, name: str, chunk_size: int = 64, eps: float = 1e-6):
-    """The mLSTM cell's backend for one chunk: model._mlstm_kernel_fn's kernel call (fp32, eps, chunk size 64, end
+    """The mLSTM cell's backend for one chunk: mlstm_kernel.mlstm_kernel_fn's kernel call (fp32, eps, chunk size 64, end
     padding), from st's mLSTM state as the kernel's initial state; leaves the last state in st."""
     from mlstm_kernels.torch import get_mlstm_kernel
 
-    from tcache.student.models.xlstm import pad_end, padded_length
+    from tcache.student.models.mlstm_kernel import pad_end, padded_length
 
     kernel = get_mlstm_kernel(name)
 
@@ -157,7 +157,7 @@ def _mlstm_from_state(st: dict, name: str, chunk_size: int = 64, eps: float = 1e
         i, f = igate_preact.squeeze(-1).float(), fgate_preact.squeeze(-1).float()  # (B, NH, S) x2
         # A chunk's tail can have any length; the Triton kernel takes only 16, 32, 64 or multiples of 64 (with
         # chunk_size 64; mlstm_kernels' select_heuristic_xl_chunk_kernel_params asserts it), so the end is padded
-        # to one, as _mlstm_kernel_fn pads (model.pad_end: a no-op on the outputs < S and on the last state)
+        # to one, as _mlstm_kernel_fn pads (mlstm_kernel.pad_end: a no-op on the outputs < S and on the last state)
         L = padded_length(S, chunk_size)
         pad, cs = L - S, min(chunk_size, L)
         if pad:

@@ -140,9 +140,9 @@ def _stacked(states: list[DecodeState]) -> DecodeState:
 
 def _xlstm_prefill(model, ids: torch.Tensor, keep: int = 0) -> tuple[torch.Tensor, DecodeState]:
     from tcache.student.models.hybrid import resolve_mlstm_kernel
-    from tcache.student.models.xlstm import _mlstm_kernel_fn
+    from tcache.student.models.mlstm_kernel import mlstm_kernel_fn
 
-    kernel = _mlstm_kernel_fn(resolve_mlstm_kernel("auto", ids.device))
+    kernel = mlstm_kernel_fn(resolve_mlstm_kernel("auto", ids.device))
     layers = [blk.xlstm for blk in model.blocks.blocks]
     states: list[dict] = [{} for _ in layers]
     with slstm_cuda.cuda_cells(model, ids.device, model.embed.weight.dtype):  # CUDA sLSTM cells where they run

@@ -71,9 +71,9 @@ class HybridConfig:
 def resolve_mlstm_kernel(name: str, device: torch.device) -> str:
     if name != "auto":
         return name
-    from tcache.student.models.xlstm import _triton_available
+    from tcache.student.models.mlstm_kernel import triton_available
 
-    return "chunkwise--triton_xl_chunk" if device.type == "cuda" and _triton_available() else "chunkwise--native_autograd"
+    return "chunkwise--triton_xl_chunk" if device.type == "cuda" and triton_available() else "chunkwise--native_autograd"
 
 
 def convert(lm: nn.Module, cfg: HybridConfig) -> list[HybridMixer]:
@@ -127,13 +127,13 @@ class HybridStudent(nn.Module):
         return self.lm.get_output_embeddings()
 
     def set_kernel(self, device: torch.device) -> str:
-        from tcache.student.models.xlstm import _mlstm_kernel_fn
+        from tcache.student.models.mlstm_kernel import mlstm_kernel_fn
 
         name = resolve_mlstm_kernel(self.cfg.mlstm_kernel, device)
         # eps: the kernels add it to the normaliser in their stabilised units, where 1e-6 (xLSTM's) moved the
         # output by 4e-5 relative against the float64 equations (tests/test_hybrid.py); Hedgehog features keep
         # n . q > 0, so the normaliser needs no eps to stay away from zero.
-        fn = _mlstm_kernel_fn(name, eps=1e-12)
+        fn = mlstm_kernel_fn(name, eps=1e-12)
         for m in self.mixers:
             m.mlstm_fn = fn
         self.kernels["mlstm"] = name
@@ -197,6 +197,10 @@ class HybridStudent(nn.Module):
             enable(activation_checkpointing_kwargs={"use_reentrant": False})
         else:
             self.lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        # transformers also hooks the embedding to mark its output requires_grad_() (for reentrant checkpointing and
+        # PEFT); non-reentrant checkpointing needs none of it, and torch.compile refuses a step built on it
+        if hasattr(self.lm, "disable_input_require_grads"):
+            self.lm.disable_input_require_grads()
 
     def set_context_length(self, T: int) -> None:
         """Nothing depends on the length (the window mask is built per call)."""

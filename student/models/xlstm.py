@@ -21,20 +21,16 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 import torch.utils.checkpoint
-import torch.nn.functional as F
 from torch import nn
 
 from tcache.errors import TcacheError
+from tcache.student.models.mlstm_kernel import mlstm_kernel_fn, triton_available
 from tcache.teachercache.schema import layer_groups
 
-MLSTM_KERNELS = ("auto", "parallel", "chunkwise--native_autograd", "chunkwise--triton_xl_chunk",
-                 "chunkwise--triton_limit_chunk")
+MLSTM_KERNELS = ("auto", "parallel", "chunkwise--native_autograd", "chunkwise--native_custbw",
+                 "chunkwise--triton_xl_chunk", "chunkwise--triton_limit_chunk")
 SLSTM_BACKENDS = ("auto", "vanilla", "cuda")
 PARALLEL_MAX_CONTEXT = 1024
-MIN_CHUNK = 16
-"""Smallest chunk the chunkwise adapter runs (Triton's smallest matmul tile); shorter ones pad instead."""
-CLOSED_GATE = 1e4
-"""Gate pre-activation of padded positions: input gate -1e4 (exp: 0), forget gate +1e4 (sigmoid: 1), a no-op."""
 
 
 @dataclass
@@ -118,7 +114,7 @@ def resolve_kernels(cfg: StudentConfig, device: torch.device, memory_budget: int
         budget = memory_budget or (torch.cuda.get_device_properties(device).total_memory if cuda else None)
         small = budget is not None and budget < SMALL_GPU_BYTES
         long_context = cfg.context_length > PARALLEL_MAX_CONTEXT
-        if cuda and (long_context or small) and _triton_available():
+        if cuda and (long_context or small) and triton_available():
             mk = "chunkwise--triton_xl_chunk"
         elif long_context:
             # Without Triton (any CPU, or a GPU lacking it) long contexts take the pure-PyTorch chunkwise
@@ -144,84 +140,12 @@ def resolve_kernels(cfg: StudentConfig, device: torch.device, memory_budget: int
     return mk, sb
 
 
-def _triton_available() -> bool:
-    try:
-        import triton  # noqa: F401  (mlstm_kernels registers its Triton kernels only when it imports)
-        from mlstm_kernels.torch import get_mlstm_kernel
-
-        get_mlstm_kernel("chunkwise--triton_xl_chunk")
-        return True
-    except Exception:
-        return False
-
-
 def _nvcc_available() -> bool:
     import shutil
 
     from torch.utils.cpp_extension import CUDA_HOME
 
     return shutil.which("nvcc") is not None or CUDA_HOME is not None
-
-
-def pad_end(q, k, v, i, f, pad: int) -> tuple:
-    """q, k, v (B, NH, S, DH) and the gate pre-activations i, f (B, NH, S) with `pad` positions appended. Exact: the
-    mLSTM is causal, so positions < S never see the padding (its outputs are cut off), and the padded gates are a
-    closed input gate and an open forget gate, so the state after the padding (a prefill's state) is the state
-    after position S - 1."""
-    q, k, v = (F.pad(t, (0, 0, 0, pad)) for t in (q, k, v))  # (B, NH, S + pad, DH)
-    return q, k, v, F.pad(i, (0, pad), value=-CLOSED_GATE), F.pad(f, (0, pad), value=CLOSED_GATE)
-
-
-def padded_length(S: int, chunk_size: int = 64) -> int:
-    """The length a sequence of S tokens pads to for the Triton XL-chunk kernel: the next multiple of chunk_size
-    above it, else the next power of two >= MIN_CHUNK."""
-    return -(-S // chunk_size) * chunk_size if S > chunk_size else max(MIN_CHUNK, 1 << (S - 1).bit_length())
-
-
-def _mlstm_kernel_fn(name: str, chunk_size: int = 64, eps: float = 1e-6):
-    """An adapter with xlstm's classic backend signature over an `mlstm_kernels` sequence kernel.
-
-    Both compute the same stabilised, normalised mLSTM (keys scaled by DH^-1/2, eps 1e-6); the
-    classic cell passes gate pre-activations as (B, NH, S, 1), mlstm_kernels wants (B, NH, S).
-    """
-    from mlstm_kernels.torch import get_mlstm_kernel
-
-    kernel = get_mlstm_kernel(name)
-
-    def fn(queries, keys, values, igate_preact, fgate_preact, return_last_states: bool = False, **_):
-        # (B, NH, S, DH) x3, (B, NH, S, 1) x2 -> (B, NH, S, DH) [, the state after the last position]
-        S, in_dtype = queries.shape[2], queries.dtype
-        i, f = igate_preact.squeeze(-1), fgate_preact.squeeze(-1)  # (B, NH, S) x2
-        cs = chunk_size if S % chunk_size == 0 else math.gcd(S, chunk_size)
-        pad = 0
-        if "triton" in name and S % chunk_size:
-            # mlstm_kernels' Triton XL-chunk kernel takes 16, 32, 64 or multiples of 64 tokens (its
-            # select_heuristic_xl_chunk_kernel_params asserts it): a 40-token prompt padded to 48 failed on the H200
-            # (tests/test_static_decode.py's twin test)
-            pad = padded_length(S, chunk_size) - S
-            cs = min(chunk_size, S + pad)
-        elif cs < MIN_CHUNK:
-            # An eval length like 131 would give chunks of 1 token (a Python loop over S chunks in the native
-            # kernel; below Triton's smallest tile): the end is padded instead (pad_end: exact)
-            pad = -S % MIN_CHUNK
-            cs = math.gcd(S + pad, chunk_size)
-        if pad:
-            queries, keys, values, i, f = pad_end(queries, keys, values, i, f, pad)  # S + pad positions
-        # The kernel's own compute dtype stays fp32: its bf16 and fp16 builds crashed Triton's compiler on
-        # the H100 here (LLVM SLPVectorizer assertion, triton 3.x); fp32 is the path validated against the
-        # parallel form (benchmarks/gpu_probe.py).
-        dtype = torch.float32
-        if return_last_states:
-            # the state-returning build of the Triton kernel also hit that assertion with bf16 inputs (H100, a bf16
-            # exported model's prefill, benchmarks/speed.py): the decode path hands it fp32 (exact for bf16 values)
-            queries, keys, values, i, f = (t.float() for t in (queries, keys, values, i, f))
-        out = kernel(q=queries, k=keys, v=values, i=i, f=f, chunk_size=cs, autocast_kernel_dtype=dtype, eps=eps,
-                     return_last_states=return_last_states)
-        h, state = out if return_last_states else (out, None)
-        h = (h[:, :, :S] if pad else h).to(in_dtype)  # (B, NH, S, DH)
-        return (h, state) if return_last_states else h  # state: C (B, NH, DH, DH), n (B, NH, DH), m (B, NH, 1)
-
-    return fn
 
 
 class Student(nn.Module):
@@ -325,7 +249,7 @@ class Student(nn.Module):
         switches to a chunkwise kernel for long inputs and on CUDA, as `resolve_kernels` would pick at load."""
         from xlstm.blocks.mlstm.backends import parallel_stabilized_simple
 
-        fn = parallel_stabilized_simple if name == "parallel" else _mlstm_kernel_fn(name)
+        fn = parallel_stabilized_simple if name == "parallel" else mlstm_kernel_fn(name)
         for cell in self._mlstm_cells():
             cell.backend_fn = fn
         self.kernels["mlstm"] = name

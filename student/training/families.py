@@ -3,6 +3,7 @@ its family (Recipe.model); the training loop only calls build() and the model's 
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import torch
@@ -69,10 +70,11 @@ def build_hybrid(cfg: DistillConfig, manifest, device: torch.device, budget: int
     if checkpointing:
         model.enable_checkpointing()
     compile_mode = hybrid_compile(cfg.compile, device)
-    if checkpointing and compile_mode == "cudagraphs":
-        raise TcacheError("--compile cudagraphs does not compose with the hybrid's activation checkpointing; pass "
-                          "--compile on (the default where it runs) or --checkpointing off")
-    if COMPILE_MODES[compile_mode] is not None:
+    scope = os.environ.get(COMPILE_SCOPE_ENV, "step")
+    if COMPILE_MODES[compile_mode] is not None and scope == "layer":
+        if checkpointing and compile_mode == "cudagraphs":
+            raise TcacheError("--compile cudagraphs does not compose with per-layer compilation under activation "
+                              f"checkpointing; unset {COMPILE_SCOPE_ENV} or pass --checkpointing off")
         # each decoder layer (mixer, norms, MLP) fused by inductor; transformers' checkpointing wraps the layer's
         # __call__, so a recomputed layer runs its compiled forward again (tests/test_hybrid_compile.py)
         for layer in model.lm.model.layers:
@@ -80,10 +82,18 @@ def build_hybrid(cfg: DistillConfig, manifest, device: torch.device, budget: int
     info = {"mlstm_kernel": kernel, "slstm_backend": "none", "blocks": len(model.lm.model.layers),
             "heads": model.lm.config.num_attention_heads, "slstm_at": [], "compile": compile_mode,
             "window": cfg.window, "sinks": cfg.sinks, "full_attention_layers": hcfg.full_attention_layers,
-            "branches": cfg.branches, "checkpointing": checkpointing}
+            "branches": cfg.branches, "checkpointing": checkpointing, "compile_scope": scope}
+    if scope == "step":  # the Trainer compiles the whole forward + loss as one graph (train.setup)
+        info["step_compile"] = COMPILE_MODES[compile_mode]
     if lora is not None:
         info["lora"] = lora
     return model, info
+
+
+COMPILE_SCOPE_ENV = "TCACHE_COMPILE_SCOPE"
+"""step (default): the hybrid's whole forward and loss terms compiled as one graph (the mLSTM kernel is a custom op,
+so nothing breaks it: models/mlstm_kernel.py); layer: each decoder layer compiled on its own, as before (for
+benchmarks that compare the two)."""
 
 
 def hybrid_compile(choice: str, device: torch.device) -> str:

@@ -4,6 +4,7 @@ and DataLoader workers, each resolved from its option and the device."""
 from __future__ import annotations
 
 import os
+from typing import Callable
 
 import torch
 
@@ -73,3 +74,20 @@ def resolve_checkpointing(choice: str, device: torch.device, budget: int | None,
         return False
     total = budget if budget is not None else torch.cuda.get_device_properties(device).total_memory
     return total < 24 * 2**30
+
+
+def compile_step(terms: Callable, mode: str = "default", fullgraph: bool = False, backend: str = "inductor") -> Callable:
+    """A step's forward and loss terms, terms(batch, temperature) -> dict, through torch.compile as one graph (its
+    backward as one more); mode reduce-overhead replays them as CUDA graphs."""
+    fn = torch.compile(terms, mode=None if mode == "default" else mode, dynamic=False, fullgraph=fullgraph,
+                       backend=backend)
+    # Stage I's mixers keep their match losses as attributes (a side effect inside transformers' checkpointed layers,
+    # which dynamo refuses to trace unless told not to replay it in the recompute: the recomputed forward's losses
+    # are never read, only the first forward's)
+    flag = "skip_fwd_side_effects_in_bwd_under_checkpoint"
+    patch = {flag: True} if hasattr(torch._dynamo.config, flag) else {}
+
+    def call(batch: dict, temperature: float) -> dict:
+        with torch._dynamo.config.patch(**patch):
+            return fn(batch, temperature)
+    return call

@@ -28,7 +28,8 @@ from tcache.student.training.data import CacheRows, epoch_loader
 from tcache.student.training.families import FAMILIES
 from tcache.student.models.io import save_student
 from tcache.student.training.metrics import METRICS_FILE, MetricsLog, truncate_metrics
-from tcache.student.training.runtime import cap_gpu_memory, resolve_loss_chunk, resolve_precision, resolve_workers
+from tcache.student.training.runtime import (cap_gpu_memory, compile_step, resolve_loss_chunk, resolve_precision,
+                                             resolve_workers)
 from tcache.student.training.schedules import annealed, lr_at
 from tcache.teachercache import schema
 from tcache.teachercache.manifest import Manifest, load_manifest
@@ -56,6 +57,9 @@ class Trainer:
     stage: StagePlan | None = None
     params: list = field(default_factory=list)
     opt: torch.optim.Optimizer | None = None
+    compiled: Callable | None = None
+    """The step's forward and loss terms (`_terms`) through torch.compile as one graph, or None (eager): the hybrid
+    with --compile on / cudagraphs (families.step_compile)."""
 
     def begin_stage(self, sp: StagePlan) -> torch.optim.Optimizer:
         """Make `sp` the stage that trains: the model's trainable set and mode, and a fresh AdamW over it."""
@@ -87,7 +91,11 @@ class Trainer:
                               annealed(c.temperature, epoch, step_in_epoch))
 
     def terms(self, batch: dict, w: losses.Weights) -> dict[str, torch.Tensor]:
-        """The student's forward on one micro-batch and each loss term (fp32 scalars)."""
+        """The student's forward on one micro-batch and each loss term (fp32 scalars), compiled or not."""
+        fields = (schema.INPUT_IDS, schema.TOPK_LOGPROBS, schema.TOPK_IDS, schema.HIDDEN)
+        return (self.compiled or self._terms)({k: batch[k] for k in fields if k in batch}, w.temperature)
+
+    def _terms(self, batch: dict, temperature: float) -> dict[str, torch.Tensor]:
         ids = batch[schema.INPUT_IDS]  # (B, T)
         if self.stage.stage.loss == "match":  # teacher-forced: the model keeps each layer's matching error
             with torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not torch.float32):
@@ -98,12 +106,12 @@ class Trainer:
         with torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not torch.float32):
             if self.chunk:
                 x, s_hidden = self.model.features(ids, groups=groups)  # (B, T, D), (B, T, G, D)
-                ce, kd = losses.ce_kd_chunked(x, self.model.head, ids, t_lp, t_ids, w.temperature, tail, self.chunk)
+                ce, kd = losses.ce_kd_chunked(x, self.model.head, ids, t_lp, t_ids, temperature, tail, self.chunk)
             else:
                 logits, s_hidden = self.model(ids, groups=groups)  # (B, T, V), (B, T, G, D)
         if not self.chunk:
             ce = losses.ce_loss(logits, ids)
-            kd = losses.kd_loss(logits, t_lp, t_ids, w.temperature, tail)
+            kd = losses.kd_loss(logits, t_lp, t_ids, temperature, tail)
         al = losses.align_loss(s_hidden, batch[schema.HIDDEN]) if groups else torch.zeros((), device=self.device)
         return {"ce": ce, "kd": kd, "align": al}
 
@@ -159,6 +167,8 @@ def setup(cfg: DistillConfig, manifest: Manifest | None = None, targets: TargetF
     chunk, workers = resolve_loss_chunk(cfg.loss_chunk, device), resolve_workers(cfg.workers, device)
     tr = Trainer(cfg, manifest, device, amp_dtype, plan, model, torch.amp.GradScaler(
         device.type, enabled=amp_dtype is torch.float16), chunk, workers, targets)
+    if info.get("step_compile"):  # one graph for forward + losses; mode reduce-overhead: CUDA graphs too
+        tr.compiled = compile_step(tr._terms, info["step_compile"])
     tr.begin_stage(plan.stages[0])
     # training mode from here, for every caller (benchmarks time setup()'s Trainer): transformers models load in
     # eval mode, where their layers skip activation checkpointing

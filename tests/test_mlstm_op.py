@@ -1,0 +1,129 @@
+"""The mLSTM kernel as a custom op (student/models/mlstm_kernel.py) and the hybrid's step compiled as one graph through
+it: the op passes torch.library.opcheck, computes what mlstm_kernels' own autograd Function computes (forward and
+gradients) and a float64 parallel mLSTM (forward), and the Trainer's whole stage I and stage II forward + loss compile
+with fullgraph=True (no graph break) under activation checkpointing, giving the eager step's loss and gradients.
+CPU runs the native kernels (in CI); CUDA the Triton ones (the GPU call)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from tcache.student.models.mlstm_kernel import mlstm_chunkwise, mlstm_kernel_fn
+
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+OP_KERNEL = {"cpu": "chunkwise--native_custbw", "cuda": "chunkwise--triton_xl_chunk"}
+
+
+def inputs(device: str, B=2, H=3, S=128, D=16, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    # Hedgehog-like features (softmax: positive, summing to 1) as the hybrid feeds them, v and gates at random
+    q, k = (torch.softmax(torch.randn(B, H, S, D, generator=g), -1) for _ in range(2))
+    v = torch.randn(B, H, S, D, generator=g)
+    i, f = torch.randn(B, H, S, generator=g), torch.randn(B, H, S, generator=g) + 3
+    return [t.to(device).requires_grad_() for t in (q, k, v, i, f)]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_the_ops_pass_opcheck(device):
+    q, k, v, i, f = inputs(device)
+    torch.library.opcheck(torch.ops.tcache.mlstm_chunkwise.default, (q, k, v, i, f, 64, 1e-6, 0.25))
+    h, n, m = mlstm_chunkwise(q, k, v, i, f, 64, 1e-6, 0.25)
+    dh = torch.randn_like(h)
+    args = (*(t.detach() for t in (q, k, v, i, f, n, m)), dh, 64, 1e-6, 0.25)
+    torch.library.opcheck(torch.ops.tcache.mlstm_chunkwise_bw.default, args)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_the_op_computes_mlstm_kernels_own_function(device):
+    """Through the adapter (the hybrid's eps, a length the kernel pads): the op's output and gradients equal those
+    of mlstm_kernels' autograd Function for the same kernel, called the way the adapter called it before."""
+    from mlstm_kernels.torch import get_mlstm_kernel
+
+    q, k, v, i, f = inputs(device, S=100)
+    op = mlstm_kernel_fn(OP_KERNEL[device], eps=1e-12)(q, k, v, i[..., None], f[..., None])  # (B, H, S, D)
+    g = torch.randn_like(op)
+    got = torch.autograd.grad((op * g).sum(), (q, k, v, i, f))
+    from tcache.student.models.mlstm_kernel import pad_end, padded_length
+
+    pad = padded_length(100, 64) - 100 if device == "cuda" else 12  # the adapter's padding: 128 / 112 positions
+    cs = 64 if device == "cuda" else 16
+    ref = get_mlstm_kernel(OP_KERNEL[device])(*[t for t in pad_end(q, k, v, i, f, pad)][:3],
+                                              i=pad_end(q, k, v, i, f, pad)[3], f=pad_end(q, k, v, i, f, pad)[4],
+                                              chunk_size=cs, eps=1e-12, autocast_kernel_dtype=torch.float32)
+    ref = ref[:, :, :100]
+    want = torch.autograd.grad((ref * g).sum(), (q, k, v, i, f))
+    torch.testing.assert_close(op, ref, atol=1e-6, rtol=1e-6)
+    for name, a, b in zip("qkvif", got, want):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5, msg=lambda m: f"d{name}: {m}")
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_the_op_forward_equals_a_float64_parallel_mlstm(device):
+    """The independent reference: mlstm_kernels' quadratic parallel form in float64 on the CPU."""
+    from mlstm_kernels.torch import get_mlstm_kernel
+
+    q, k, v, i, f = inputs(device)
+    h = mlstm_chunkwise(q, k, v, i, f, 64, 1e-6, 16 ** -0.5)[0]  # (B, H, S, D)
+    ref = get_mlstm_kernel("parallel--native_autograd")(*(t.detach().cpu().double() for t in (q, k, v)),
+                                                         i=i.detach().cpu().double(), f=f.detach().cpu().double(),
+                                                         eps=1e-6)
+    torch.testing.assert_close(h.detach().cpu().double(), ref, atol=2e-5, rtol=1e-4)
+
+
+@pytest.fixture(scope="module")
+def op_cache(tmp_path_factory, teacher_dir, valid_jsonl):
+    """A cache of a random one-layer Llama with head dim 16 (the Triton kernel's smallest), 6 rows x 64 tokens."""
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    from conftest import build_cache, text_head
+
+    torch.manual_seed(0)
+    teacher = tmp_path_factory.mktemp("op_teacher")
+    LlamaForCausalLM(LlamaConfig(vocab_size=16384, hidden_size=64, intermediate_size=64, num_hidden_layers=1,
+                                 num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+                                 tie_word_embeddings=False)).save_pretrained(teacher)
+    AutoTokenizer.from_pretrained(teacher_dir).save_pretrained(teacher)
+    text = text_head(valid_jsonl, tmp_path_factory.mktemp("op_text") / "t.jsonl", 6000)
+    out = tmp_path_factory.mktemp("op_cache") / "c"
+    build_cache(out, teacher, text, tokens=6 * 64, seq_len=64, top_k=8, batch_size=6)
+    return out
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_the_hybrid_step_compiles_as_one_graph_and_computes_the_eager_step(device, op_cache, tmp_path):
+    """Trainer._terms (the hybrid's forward and every loss term) through torch.compile(fullgraph=True) under
+    activation checkpointing: no graph break in stage I or stage II, and the loss and every trainable gradient equal
+    the eager step's (float32)."""
+    from tcache.student.training.config import DistillConfig
+    from tcache.student.training.data import CacheRows
+    from tcache.student.training.runtime import compile_step
+    from tcache.student.training.train import setup
+
+    torch._dynamo.reset()
+    cfg = DistillConfig(cache=str(op_cache), out=str(tmp_path / "run"), recipe="hybrid", steps=2, batch_size=2,
+                        grad_accum=1, device=device, precision="fp32", compile="off", checkpointing="on",
+                        mlstm_kernel=OP_KERNEL[device], window=16, sinks=2, loss_chunk=48)
+    tr = setup(cfg)
+    with torch.no_grad():  # gates away from their init, so every branch carries gradient
+        for mx in tr.model.mixers:
+            mx.ogate_w.normal_(0, 0.3), mx.phi_q.add_(torch.randn_like(mx.phi_q) * 0.1)
+    rows = CacheRows(str(op_cache), with_hidden=tr.plan.groups > 0)
+    batch = {key: torch.stack([rows[r][key] for r in (0, 1)]).to(device) for key in rows[0]}
+    # on CPU through dynamo and AOTAutograd without inductor's C++ code generation (minutes on 2 cores; the CPU
+    # inductor path runs end to end in test_hybrid_compile.py), on CUDA through inductor as training runs it
+    compiled = compile_step(tr._terms, fullgraph=True, backend="inductor" if device == "cuda" else "aot_eager")
+    for sp in tr.plan.stages:  # stage I (match), then stage II (CE + KD)
+        tr.begin_stage(sp)
+        got, want = {}, {}
+        for fn, out in ((tr._terms, want), (compiled, got)):
+            tr.opt.zero_grad(set_to_none=False)
+            terms = fn(batch, 2.0)
+            loss = sum(terms.values())
+            loss.backward()
+            out["loss"] = loss.detach()
+            out.update({n: p.grad.clone() for n, p in tr.model.named_parameters() if p.requires_grad})
+        assert len(want) > 5, sp.stage.name
+        for name in want:
+            torch.testing.assert_close(got[name], want[name], atol=1e-5, rtol=1e-4,
+                                       msg=lambda m: f"{sp.stage.name} {name}: {m}")
