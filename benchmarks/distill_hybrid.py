@@ -36,6 +36,7 @@ HYBRID_PARTS = {  # name: spec, in the order they run (the anchor and the defaul
     "hybrid_stage2_layer_op_cudagraphs": {"kind": "hybrid", "stage": 1, "compile": "cudagraphs",
                                           "env": {"TCACHE_COMPILE_SCOPE": "layer"}},
     "hybrid_stage2_kernel_bf16": {"kind": "hybrid", "stage": 1, "env": {"TCACHE_MLSTM_KERNEL_DTYPE": "bf16"}},
+    "hybrid_stage2_flex_window": {"kind": "hybrid", "stage": 1, "env": {"TCACHE_WINDOW": "flex"}},
     "hybrid_stage1_cudagraphs": {"kind": "hybrid", "stage": 0, "compile": "cudagraphs"},
     "hybrid_stage2_fp16_16gib": {"kind": "hybrid", "stage": 1, "precision": "fp16", "cap": "16GiB"},
     "hybrid_stage2_fp16_16gib_before": {"kind": "hybrid", "stage": 1, "precision": "fp16", "cap": "16GiB",

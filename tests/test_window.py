@@ -1,5 +1,6 @@
 """The blocked window + sinks attention (student/models/window.py) equals the hybrid's dense-mask SDPA, in float64, for T
-below, at and far beyond the window, with and without sinks, values and gradients."""
+below, at and far beyond the window, with and without sinks, values and gradients; so does the flex_attention form
+(float32; its backward on CUDA only: flex_attention has none on the CPU)."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from tcache.student.models.window import window_attention
+from tcache.student.models.window import flex_window_attention, window_attention
 
 
 def dense(q, k, v, q_sink, W, S, scaling):
@@ -20,6 +21,24 @@ def dense(q, k, v, q_sink, W, S, scaling):
     far = (j < S) & (i - j >= W)  # (T, T) sinks outside the window
     s = torch.where(win, q @ k.transpose(-1, -2), torch.where(far, q_sink @ k.transpose(-1, -2), float("-inf")))
     return F.softmax(s * scaling, -1) @ v
+
+
+@pytest.mark.parametrize("device", ["cpu"] + (["cuda"] if torch.cuda.is_available() else []))
+@pytest.mark.parametrize("T, W, S", [(9, 8, 0), (70, 8, 4), (200, 16, 4), (130, 3, 1)])
+def test_flex_window_equals_the_dense_reference(T, W, S, device):
+    g = torch.Generator().manual_seed(T * 31 + W)
+    # flex_attention has no backward on the CPU: there the forward alone
+    q, k, v, qs = (torch.randn(2, 3, T, 16, generator=g).to(device).requires_grad_(device == "cuda") for _ in range(4))
+    got = flex_window_attention(q, k, v, qs, W, S, 0.35)
+    want = dense(q, k, v, qs, W, S, 0.35)
+    torch.testing.assert_close(got, want, atol=2e-5, rtol=1e-4)
+    if device == "cpu":
+        return
+    gg = torch.autograd.grad(got.square().sum(), (q, k, v, qs), allow_unused=True)
+    gw = torch.autograd.grad(want.square().sum(), (q, k, v, qs), allow_unused=True)
+    for x, a, b in zip((q, k, v, qs), gg, gw):
+        a, b = (torch.zeros_like(x) if t is None else t for t in (a, b))
+        torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-3)
 
 
 @pytest.mark.parametrize("device", ["cpu"] + (["cuda"] if torch.cuda.is_available() else []))

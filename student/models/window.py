@@ -21,7 +21,8 @@ import torch.nn.functional as F
 
 WINDOW_ENV = "TCACHE_WINDOW"
 """blocked (default): window_attention, O(T·W) on every device; dense: dense_window_attention, one SDPA call over a
-(T, S + T) mask (the earlier CUDA path, O(T^2)), for benchmarks that compare the two in one process."""
+(T, S + T) mask (the earlier CUDA path, O(T^2)); flex: flex_window_attention, block-sparse; for benchmarks that compare
+them in one process."""
 BLOCK = 64
 """Queries per block: the band of keys a block reads is BLOCK + W - 1 wide (at W = 32, 95 keys per query)."""
 
@@ -84,8 +85,36 @@ def dense_window_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_
                                           scale=scaling)  # (B, H, T, d)
 
 
+def flex_window_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_sink: torch.Tensor | None,
+                          window: int, sinks: int, scaling: float) -> torch.Tensor:
+    """window_attention's function through PyTorch's flex_attention (a fused kernel under torch.compile on GPUs of
+    compute capability >= 8.0) with a block-sparse mask, so only the band's blocks and the sinks' are computed. The
+    keys are [sink keys; all keys] as in dense_window_attention, the head dimension doubled when the sinks take the
+    rotated queries: [q, q_sink] against [0, k_sink] and [k, 0]. TCACHE_WINDOW=flex; measured against the blocked
+    default in benchmarks/distill.py --hybrid."""
+    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+
+    T, S = q.shape[2], sinks if sinks and q.shape[2] > window else 0
+    if S and q_sink is not None:
+        zeros = torch.zeros_like(k[:, :, :S])  # (B, H, S, d)
+        keys = torch.cat([torch.cat([zeros, k[:, :, :S]], -1), torch.cat([k, torch.zeros_like(k)], -1)], 2)
+        queries = torch.cat([q, q_sink], -1)  # (B, H, T, 2d)
+    else:  # no query is far enough for the rotations to differ: the sinks take q itself
+        keys, queries = torch.cat([k[:, :, :S], k], 2), q  # (B, H, S + T, d)
+    values = torch.cat([v[:, :, :S], v], 2)  # (B, H, S + T, d)
+
+    def allowed(b, h, i, j):  # query i, key slot j: a far sink, or a key of the window
+        p = j - S
+        return torch.where(j < S, i - j >= window, (p <= i) & (i - p < window))
+
+    mask = create_block_mask(allowed, None, None, T, S + T, device=q.device)
+    return flex_attention(queries, keys, values, block_mask=mask, scale=scaling)  # (B, H, T, d)
+
+
+ATTENTION = {"blocked": window_attention, "dense": dense_window_attention, "flex": flex_window_attention}
+
+
 def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_sink: torch.Tensor | None, window: int, sinks: int,
            scaling: float) -> torch.Tensor:
     """The window + sinks attention (B, H, T, d) by the kernel TCACHE_WINDOW picks (blocked by default)."""
-    dense = os.environ.get(WINDOW_ENV, "blocked") == "dense"
-    return (dense_window_attention if dense else window_attention)(q, k, v, q_sink, window, sinks, scaling)
+    return ATTENTION[os.environ.get(WINDOW_ENV, "blocked")](q, k, v, q_sink, window, sinks, scaling)
