@@ -46,8 +46,9 @@ class MixerState:
         qm, km = (q, k.repeat_interleave(rep, 1)) if mx.mlstm_rope else (q0, k0.repeat_interleave(rep, 1))
         h = mx.mix(x, q, k.repeat_interleave(rep, 1), v.repeat_interleave(rep, 1),
                    mx.sink_queries(q0, k0, cos, sin, rope), qm, km, states=states if mx.branches != "window" else None)
-        self.mlstm = mx.keep_state(states[0]) if states else None
-        # copies, not views: a view of the prompt's keys would keep all T of them alive (measured: 10 GiB at 32k x 8)
+        # copies, not views: a view of the prompt's keys would keep all T of them alive (measured: 10 GiB at 32k x 8),
+        # and the kernel's last state may view its per-chunk buffers (a state growing with T: tests/test_export.py)
+        self.mlstm = tuple(t.clone() for t in mx.keep_state(states[0])) if states else None
         self.sink_k, self.sink_v = k[:, :, :mx.sinks].clone(), v[:, :, :mx.sinks].clone()
         self.win_k, self.win_v = k[:, :, -mx.window:].clone(), v[:, :, -mx.window:].clone()
         return h
