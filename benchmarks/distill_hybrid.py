@@ -46,6 +46,7 @@ HYBRID_PARTS = {  # name: spec, in the order they run (the anchor and the defaul
     "hybrid_stage2_dense_window": {"kind": "hybrid", "stage": 1, "compile": "off", "env": {"TCACHE_WINDOW": "dense"}},
     "hybrid_stage2_mlstm_fp32": {"kind": "hybrid", "stage": 1, "env": {"TCACHE_MLSTM_INPUTS": "fp32"}},
     "v2_step": {"kind": "v2"},
+    "v2_step_whole": {"kind": "v2", "env": {"TCACHE_COMPILE_SCOPE": "step"}},
     "plain_lm_compiled_2048": {"kind": "plain", "compiled": True, "T": 2048},
     "hybrid_stage2_2048": {"kind": "hybrid", "stage": 1, "T": 2048},
 }

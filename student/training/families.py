@@ -16,6 +16,12 @@ from tcache.student.training.runtime import COMPILE_MODES, resolve_checkpointing
 from tcache.teachercache import schema
 
 
+COMPILE_SCOPE_ENV = "TCACHE_COMPILE_SCOPE"
+"""What --compile compiles. step (the hybrid's default): the whole forward and loss terms as one graph (the mLSTM
+kernel is a custom op, so nothing breaks it: models/mlstm_kernel.py); layer (the xLSTM recipes' default): each
+decoder layer / xLSTM block on its own. The other value is for benchmarks that compare the two."""
+
+
 def build_xlstm(cfg: DistillConfig, manifest, device: torch.device, budget: int | None):
     """Distil-xLSTM: fresh xLSTM blocks between the teacher's frozen embedding and head."""
     scfg = student_config(cfg, manifest)
@@ -40,12 +46,15 @@ def build_xlstm(cfg: DistillConfig, manifest, device: torch.device, budget: int 
         else:
             raise TcacheError(f"--checkpointing on with --compile {cfg.compile} is not supported; pass --compile off "
                               "or --checkpointing off")
-    if COMPILE_MODES[compile_mode] is not None:
+    scope = os.environ.get(COMPILE_SCOPE_ENV, "layer")  # each block compiled: measured (benchmarks/distill.py)
+    if COMPILE_MODES[compile_mode] is not None and scope == "layer":
         for blk in model.blocks.blocks:
             blk.compile(mode=COMPILE_MODES[compile_mode])
     info = {"mlstm_kernel": mlstm_kernel, "slstm_backend": slstm_backend, "blocks": scfg.num_blocks,
             "heads": scfg.num_heads, "slstm_at": scfg.slstm_at, "compile": compile_mode,
-            "checkpointing": model.checkpointing}
+            "checkpointing": model.checkpointing, "compile_scope": scope}
+    if scope == "step":
+        info["step_compile"] = COMPILE_MODES[compile_mode]
     return model, info
 
 
@@ -88,12 +97,6 @@ def build_hybrid(cfg: DistillConfig, manifest, device: torch.device, budget: int
     if lora is not None:
         info["lora"] = lora
     return model, info
-
-
-COMPILE_SCOPE_ENV = "TCACHE_COMPILE_SCOPE"
-"""step (default): the hybrid's whole forward and loss terms compiled as one graph (the mLSTM kernel is a custom op,
-so nothing breaks it: models/mlstm_kernel.py); layer: each decoder layer compiled on its own, as before (for
-benchmarks that compare the two)."""
 
 
 def hybrid_compile(choice: str, device: torch.device) -> str:
