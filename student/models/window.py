@@ -91,7 +91,7 @@ def flex_window_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_s
     compute capability >= 8.0) with a block-sparse mask, so only the band's blocks and the sinks' are computed. The
     keys are [sink keys; all keys] as in dense_window_attention, the head dimension doubled when the sinks take the
     rotated queries: [q, q_sink] against [0, k_sink] and [k, 0]. TCACHE_WINDOW=flex; measured against the blocked
-    default in benchmarks/distill.py --hybrid."""
+    default in benchmarks/distill_hybrid.py."""
     from torch.nn.attention.flex_attention import create_block_mask, flex_attention
 
     T, S = q.shape[2], sinks if sinks and q.shape[2] > window else 0
