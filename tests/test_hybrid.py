@@ -476,13 +476,12 @@ def test_joint_mix_matches_a_float64_reference(T, window, sinks, heads):
         assert ((gate.double() - ref).abs().max() / ref.abs().max()) > 1e-2
 
 
-def test_joint_mix_trains_and_generates_through_the_full_forward(tmp_path, hybrid_cache):
-    """tcache distill --recipe hybrid --mix joint runs both stages and exports; the exported model generates through
-    its full forward (no recurrent state is built for this form, and decode.prefill says so in one line): its
-    greedy tokens are the argmax of the saved student's own forward, token by token."""
+def test_joint_mix_trains_exports_and_generates_from_its_recurrent_state(tmp_path, hybrid_cache):
+    """tcache distill --recipe hybrid --mix joint runs both stages and exports; the exported model generates from its
+    recurrent state (tests/test_joint_decode.py holds the step to the full forward): its greedy tokens are the argmax
+    of the saved student's own full forward, token by token."""
     from transformers import AutoModelForCausalLM
 
-    from tcache.student.inference import prefill
     from tcache.student.models.io import load_student
 
     out, hf_dir = tmp_path / "joint", tmp_path / "hf"
@@ -491,10 +490,8 @@ def test_joint_mix_trains_and_generates_through_the_full_forward(tmp_path, hybri
             "--export", hf_dir)
     assert r.exit_code == 0, r.output
     student, _ = load_student(out, torch.device("cpu"))
-    assert student.cfg.mix == "joint" and not student.recurrent
+    assert student.cfg.mix == "joint" and student.recurrent
     prompt = torch.randint(0, 256, (1, 12), generator=torch.Generator().manual_seed(0))
-    with pytest.raises(TcacheError, match="--mix joint"):
-        prefill.prefill(student, prompt)
     model = AutoModelForCausalLM.from_pretrained(hf_dir, trust_remote_code=True).eval()
     with torch.no_grad():
         got = model.generate(prompt, max_new_tokens=4, do_sample=False)[0, 12:]

@@ -82,6 +82,7 @@ class StaticMixer:
     mlstm: tuple | None  # C (B, Hm, F, d), n (B, Hm, F), m (B, Hm, 1)
     pos: torch.Tensor  # (1,) int64, shared by all layers: the position of the token being stepped
     sink_rope: tuple | None = None  # cos, sin (B, 1, d) at min(pos, S + W - 1), set per step
+    joint: tuple | None = None  # --mix joint: ring kf, i, lf and the linear C, n, m (joint_state.py)
 
     def forward(self, mx, x: torch.Tensor, position_embeddings) -> torch.Tensor:
         """HybridMixer.forward hands itself here while its `cache` is this state: one token's head outputs."""
@@ -136,9 +137,12 @@ class StaticDecoder:
     def _mixer_buffers(self, mx, st: MixerState) -> StaticMixer:
         B, Hkv, _, d = st.win_k.shape
         new = st.win_k.new_zeros
+        from tcache.student.inference import joint_state
+
         return StaticMixer(sink_k=new(B, Hkv, mx.sinks, d), sink_v=new(B, Hkv, mx.sinks, d),
                            win_k=new(B, Hkv, mx.window, d), win_v=new(B, Hkv, mx.window, d),
-                           mlstm=_clone(st.mlstm) if st.mlstm is not None else None, pos=self.pos)
+                           mlstm=_clone(st.mlstm) if st.mlstm is not None else None, pos=self.pos,
+                           joint=joint_state.buffers(st.joint, mx.window) if st.joint is not None else None)
 
     def load(self, state: DecodeState) -> "StaticDecoder":
         """Copy a prefilled state of this batch into the buffers (their storage never changes)."""
@@ -162,6 +166,10 @@ class StaticDecoder:
             buf.win_v[:, :, slots] = st.win_v
             if buf.mlstm is not None:
                 _copy(buf.mlstm, st.mlstm)
+            if buf.joint is not None:
+                from tcache.student.inference import joint_state
+
+                joint_state.load(buf.joint, st.joint, slots)
         return self
 
     def nbytes(self) -> int:
@@ -176,7 +184,7 @@ class StaticDecoder:
             elif isinstance(x, dict):
                 walk(list(x.values()))
             elif isinstance(x, StaticMixer):
-                walk([x.sink_k, x.sink_v, x.win_k, x.win_v, x.mlstm])
+                walk([x.sink_k, x.sink_v, x.win_k, x.win_v, x.mlstm, x.joint])
         walk([self.layers, self.pos])
         return sum(seen.values())
 
@@ -215,7 +223,7 @@ class StaticDecoder:
         out = [self.pos]
         for st in self.layers:
             if isinstance(st, StaticMixer):
-                out += [st.sink_k, st.sink_v, st.win_k, st.win_v, *(st.mlstm or ())]
+                out += [st.sink_k, st.sink_v, st.win_k, st.win_v, *(st.mlstm or ()), *(st.joint or ())]
             else:
                 out += [t for v in st.values() for t in (v if isinstance(v, (tuple, list)) else (v,))]
         return out
@@ -275,8 +283,16 @@ def mixer_step(mx, x: torch.Tensor, position_embeddings, st: StaticMixer) -> tor
         st.sink_k.index_copy_(2, s, torch.where(first, k, st.sink_k.index_select(2, s)))
         st.sink_v.index_copy_(2, s, torch.where(first, v, st.sink_v.index_select(2, s)))
     slot = p % mx.window
+    old_v = st.win_v.index_select(2, slot)  # (B, Hkv, 1, d): the value leaving the window (the joint mix's)
     st.win_k.index_copy_(2, slot, k)
     st.win_v.index_copy_(2, slot, v)
+    if mx.mix_form == "joint":  # LoLCATs' one softmax, its linear part a state W tokens behind (joint_state.py)
+        from tcache.student.inference import joint_state
+
+        rep = mx.H // mx.Hkv
+        qm, km = (q, k.repeat_interleave(rep, 1)) if mx.mlstm_rope else (q0, k0.repeat_interleave(rep, 1))
+        qf, kf = mx.features(qm, km)  # (B, H, 1, F) x2
+        return joint_state.step(mx, x, q, q0, qf, kf, old_v, st)
     return mix_step(mx, x, q, q0, k0, k, v, lambda: _window(mx, q, q0, st),
                            lambda qm, km, vr: _mlstm(mx, x, qm, km, vr, st))
 
@@ -284,6 +300,12 @@ def mixer_step(mx, x: torch.Tensor, position_embeddings, st: StaticMixer) -> tor
 def _window(mx, q, q0, st: StaticMixer) -> torch.Tensor:
     """Softmax attention of one query over the ring buffer's valid slots and the sinks outside the window:
     (B, H, 1, d). Written out rather than SDPA: the sink entries take the query rotated to its cache position."""
+    scores, values = window_scores(mx, q, q0, st)  # (B, H, 1, S + W), (B, H, S + W, d)
+    return torch.einsum("bhqk,bhkd->bhqd", torch.softmax(scores, -1), values.float()).to(q.dtype)  # (B, H, 1, d)
+
+
+def window_scores(mx, q, q0, st: StaticMixer) -> tuple[torch.Tensor, torch.Tensor]:
+    """The window's and the far sinks' scores (B, H, 1, S + W), -inf where nothing is held, and their values."""
     from transformers.models.llama.modeling_llama import rotate_half
 
     W, S, rep, p = mx.window, mx.sinks, mx.H // mx.Hkv, st.pos
@@ -301,8 +323,7 @@ def _window(mx, q, q0, st: StaticMixer) -> torch.Tensor:
         sink_scores = torch.einsum("bhqd,bhkd->bhqk", q_sink.float(), ks.float()) * mx.scaling  # (B, H, 1, S)
         scores = torch.cat([sink_scores.masked_fill(~far, float("-inf")), scores], -1)  # (B, H, 1, S + W)
         values = torch.cat([vs, vw], 2)  # (B, H, S + W, d)
-    prob = torch.softmax(scores, -1)
-    return torch.einsum("bhqk,bhkd->bhqd", prob, values.float()).to(q.dtype)  # (B, H, 1, d)
+    return scores, values
 
 
 def _mlstm(mx, x, qm, km, v, st: StaticMixer) -> torch.Tensor:

@@ -29,6 +29,7 @@ class MixerState:
     mlstm: tuple | None = None  # C (B, Hm, F, d), n (B, Hm, F), m (B, Hm, 1): Hm the mLSTM's heads, F its features
     pos: int = 0  # tokens consumed
     sink_rope: tuple | None = None  # cos, sin (B, 1, d) at min(pos, S + W - 1), set by the driver
+    joint: tuple | None = None  # --mix joint: the last W positions' kf, i, lf and the linear C, n, m (joint_state.py)
 
     def forward(self, mx, x: torch.Tensor, position_embeddings) -> torch.Tensor:
         """The mixer `mx`'s head outputs (B, H, T, d) for a prompt x (B, T, D), through the parallel form, keeping
@@ -49,6 +50,10 @@ class MixerState:
         # copies, not views: a view of the prompt's keys would keep all T of them alive (measured: 10 GiB at 32k x 8),
         # and the kernel's last state may view its per-chunk buffers (a state growing with T: tests/test_export.py)
         self.mlstm = tuple(t.clone() for t in mx.keep_state(states[0])) if states else None
+        if mx.mix_form == "joint":  # its state is built from the same inputs (the parallel form hands none back)
+            from tcache.student.inference.joint_state import prefill_state
+
+            self.joint = prefill_state(mx, x, qm, km, v)
         self.sink_k, self.sink_v = k[:, :, :mx.sinks].clone(), v[:, :, :mx.sinks].clone()
         self.win_k, self.win_v = k[:, :, -mx.window:].clone(), v[:, :, -mx.window:].clone()
         return h
@@ -77,7 +82,7 @@ class DecodeState:
                 for y in x.values():
                     walk(y)
             elif isinstance(x, MixerState):
-                walk([x.sink_k, x.sink_v, x.win_k, x.win_v, x.mlstm])
+                walk([x.sink_k, x.sink_v, x.win_k, x.win_v, x.mlstm, x.joint])
 
         walk(self.layers)
         return sum(seen.values())
@@ -128,7 +133,7 @@ def _stacked(states: list[DecodeState]) -> DecodeState:
     for parts in zip(*(s.layers for s in states)):
         if isinstance(parts[0], MixerState):
             layers.append(MixerState(**{f: cat([getattr(p, f) for p in parts])
-                                        for f in ("sink_k", "sink_v", "win_k", "win_v", "mlstm")},
+                                        for f in ("sink_k", "sink_v", "win_k", "win_v", "mlstm", "joint")},
                                      pos=parts[0].pos))
         else:
             # the sLSTM cell's state is (4, B, D): its rows on dim 1; every other tensor leads with the batch
@@ -209,7 +214,7 @@ def run_hybrid(model, ids: torch.Tensor, state: DecodeState, keep: int = 0) -> t
     writing its MixerState; RoPE positions continue from the state."""
     if not model.recurrent:
         raise TcacheError("generation with a recurrent state is not built for --full-attention-layers (their KV "
-                          "cache grows with the prefix) nor for --mix joint; generate with use_cache=False")
+                          "cache grows with the prefix); generate with use_cache=False")
     lm, B, T = model.lm, ids.shape[0], ids.shape[1]
     pos = torch.arange(state.pos, state.pos + T, device=ids.device)[None].expand(B, -1)  # (B, T)
     last = model.cfg.sinks + model.cfg.window - 1

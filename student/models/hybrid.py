@@ -60,7 +60,7 @@ class HybridConfig:
     mix: str = "gate"
     """How the branches combine (--mix): gate (a per-head output gate between the two normalised branches) or
     joint (LoLCATs' one denominator over the window's softmax and the linear scores outside it: student/models/joint.py;
-    generation then runs the full forward per token)."""
+    its recurrent decode state: student/inference/joint_state.py)."""
     mlstm_rope: bool = False
     """Feed the mLSTM branch and the output gate RoPE-rotated q, k (--mlstm-rope); by default they get the
     unrotated projections, so nothing outside the window depends on absolute position (see docs/hybrid.md)."""
@@ -118,9 +118,9 @@ class HybridStudent(nn.Module):
 
     @property
     def recurrent(self) -> bool:
-        """Whether generation can run from a bounded recurrent state (decode.py): not with full-attention layers
-        (their KV cache grows) nor with --mix joint (not built for it)."""
-        return not self.cfg.full_attention_layers and self.cfg.mix == "gate"
+        """Whether generation can run from a bounded recurrent state (inference/): not with full-attention layers
+        (their KV cache grows)."""
+        return not self.cfg.full_attention_layers
 
     @property
     def head(self) -> nn.Module:

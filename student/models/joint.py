@@ -15,8 +15,8 @@ computed stably that way.
 
 Computed as LoLCATs trains its hybrid attention: quadratic in T, here in blocks of queries so memory stays
 O(block x T); mlstm_kernels cannot serve it, since its kernels return the normalised mLSTM output, not the
-numerator and denominator in a scale the window's can join. Generation with a recurrent state is not built for this
-form (its state would also keep the window's features and gates): generate() runs the full forward per token.
+numerator and denominator in a scale the window's can join. Generation runs from a recurrent state
+(student/inference/joint_state.py: an mLSTM state W tokens behind the stream, and the window's features and gates).
 tests/test_hybrid.py holds it to the equations written out in float64.
 """
 
