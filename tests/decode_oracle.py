@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import torch
 
-from tcache.student.inference.decode import mix_step
+from tcache.student.inference.mixer_step import mix_step
 from tcache.student.inference.prefill import DecodeState, MixerState, run_hybrid
 
 

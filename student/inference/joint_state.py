@@ -73,7 +73,7 @@ def step(mx, x, q, q0, qf, kf, old_v, st) -> torch.Tensor:
     holds this token (slot p % W) and whose joint ring does not yet: the key leaving the window (its value old_v
     (B, Hkv, 1, d), read from the slot before this token's overwrote it) enters C, n, m, then this token's kf, i, lf
     take its slot. q, q0 the window's query, RoPE'd and not; qf, kf (B, H, 1, F) the mLSTM's features."""
-    from tcache.student.inference.decode import window_scores
+    from tcache.student.inference.mixer_step import window_scores
 
     S, W, p = mx.sinks, mx.window, st.pos
     r, rep = mx.H // mx.Hm, mx.Hm // mx.Hkv
