@@ -75,3 +75,18 @@ def test_generate_of_a_joint_export_equals_full_forward_greedy_and_keeps_a_bound
         dec.step(torch.zeros(1, 1, dtype=torch.long))
         sizes.append((state.nbytes(), dec.nbytes()))
     assert sizes[0] == sizes[1]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU (run in the GPU call)")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_the_captured_joint_step_replays_the_eager_one_on_cuda(dtype):
+    model = joint_student().cuda().to(dtype)
+    ids = torch.randint(0, 97, (2, 3 * W + 8), generator=torch.Generator().manual_seed(3)).cuda()
+    with torch.no_grad():
+        _, a = prefill(model, ids[:, :W + 3])
+        _, b = prefill(model, ids[:, :W + 3])
+    eager, graph = StaticDecoder(model, a, capture=False), StaticDecoder(model, b, capture=True)
+    tol = dict(atol=1e-4, rtol=1e-4) if dtype == torch.float32 else dict(atol=3e-2, rtol=3e-2)
+    for t in range(W + 3, ids.shape[1]):
+        torch.testing.assert_close(graph.step(ids[:, t:t + 1]).float(), eager.step(ids[:, t:t + 1]).float(), **tol)
+    assert graph.captures == 1
