@@ -81,10 +81,11 @@ from speed_measure import Runner, failure, gpu_lock, is_fatal, step_profile
 from speed_models import DEFAULT_ROWS, ROWS, SHAPES, build, count, graph_count, graph_key, is_teacher, label
 from speed_report import add_ratios, markdown, plot
 
-RUN_ORDER = ("teacher-static", "v2", "hybrid", "teacher-eager", "v2-eager", "hybrid-eager", "v1-eager", "v1")
+RUN_ORDER = ("teacher-static", "v2", "hybrid", "hybrid-joint", "teacher-eager", "v2-eager", "hybrid-eager", "v1-eager",
+             "v1")
 """Process order: teacher-static first (every ratio's reference, and its compiles), then the students whose ratios
 are the point; v1 last, since its sLSTM prefill is a loop over the prompt that spends whatever it is given."""
-ROW_WEIGHT = {"teacher-static": 200, "teacher-eager": 45, "v2": 110, "hybrid": 120, "v1": 110,
+ROW_WEIGHT = {"teacher-static": 200, "teacher-eager": 45, "v2": 110, "hybrid": 120, "hybrid-joint": 120, "v1": 110,
               "v2-eager": 30, "hybrid-eager": 40, "v1-eager": 30}
 """Share of --budget per row: estimated seconds of the GPU run (H200, smollm2-360m, the default cells), ~15 s of
 each for imports and the build. teacher-static: 3 compiles of 40-60 s each (transformers' default CompileConfig has

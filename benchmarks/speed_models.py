@@ -13,7 +13,8 @@ SHAPES = {
     "tiny": dict(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4,
                  num_key_value_heads=2, max_position_embeddings=4096, tie_word_embeddings=True),
 }
-ROWS = ("teacher-static", "teacher-eager", "v2", "hybrid", "v1", "v2-eager", "hybrid-eager", "v1-eager")
+ROWS = ("teacher-static", "teacher-eager", "v2", "hybrid", "v1", "hybrid-joint", "v2-eager", "hybrid-eager",
+        "v1-eager")
 """Table order."""
 DEFAULT_ROWS = ROWS[:5]
 """--models' default: the two teacher rows and each student as users get it; the -eager student rows (decode.py's
@@ -36,9 +37,8 @@ def is_teacher(row: str) -> bool:
 
 
 def family(row: str) -> str:
-    """teacher, v2, hybrid or v1: the model a row builds."""
+    """teacher, v2, hybrid, hybrid-joint (--mix joint) or v1: the model a row builds."""
     return "teacher" if is_teacher(row) else row.removesuffix("-eager")
-
 
 
 def build(row: str, shape: dict, device: torch.device, dtype: torch.dtype):
@@ -55,15 +55,16 @@ def build(row: str, shape: dict, device: torch.device, dtype: torch.dtype):
         cfg, fam = LlamaConfig(**shape), family(row)
         if fam == "teacher":
             return LlamaForCausalLM(cfg)
-        if fam == "hybrid":
-            student = HybridStudent(LlamaForCausalLM(cfg), HybridConfig(window=32, sinks=4))
+        if fam.startswith("hybrid"):
+            mix = "joint" if fam == "hybrid-joint" else "gate"
+            student = HybridStudent(LlamaForCausalLM(cfg), HybridConfig(window=32, sinks=4, mix=mix))
             student.lm.config._attn_implementation = "sdpa"
         else:
             blocks, heads, slstm_at = {"v1": _v1_sizes, "v2": _v2_sizes}[fam](cfg.num_hidden_layers,
                                                                                cfg.num_attention_heads)
             student = Student(StudentConfig(vocab_size=cfg.vocab_size, hidden_size=cfg.hidden_size, num_blocks=blocks,
                                             num_heads=heads, slstm_at=slstm_at, context_length=512, recipe=fam))
-        return to_hf(student, {"config": {"recipe": fam}})
+        return to_hf(student, {"config": {"recipe": fam.removesuffix("-joint")}})
 
     try:
         with torch.device(device):  # random init where the model runs: on the CPU it takes seconds per model
