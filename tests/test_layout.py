@@ -149,10 +149,12 @@ def test_options_come_from_the_config_fields():
     command has no option of its own beyond presentation (--json)."""
     from tcache.student.training.config import DistillConfig
     from tcache.student.inference.eval import EvalConfig
+    from tcache.student.inference.probe import ProbeConfig
     from tcache.teachercache.config import BuildConfig
     from tcache.text import DataSpec
 
-    for name, cls in (("build", BuildConfig), ("plan", BuildConfig), ("distill", DistillConfig), ("eval", EvalConfig)):
+    for name, cls in (("build", BuildConfig), ("plan", BuildConfig), ("distill", DistillConfig), ("eval", EvalConfig),
+                      ("probe", ProbeConfig)):
         params = {p.name: p for p in _commands()[name].params}
         expected = {}
         for f in dataclasses.fields(cls):

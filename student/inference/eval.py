@@ -77,22 +77,23 @@ def refuse_non_model(model: str) -> None:
                           f"{NOT_A_MODEL_FIX}")
 
 
-def _load(cfg: EvalConfig, device: torch.device, dtype: torch.dtype):
-    """(logits_fn, tokenizer, kind, model, extra): logits_fn maps ids (B, T) to logits (B, T, V); extra
-    holds what the result reports about the model beyond the common keys."""
+def load_model(name: str, seq_len: int, device: torch.device, dtype: torch.dtype):
+    """(logits_fn, tokenizer, kind, model, extra) of a student or HF causal LM that will run windows of seq_len
+    tokens: logits_fn maps ids (B, T) to logits (B, T, V); extra holds what a result reports about the model beyond
+    the common keys."""
     from transformers import AutoTokenizer
 
-    if is_student_dir(cfg.model):
+    if is_student_dir(name):
         # Built for the window length, not the training length: the kernel is chosen for --seq-len
         # (parallel up to 1024 tokens, chunkwise beyond), and the parallel kernel's mask fits the window.
-        model, doc = load_student(cfg.model, device, context_length=cfg.seq_len)
-        tokenizer = AutoTokenizer.from_pretrained(cfg.model)
+        model, doc = load_student(name, device, context_length=seq_len)
+        tokenizer = AutoTokenizer.from_pretrained(name)
         extra = {"kernels": dict(model.kernels), "trained_seq_len": doc["cache"]["seq_len"]}
         return (lambda ids: model(ids)[0]), tokenizer, "tcache-student", model, extra
-    refuse_non_model(cfg.model)
+    refuse_non_model(name)
     # a clear error for a path or id that is not a model, too: in eval's words, as MODEL is no --teacher
-    check_seq_len(load_config(cfg.model, who="", fix=NOT_A_MODEL_FIX), cfg.seq_len)
-    model, tokenizer = load_teacher(cfg.model, device, dtype, who="")
+    check_seq_len(load_config(name, who="", fix=NOT_A_MODEL_FIX), seq_len)
+    model, tokenizer = load_teacher(name, device, dtype, who="")
     return (lambda ids: model(input_ids=ids, use_cache=False).logits), tokenizer, "hf", model, {}
 
 
@@ -100,7 +101,7 @@ def _load(cfg: EvalConfig, device: torch.device, dtype: torch.dtype):
 def perplexity(cfg: EvalConfig, on_progress=None) -> dict:
     device = dist.init(resolve_device(cfg.device))
     dtype = resolve_dtype(cfg.dtype, device)
-    logits_fn, tokenizer, kind, model, extra = _load(cfg, device, dtype)
+    logits_fn, tokenizer, kind, model, extra = load_model(cfg.model, cfg.seq_len, device, dtype)
     n_windows = cfg.tokens // cfg.seq_len
     rows = itertools.islice(pack_rows(iter_texts(cfg.data), tokenizer, cfg.seq_len, tokenizer.eos_token_id),
                             n_windows)
