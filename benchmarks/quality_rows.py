@@ -55,6 +55,10 @@ RUNS = {
     "hybrid-full2": ("hybrid", ["--window", "32", "--full-attention-layers", "0,4"], None),
     **{f"window-only-w{w}": ("hybrid", ["--window", str(w), "--branches", "window", "--stage", "2"], None)
        for w in (16, 64, 128, 256)},
+    # issue 33: make the mLSTM carry the long range (window dropout in stages I and II; with the joint mix)
+    "hybrid-wd25": ("hybrid", ["--window", "32", "--window-dropout", "0.25"], None),
+    "hybrid-wd50": ("hybrid", ["--window", "32", "--window-dropout", "0.5"], None),
+    **{f"hybrid-joint-w{w}": ("hybrid", ["--window", str(w), "--mix", "joint"], None) for w in (16, 64, 128)},
 }
 PRESETS = {
     # the mixer variants at W = 32 (one GPU call), and the quality / state frontier (another)
@@ -64,6 +68,8 @@ PRESETS = {
                          "window-only-w16", "window-only-w64", "window-only-w128", "window-only-w256"],
 }
 PRESETS["issue24"] = PRESETS["issue24-mixers"] + PRESETS["issue24-frontier"]
+PRESETS["issue33-levers"] = ["hybrid", "hybrid-joint", "hybrid-wd25", "hybrid-wd50", "window-only"]
+PRESETS["issue33-joint-frontier"] = ["hybrid-joint-w16", "hybrid-joint", "hybrid-joint-w64", "hybrid-joint-w128"]
 """--runs NAME: a named list of rows (each also gets its window cut and the teacher)."""
 DEFAULT_RUNS = ["v1", "v1-ce-only", "v2", "v2-ce-only", "scratch", "hybrid", "hybrid-w16", "hybrid-w64",
                 "hybrid-no-stage1", "hybrid-stage1-only", "hybrid-igate0", "hybrid-mlstm-only", "window-only",

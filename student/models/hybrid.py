@@ -202,6 +202,15 @@ class HybridStudent(nn.Module):
         if hasattr(self.lm, "disable_input_require_grads"):
             self.lm.disable_input_require_grads()
 
+    def drop_windows(self, p: float, seed: int) -> None:
+        """--window-dropout: each mixer's window branch dropped with probability p for the next forward, the draw a
+        function of `seed` alone (the same on every rank, and again after a resume)."""
+        g = torch.Generator().manual_seed(seed)
+        drop = torch.rand(len(self.mixers), generator=g) < p
+        for mx, d in zip(self.mixers, drop.tolist()):
+            mx.window_dropout = True
+            mx.drop_window.fill_(d)
+
     def set_context_length(self, T: int) -> None:
         """Nothing depends on the length (the window mask is built per call)."""
 

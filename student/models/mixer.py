@@ -95,6 +95,10 @@ class HybridMixer(nn.Module):
             self.fgate.bias.copy_(torch.linspace(*cfg.fgate_bias, self.Hm))
         self.mode = "hybrid"
         self.mlstm_fn = None  # set by HybridStudent.set_kernel
+        # --window-dropout: set per micro-batch by HybridStudent.drop_windows (a buffer, so a compiled step reads it
+        # without recompiling); only training reads it
+        self.register_buffer("drop_window", torch.zeros((), dtype=torch.bool), persistent=False)
+        self.window_dropout = False
         self.cache = None  # while generating: a state object of inference/ (prefill.MixerState, decode.StaticMixer)
         self.last_mse: torch.Tensor | None = None
         self.match_loss = "output"  # stage I's objective (MATCH_LOSSES): HybridStudent.set_match_loss
@@ -234,4 +238,7 @@ class HybridMixer(nn.Module):
         """o * mlstm + (1 - o) * window with the output gate o = sigmoid(w_o [q, k, v]) per head: (B, H, T, d)."""
         o = torch.sigmoid(torch.einsum("bhtc,hc->bht", torch.cat([qm, km, v], -1).float(), self.ogate_w.float())
                           + self.ogate_b.float()[None, :, None]).unsqueeze(-1)  # (B, H, T, 1)
-        return (o * m + (1 - o) * swa.float()).to(qm.dtype)
+        mixed = (o * m + (1 - o) * swa.float()).to(qm.dtype)
+        if self.training and self.window_dropout:  # a dropped layer trains on its mLSTM branch alone
+            mixed = torch.where(self.drop_window, m.to(qm.dtype), mixed)
+        return mixed

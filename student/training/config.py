@@ -75,7 +75,11 @@ class DistillConfig:
     mix: str = opt("gate", choices=MIXES)
     """Hybrid recipe: how the window and the mLSTM combine: gate (a per-head output gate, the default) or joint
     (LoLCATs: one softmax denominator over the window's scores and the mLSTM's linear scores outside the window;
-    quadratic in T like LoLCATs' training form, and generate() re-runs the full forward per token)."""
+    quadratic in T like LoLCATs' training form; it decodes from a recurrent state like the gate)."""
+    window_dropout: float = 0.0
+    """Hybrid recipe (--mix gate): the probability, per layer and micro-batch of stages I and II, that a layer
+    trains on its mLSTM branch alone, its window dropped, so the mLSTM must carry the context itself (SWAX-style
+    window dropout); generation and eval always use the window."""
     mlstm_rope: bool = False
     """Hybrid recipe: give the mLSTM branch RoPE-rotated q and k (the paper's reading) instead of unrotated."""
     match_loss: str = opt("output", choices=MATCH_LOSSES)
@@ -222,6 +226,10 @@ class DistillConfig:
         if self.mix != "gate" and (recipe.model != "hybrid" or self.branches != "both"):
             raise TcacheError(f"--mix {self.mix} combines the hybrid recipe's two branches; use it with --recipe "
                               "hybrid and --branches both, or drop --mix")
+        if self.window_dropout and (recipe.model != "hybrid" or self.mix != "gate" or self.branches != "both"
+                                    or not 0 < self.window_dropout < 1):
+            raise TcacheError(f"--window-dropout {self.window_dropout} drops the hybrid's window branch with that "
+                              "probability in [0, 1); use it with --recipe hybrid, --mix gate and --branches both")
         if self.mlstm_heads != "query" and recipe.model != "hybrid":
             raise TcacheError(f"--mlstm-heads sets the hybrid recipe's mLSTM heads; the {self.recipe} recipe has its "
                               "own blocks: use --recipe hybrid or drop --mlstm-heads")

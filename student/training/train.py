@@ -115,9 +115,11 @@ class Trainer:
         al = losses.align_loss(s_hidden, batch[schema.HIDDEN]) if groups else torch.zeros((), device=self.device)
         return {"ce": ce, "kd": kd, "align": al}
 
-    def micro_step(self, batch: dict, w: losses.Weights) -> dict[str, torch.Tensor]:
-        """Forward, mix, backward of one micro-batch (on the device). Returns the detached fp32 terms and
-        loss, left on the device: reading them would make the CPU wait for the GPU."""
+    def micro_step(self, batch: dict, w: losses.Weights, micro: int = 0) -> dict[str, torch.Tensor]:
+        """Forward, mix, backward of one micro-batch (on the device; `micro` its index in the run). Returns the
+        detached fp32 terms and loss, left on the device: reading them would make the CPU wait for the GPU."""
+        if self.cfg.window_dropout:
+            self.model.drop_windows(self.cfg.window_dropout, self.cfg.seed * 1_000_003 + micro)
         if self.device.type == "cuda":
             torch.compiler.cudagraph_mark_step_begin()  # CUDA-graph outputs of the last step may be overwritten
         if self.targets is not None and self.stage.stage.loss != "match":
@@ -253,7 +255,7 @@ def _fit_and_save(tr: Trainer, work: Path, hasher: ShardHasher, stop, on_start, 
                     tr.begin_stage(sp)  # the next stage: its trainable set, mode and optimizer
                 w = tr.weights(epoch, j // cfg.grad_accum)  # by the optimizer step within this epoch
                 batch = {n: t.to(device, non_blocking=True) for n, t in batch.items()}
-                terms = tr.micro_step(batch, w)
+                terms = tr.micro_step(batch, w, state.micro)
                 for name, v in terms.items():
                     sums[name] = sums.get(name, zero) + v / cfg.grad_accum
                 state.micro += 1
