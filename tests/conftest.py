@@ -79,6 +79,26 @@ def shared_cache(tmp_path_factory, teacher_dir, valid_jsonl) -> Path:
     return out
 
 
+@pytest.fixture(scope="session")
+def one_layer_cache(tmp_path_factory, teacher_dir, valid_jsonl) -> Path:
+    """A cache of a random one-layer Llama with head dim 16 (mlstm_kernels' Triton kernel's smallest), 8 rows x 64
+    tokens: the smallest hybrid whose whole step compiles quickly (inductor's CPU code generation takes seconds per
+    layer)."""
+    import torch
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    teacher = tmp_path_factory.mktemp("one_layer_teacher")
+    LlamaForCausalLM(LlamaConfig(vocab_size=16384, hidden_size=64, intermediate_size=64, num_hidden_layers=1,
+                                 num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+                                 tie_word_embeddings=False)).save_pretrained(teacher)
+    AutoTokenizer.from_pretrained(teacher_dir).save_pretrained(teacher)
+    text = text_head(valid_jsonl, tmp_path_factory.mktemp("one_layer_text") / "t.jsonl", 8000)
+    out = tmp_path_factory.mktemp("one_layer_cache") / "c"
+    build_cache(out, teacher, text, tokens=8 * 64, seq_len=64, top_k=8, batch_size=8)
+    return out
+
+
 def teacher_fails_at_batch(mp: pytest.MonkeyPatch, n: int = 3) -> None:
     """Within `mp`'s context, the build's n-th teacher batch raises RuntimeError("simulated failure")."""
     import tcache.teachercache.build as build_mod

@@ -7,16 +7,13 @@ from __future__ import annotations
 import pytest
 
 
-def test_distill_with_compile_on_follows_the_eager_run_through_both_stages(tmp_path, tiny_teacher, valid_jsonl):
+def test_distill_with_compile_on_follows_the_eager_run_through_both_stages(tmp_path, one_layer_cache, valid_jsonl):
     """`tcache distill --recipe hybrid --compile on` as a user runs it (the default on a GPU; forced here on CPU):
     it completes both stages, its loss at every step equals the --compile off run's, and the saved student
     evaluates."""
     from test_hybrid import metrics, run
 
-    from conftest import build_cache
-
-    cache = tmp_path / "cache"
-    build_cache(cache, tiny_teacher, valid_jsonl, tokens=16 * 64, seq_len=64, top_k=8, batch_size=8)
+    cache = one_layer_cache
     losses = {}
     for mode in ("off", "on"):
         out = tmp_path / f"run-{mode}"

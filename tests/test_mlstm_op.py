@@ -71,27 +71,8 @@ def test_the_op_forward_equals_a_float64_parallel_mlstm(device):
     torch.testing.assert_close(h.detach().cpu().double(), ref, atol=2e-5, rtol=1e-4)
 
 
-@pytest.fixture(scope="module")
-def op_cache(tmp_path_factory, teacher_dir, valid_jsonl):
-    """A cache of a random one-layer Llama with head dim 16 (the Triton kernel's smallest), 6 rows x 64 tokens."""
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
-
-    from conftest import build_cache, text_head
-
-    torch.manual_seed(0)
-    teacher = tmp_path_factory.mktemp("op_teacher")
-    LlamaForCausalLM(LlamaConfig(vocab_size=16384, hidden_size=64, intermediate_size=64, num_hidden_layers=1,
-                                 num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
-                                 tie_word_embeddings=False)).save_pretrained(teacher)
-    AutoTokenizer.from_pretrained(teacher_dir).save_pretrained(teacher)
-    text = text_head(valid_jsonl, tmp_path_factory.mktemp("op_text") / "t.jsonl", 6000)
-    out = tmp_path_factory.mktemp("op_cache") / "c"
-    build_cache(out, teacher, text, tokens=6 * 64, seq_len=64, top_k=8, batch_size=6)
-    return out
-
-
 @pytest.mark.parametrize("device", DEVICES)
-def test_the_hybrid_step_compiles_as_one_graph_and_computes_the_eager_step(device, op_cache, tmp_path):
+def test_the_hybrid_step_compiles_as_one_graph_and_computes_the_eager_step(device, one_layer_cache, tmp_path):
     """Trainer._terms (the hybrid's forward and every loss term) through torch.compile(fullgraph=True) under
     activation checkpointing: no graph break in stage I or stage II, and the loss and every trainable gradient equal
     the eager step's (float32)."""
@@ -101,14 +82,14 @@ def test_the_hybrid_step_compiles_as_one_graph_and_computes_the_eager_step(devic
     from tcache.student.training.train import setup
 
     torch._dynamo.reset()
-    cfg = DistillConfig(cache=str(op_cache), out=str(tmp_path / "run"), recipe="hybrid", steps=2, batch_size=2,
+    cfg = DistillConfig(cache=str(one_layer_cache), out=str(tmp_path / "run"), recipe="hybrid", steps=2, batch_size=2,
                         grad_accum=1, device=device, precision="fp32", compile="off", checkpointing="on",
                         mlstm_kernel=OP_KERNEL[device], window=16, sinks=2, loss_chunk=48)
     tr = setup(cfg)
     with torch.no_grad():  # gates away from their init, so every branch carries gradient
         for mx in tr.model.mixers:
             mx.ogate_w.normal_(0, 0.3), mx.phi_q.add_(torch.randn_like(mx.phi_q) * 0.1)
-    rows = CacheRows(str(op_cache), with_hidden=tr.plan.groups > 0)
+    rows = CacheRows(str(one_layer_cache), with_hidden=tr.plan.groups > 0)
     batch = {key: torch.stack([rows[r][key] for r in (0, 1)]).to(device) for key in rows[0]}
     # on CPU through dynamo and AOTAutograd without inductor's C++ code generation (minutes on 2 cores; the CPU
     # inductor path runs end to end in test_hybrid_compile.py), on CUDA through inductor as training runs it

@@ -24,7 +24,7 @@ def dense(q, k, v, q_sink, W, S, scaling):
 
 
 @pytest.mark.parametrize("device", ["cpu"] + (["cuda"] if torch.cuda.is_available() else []))
-@pytest.mark.parametrize("T, W, S", [(9, 8, 0), (70, 8, 4), (200, 16, 4), (130, 3, 1)])
+@pytest.mark.parametrize("T, W, S", [(9, 8, 0), (130, 3, 1)])
 def test_flex_window_equals_the_dense_reference(T, W, S, device):
     g = torch.Generator().manual_seed(T * 31 + W)
     # flex_attention has no backward on the CPU: there the forward alone
