@@ -35,11 +35,12 @@ def test_the_ops_pass_opcheck(device):
 
 
 @pytest.mark.parametrize("device", DEVICES)
-def test_the_op_computes_mlstm_kernels_own_function(device):
+def test_the_op_computes_mlstm_kernels_own_function(device, monkeypatch):
     """Through the adapter (the hybrid's eps, a length the kernel pads): the op's output and gradients equal those
     of mlstm_kernels' autograd Function for the same kernel, called the way the adapter called it before."""
     from mlstm_kernels.torch import get_mlstm_kernel
 
+    monkeypatch.setenv("TCACHE_MLSTM_OP", "1")  # the Triton kernel takes the op only when asked (not yet the default)
     q, k, v, i, f = inputs(device, S=100)
     op = mlstm_kernel_fn(OP_KERNEL[device], eps=1e-12)(q, k, v, i[..., None], f[..., None])  # (B, H, S, D)
     g = torch.randn_like(op)
@@ -72,7 +73,8 @@ def test_the_op_forward_equals_a_float64_parallel_mlstm(device):
 
 
 @pytest.mark.parametrize("device", DEVICES)
-def test_the_hybrid_step_compiles_as_one_graph_and_computes_the_eager_step(device, one_layer_cache, tmp_path):
+def test_the_hybrid_step_compiles_as_one_graph_and_computes_the_eager_step(device, one_layer_cache, tmp_path,
+                                                                            monkeypatch):
     """Trainer._terms (the hybrid's forward and every loss term) through torch.compile(fullgraph=True) under
     activation checkpointing: no graph break in stage I or stage II, and the loss and every trainable gradient equal
     the eager step's (float32)."""
@@ -82,6 +84,7 @@ def test_the_hybrid_step_compiles_as_one_graph_and_computes_the_eager_step(devic
     from tcache.student.training.train import setup
 
     torch._dynamo.reset()
+    monkeypatch.setenv("TCACHE_MLSTM_OP", "1")
     cfg = DistillConfig(cache=str(one_layer_cache), out=str(tmp_path / "run"), recipe="hybrid", steps=2, batch_size=2,
                         grad_accum=1, device=device, precision="fp32", compile="off", checkpointing="on",
                         mlstm_kernel=OP_KERNEL[device], window=16, sinks=2, loss_chunk=48)

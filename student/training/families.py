@@ -17,9 +17,9 @@ from tcache.teachercache import schema
 
 
 COMPILE_SCOPE_ENV = "TCACHE_COMPILE_SCOPE"
-"""What --compile compiles. step (the hybrid's default): the whole forward and loss terms as one graph (the mLSTM
-kernel is a custom op, so nothing breaks it: models/mlstm_kernel.py); layer (the xLSTM recipes' default): each
-decoder layer / xLSTM block on its own. The other value is for benchmarks that compare the two."""
+"""What --compile compiles. layer (the default, as measured): each decoder layer / xLSTM block on its own; step: the
+whole forward and loss terms as one graph (with TCACHE_MLSTM_OP=1 the mLSTM kernel is a custom op and nothing breaks
+the graph: models/mlstm_kernel.py). step becomes the default once a GPU run measures it (issue 32)."""
 
 
 def build_xlstm(cfg: DistillConfig, manifest, device: torch.device, budget: int | None):
@@ -46,7 +46,7 @@ def build_xlstm(cfg: DistillConfig, manifest, device: torch.device, budget: int 
         else:
             raise TcacheError(f"--checkpointing on with --compile {cfg.compile} is not supported; pass --compile off "
                               "or --checkpointing off")
-    scope = os.environ.get(COMPILE_SCOPE_ENV, "layer")  # each block compiled: measured (benchmarks/distill.py)
+    scope = os.environ.get(COMPILE_SCOPE_ENV, "layer")
     if COMPILE_MODES[compile_mode] is not None and scope == "layer":
         for blk in model.blocks.blocks:
             blk.compile(mode=COMPILE_MODES[compile_mode])
@@ -79,7 +79,7 @@ def build_hybrid(cfg: DistillConfig, manifest, device: torch.device, budget: int
     if checkpointing:
         model.enable_checkpointing()
     compile_mode = hybrid_compile(cfg.compile, device)
-    scope = os.environ.get(COMPILE_SCOPE_ENV, "step")
+    scope = os.environ.get(COMPILE_SCOPE_ENV, "layer")
     if COMPILE_MODES[compile_mode] is not None and scope == "layer":
         if checkpointing and compile_mode == "cudagraphs":
             raise TcacheError("--compile cudagraphs does not compose with per-layer compilation under activation "
