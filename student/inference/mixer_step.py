@@ -14,7 +14,7 @@ if TYPE_CHECKING:
 
 def mixer_step(mx, x: torch.Tensor, position_embeddings, st: "StaticMixer") -> torch.Tensor:
     """One token through a HybridMixer from its StaticMixer: head outputs (B, H, 1, d). The same equations as
-    parallel form's last row (HybridMixer.mix), on fixed buffers."""
+    the parallel form's last row (HybridMixer.mix), on fixed buffers."""
     from transformers.models.llama.modeling_llama import apply_rotary_pos_emb as rope
 
     cos, sin = position_embeddings  # (B, 1, d) x2
@@ -39,7 +39,7 @@ def mixer_step(mx, x: torch.Tensor, position_embeddings, st: "StaticMixer") -> t
         qf, kf = mx.features(qm, km)  # (B, H, 1, F) x2
         return joint_state.step(mx, x, q, q0, qf, kf, old_v, st)
     return mix_step(mx, x, q, q0, k0, k, v, lambda: _window(mx, q, q0, st),
-                           lambda qm, km, vr: _mlstm(mx, x, qm, km, vr, st))
+                    lambda qm, km, vr: _mlstm(mx, x, qm, km, vr, st))
 
 
 def _window(mx, q, q0, st: "StaticMixer") -> torch.Tensor:

@@ -46,15 +46,9 @@ def build_xlstm(cfg: DistillConfig, manifest, device: torch.device, budget: int 
         else:
             raise TcacheError(f"--checkpointing on with --compile {cfg.compile} is not supported; pass --compile off "
                               "or --checkpointing off")
-    scope = os.environ.get(COMPILE_SCOPE_ENV, "layer")
-    if COMPILE_MODES[compile_mode] is not None and scope == "layer":
-        for blk in model.blocks.blocks:
-            blk.compile(mode=COMPILE_MODES[compile_mode])
     info = {"mlstm_kernel": mlstm_kernel, "slstm_backend": slstm_backend, "blocks": scfg.num_blocks,
             "heads": scfg.num_heads, "slstm_at": scfg.slstm_at, "compile": compile_mode,
-            "checkpointing": model.checkpointing, "compile_scope": scope}
-    if scope == "step":
-        info["step_compile"] = COMPILE_MODES[compile_mode]
+            "checkpointing": model.checkpointing, **apply_compile(model.blocks.blocks, compile_mode)}
     return model, info
 
 
@@ -79,24 +73,33 @@ def build_hybrid(cfg: DistillConfig, manifest, device: torch.device, budget: int
     if checkpointing:
         model.enable_checkpointing()
     compile_mode = hybrid_compile(cfg.compile, device)
-    scope = os.environ.get(COMPILE_SCOPE_ENV, "layer")
-    if COMPILE_MODES[compile_mode] is not None and scope == "layer":
-        if checkpointing and compile_mode == "cudagraphs":
-            raise TcacheError("--compile cudagraphs does not compose with per-layer compilation under activation "
-                              f"checkpointing; unset {COMPILE_SCOPE_ENV} or pass --checkpointing off")
-        # each decoder layer (mixer, norms, MLP) fused by inductor; transformers' checkpointing wraps the layer's
-        # __call__, so a recomputed layer runs its compiled forward again (tests/test_hybrid_compile.py)
-        for layer in model.lm.model.layers:
-            layer.compile(mode=COMPILE_MODES[compile_mode])
+    if checkpointing and compile_mode == "cudagraphs" and os.environ.get(COMPILE_SCOPE_ENV, "layer") == "layer":
+        raise TcacheError("--compile cudagraphs does not compose with per-layer compilation under activation "
+                          f"checkpointing; pass --compile on, --checkpointing off, or {COMPILE_SCOPE_ENV}=step")
+    # each decoder layer (mixer, norms, MLP) fused by inductor; transformers' checkpointing wraps the layer's
+    # __call__, so a recomputed layer runs its compiled forward again (tests/test_hybrid_compile.py)
+    compiled = apply_compile(model.lm.model.layers, compile_mode)
     info = {"mlstm_kernel": kernel, "slstm_backend": "none", "blocks": len(model.lm.model.layers),
             "heads": model.lm.config.num_attention_heads, "slstm_at": [], "compile": compile_mode,
             "window": cfg.window, "sinks": cfg.sinks, "full_attention_layers": hcfg.full_attention_layers,
-            "branches": cfg.branches, "checkpointing": checkpointing, "compile_scope": scope}
-    if scope == "step":  # the Trainer compiles the whole forward + loss as one graph (train.setup)
-        info["step_compile"] = COMPILE_MODES[compile_mode]
+            "branches": cfg.branches, "checkpointing": checkpointing, **compiled}
     if lora is not None:
         info["lora"] = lora
     return model, info
+
+
+def apply_compile(modules, compile_mode: str) -> dict:
+    """--compile by COMPILE_SCOPE_ENV: each of `modules` compiled in place (layer), or nothing here and the Trainer
+    compiles the whole forward + loss as one graph (step: train.setup reads info's step_compile). Returns the
+    info keys."""
+    scope = os.environ.get(COMPILE_SCOPE_ENV, "layer")
+    mode = COMPILE_MODES[compile_mode]
+    if scope == "step":
+        return {"compile_scope": scope, "step_compile": mode}
+    if mode is not None:
+        for module in modules:
+            module.compile(mode=mode)
+    return {"compile_scope": scope}
 
 
 def hybrid_compile(choice: str, device: torch.device) -> str:
