@@ -34,9 +34,7 @@ def mixer_step(mx, x: torch.Tensor, position_embeddings, st: "StaticMixer") -> t
     if mx.mix_form == "joint":  # LoLCATs' one softmax, its linear part a state W tokens behind (joint_state.py)
         from tcache.student.inference import joint_state
 
-        rep = mx.H // mx.Hkv
-        qm, km = (q, k.repeat_interleave(rep, 1)) if mx.mlstm_rope else (q0, k0.repeat_interleave(rep, 1))
-        qf, kf = mx.features(qm, km)  # (B, H, 1, F) x2
+        qf, kf = mx.features(*mx.mlstm_qk(q, q0, k, k0))  # (B, H, 1, F) x2
         return joint_state.step(mx, x, q, q0, qf, kf, old_v, st)
     return mix_step(mx, x, q, q0, k0, k, v, lambda: _window(mx, q, q0, st),
                     lambda qm, km, vr: _mlstm(mx, x, qm, km, vr, st))
@@ -89,7 +87,7 @@ def mix_step(mx, x, q, q0, k0, k, v, window, mlstm) -> torch.Tensor:
     + sinks attention, `mlstm(qm, km, v)` the mLSTM step."""
     rep = mx.H // mx.Hkv
     vr = v.repeat_interleave(rep, 1)  # (B, H, 1, d)
-    qm, km = (q, k.repeat_interleave(rep, 1)) if mx.mlstm_rope else (q0, k0.repeat_interleave(rep, 1))
+    qm, km = mx.mlstm_qk(q, q0, k, k0)  # (B, H, 1, d) x2
     swa = window() if mx.branches != "mlstm" else None  # (B, H, 1, d)
     if mx.branches == "window":
         return swa

@@ -44,7 +44,7 @@ class MixerState:
         q, k = rope(q, k, cos, sin)
         rep = mx.H // mx.Hkv
         states: list = []
-        qm, km = (q, k.repeat_interleave(rep, 1)) if mx.mlstm_rope else (q0, k0.repeat_interleave(rep, 1))
+        qm, km = mx.mlstm_qk(q, q0, k, k0)  # (B, H, T, d) x2
         h = mx.mix(x, q, k.repeat_interleave(rep, 1), v.repeat_interleave(rep, 1),
                    mx.sink_queries(q0, k0, cos, sin, rope), qm, km, states=states if mx.branches != "window" else None)
         # copies, not views: a view of the prompt's keys would keep all T of them alive (measured: 10 GiB at 32k x 8),

@@ -134,6 +134,12 @@ class HybridMixer(nn.Module):
         r = self.H // self.Hm
         return qf, hedgehog(km[:, ::r], self.phi_k).repeat_interleave(r, 1)  # (B, H, T, F)
 
+    def mlstm_qk(self, q, q0, k, k0) -> tuple[torch.Tensor, torch.Tensor]:
+        """The mLSTM branch's query and key (B, H, T, d) x2 from the rotated q, k and the unrotated q0, k0 (keys over
+        the Hkv kv heads): rotated with --mlstm-rope, unrotated otherwise; keys repeated to the query heads."""
+        rep = self.H // self.Hkv
+        return (q, k.repeat_interleave(rep, 1)) if self.mlstm_rope else (q0, k0.repeat_interleave(rep, 1))
+
     def keep_state(self, state: tuple) -> tuple:
         """The mLSTM state decode keeps: C (B, Hm, F, d), n, m of a state over the H heads (one per group)."""
         r = self.H // self.Hm
@@ -158,19 +164,19 @@ class HybridMixer(nn.Module):
         q0, k0 = q, k  # unrotated
         q, k = apply_rotary_pos_emb(q, k, cos, sin)
         rep = self.H // self.Hkv
-        k, v = k.repeat_interleave(rep, 1), v.repeat_interleave(rep, 1)  # (B, H, T, d) x2
+        kr, v = k.repeat_interleave(rep, 1), v.repeat_interleave(rep, 1)  # (B, H, T, d) x2
         if self.mode == "teacher":
-            h = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=self.scaling)  # (B, H, T, d)
+            h = F.scaled_dot_product_attention(q, kr, v, is_causal=True, scale=self.scaling)  # (B, H, T, d)
         else:
-            qm, km = (q, k) if self.mlstm_rope else (q0, k0.repeat_interleave(rep, 1))  # (B, H, T, d) x2
-            h = self.mix(x, q, k, v, q_sink, qm, km)  # (B, H, T, d)
+            qm, km = self.mlstm_qk(q, q0, k, k0)  # (B, H, T, d) x2
+            h = self.mix(x, q, kr, v, q_sink, qm, km)  # (B, H, T, d)
             if self.mode == "match":
                 with torch.no_grad():
-                    full = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=self.scaling)
+                    full = F.scaled_dot_product_attention(q, kr, v, is_causal=True, scale=self.scaling)
                 # the feature maps of the mLSTM branch, on its own q, k (B, H, T, 2d), if the loss needs them
                 features = lambda: self.features(qm, km)  # noqa: E731
                 self.last_mse, self.last_weights_ce, self.last_match = stage_one_losses(
-                    self.match_loss, h, full, features, q, k, self.scaling)
+                    self.match_loss, h, full, features, q, kr, self.scaling)
                 h = full  # teacher forcing: the next layer sees the teacher's own input
         return self.o_proj(h.transpose(1, 2).reshape(B, T, -1)), None
 
