@@ -4,22 +4,24 @@
         [--heldout SET.jsonl.xz,...] [--heldout-tokens 400k]
     python benchmarks/quality.py --smoke        # the whole pipeline in minutes on a CPU (tiny budgets, one row)
 
-1. `tcache build` over the whole training slice (seq_len 512, defaults otherwise).
+1. `tcache build` over the whole training slice (seq_len 512, defaults otherwise); for the mixture rows (MIX_ROWS)
+   also a cache of --mix-tokens over the slice and --mix-data (non-book text, benchmarks/mixture.py) at --mix-weights.
 2. Students trained concurrently on the one GPU (each is launch-bound and leaves it mostly idle), all
    with the same seed and data, each followed by `tcache eval` on all of VALID at 512 and at 2048 tokens,
-   and on each held-out set (--heldout, default benchmarks/data/heldout-*.jsonl.xz, at 512, --heldout-tokens each):
+   and on each held-out set (--heldout, default benchmarks/data/heldout-*.jsonl.xz, at 512, --heldout-tokens each),
+   and `tcache probe`'s recall at --probe-distances:
    Distil-xLSTM v1 and v2 (--tokens-per-run, --lr) and their CE-only baselines, a from-scratch xLSTM (CE
    only, random embedding and head), and the hybrid recipe (stage I --stage1-tokens, stage II
    --tokens-per-run, the recipe's learning rates) with its ablations: windows 16 / 32 / 64, no stage I,
    mLSTM only, window only (no mLSTM), stage II CE-only.
-3. `tcache eval` of the teacher on the same windows, and of the untrained window cut for every window W the
-   hybrid rows use (`cut-wW`: the teacher with its attention cut to W + 4 sinks, benchmarks/window_cut.py).
+3. `tcache eval` and `tcache probe` of the teacher on the same windows, and of the untrained window cut for every
+   window W the hybrid rows use (`cut-wW`: the teacher with its attention cut to W + 4 sinks, benchmarks/window_cut.py).
 4. quality.json, quality.md and the markdown tables: perplexity at both lengths, x the teacher, log-gap closed vs
    the same architecture's CE-only baseline, tokens, wall time, tokens/s, peak GPU memory; then per set (VALID
    and each held-out set) perplexity, x the teacher and, for hybrid rows with a window, the recovery:
    (ln ppl_cut - ln ppl_student) / (ln ppl_cut - ln ppl_teacher), the share of the window cut's
    log-perplexity loss that the student wins back (the cut with the row's window; 0 = no better than the
-   cut, 1 = the teacher).
+   cut, 1 = the teacher); and each row's recall per distance (top-1 accuracy copying a span of random tokens).
 """
 
 from __future__ import annotations
@@ -37,8 +39,9 @@ from pathlib import Path
 from harness.env import ROOT, child_env, tcache, workdirs
 from harness.rows import Budget, run_row
 # quality_rows' and quality_tables' names are quality's too (tests/test_quality_tables.py reaches them as quality.X)
-from quality_rows import CUT_SINKS, DEFAULT_RUNS, HELDOUT, LONG, PRESETS, RUNS, cut_name, cut_windows, describe, \
-    gap_closed, head_tokens, heldout_sets, ratio_to_teacher, recovery, row_window, set_columns, set_name  # noqa: F401
+from quality_rows import CUT_SINKS, DEFAULT_RUNS, HELDOUT, LONG, MIX_DATA, MIX_ROWS, PRESETS, PROBE_DISTANCES, RUNS, \
+    cut_name, cut_windows, describe, gap_closed, head_tokens, heldout_sets, ratio_to_teacher, recovery, row_window, \
+    set_columns, set_name  # noqa: F401
 from quality_tables import collect, tables, write_results  # noqa: F401
 
 SHARED = Path(os.environ.get("TCACHE_SHARED", ROOT.parent / "shared"))  # the shared teacher and corpus (tests' too)
@@ -76,6 +79,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--heldout-tokens", default="400k", help="tokens per held-out set (each holds ~400k)")
     ap.add_argument("--runs", default=",".join(DEFAULT_RUNS),
                     help=f"comma-separated rows, or a preset ({', '.join(PRESETS)}: issue 24's variants and frontier)")
+    ap.add_argument("--mix-data", default=str(MIX_DATA), help="the other text the mixture rows also train on")
+    ap.add_argument("--mix-weights", default="0.7,0.3", help="--train's and --mix-data's shares of the mixture cache")
+    ap.add_argument("--mix-tokens", default="9M", help="the mixture cache's budget (--mix-data holds ~3M tokens)")
+    ap.add_argument("--probe-distances", default=PROBE_DISTANCES, help="the recall probe's distances (tcache probe)")
     ap.add_argument("--grad-accum", default="4")
     ap.add_argument("--deadline", type=float, default=560, help="seconds; unfinished runs are killed (0: no deadline)")
     ap.add_argument("--collect-only", action="store_true", help="only rebuild the results from --work")
@@ -102,6 +109,21 @@ def write_head(src: Path, dst: Path, docs: int, chars: int) -> None:
 
 
 
+def build_cache(a, cache: Path, data: list[str], tokens: str, log_path: Path, env: dict) -> dict:
+    """`tcache build` of `tokens` over `data` (--data flags) into `cache`; the build's numbers."""
+    t = time.time()
+    with open(log_path, "w") as log:
+        rc = run_row(tcache("build", "--teacher", a.teacher, *data, "--tokens", tokens, "--out", cache,
+                            "--batch-size", "64", "--overwrite"), None, env, log, subprocess.STDOUT).rc
+    if rc != 0:
+        raise SystemExit(f"tcache build exited {rc}; its output is in {log_path}")
+    manifest = json.loads((cache / "manifest.json").read_text())
+    build = {"wall_s": round(time.time() - t, 1), "tokens": manifest["tokens"], **manifest["build"]}
+    print(f"build {cache.name}: {build['tokens']:,} tokens in {build['wall_s']} s ({build['tokens_per_s']:,.0f} "
+          "tok/s in the loop)", flush=True)
+    return build
+
+
 def main() -> None:
     a = parse_args()
     names = [m for n in a.runs.split(",") if n for m in PRESETS.get(n, [n])]
@@ -122,18 +144,13 @@ def main() -> None:
         write_head(a.valid_head[0], Path(a.valid), *a.valid_head[1:])
     env = child_env()
 
-    # 1. build
+    # 1. build: the books' cache, and the mixture's when a row trains on it
     cache = work / "cache"
-    t = time.time()
-    with open(out / "build.log", "w") as log:
-        rc = run_row(tcache("build", "--teacher", a.teacher, "--data", a.train, "--tokens", a.build_tokens, "--out",
-                            cache, "--batch-size", "64", "--overwrite"), None, env, log, subprocess.STDOUT).rc
-    if rc != 0:
-        raise SystemExit(f"tcache build exited {rc}; its output is in {out / 'build.log'}")
-    manifest = json.loads((cache / "manifest.json").read_text())
-    build = {"wall_s": round(time.time() - t, 1), "tokens": manifest["tokens"], **manifest["build"]}
-    print(f"build: {build['tokens']:,} tokens in {build['wall_s']} s ({build['tokens_per_s']:,.0f} tok/s in the loop)",
-          flush=True)
+    build = build_cache(a, cache, ["--data", a.train], a.build_tokens, out / "build.log", env)
+    if MIX_ROWS & set(names):
+        build["mixture"] = build_cache(a, work / "cache-mix", ["--data", a.train, "--data", a.mix_data,
+                                                               "--data-weights", a.mix_weights],
+                                       a.mix_tokens, out / "build-mix.log", env)
 
     # 2. + 3. students, the window cuts and the teacher eval, concurrently (one thread per job, each running
     # subprocesses)
@@ -157,7 +174,7 @@ def main() -> None:
             knobs = ["--stage1-tokens", a.stage1_tokens, "--batch-size", a.hybrid_batch, "--grad-accum", "1"]
         else:
             knobs = ["--lr", a.lr, "--grad-accum", a.grad_accum]
-        rc = run(tcache("distill", str(cache), "--out", str(run_dir), "--recipe", recipe, "--tokens",
+        rc = run(tcache("distill", str(work / "cache-mix" if name in MIX_ROWS else cache), "--out", str(run_dir), "--recipe", recipe, "--tokens",
                         a.tokens_per_run, *knobs, "--seed", "0", "--workers", "1", "--overwrite",
                         *[x.format(teacher=a.teacher) for x in extra]), out / f"{name}.log")
         if rc == 0:
@@ -185,6 +202,10 @@ def main() -> None:
                               "--batch-size", "8" if seq_len == "512" else "2", "--json"),
                        out / f"{name}.log", stdout=f) == 0:
                     os.replace(work / f"{name}.eval{suffix}.json.partial", work / f"{name}.eval{suffix}.json")
+        with open(work / f"{name}.probe.json.partial", "w") as f:  # recall at distances beyond the window
+            if run(tcache("probe", model, "--distances", a.probe_distances, "--json"), out / f"{name}.log",
+                   stdout=f) == 0:
+                os.replace(work / f"{name}.probe.json.partial", work / f"{name}.probe.json")
 
     def teacher_job() -> None:
         evaluate(a.teacher, "teacher")

@@ -66,6 +66,8 @@ def collect(work: Path, names: list[str], a, build: dict, wall: float) -> dict:
             r["last_metrics"] = json.loads(lines[-1]) if lines else None
         r["sets"] = {s: {"perplexity": e["perplexity"], "tokens_scored": e["tokens_scored"]}
                      for s, e in set_evals(work, name, sets).items()}
+        if (work / f"{name}.probe.json").exists():
+            r["recall"] = read_json_output(work / f"{name}.probe.json")["accuracy"]
         rows[name] = r
     for name, r in rows.items():
         base = rows.get(describe(name)[2] or "")
@@ -91,7 +93,8 @@ def collect(work: Path, names: list[str], a, build: dict, wall: float) -> dict:
                     "params": teacher["params"], "perplexity_long": teacher_long.get("perplexity"),
                     "perplexity_head": teacher_head.get("perplexity"),
                     "sets": {s: {"perplexity": e["perplexity"], "tokens_scored": e["tokens_scored"]}
-                             for s, e in teacher_sets.items()}},
+                             for s, e in teacher_sets.items()},
+                    "recall": load_if(work / "teacher.probe.json").get("accuracy")},
         "long_seq_len": LONG, "stage1_tokens": a.stage1_tokens, "head_windows": head_tokens(a) // 512,
         "sets": {"valid": a.valid, **heldout_sets(a)}, "heldout_tokens": a.heldout_tokens,
         "recovery": "(ln ppl_cut - ln ppl) / (ln ppl_cut - ln ppl_teacher), cut = the untrained window cut "
@@ -137,9 +140,28 @@ def sets_table(result: dict) -> list[str]:
     return lines
 
 
+def recall_table(result: dict) -> list[str]:
+    """Per row: the recall probe's top-1 accuracy at each distance, and as a share of the teacher's."""
+    teacher = result["teacher"].get("recall") or {}
+    dists = list(teacher) or next((list(r["recall"]) for r in result["runs"].values() if r.get("recall")), [])
+    if not dists:
+        return []
+    lines = table(["model", *(h for d in dists for h in (f"recall d={d}", "x teacher"))],
+                  [["teacher", *(c for d in dists for c in (fmt(teacher.get(d), ".3f"), "1.000"))]])
+    for r in result["runs"].values():
+        got = r.get("recall") or {}
+        cols = []
+        for d in dists:
+            share = got[d] / teacher[d] if d in got and teacher.get(d) else None
+            cols += [fmt(got.get(d), ".3f"), fmt(share, ".3f")]
+        lines.append(row([r["name"], *cols]))
+    return lines
+
+
 def fmt(x: float | None, spec: str, scale: float = 1.0, unit: str = "") -> str:
     return "" if x is None else f"{scale * x:{spec}}{unit}"
 
 
 def tables(result: dict) -> str:
-    return "\n".join(["", *main_table(result), "", *sets_table(result)])
+    recall = recall_table(result)
+    return "\n".join(["", *main_table(result), "", *sets_table(result), *(["", *recall] if recall else [])])

@@ -121,6 +121,32 @@ def test_collect_writes_ratios_and_recovery(tmp_path):
     assert "| cut-w32 |  | 90.00 | 3.000 | (cut) | 800.00 | 4.000 | (cut) |" in text
 
 
+def test_collect_reads_the_recall_probe_per_row_and_its_share_of_the_teachers(tmp_path):
+    """`tcache probe --json` outputs beside the evals: each row's accuracy per distance, and the table's share of
+    the teacher's (computed here by hand: 0.2 / 0.8 = 0.25); a row without a probe gets empty cells."""
+    for name, ppl in (("teacher", 30.0), ("hybrid", 45.0), ("window-only", 60.0)):
+        _fake_eval(tmp_path / f"{name}.eval.json", ppl)
+    recall = {"teacher": {"16": 0.9, "256": 0.8}, "hybrid": {"16": 0.9, "256": 0.2}}
+    for name, acc in recall.items():
+        (tmp_path / f"{name}.probe.json").write_text(json.dumps({"probe": "recall", "accuracy": acc}, indent=2))
+    a = argparse.Namespace(heldout="", heldout_tokens="4k", valid="v.jsonl", eval_tokens="2M", tokens_per_run="1k",
+                           lr="1e-3", grad_accum="1", stage1_tokens="1k")
+    result = quality.collect(tmp_path, ["hybrid", "window-only"], a, {}, 0.0)
+    assert result["teacher"]["recall"] == recall["teacher"] and result["runs"]["hybrid"]["recall"] == recall["hybrid"]
+    assert "recall" not in result["runs"]["window-only"]
+    text = quality.tables(result)
+    assert "| hybrid | 0.900 | 1.000 | 0.200 | 0.250 |" in text
+    assert "| window-only |  |  |  |  |" in text
+
+
+def test_mixture_rows_train_from_the_mixture_cache_and_the_presets_know_them():
+    """The mixture rows are rows of RUNS, in the issue-33 preset, and default to the committed mixture file."""
+    assert quality.MIX_ROWS <= set(quality.RUNS) and quality.MIX_ROWS <= set(quality.PRESETS["issue33-mixture"])
+    a = quality.parse_args(["--teacher", "T", "--train", "X", "--valid", "V", "--work", "W", "--out", "O"])
+    assert Path(a.mix_data) == quality.MIX_DATA and a.mix_weights == "0.7,0.3"
+    assert quality.row_window("hybrid-joint-mix") == 32
+
+
 # ---- the window cut ----
 
 SEQ = 64
