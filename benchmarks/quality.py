@@ -80,8 +80,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--runs", default=",".join(DEFAULT_RUNS),
                     help=f"comma-separated rows, or a preset ({', '.join(PRESETS)}: issue 24's variants and frontier)")
     ap.add_argument("--mix-data", default=str(MIX_DATA), help="the other text the mixture rows also train on")
-    ap.add_argument("--mix-weights", default="0.7,0.3", help="--train's and --mix-data's shares of the mixture cache")
-    ap.add_argument("--mix-tokens", default="9M", help="the mixture cache's budget (--mix-data holds ~3M tokens)")
+    ap.add_argument("--mix-weights", default="0.75,0.25", help="--train's and --mix-data's shares of the mixture cache")
+    ap.add_argument("--mix-tokens", default="8M",
+                    help="the mixture cache's budget: more than the rows train on (--mix-data holds ~2M tokens)")
     ap.add_argument("--probe-distances", default=PROBE_DISTANCES, help="the recall probe's distances (tcache probe)")
     ap.add_argument("--grad-accum", default="4")
     ap.add_argument("--deadline", type=float, default=560, help="seconds; unfinished runs are killed (0: no deadline)")

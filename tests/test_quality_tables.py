@@ -143,7 +143,7 @@ def test_mixture_rows_train_from_the_mixture_cache_and_the_presets_know_them():
     """The mixture rows are rows of RUNS, in the issue-33 preset, and default to the committed mixture file."""
     assert quality.MIX_ROWS <= set(quality.RUNS) and quality.MIX_ROWS <= set(quality.PRESETS["issue33-mixture"])
     a = quality.parse_args(["--teacher", "T", "--train", "X", "--valid", "V", "--work", "W", "--out", "O"])
-    assert Path(a.mix_data) == quality.MIX_DATA and a.mix_weights == "0.7,0.3"
+    assert Path(a.mix_data) == quality.MIX_DATA and a.mix_weights == "0.75,0.25"
     assert quality.row_window("hybrid-joint-mix") == 32
 
 
