@@ -48,7 +48,7 @@ SHARED = Path(os.environ.get("TCACHE_SHARED", ROOT.parent / "shared"))  # the sh
 # --smoke: defaults for a CPU run of the whole pipeline in minutes (explicit flags still win)
 SMOKE = {"teacher": str(SHARED / "teacher"), "train": str(SHARED / "corpus" / "train.jsonl.xz"),
          "work": "/tmp/tcache-quality-smoke/work",
-         "out": "/tmp/tcache-quality-smoke/out", "build_tokens": "16k", "tokens_per_run": "2k",
+         "out": "/tmp/tcache-quality-smoke/out", "build_tokens": "16k", "mix_tokens": "16k", "tokens_per_run": "2k",
          "stage1_tokens": "1k", "hybrid_batch": "2", "eval_tokens": "4k", "heldout_tokens": "4k",
          "runs": "hybrid", "deadline": 900.0}
 REQUIRED = ("teacher", "train", "valid", "work", "out")
