@@ -193,6 +193,32 @@ def test_v1_prefill_on_cuda_slstm_twins_continues_as_the_vanilla_cells(monkeypat
     assert err_twin <= 2 * err_vanilla + 1e-2, (err_twin, err_vanilla)
 
 
+def test_the_cuda_twin_gets_the_kernels_input_layout_and_the_vanilla_cells_weights():
+    """The twin of a vanilla sLSTM cell (built here without its CUDA extension, so on any device) takes its input in
+    the layout xlstm's CUDA cell declares for its kernel (gates within heads), and that input is the vanilla cell's own
+    input re-laid out, not reordered; its recurrent kernel and bias are the vanilla cell's in xlstm's external layout.
+    (The vanilla cell rewrites its config's layout; a twin copying that config fed the kernel its gates out of order:
+    the GPU test above caught it at 1.5 logits from the reference.)"""
+    from xlstm.blocks.slstm.cell import sLSTMCell_cuda, sLSTMCell_vanilla, sLSTMCellConfig
+
+    from tcache.student.inference import slstm_cuda
+
+    torch.manual_seed(0)
+    cell = sLSTMCell_vanilla(sLSTMCellConfig(hidden_size=32, num_heads=4, backend="vanilla"))
+    with torch.no_grad():
+        cell._recurrent_kernel_.normal_(), cell._bias_.normal_()
+    twin = sLSTMCell_cuda(slstm_cuda.twin_config(cell.config, torch.bfloat16), skip_backend_init=True)
+    slstm_cuda.load_weights(twin, cell.to(torch.bfloat16))
+    assert twin.config.internal_input_shape == twin.internal_input_shape  # what xlstm's CUDA cell sets for its kernel
+    G, N, S, B = 4, 4, 5, 2
+    x = torch.randn(B, S, G * 32)  # the block's input: (B, S, gates x heads x head dim)
+    vanilla_in = cell._permute_input(x).view(S, B, G, N, -1)  # (S, B, G, N, Dh)
+    assert torch.equal(twin._permute_input(x), vanilla_in.permute(0, 1, 3, 2, 4).reshape(S, B, -1))
+    assert torch.equal(twin._recurrent_kernel_int2ext(twin._recurrent_kernel_),
+                       cell._recurrent_kernel_int2ext(cell._recurrent_kernel_))
+    assert torch.equal(twin._bias_int2ext(twin._bias_), cell._bias_int2ext(cell._bias_))
+
+
 @pytest.mark.parametrize("recipe", ["v1", "v2", "hybrid"])
 def test_a_prefill_split_into_rows_equals_the_whole_batch(recipe, monkeypatch):
     """A batch too large for one kernel grid is prefilled a few rows at a time (prefill._rows_per_call): the logits

@@ -55,21 +55,38 @@ def usable(model, device: torch.device, dtype: torch.dtype) -> bool:
     return torch.cuda.get_device_capability(device) >= (8, 0) and _nvcc_available()
 
 
+def twin_config(config, dtype: torch.dtype):
+    """The CUDA twin's sLSTMCellConfig from its vanilla cell's: backend and dtype changed, and the internal input
+    layout set back to the CUDA kernel's (gates within heads, SBNGH). The vanilla cell rewrites its config's layout to
+    its own (SBGNH) when built, and xlstm's CUDA cell reads the layout from its config without setting it, so a copy
+    of the vanilla config fed the kernel its gates in the wrong order (found by the GPU test of the twins, which
+    compares a prefill with the vanilla cells')."""
+    from xlstm.blocks.slstm.cell import sLSTMCellConfig
+
+    layout = sLSTMCellConfig.__dataclass_fields__["internal_input_shape"].default  # SBNGH
+    return dataclasses.replace(config, backend="cuda", dtype=CUDA_DTYPES[dtype], internal_input_shape=layout)
+
+
 def _twin(cell, device: torch.device, dtype: torch.dtype):
     """The CUDA twin of a vanilla cell, on `device` in `dtype`, holding the cell's current weights."""
     from xlstm.blocks.slstm.cell import sLSTMCell_cuda
 
     twin = cell.__dict__.get(TWIN)
     if twin is None or twin._recurrent_kernel_.device != device or twin._recurrent_kernel_.dtype != dtype:
-        config = dataclasses.replace(cell.config, backend="cuda", dtype=CUDA_DTYPES[dtype])
+        config = twin_config(cell.config, dtype)
         with torch.device(device):
             twin = sLSTMCell_cuda(config).to(device, dtype).eval()  # compiles the extension (cached after)
         cell.__dict__[TWIN] = twin
-    with torch.no_grad():  # the same recurrence in the twin's layout (xlstm's own converters)
+    load_weights(twin, cell)
+    return twin
+
+
+def load_weights(twin, cell) -> None:
+    """The vanilla cell's recurrent kernel and bias into its twin, in the twin's layout (xlstm's own converters)."""
+    with torch.no_grad():
         twin._recurrent_kernel_.copy_(
             twin._recurrent_kernel_ext2int(cell._recurrent_kernel_int2ext(cell._recurrent_kernel_)))
         twin._bias_.copy_(twin._bias_ext2int(cell._bias_int2ext(cell._bias_)))
-    return twin
 
 
 @contextlib.contextmanager
