@@ -13,6 +13,10 @@ from tcache.student.models.mlstm_kernel import mlstm_chunkwise, mlstm_kernel_fn
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 OP_KERNEL = {"cpu": "chunkwise--native_custbw", "cuda": "chunkwise--triton_xl_chunk"}
+TF32 = {"cpu": {}, "cuda": {"atol": 4e-3, "rtol": 1e-2}}
+"""Tolerances against another computation: the Triton kernels multiply float32 in TF32 (tl.dot's default precision,
+10-bit mantissa), measured on an H200 at up to 1.4e-3 from the float64 reference and 1.2e-3 between the op's eager
+and AOT-compiled gradients (different launch configurations, other rounding); the CPU kernels are float32 exact."""
 
 
 def inputs(device: str, B=2, H=3, S=128, D=16, seed=0):
@@ -27,11 +31,11 @@ def inputs(device: str, B=2, H=3, S=128, D=16, seed=0):
 @pytest.mark.parametrize("device", DEVICES)
 def test_the_ops_pass_opcheck(device):
     q, k, v, i, f = inputs(device)
-    torch.library.opcheck(torch.ops.tcache.mlstm_chunkwise.default, (q, k, v, i, f, 64, 1e-6, 0.25))
+    torch.library.opcheck(torch.ops.tcache.mlstm_chunkwise.default, (q, k, v, i, f, 64, 1e-6, 0.25), **TF32[device])
     h, n, m = mlstm_chunkwise(q, k, v, i, f, 64, 1e-6, 0.25)
     dh = torch.randn_like(h)
     args = (*(t.detach() for t in (q, k, v, i, f, n, m)), dh, 64, 1e-6, 0.25)
-    torch.library.opcheck(torch.ops.tcache.mlstm_chunkwise_bw.default, args)
+    torch.library.opcheck(torch.ops.tcache.mlstm_chunkwise_bw.default, args, **TF32[device])
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -69,7 +73,7 @@ def test_the_op_forward_equals_a_float64_parallel_mlstm(device):
     ref = get_mlstm_kernel("parallel--native_autograd")(*(t.detach().cpu().double() for t in (q, k, v)),
                                                          i=i.detach().cpu().double(), f=f.detach().cpu().double(),
                                                          eps=1e-6)
-    torch.testing.assert_close(h.detach().cpu().double(), ref, atol=2e-5, rtol=1e-4)
+    torch.testing.assert_close(h.detach().cpu().double(), ref, **({"atol": 2e-5, "rtol": 1e-4} | TF32[device]))
 
 
 @pytest.mark.parametrize("device", DEVICES)
