@@ -23,23 +23,22 @@ from tcache.teachercache.manifest import load_manifest
 PEAK_TFLOPS = {"H100": 989.4, "H200": 989.4, "A100": 312.0, "T4": 65.0}
 """Dense bf16 (T4: fp16) tensor-core peak per GPU name, TFLOP/s."""
 
-OP_STEP = {"TCACHE_MLSTM_OP": "1", "TCACHE_COMPILE_SCOPE": "step"}
-"""Issue 32's step (not yet the default): the mLSTM kernel as a custom op, the whole forward + losses one graph. The
-defaults are the step as it was: each decoder layer compiled alone, the kernel through its autograd Function."""
-HYBRID_PARTS = {  # name: spec, in the order they run (the anchor and the defaults first)
+BEFORE = {"TCACHE_MLSTM_OP": "0", "TCACHE_COMPILE_SCOPE": "layer"}
+"""The step as it was before issue 32: each decoder layer compiled alone, the mLSTM kernel through mlstm_kernels'
+autograd Function (a graph break at every call). The defaults now: the kernel a custom op, the whole step one graph."""
+HYBRID_PARTS = {  # name: spec, in the order they run (the anchor, the defaults and the step before first)
     "plain_lm_compiled": {"kind": "plain", "compiled": True},
     "hybrid_stage2": {"kind": "hybrid", "stage": 1},
-    "hybrid_stage2_op_step": {"kind": "hybrid", "stage": 1, "env": OP_STEP},
-    "hybrid_stage2_op_step_cudagraphs": {"kind": "hybrid", "stage": 1, "compile": "cudagraphs", "env": OP_STEP},
+    "hybrid_stage2_before": {"kind": "hybrid", "stage": 1, "env": BEFORE},
+    "hybrid_stage2_cudagraphs": {"kind": "hybrid", "stage": 1, "compile": "cudagraphs"},
     "hybrid_stage1": {"kind": "hybrid", "stage": 0},
-    "hybrid_stage1_op_step": {"kind": "hybrid", "stage": 0, "env": OP_STEP},
-    "hybrid_stage2_op_layer": {"kind": "hybrid", "stage": 1, "env": {"TCACHE_MLSTM_OP": "1"}},
-    "hybrid_stage2_op_step_kernel_bf16": {"kind": "hybrid", "stage": 1,
-                                          "env": {**OP_STEP, "TCACHE_MLSTM_KERNEL_DTYPE": "bf16"}},
-    "hybrid_stage2_op_step_flex_window": {"kind": "hybrid", "stage": 1, "env": {**OP_STEP, "TCACHE_WINDOW": "flex"}},
+    "hybrid_stage1_before": {"kind": "hybrid", "stage": 0, "env": BEFORE},
+    "hybrid_stage2_op_layer": {"kind": "hybrid", "stage": 1, "env": {"TCACHE_COMPILE_SCOPE": "layer"}},
+    "hybrid_stage2_kernel_bf16": {"kind": "hybrid", "stage": 1, "env": {"TCACHE_MLSTM_KERNEL_DTYPE": "bf16"}},
+    "hybrid_stage2_flex_window": {"kind": "hybrid", "stage": 1, "env": {"TCACHE_WINDOW": "flex"}},
     "hybrid_stage2_fp16_16gib": {"kind": "hybrid", "stage": 1, "precision": "fp16", "cap": "16GiB"},
-    "hybrid_stage2_fp16_16gib_op_step": {"kind": "hybrid", "stage": 1, "precision": "fp16", "cap": "16GiB",
-                                         "env": OP_STEP},
+    "hybrid_stage2_fp16_16gib_before": {"kind": "hybrid", "stage": 1, "precision": "fp16", "cap": "16GiB",
+                                        "env": BEFORE},
     "plain_lm_eager": {"kind": "plain", "compiled": False},
     "hybrid_stage2_compile_off": {"kind": "hybrid", "stage": 1, "compile": "off"},
     "hybrid_stage2_dense_window": {"kind": "hybrid", "stage": 1, "compile": "off", "env": {"TCACHE_WINDOW": "dense"}},

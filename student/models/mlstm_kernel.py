@@ -37,8 +37,10 @@ MIN_CHUNK = 16
 OP_KERNELS = ("chunkwise--triton_xl_chunk", "chunkwise--native_custbw")
 """Kernels that run as the custom op below (mlstm_kernels' Triton XL-chunk kernel, and its native twin on CPU)."""
 OP_ENV = "TCACHE_MLSTM_OP"
-"""1: OP_KERNELS train through the custom op; 0 (default until the op is measured and tested on a GPU, issue 32):
-through mlstm_kernels' autograd Function, as before (a graph break around every call under torch.compile)."""
+"""1 (default): OP_KERNELS train through the custom op, one node of a compiled graph; 0: the Triton kernel through
+mlstm_kernels' autograd Function, as before (a graph break around every call under torch.compile). Measured on an
+H200 (benchmarks/results/distill-step-h200): the hybrid's stage II 1.38x faster with the op and the whole step
+compiled, CUDA tests of the op and the compiled step passed."""
 KERNEL_DTYPE_ENV = "TCACHE_MLSTM_KERNEL_DTYPE"
 """fp32 (default) | bf16 | fp16: the dtype q, k, v reach the chunkwise op in (its compute dtype; gates stay fp32)."""
 CLOSED_GATE = 1e4
@@ -161,7 +163,7 @@ def mlstm_kernel_fn(name: str, chunk_size: int = 64, eps: float = 1e-6):
     from mlstm_kernels.torch import get_mlstm_kernel
 
     kernel = get_mlstm_kernel(name)
-    as_op = name in OP_KERNELS and (name.startswith("chunkwise--native") or os.environ.get(OP_ENV, "0") == "1")
+    as_op = name in OP_KERNELS and (name.startswith("chunkwise--native") or os.environ.get(OP_ENV, "1") == "1")
 
     def fn(queries, keys, values, igate_preact, fgate_preact, return_last_states: bool = False, **_):
         # (B, NH, S, DH) x3, (B, NH, S, 1) x2 -> (B, NH, S, DH) [, the state after the last position]

@@ -17,9 +17,11 @@ from tcache.teachercache import schema
 
 
 COMPILE_SCOPE_ENV = "TCACHE_COMPILE_SCOPE"
-"""What --compile compiles. layer (the default, as measured): each decoder layer / xLSTM block on its own; step: the
-whole forward and loss terms as one graph (with TCACHE_MLSTM_OP=1 the mLSTM kernel is a custom op and nothing breaks
-the graph: models/mlstm_kernel.py). step becomes the default once a GPU run measures it (issue 32)."""
+"""What --compile compiles. step (the hybrid's default): the whole forward and loss terms as one graph (the mLSTM
+kernel is a custom op, so nothing breaks it: models/mlstm_kernel.py), 1.38x the per-layer step's tokens/s on an H200
+(benchmarks/results/distill-step-h200); layer (the xLSTM recipes' default, their whole step not yet measured): each
+decoder layer / xLSTM block on its own."""
+DEFAULT_SCOPE = {"xlstm": "layer", "hybrid": "step"}
 
 
 def build_xlstm(cfg: DistillConfig, manifest, device: torch.device, budget: int | None):
@@ -48,7 +50,7 @@ def build_xlstm(cfg: DistillConfig, manifest, device: torch.device, budget: int 
                               "or --checkpointing off")
     info = {"mlstm_kernel": mlstm_kernel, "slstm_backend": slstm_backend, "blocks": scfg.num_blocks,
             "heads": scfg.num_heads, "slstm_at": scfg.slstm_at, "compile": compile_mode,
-            "checkpointing": model.checkpointing, **apply_compile(model.blocks.blocks, compile_mode)}
+            "checkpointing": model.checkpointing, **apply_compile(model.blocks.blocks, compile_mode, "xlstm")}
     return model, info
 
 
@@ -73,12 +75,12 @@ def build_hybrid(cfg: DistillConfig, manifest, device: torch.device, budget: int
     if checkpointing:
         model.enable_checkpointing()
     compile_mode = hybrid_compile(cfg.compile, device)
-    if checkpointing and compile_mode == "cudagraphs" and os.environ.get(COMPILE_SCOPE_ENV, "layer") == "layer":
+    if checkpointing and compile_mode == "cudagraphs" and compile_scope("hybrid") == "layer":
         raise TcacheError("--compile cudagraphs does not compose with per-layer compilation under activation "
                           f"checkpointing; pass --compile on, --checkpointing off, or {COMPILE_SCOPE_ENV}=step")
     # each decoder layer (mixer, norms, MLP) fused by inductor; transformers' checkpointing wraps the layer's
     # __call__, so a recomputed layer runs its compiled forward again (tests/test_hybrid_compile.py)
-    compiled = apply_compile(model.lm.model.layers, compile_mode)
+    compiled = apply_compile(model.lm.model.layers, compile_mode, "hybrid")
     info = {"mlstm_kernel": kernel, "slstm_backend": "none", "blocks": len(model.lm.model.layers),
             "heads": model.lm.config.num_attention_heads, "slstm_at": [], "compile": compile_mode,
             "window": cfg.window, "sinks": cfg.sinks, "full_attention_layers": hcfg.full_attention_layers,
@@ -88,11 +90,19 @@ def build_hybrid(cfg: DistillConfig, manifest, device: torch.device, budget: int
     return model, info
 
 
-def apply_compile(modules, compile_mode: str) -> dict:
-    """--compile by COMPILE_SCOPE_ENV: each of `modules` compiled in place (layer), or nothing here and the Trainer
-    compiles the whole forward + loss as one graph (step: train.setup reads info's step_compile). Returns the
-    info keys."""
-    scope = os.environ.get(COMPILE_SCOPE_ENV, "layer")
+def compile_scope(family: str) -> str:
+    """COMPILE_SCOPE_ENV, else the family's default scope."""
+    scope = os.environ.get(COMPILE_SCOPE_ENV) or DEFAULT_SCOPE[family]
+    if scope not in ("layer", "step"):
+        raise TcacheError(f"{COMPILE_SCOPE_ENV}={scope!r} is neither layer nor step; set one of them, or unset it")
+    return scope
+
+
+def apply_compile(modules, compile_mode: str, family: str) -> dict:
+    """--compile by compile_scope(family): each of `modules` compiled in place (layer), or nothing here and the
+    Trainer compiles the whole forward + loss as one graph (step: train.setup reads info's step_compile). Returns
+    the info keys."""
+    scope = compile_scope(family)
     mode = COMPILE_MODES[compile_mode]
     if scope == "step":
         return {"compile_scope": scope, "step_compile": mode}
