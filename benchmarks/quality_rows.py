@@ -62,9 +62,9 @@ RUNS = {
     # issue 33: stages I and II on books plus other kinds of text (MIX_ROWS train from the mixture's cache)
     "hybrid-mix": ("hybrid", ["--window", "32"], None),
     "hybrid-joint-mix": ("hybrid", ["--window", "32", "--mix", "joint"], None),
-    "hybrid-joint-wd25-mix": ("hybrid", ["--window", "32", "--mix", "joint", "--window-dropout", "0.25"], None),
+    "hybrid-wd25-mix": ("hybrid", ["--window", "32", "--window-dropout", "0.25"], None),
 }
-MIX_ROWS = {"hybrid-mix", "hybrid-joint-mix", "hybrid-joint-wd25-mix"}
+MIX_ROWS = {"hybrid-mix", "hybrid-joint-mix", "hybrid-wd25-mix"}
 """Rows distilled from the cache of --train mixed with --mix-data (benchmarks/data/train-mix.jsonl.xz, built by
 benchmarks/mixture.py from Debian packages disjoint from the held-out sets) at --mix-weights."""
 MIX_DATA = ROOT / "benchmarks" / "data" / "train-mix.jsonl.xz"
@@ -85,7 +85,7 @@ for name in ("issue24-mixers", "issue24-frontier"):
     PRESETS[f"{name}-a"], PRESETS[f"{name}-b"] = rows[:len(rows) // 2], rows[len(rows) // 2:]
 PRESETS["issue33-levers"] = ["hybrid", "hybrid-joint", "hybrid-wd25", "hybrid-wd50", "window-only"]
 PRESETS["issue33-joint-frontier"] = ["hybrid-joint-w16", "hybrid-joint", "hybrid-joint-w64", "hybrid-joint-w128"]
-PRESETS["issue33-mixture"] = ["hybrid", "hybrid-joint", "hybrid-mix", "hybrid-joint-mix", "hybrid-joint-wd25-mix"]
+PRESETS["issue33-mixture"] = ["hybrid", "hybrid-joint", "hybrid-mix", "hybrid-joint-mix", "hybrid-wd25-mix"]
 """--runs NAME: a named list of rows (each also gets its window cut and the teacher)."""
 DEFAULT_RUNS = ["v1", "v1-ce-only", "v2", "v2-ce-only", "scratch", "hybrid", "hybrid-w16", "hybrid-w64",
                 "hybrid-no-stage1", "hybrid-stage1-only", "hybrid-igate0", "hybrid-mlstm-only", "window-only",
