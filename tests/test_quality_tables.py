@@ -217,3 +217,18 @@ def test_every_preset_names_known_rows_and_the_windows_get_their_cuts():
     assert all(name in quality.RUNS for rows in quality.PRESETS.values() for name in rows)
     assert quality.PRESETS["issue24"] == quality.PRESETS["issue24-mixers"] + quality.PRESETS["issue24-frontier"]
     assert quality.cut_windows(quality.PRESETS["issue24"]) == [16, 32, 64, 128, 256]
+
+
+@pytest.mark.parametrize("name", sorted(n for n in quality.RUNS))
+def test_every_row_is_a_valid_distill_command(name, tmp_path):
+    """Each row's flags, as quality.py passes them to `tcache distill`, parse into a DistillConfig that passes its own
+    checks (a row refused at the GPU call costs the whole call's row)."""
+    from tcache.cli.distill import distill
+    from tcache.cli.options import config_from
+    from tcache.student.training.config import DistillConfig
+
+    recipe, flags, _ = quality.RUNS[name]
+    args = [str(tmp_path), "--out", str(tmp_path / "s"), "--recipe", recipe, "--tokens", "1k", "--seed", "0",
+            *[x.format(teacher=str(tmp_path)) for x in flags]]
+    ctx = distill.make_context("distill", args)
+    config_from(DistillConfig, ctx.params)
