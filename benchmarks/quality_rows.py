@@ -63,6 +63,8 @@ RUNS = {
     "hybrid-mix": ("hybrid", ["--window", "32"], None),
     "hybrid-joint-mix": ("hybrid", ["--window", "32", "--mix", "joint"], None),
     "hybrid-wd25-mix": ("hybrid", ["--window", "32", "--window-dropout", "0.25"], None),
+    # issue 33: more stage I (twice quality.py's --stage1-tokens default; a row's flag comes last, so it wins)
+    "hybrid-joint-s1-5M": ("hybrid", ["--window", "32", "--mix", "joint", "--stage1-tokens", "5M"], None),
 }
 MIX_ROWS = {"hybrid-mix", "hybrid-joint-mix", "hybrid-wd25-mix"}
 """Rows distilled from the cache of --train mixed with --mix-data (benchmarks/data/train-mix.jsonl.xz, built by
@@ -86,6 +88,7 @@ for name in ("issue24-mixers", "issue24-frontier"):
 PRESETS["issue33-levers"] = ["hybrid", "hybrid-joint", "hybrid-wd25", "hybrid-wd50", "window-only"]
 PRESETS["issue33-joint-frontier"] = ["hybrid-joint-w16", "hybrid-joint", "hybrid-joint-w64", "hybrid-joint-w128"]
 PRESETS["issue33-mixture"] = ["hybrid", "hybrid-joint", "hybrid-mix", "hybrid-joint-mix", "hybrid-wd25-mix"]
+PRESETS["issue33-stage1"] = ["hybrid-joint", "hybrid-joint-s1-5M", "window-only"]
 """--runs NAME: a named list of rows (each also gets its window cut and the teacher)."""
 DEFAULT_RUNS = ["v1", "v1-ce-only", "v2", "v2-ce-only", "scratch", "hybrid", "hybrid-w16", "hybrid-w64",
                 "hybrid-no-stage1", "hybrid-stage1-only", "hybrid-igate0", "hybrid-mlstm-only", "window-only",

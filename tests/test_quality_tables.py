@@ -232,3 +232,15 @@ def test_every_row_is_a_valid_distill_command(name, tmp_path):
             *[x.format(teacher=str(tmp_path)) for x in flags]]
     ctx = distill.make_context("distill", args)
     config_from(DistillConfig, ctx.params)
+
+
+def test_a_rows_stage1_tokens_win_over_the_runs_default(tmp_path):
+    """quality.py passes --stage1-tokens from its own flag first and the row's flags last: the row's value holds."""
+    from tcache.cli.distill import distill
+    from tcache.cli.options import config_from
+    from tcache.student.training.config import DistillConfig
+
+    _, flags, _ = quality.RUNS["hybrid-joint-s1-5M"]
+    ctx = distill.make_context("distill", [str(tmp_path), "--out", str(tmp_path / "s"), "--recipe", "hybrid",
+                                           "--stage1-tokens", "2.5M", *flags])
+    assert config_from(DistillConfig, ctx.params).stage1_tokens == 5_000_000
