@@ -58,6 +58,7 @@ RUNS = {
     # issue 33: make the mLSTM carry the long range (window dropout in stages I and II; with the joint mix)
     "hybrid-wd25": ("hybrid", ["--window", "32", "--window-dropout", "0.25"], None),
     "hybrid-wd50": ("hybrid", ["--window", "32", "--window-dropout", "0.5"], None),
+    "hybrid-wd50-to0": ("hybrid", ["--window", "32", "--window-dropout", "0.5", "--window-dropout-final", "0"], None),
     **{f"hybrid-joint-w{w}": ("hybrid", ["--window", str(w), "--mix", "joint"], None) for w in (16, 64, 128)},
     # issue 33: stages I and II on books plus other kinds of text (MIX_ROWS train from the mixture's cache)
     "hybrid-mix": ("hybrid", ["--window", "32"], None),
@@ -88,7 +89,7 @@ for name in ("issue24-mixers", "issue24-frontier"):
 PRESETS["issue33-levers"] = ["hybrid", "hybrid-joint", "hybrid-wd25", "hybrid-wd50", "window-only"]
 PRESETS["issue33-joint-frontier"] = ["hybrid-joint-w16", "hybrid-joint", "hybrid-joint-w64", "hybrid-joint-w128"]
 PRESETS["issue33-mixture"] = ["hybrid", "hybrid-joint", "hybrid-mix", "hybrid-joint-mix", "hybrid-wd25-mix"]
-PRESETS["issue33-stage1"] = ["hybrid-joint", "hybrid-joint-s1-5M", "window-only"]
+PRESETS["issue33-stage1"] = ["hybrid-joint", "hybrid-joint-s1-5M", "hybrid-wd50-to0", "window-only"]
 """--runs NAME: a named list of rows (each also gets its window cut and the teacher)."""
 DEFAULT_RUNS = ["v1", "v1-ce-only", "v2", "v2-ce-only", "scratch", "hybrid", "hybrid-w16", "hybrid-w64",
                 "hybrid-no-stage1", "hybrid-stage1-only", "hybrid-igate0", "hybrid-mlstm-only", "window-only",

@@ -81,9 +81,30 @@ def test_distill_with_window_dropout_runs_and_changes_training(tmp_path, hybrid_
     assert len(losses[0.0]) == len(losses[0.5]) and losses[0.0] != losses[0.5]
 
 
+def test_a_scheduled_dropout_goes_linearly_from_its_start_to_its_final_over_the_runs_micro_batches(
+        tmp_path, hybrid_cache_small, monkeypatch):
+    """--window-dropout 0.5 --window-dropout-final 0.1: the Trainer draws each micro-batch's mask at the probability
+    on the straight line from 0.5 (the first micro-batch) to 0.1 (the last), over both stages."""
+    from tcache.student.models.hybrid import HybridStudent
+    from tcache.student.training.config import DistillConfig
+    from tcache.student.training.train import distill
+
+    drawn = []
+    draw = HybridStudent.drop_windows
+    monkeypatch.setattr(HybridStudent, "drop_windows", lambda self, p, seed: drawn.append(p) or draw(self, p, seed))
+    distill(DistillConfig(cache=str(hybrid_cache_small), out=str(tmp_path / "s"), recipe="hybrid", steps=3,
+                          stage1_tokens="128", batch_size=2, grad_accum=2, window=8, sinks=2, device="cpu",
+                          window_dropout=0.5, window_dropout_final=0.1, seed=0))
+    n = len(drawn)
+    assert n >= 4 and drawn == pytest.approx([0.5 - 0.4 * i / (n - 1) for i in range(n)])
+
+
 @pytest.mark.parametrize("kw, words", [({"recipe": "v2", "window_dropout": 0.5}, "--recipe hybrid"),
                                        ({"recipe": "hybrid", "mix": "joint", "window_dropout": 0.5}, "--mix gate"),
-                                       ({"recipe": "hybrid", "window_dropout": 1.0}, "[0, 1)")])
+                                       ({"recipe": "hybrid", "window_dropout": 1.0}, "[0, 1)"),
+                                       ({"recipe": "hybrid", "window_dropout_final": 0.1}, "give --window-dropout"),
+                                       ({"recipe": "hybrid", "window_dropout": 0.5, "window_dropout_final": 1.0},
+                                        "[0, 1)")])
 def test_window_dropout_refuses_what_it_cannot_apply_to(kw, words, tmp_path):
     from tcache.student.training.config import DistillConfig
 

@@ -80,6 +80,10 @@ class DistillConfig:
     """Hybrid recipe (--mix gate): the probability, per layer and micro-batch of stages I and II, that a layer
     trains on its mLSTM branch alone, its window dropped, so the mLSTM must carry the context itself (SWAX-style
     window dropout); generation and eval always use the window."""
+    window_dropout_final: float | None = None
+    """Hybrid recipe, with --window-dropout: the probability at the run's last micro-batch, reached linearly from
+    --window-dropout at the first (scheduled window dropout: the mLSTM learns to stand alone early, the layers then
+    train as they will run); unset: --window-dropout throughout."""
     mlstm_rope: bool = False
     """Hybrid recipe: give the mLSTM branch RoPE-rotated q and k (the paper's reading) instead of unrotated."""
     match_loss: str = opt("output", choices=MATCH_LOSSES)
@@ -230,6 +234,9 @@ class DistillConfig:
                                     or not 0 < self.window_dropout < 1):
             raise TcacheError(f"--window-dropout {self.window_dropout} drops the hybrid's window branch with that "
                               "probability in [0, 1); use it with --recipe hybrid, --mix gate and --branches both")
+        if self.window_dropout_final is not None and not (self.window_dropout and 0 <= self.window_dropout_final < 1):
+            raise TcacheError(f"--window-dropout-final {self.window_dropout_final} ends --window-dropout's schedule; "
+                              "give --window-dropout too, and a final probability in [0, 1)")
         if self.mlstm_heads != "query" and recipe.model != "hybrid":
             raise TcacheError(f"--mlstm-heads sets the hybrid recipe's mLSTM heads; the {self.recipe} recipe has its "
                               "own blocks: use --recipe hybrid or drop --mlstm-heads")

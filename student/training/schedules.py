@@ -33,6 +33,15 @@ def annealed(a: Anneal, epoch: int, step_in_epoch: int) -> float:
     return a.final + (x_e - a.final) / (1.0 + math.log(step_in_epoch + 1))
 
 
+def window_dropout_at(start: float, final: float | None, micro: int, total: int) -> float:
+    """--window-dropout at micro-batch `micro` of the run's `total`: linear from `start` at the first to `final` at
+    the last (scheduled sliding-window dropout, arXiv 2510.05901, lowers it as training goes); `start` throughout
+    when `final` is None."""
+    if final is None or total <= 1:
+        return start
+    return start + (final - start) * min(micro, total - 1) / (total - 1)
+
+
 def lr_at(step: int, total_steps: int, peak: float, warmup_frac: float, min_ratio: float,
           schedule: str = "cosine") -> float:
     """Linear warmup over warmup_frac of the run, then cosine from peak down to min_ratio * peak (or, for the

@@ -30,7 +30,7 @@ from tcache.student.models.io import save_student
 from tcache.student.training.metrics import METRICS_FILE, MetricsLog, truncate_metrics
 from tcache.student.training.runtime import (cap_gpu_memory, compile_step, resolve_loss_chunk, resolve_precision,
                                              resolve_workers)
-from tcache.student.training.schedules import annealed, lr_at
+from tcache.student.training.schedules import annealed, lr_at, window_dropout_at
 from tcache.teachercache import schema
 from tcache.teachercache.manifest import Manifest, load_manifest
 from tcache.teachercache.reader import ShardHasher
@@ -119,7 +119,9 @@ class Trainer:
         """Forward, mix, backward of one micro-batch (on the device; `micro` its index in the run). Returns the
         detached fp32 terms and loss, left on the device: reading them would make the CPU wait for the GPU."""
         if self.cfg.window_dropout:
-            self.model.drop_windows(self.cfg.window_dropout, self.cfg.seed * 1_000_003 + micro)
+            p = window_dropout_at(self.cfg.window_dropout, self.cfg.window_dropout_final, micro,
+                                  self.plan.total_steps * self.cfg.grad_accum)
+            self.model.drop_windows(p, self.cfg.seed * 1_000_003 + micro)
         if self.device.type == "cuda":
             torch.compiler.cudagraph_mark_step_begin()  # CUDA-graph outputs of the last step may be overwritten
         if self.targets is not None and self.stage.stage.loss != "match":
