@@ -223,24 +223,23 @@ def test_every_preset_names_known_rows_and_the_windows_get_their_cuts():
 def test_every_row_is_a_valid_distill_command(name, tmp_path):
     """Each row's flags, as quality.py passes them to `tcache distill`, parse into a DistillConfig that passes its own
     checks (a row refused at the GPU call costs the whole call's row)."""
+    recipe, flags, _ = quality.RUNS[name]
+    distill_config([str(tmp_path), "--out", str(tmp_path / "s"), "--recipe", recipe, "--tokens", "1k", "--seed", "0",
+                    *[x.format(teacher=str(tmp_path)) for x in flags]])
+
+
+def distill_config(args: list[str]):
+    """The DistillConfig `tcache distill ARGS` would run with (its checks included), without running it."""
     from tcache.cli.distill import distill
     from tcache.cli.options import config_from
     from tcache.student.training.config import DistillConfig
 
-    recipe, flags, _ = quality.RUNS[name]
-    args = [str(tmp_path), "--out", str(tmp_path / "s"), "--recipe", recipe, "--tokens", "1k", "--seed", "0",
-            *[x.format(teacher=str(tmp_path)) for x in flags]]
-    ctx = distill.make_context("distill", args)
-    config_from(DistillConfig, ctx.params)
+    return config_from(DistillConfig, distill.make_context("distill", args).params)
 
 
 def test_a_rows_stage1_tokens_win_over_the_runs_default(tmp_path):
     """quality.py passes --stage1-tokens from its own flag first and the row's flags last: the row's value holds."""
-    from tcache.cli.distill import distill
-    from tcache.cli.options import config_from
-    from tcache.student.training.config import DistillConfig
-
     _, flags, _ = quality.RUNS["hybrid-joint-s1-5M"]
-    ctx = distill.make_context("distill", [str(tmp_path), "--out", str(tmp_path / "s"), "--recipe", "hybrid",
-                                           "--stage1-tokens", "2.5M", *flags])
-    assert config_from(DistillConfig, ctx.params).stage1_tokens == 5_000_000
+    cfg = distill_config([str(tmp_path), "--out", str(tmp_path / "s"), "--recipe", "hybrid", "--stage1-tokens", "2.5M",
+                          *flags])
+    assert cfg.stage1_tokens == 5_000_000

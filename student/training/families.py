@@ -78,8 +78,8 @@ def build_hybrid(cfg: DistillConfig, manifest, device: torch.device, budget: int
     if checkpointing and compile_mode == "cudagraphs" and compile_scope("hybrid") == "layer":
         raise TcacheError("--compile cudagraphs does not compose with per-layer compilation under activation "
                           f"checkpointing; pass --compile on, --checkpointing off, or {COMPILE_SCOPE_ENV}=step")
-    # each decoder layer (mixer, norms, MLP) fused by inductor; transformers' checkpointing wraps the layer's
-    # __call__, so a recomputed layer runs its compiled forward again (tests/test_hybrid_compile.py)
+    # step scope: the Trainer compiles forward + losses as one graph; layer scope: each decoder layer fused by
+    # inductor, transformers' checkpointing wrapping the layer's __call__ so a recomputed layer reruns it compiled
     compiled = apply_compile(model.lm.model.layers, compile_mode, "hybrid")
     info = {"mlstm_kernel": kernel, "slstm_backend": "none", "blocks": len(model.lm.model.layers),
             "heads": model.lm.config.num_attention_heads, "slstm_at": [], "compile": compile_mode,
