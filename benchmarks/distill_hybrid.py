@@ -34,6 +34,8 @@ HYBRID_PARTS = {  # name: spec, in the order they run (the anchor, the defaults 
     "hybrid_stage1": {"kind": "hybrid", "stage": 0},
     "hybrid_stage1_before": {"kind": "hybrid", "stage": 0, "env": BEFORE},
     "hybrid_stage2_op_layer": {"kind": "hybrid", "stage": 1, "env": {"TCACHE_COMPILE_SCOPE": "layer"}},
+    "hybrid_stage2_layer_cudagraphs": {"kind": "hybrid", "stage": 1, "compile": "cudagraphs",
+                                       "env": {"TCACHE_COMPILE_SCOPE": "layer"}},
     "hybrid_stage2_kernel_bf16": {"kind": "hybrid", "stage": 1, "env": {"TCACHE_MLSTM_KERNEL_DTYPE": "bf16"}},
     "hybrid_stage2_flex_window": {"kind": "hybrid", "stage": 1, "env": {"TCACHE_WINDOW": "flex"}},
     "hybrid_stage2_fp16_16gib": {"kind": "hybrid", "stage": 1, "precision": "fp16", "cap": "16GiB"},
@@ -167,6 +169,7 @@ def hybrid_stage_rate(cfg: DistillConfig, stage: int, warmup: int = 3, steps: in
            "compile": tr.plan.info["compile"], "compile_scope": tr.plan.info.get("compile_scope"), "T": T,
            "warmup_s": round(warm_s, 1), "graph_breaks": sum(counters["graph_break"].values()),
            "graphs": counters["stats"].get("unique_graphs", 0),
+           "cudagraph_skips": counters["inductor"].get("cudagraph_skips", 0),
            "mlstm_kernel": tr.plan.info["mlstm_kernel"], "checkpointing": tr.plan.info["checkpointing"],
            "params": tr.model.param_counts()}
     if profile is not None:
