@@ -33,9 +33,15 @@ def window_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_sink: 
     repeated to the query heads; q_sink None means q itself (no query is far enough for the rotations to differ)."""
     B, H, T, d = q.shape
     acc = torch.promote_types(q.dtype, torch.float32)  # scores and softmax in fp32 at least (float64 stays)
-    block = max(block, window - 1)  # a band = the block and the previous block's last W - 1 keys
+    far_sinks = sinks if sinks and T > window else 0  # some query has a sink outside its window
+    # P >= W - 1 keys before a block's first query that its band holds, and blocks of a multiple of 8 queries: each
+    # row of scores (S + P + block keys) then spans a multiple of 8 elements, which the tensor-core GEMMs need for
+    # aligned loads (at W = 32, S = 4: 104 keys instead of 99). Unaligned, cuBLAS fell back to cutlass's sm75
+    # "align1" kernels: 5.2 of the 67 GPU ms of a stage II step (H200, benchmarks/results/distill-step-h200).
+    # The keys added are masked like any key outside the window.
+    P = -(-(window - 1 + far_sinks) // 8) * 8 - far_sinks
+    block = max(-(-block // 8) * 8, -(-P // 8) * 8)  # a band = the block and the previous block's last P keys
     n = -(-T // block)  # blocks
-    P = window - 1  # keys before a block's first query that its band holds
     pad = n * block - T
 
     def bands(x):  # (B, H, T, e) -> (B, H, n, P + block, e): block b's keys, positions b*block - P ...
@@ -52,7 +58,7 @@ def window_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_sink: 
     j = i[:, :1] - P + torch.arange(block + P, device=q.device).view(1, 1, -1)  # (n, 1, block + P) key positions
     scores = scores.masked_fill(~((j <= i) & (i - j < window) & (j >= 0)), float("-inf"))
     values = bands(v).to(acc)  # (B, H, n, block + P, d)
-    if sinks and T > window:  # some query has a sink outside its window
+    if far_sinks:
         qs = q if q_sink is None else q_sink
         qs = F.pad(qs, (0, 0, 0, pad)).view(B, H, n, block, d).to(acc)
         s = torch.einsum("bhnqd,bhkd->bhnqk", qs, k[:, :, :sinks].to(acc)) * scaling  # (B, H, n, block, S)
