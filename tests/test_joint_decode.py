@@ -1,7 +1,8 @@
 """The joint mix decodes from a recurrent state (student/inference/joint_state.py): after a prefill of any length
 (inside the sinks, below, at and beyond the window), each static step gives the logits of the full parallel forward
 (student/models/joint.py, itself held to the float64 equations in tests/test_hybrid.py); generate() of the exported
-class equals full-forward greedy with one step per new token; the state does not grow with the prefix."""
+class gives the full forward's logits at every step, with one step per new token; the state does not grow with the
+prefix."""
 
 from __future__ import annotations
 
@@ -47,8 +48,13 @@ def test_static_joint_steps_equal_the_full_forward(T, heads, rope):
             torch.testing.assert_close(got[:, 0], full[:, t], atol=1e-4, rtol=1e-4, msg=lambda m: f"t={t}: {m}")
 
 
-def test_generate_of_a_joint_export_equals_full_forward_greedy_and_keeps_a_bounded_state(monkeypatch):
+@pytest.mark.parametrize("T", [1, W + S + 3])  # steps that fill the sinks and the ring, and steps past both
+def test_generate_of_a_joint_export_gives_the_full_forwards_logits_and_keeps_a_bounded_state(T, monkeypatch):
+    """generate() of the exported class: every generated step's logits are the full parallel forward's (float32,
+    1e-4; greedy tokens alone let wrong ring slots through on a tiny random model), one static step per new token;
+    the state does not grow with the prefix."""
     from tcache.student.inference.hf import to_hf
+    from test_static_decode import full_logits, generated
 
     hf = to_hf(joint_student(), {"config": {"recipe": "hybrid"}}).eval()
     calls = {"step": 0}
@@ -59,15 +65,12 @@ def test_generate_of_a_joint_export_equals_full_forward_greedy_and_keeps_a_bound
         return step(*a, **k)
 
     monkeypatch.setattr(StaticDecoder, "_step", counted)
-    prompt = torch.randint(0, 97, (2, W + S + 3), generator=torch.Generator().manual_seed(5))
-    got = hf.generate(prompt, max_new_tokens=12, do_sample=False, pad_token_id=0, eos_token_id=None)
+    prompt = torch.randint(0, 97, (2, T), generator=torch.Generator().manual_seed(5))
+    got, steps = generated(hf, prompt, 12)
     assert calls["step"] == 11
-    seq = prompt
-    with torch.no_grad():
-        for _ in range(12):
-            x, _ = hf.student.features(seq)
-            seq = torch.cat([seq, hf.student.head(x[:, -1:]).argmax(-1)], 1)
-    assert torch.equal(got, seq)
+    full = full_logits(hf, got)  # (2, T + 12, V)
+    torch.testing.assert_close(steps, full[:, T - 1:-1], atol=1e-4, rtol=1e-4)
+    assert torch.equal(got[:, :T], prompt) and torch.equal(got[:, T:], full[:, T - 1:-1].argmax(-1))
     sizes = []
     for n in (W + 4, 5 * W):
         _, state = prefill(hf.student, torch.zeros(1, n, dtype=torch.long))

@@ -1,7 +1,7 @@
 """The static decode state (student/inference/decode.py): fixed buffers whose storage never changes, the ring-buffer
 window equal to an independent concatenating step (tests/decode_oracle.py) for prefixes shorter than, equal to and longer than the window (and
-the sinks), and greedy generation through the static path equal to full-forward greedy for every recipe, with the
-recurrent step proven to run (the prefix is never re-run)."""
+the sinks), and generation through the static path giving the full forward's logits at every step for every recipe,
+with the recurrent step proven to run (the prefix is never re-run)."""
 
 from __future__ import annotations
 
@@ -88,10 +88,29 @@ def test_the_ring_buffer_holds_the_last_window_at_its_slots():
         torch.testing.assert_close(buf.sink_k, st.sink_k)
 
 
-@pytest.mark.parametrize("recipe", ["v1", "v2", "hybrid"])
-def test_generate_through_the_static_path_equals_full_forward_greedy(recipe, monkeypatch):
-    """generate() of the exported class (the static path, the one decode path on every device) gives the tokens of re-running the whole prefix each time; the static step ran once per new token after
-    the first, and the parallel forward only once (the prefix is never re-run)."""
+def full_logits(hf, seq: torch.Tensor) -> torch.Tensor:
+    """The exported student's parallel forward over the whole of seq (B, T): logits (B, T, V), each position's from its
+    prefix alone (causal), so position t's are what a decode step after token t must give."""
+    with torch.no_grad():
+        return hf.student.head(hf.student.features(seq)[0])
+
+
+def generated(hf, prompt: torch.Tensor, new: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """generate()'s greedy tokens (B, T + new) and the raw logits of each generated step (B, new, V)."""
+    out = hf.generate(prompt, max_new_tokens=new, do_sample=False, pad_token_id=0, eos_token_id=None,
+                      output_logits=True, return_dict_in_generate=True)
+    return out.sequences, torch.stack(out.logits, 1)
+
+
+# The hybrid from a one-token prompt: its steps write the second sink, fill the ring buffer (slots not yet written
+# masked), see each sink leave the window and the ring wrap; from a long prompt every step is past all of that.
+@pytest.mark.parametrize("recipe, T", [("v1", W + S + 4), ("v2", W + S + 4), ("hybrid", 1), ("hybrid", W + S + 4)])
+def test_generate_through_the_static_path_gives_the_full_forwards_logits(recipe, T, monkeypatch):
+    """generate() of the exported class (the static path, the one decode path on every device): the logits of every
+    generated step are the full forward's over the whole prefix (float32, 1e-4), its tokens their argmax; the static
+    step ran once per new token after the first, and the parallel forward only once (the prefix is never re-run).
+    Tokens alone are not enough: on a tiny random model greedy tokens survived an off-by-one ring slot, a mask that
+    let one unwritten slot in, and a sink scored while still in the window."""
     from tcache.student.inference.hf import to_hf
 
     hf = to_hf(student(recipe), {"config": {"recipe": recipe}}).eval()
@@ -112,16 +131,13 @@ def test_generate_through_the_static_path_equals_full_forward_greedy(recipe, mon
 
     monkeypatch.setattr(StaticDecoder, "_step", counted_step)
     monkeypatch.setattr(owner, name, counted_parallel)
-    prompt, new = ids(2, W + S + 4), 10
-    got = hf.generate(prompt, max_new_tokens=new, do_sample=False, pad_token_id=0, eos_token_id=None)
+    prompt, new = ids(2, T), 12
+    got, steps = generated(hf, prompt, new)
     assert calls == {"step": new - 1, "parallel": 1}, calls  # one prefill, then one static step per token
     monkeypatch.setattr(owner, name, parallel)
-    seq = prompt
-    with torch.no_grad():
-        for _ in range(new):
-            x, _ = hf.student.features(seq)
-            seq = torch.cat([seq, hf.student.head(x[:, -1:]).argmax(-1)], 1)
-    assert torch.equal(got, seq)
+    full = full_logits(hf, got)  # (2, T + new, V)
+    torch.testing.assert_close(steps, full[:, T - 1:-1], atol=1e-4, rtol=1e-4)
+    assert torch.equal(got[:, :T], prompt) and torch.equal(got[:, T:], full[:, T - 1:-1].argmax(-1))
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU (run in the GPU call)")

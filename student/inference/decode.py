@@ -13,7 +13,7 @@ token at position p, valid when that is >= 0; sink s is scored apart from the wi
 
 `StaticDecoder.load(state)` copies a prefilled prefill.DecodeState into the buffers (the prefill is the ordinary
 parallel forward); `step(ids)` advances. tests/test_static_decode.py holds it to an independent concatenating step
-(tests/decode_oracle.py) and to full-forward greedy decoding.
+(tests/decode_oracle.py) and, through generate(), to the full forward's logits at every step.
 """
 
 from __future__ import annotations
