@@ -151,6 +151,32 @@ def test_mixer_matches_a_float64_reference(T, window, sinks, fdim, heads):
     assert ((got.double() - ref).abs().max() / ref.abs().max()) < 1e-5
 
 
+
+@pytest.mark.parametrize("mix", ["gate", "joint"])
+def test_kv_head_mixer_under_gqa_matches_the_float64_references(mix):
+    """--mlstm-heads kv with 2 kv heads for 4 query heads. The tests above have one kv head, where every head of km
+    is that head's keys, so a key map reading the wrong head of a group (or gates repeated in the wrong order) went
+    unseen; here each group's keys, features and gates must be its own, for the gate and the joint mix."""
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=64, hidden_size=64, intermediate_size=64, num_hidden_layers=1,
+                      num_attention_heads=4, num_key_value_heads=2, head_dim=16)
+    student = HybridStudent(LlamaForCausalLM(cfg), HybridConfig(window=6, sinks=2, mlstm_heads="kv", mix=mix))
+    student.set_kernel(torch.device("cpu"))
+    m = student.mixers[0]
+    assert (m.Hm, m.phi_k.shape[0], m.igate.out_features, m.fgate.out_features) == (2, 2, 2, 2)
+    T = 24
+    with torch.no_grad():
+        for p in m.new_parameters():  # away from the init: every group's map and gates its own
+            p.add_(0.3 * torch.randn_like(p))
+        x = torch.randn(2, T, 64)
+        q, k, v, q_sink, qm = (torch.randn(2, 4, T, 16) for _ in range(5))
+        # as the layer hands them over (mlstm_qk): kv head g's keys for query heads 2g and 2g + 1
+        km = torch.randn(2, 2, T, 16).repeat_interleave(2, 1)  # (B, H, T, d)
+        got = m.mix(x, q, k, v, q_sink, qm, km)
+    ref = (reference_mix if mix == "gate" else reference_joint)(x, q, k, v, m, q_sink, qm, km)
+    err = float((got.double() - ref).abs().max() / ref.abs().max())
+    assert err < 1e-5, err
+
 BF16_TOLERANCE = 3e-2
 """Largest |error| over max |reference| of the mixer under bf16 autocast. bf16's 8-bit mantissa rounds each value by up
 to 2^-8 = 0.4% relative; the gate pre-activations come from bf16 Linear layers, so an input-gate bias of ~6 moves by
