@@ -174,8 +174,9 @@ def test_kv_head_mixer_under_gqa_matches_the_float64_references(mix):
         km = torch.randn(2, 2, T, 16).repeat_interleave(2, 1)  # (B, H, T, d)
         got = m.mix(x, q, k, v, q_sink, qm, km)
     ref = (reference_mix if mix == "gate" else reference_joint)(x, q, k, v, m, q_sink, qm, km)
-    err = float((got.double() - ref).abs().max() / ref.abs().max())
+    err = ((got.double() - ref).abs().max() / ref.abs().max()).item()
     assert err < 1e-5, err
+
 
 BF16_TOLERANCE = 3e-2
 """Largest |error| over max |reference| of the mixer under bf16 autocast. bf16's 8-bit mantissa rounds each value by up
