@@ -350,6 +350,26 @@ def test_input_gate_init_keeps_the_normaliser_floor_inactive(teacher_dir, valid_
     assert min(shares[0.0]) > 0.5, shares[0.0]  # xLSTM's init: the floor holds at most positions
 
 
+
+@pytest.mark.parametrize("fdim, bias", [(None, None), (16, None), (64, None), (64, 1.5)])
+def test_input_gate_bias_at_init_follows_the_feature_dim_formula(fdim, bias):
+    """The input-gate bias starts at N(mean, 0.1) per mLSTM head with the mean init_igate_bias's docstring derives
+    (student/models/mixer.py): one token's share ~1 needs exp(b) * 4/F * F^-1/2 ~ 1 with F Hedgehog features, so
+    b = ln(F sqrt(F) / 4); the default F = 2d gives ln(d sqrt(2d) / 2); --igate-bias sets the mean itself. Head dim
+    16: F = 16, 32 (default), 64 give 2.77, 3.81, 4.85, so a --feature-dim init that used the default's formula is
+    ten standard deviations away."""
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=64, hidden_size=128, intermediate_size=64, num_hidden_layers=2,
+                      num_attention_heads=8, num_key_value_heads=2, head_dim=16)
+    student = HybridStudent(LlamaForCausalLM(cfg), HybridConfig(window=8, sinks=2, feature_dim=fdim, igate_bias=bias))
+    d = 16
+    want = bias if bias is not None else (math.log(d * math.sqrt(2 * d) / 2) if fdim is None
+                                          else math.log(fdim * math.sqrt(fdim) / 4))
+    got = torch.cat([m.igate.bias.detach() for m in student.mixers]).double()  # (2 layers x 8 heads,)
+    assert got.numel() == 16 and torch.all(student.mixers[0].igate.weight == 0)
+    assert (got - want).abs().max() < 0.4, (got, want)  # 4 standard deviations
+    assert abs(got.mean().item() - want) < 0.1, (got.mean(), want)  # 4 standard deviations of a 16-sample mean
+
 @pytest.mark.parametrize("mode", ["match", "hybrid"])
 def test_gradient_checkpointing_leaves_the_gradients_unchanged(mode):
     """--checkpointing recomputes each decoder layer in the backward (transformers' gradient checkpointing):
