@@ -156,6 +156,80 @@ def test_the_merged_student_computes_what_the_adapted_one_did():
     assert torch.allclose(merged, adapted, atol=1e-5, rtol=1e-5), (merged - adapted).abs().max()
 
 
+
+def by_hand(student, alpha_over_r: float) -> dict[str, torch.Tensor]:
+    """Per adapted projection (its full name in the student), W + alpha / r * B A from its own base weight, A and B,
+    in float64: the merge LoRA promises (Hu et al. 2021, eq. 3 with the alpha / r scale)."""
+    return {name: m.base_layer.weight.double() + alpha_over_r * (m.lora_B["default"].weight.double()
+                                                                 @ m.lora_A["default"].weight.double())
+            for name, m in lora.adapters(student)}
+
+
+def test_the_merged_weights_and_the_adapted_forward_are_w_plus_alpha_over_r_b_a():
+    """--lora-alpha 6 at rank 4: the update is scaled by 1.5, which neither alpha = r (1) nor the default alpha = 2r
+    (2) gives, so an adapter that ignored --lora-alpha differs. Checked against W + 1.5 B A computed here in
+    float64 from each adapter's own A and B: each adapted layer's output, the whole student's logits (a plain
+    student holding those weights), and the weights merge_adapters leaves."""
+    rank, alpha = 4, 6.0
+    student = tiny(full_attention_layers=[1], rank=None)
+    lora.add_adapters(student, rank, alpha, 0.0, list(LORA_TARGETS))
+    student.eval()
+    with torch.no_grad():
+        for _, m in lora.adapters(student):
+            m.lora_B["default"].weight.normal_(std=0.5)  # B = 0 at init: nothing to scale
+        want = by_hand(student, alpha / rank)
+        for name, m in lora.adapters(student):
+            x = torch.randn(2, 5, m.in_features)
+            torch.testing.assert_close(m(x).double(), x.double() @ want[name].T, atol=1e-5, rtol=1e-5,
+                                       msg=lambda e: f"{name}: {e}")
+        ids_ = ids(T=40)
+        adapted = student(ids_)[0]
+        plain = tiny(full_attention_layers=[1], rank=None).eval()  # the same teacher and mixers (seed 0)
+        for name, w in want.items():
+            plain.get_submodule(name).weight.copy_(w.float())
+        torch.testing.assert_close(plain(ids_)[0], adapted, atol=1e-5, rtol=1e-5)
+        assert lora.merge_adapters(student) == len(want) == 14
+        for name, w in want.items():
+            torch.testing.assert_close(student.get_submodule(name).weight.double(), w, atol=1e-6, rtol=1e-6,
+                                       msg=lambda e: f"{name}: {e}")
+
+
+def test_lora_dropout_drops_the_adapters_input_in_training_only():
+    """--lora-dropout p: in training, y = W x + alpha / r * B A dropout(x) (the base path undropped), a new mask per
+    call; in eval the adapter sees x itself, the student equal to one built with dropout 0."""
+    rank, alpha, p = 4, 8.0, 0.25
+    students = []
+    for dropout in (p, 0.0):
+        s = tiny(rank=None)
+        lora.add_adapters(s, rank, alpha, dropout, list(LORA_TARGETS))
+        students.append(s)
+    dropped, plain = students
+    with torch.no_grad():
+        for _, m in lora.adapters(dropped):
+            m.lora_B["default"].weight.normal_(std=0.5)
+        plain.load_state_dict(dropped.state_dict())
+        name, m = lora.adapters(dropped)[0]
+        A, B, W = (t.double() for t in (m.lora_A["default"].weight, m.lora_B["default"].weight, m.base_layer.weight))
+        x = torch.randn(3, 7, m.in_features)
+        m.train()
+        torch.manual_seed(11)
+        got = m(x).double()
+        torch.manual_seed(11)  # the same draw: peft's layer draws nothing before its dropout
+        kept = torch.nn.functional.dropout(x, p, training=True).double()  # zeros where dropped, x / (1 - p) elsewhere
+        torch.testing.assert_close(got, x.double() @ W.T + alpha / rank * (kept @ A.T) @ B.T, atol=1e-5, rtol=1e-5)
+        assert not torch.allclose(m(x).double(), got, atol=1e-3)  # another call, another mask
+        m.eval()
+        torch.testing.assert_close(m(x).double(), x.double() @ W.T + alpha / rank * (x.double() @ A.T) @ B.T,
+                                   atol=1e-5, rtol=1e-5)
+        x = ids(T=24)
+        dropped.eval(), plain.eval()
+        base = plain(x)[0]
+        assert torch.equal(dropped(x)[0], base)
+        dropped.train(), plain.train()
+        assert torch.equal(plain(x)[0], base)  # nothing else draws in training mode: what differs below is dropout
+        a, b = dropped(x)[0], dropped(x)[0]
+        assert not torch.allclose(a, b, atol=1e-3) and not torch.allclose(a, base, atol=1e-3)
+
 def test_the_saved_and_exported_student_hold_merged_weights_and_load_without_peft(lora_cache, tmp_path, monkeypatch):
     """A CLI lora run: its student (and the export of it) is a plain hybrid whose logits are the adapted model's
     at the end of training."""
