@@ -13,7 +13,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import difflib
-import errno
 import os
 import typing
 from pathlib import Path
@@ -22,6 +21,7 @@ from typing import Any, Mapping
 import yaml
 
 from tcache.errors import TcacheError
+from tcache.writefaults import write_error
 from tcache.fields import flag_of
 
 CONFIG_FILE = "config.yaml"
@@ -188,8 +188,6 @@ def write_text(path: Path, text: str) -> Path:
 
 def _write_error(path: Path, e: OSError) -> TcacheError:
     """One line for a file that could not be written; a caller that can resume adds so itself."""
-    if e.errno in (errno.ENOSPC, errno.EDQUOT):
-        what = "the disk is full" if e.errno == errno.ENOSPC else "the disk quota is exceeded"
-        return TcacheError(f"{path}: {what}; free space, then rerun")
-    return TcacheError(f"cannot write {path} ({e.strerror or e}); make its directory writable, then rerun")
+    return write_error(path, e) or TcacheError(f"cannot write {path} ({e.strerror or e}); make its directory "
+                                               "writable, then rerun")
 

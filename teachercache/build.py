@@ -30,7 +30,8 @@ from tcache.teachercache.resume import build_identity, resume_state, work_dir
 from tcache.teachercache.setup import TeacherSetup, auto_batch_size, save_teacher_parts, teacher_and_pool
 from tcache.teachercache.space import check_free_space
 from tcache.teachercache.teacher import TeacherPass
-from tcache.teachercache.writer import CACHE_ENTRIES, BuildState, CacheWriter, is_disk_full
+from tcache.teachercache.writer import CACHE_ENTRIES, BuildState, CacheWriter
+from tcache.writefaults import is_disk_full
 
 ProgressFn = Callable[[int, int, int], None]  # (tokens_done, tokens_budget, bytes_written)
 

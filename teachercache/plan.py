@@ -7,6 +7,7 @@ import tempfile
 from pathlib import Path
 
 from tcache import outdir
+from tcache.writefaults import write_error
 from tcache.teachercache.build import LoopStats, cache_manifest, packed_rows, run_loop
 from tcache.teachercache.config import BuildConfig
 from tcache.teachercache.setup import auto_batch_size, teacher_and_pool
@@ -33,10 +34,13 @@ def plan(cfg: BuildConfig, measure_batches: int = 4, measure_seconds: float = 3.
         def enough(marks: list) -> bool:  # marks[0] ends the warm-up batch
             return len(marks) > measure_batches and marks[-1][0] - marks[0][0] >= measure_seconds
         parent = Path(cfg.out).resolve().parent
-        parent.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryDirectory(dir=parent, prefix=".tcache-plan-") as tmp:
-            writer = CacheWriter(Path(tmp) / "cache", cache_manifest(cfg, ts), BuildState({}, batch_size))
-            stats = run_loop(cfg, ts, writer, rows, batch_size, 0, pool, enough=enough)
+        try:  # the probe writes where the build will, to time that disk
+            parent.mkdir(parents=True, exist_ok=True)
+            with tempfile.TemporaryDirectory(dir=parent, prefix=".tcache-plan-") as tmp:
+                writer = CacheWriter(Path(tmp) / "cache", cache_manifest(cfg, ts), BuildState({}, batch_size))
+                stats = run_loop(cfg, ts, writer, rows, batch_size, 0, pool, enough=enough)
+        except OSError as e:  # a read-only or full disk: what the build would meet too, said in one line
+            raise write_error(f"--out {cfg.out}", e) or e from None
         measured, estimated, bound_by = _extrapolate(stats, cfg, batch_size, bytes_per_token)
 
     return {

@@ -11,7 +11,6 @@ Visibility rules (nothing half-written ever looks like a cache, and no complete 
 
 from __future__ import annotations
 
-import errno
 import json
 import os
 import threading
@@ -26,6 +25,7 @@ import numpy as np
 from tcache.teachercache import schema
 from tcache import ownership
 from tcache.errors import TcacheError
+from tcache.writefaults import is_disk_full
 from tcache.outdir import BUILD_STATE, free_bytes, fsync_dir
 from tcache.teachercache.manifest import Manifest, ShardInfo
 from tcache.teachercache.reader import hash_file
@@ -67,14 +67,6 @@ class BuildState:
         if state.format != STATE_FORMAT:
             raise TcacheError(f"{path} is not a tcache build state; start over with --overwrite")
         return state
-
-
-def is_disk_full(e: BaseException) -> bool:
-    """h5py reports a full disk as OSError with errno 28, or only in its message; safetensors (the teacher
-    files) as its own SafetensorError, with the OS message inside."""
-    if isinstance(e, OSError) and e.errno == errno.ENOSPC:
-        return True
-    return isinstance(e, Exception) and "No space left" in str(e)
 
 
 def _quiet_hdf5_disk_full() -> None:

@@ -21,6 +21,7 @@ from transformers.utils import ModelOutput
 
 from tcache import outdir, ownership
 from tcache.errors import TcacheError
+from tcache.writefaults import write_error
 from tcache.student.inference import slstm_cuda
 from tcache.student.inference.decode import StaticDecoder
 from tcache.student.inference.prefill import prefill
@@ -215,10 +216,14 @@ def export_student(student_dir: str | os.PathLike, out: str | os.PathLike, overw
         model, doc = load_student(student_dir, torch.device("cpu"))
         hf = to_hf(model, doc)
         work = outdir.fresh_staging(out, "export")
-        ownership.claim(work, "export")
-        # transformers picks the file names: written into a listed folder, then listed and moved in
-        ownership.write_unlisted(work, lambda d: _write_export(hf, student_dir, d))
-        ownership.seal(work)
+        try:
+            ownership.claim(work, "export")
+            # transformers picks the file names: written into a listed folder, then listed and moved in
+            ownership.write_unlisted(work, lambda d: _write_export(hf, student_dir, d))
+            ownership.seal(work)
+        except Exception as e:  # a full disk: the staging folder goes, an earlier export at `out` stays
+            outdir.remove_ours(work)
+            raise write_error(out, e) or e from None
         outdir.swap_in(work, out)
     return out
 

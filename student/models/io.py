@@ -14,6 +14,7 @@ from tcache.student.models.xlstm import Student, StudentConfig, resolve_kernels
 from tcache.teachercache import schema
 from tcache import outdir, ownership
 from tcache.errors import TcacheError
+from tcache.writefaults import write_error
 
 STUDENT_FILE = "student.json"
 WEIGHTS_FILE = "model.safetensors"
@@ -24,8 +25,10 @@ def is_student_dir(path: str | os.PathLike) -> bool:
     return (Path(path) / STUDENT_FILE).is_file()
 
 
-def save_student(out: str | os.PathLike, model: Student, meta: dict, tokenizer_dir: str | os.PathLike) -> None:
-    """Weights and tokenizer first, student.json last (atomic), so a partial save is not a student."""
+def save_student(out: str | os.PathLike, model: Student, meta: dict, tokenizer_dir: str | os.PathLike,
+                 then: str = "rerun") -> None:
+    """Weights and tokenizer first, student.json last (atomic), so a partial save is not a student. A full disk
+    or a read-only `out` is one line ending in `then` (how to get the student once the disk is fixed)."""
     from safetensors.torch import save_model
 
     out = Path(out)
@@ -34,15 +37,23 @@ def save_student(out: str | os.PathLike, model: Student, meta: dict, tokenizer_d
     # listed in tcache's marker (the run claimed `out`) before they are written
     ownership.register(out, WEIGHTS_FILE, STUDENT_FILE, *(f.name for f in tokenizer),
                        *(["config.json"] if model.family == "hybrid" else []))
-    save_model(model, str(out / WEIGHTS_FILE))
-    for f in tokenizer:
-        shutil.copy2(f, out / f.name)
-    if model.family == "hybrid":  # the converted teacher's own architecture, to rebuild it on load
-        model.lm.config.save_pretrained(out)
-    outdir.share_like_open(out / WEIGHTS_FILE)
     doc = {"format": FORMAT, "family": model.family, "config": model.cfg.to_dict(), **meta}
     tmp = out / (STUDENT_FILE + ".partial")
-    tmp.write_text(json.dumps(doc, indent=2, sort_keys=True))
+    try:
+        save_model(model, str(out / WEIGHTS_FILE))
+        for f in tokenizer:
+            shutil.copy2(f, out / f.name)
+        if model.family == "hybrid":  # the converted teacher's own architecture, to rebuild it on load
+            model.lm.config.save_pretrained(out)
+        outdir.share_like_open(out / WEIGHTS_FILE)
+        tmp.write_text(json.dumps(doc, indent=2, sort_keys=True))
+    except Exception as e:  # a full disk: no half-written weights left to look like a student
+        for name in (WEIGHTS_FILE, tmp.name):
+            (out / name).unlink(missing_ok=True)
+        err = write_error(out, e, then)
+        if err is None:
+            raise
+        raise err from None
     os.replace(tmp, out / STUDENT_FILE)
     ownership.seal(out)
 
@@ -109,7 +120,11 @@ def _load_hybrid(path: Path, doc: dict, device: torch.device):
 def load_teacher_parts(cache_dir: str | os.PathLike) -> dict[str, torch.Tensor]:
     from safetensors import safe_open
 
-    with safe_open(str(Path(cache_dir) / schema.EMBEDDINGS_FILE), "pt") as f:
+    path = Path(cache_dir) / schema.EMBEDDINGS_FILE
+    if not path.is_file():  # load_manifest checks the files the manifest lists; this one even when it lists none
+        raise TcacheError(f"{cache_dir}: {schema.EMBEDDINGS_FILE} is missing (the student's embedding and head come "
+                          f"from it); run `tcache verify {cache_dir}` for the full report, then rebuild the cache")
+    with safe_open(str(path), "pt") as f:
         tied = (f.metadata() or {}).get(schema.TIED_HEAD_KEY) == "true"
         # fp32 for the student's frozen copies: exact for the fp16 / bf16 weights the cache stores
         tensors = {k: f.get_tensor(k).float() for k in f.keys()}

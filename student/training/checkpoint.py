@@ -17,6 +17,7 @@ import torch
 
 from tcache import dist, outdir
 from tcache.errors import TcacheError
+from tcache.writefaults import write_error
 from tcache.student.training.config import RESUMABLE_DIFFS, DistillConfig
 from tcache.student.models.io import STUDENT_FILE
 
@@ -127,11 +128,18 @@ def save_checkpoint(out: Path, cfg: DistillConfig, tr, state: RunState, identity
     final = out / CKPT_DIR / f"step-{state.step:07d}"
     tmp = final.with_name(final.name + ".partial")
     shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    save_file(_trainable_state(tr.model), str(tmp / "trainable.safetensors"))
-    torch.save({"optimizer": tr.opt.state_dict(), "scaler": tr.scaler.state_dict(), "rng": _rng_state(),
-                "state": asdict(state), "cache_identity": identity, "stage": tr.stage.index}, tmp / "trainer.pt")
-    (tmp / CONFIG_FILE).write_text(json.dumps({**cfg.to_dict(), "world_size": dist.world()}, indent=2))
+    try:
+        tmp.mkdir(parents=True)
+        save_file(_trainable_state(tr.model), str(tmp / "trainable.safetensors"))
+        torch.save({"optimizer": tr.opt.state_dict(), "scaler": tr.scaler.state_dict(), "rng": _rng_state(),
+                    "state": asdict(state), "cache_identity": identity, "stage": tr.stage.index}, tmp / "trainer.pt")
+        (tmp / CONFIG_FILE).write_text(json.dumps({**cfg.to_dict(), "world_size": dist.world()}, indent=2))
+    except Exception as e:  # a full disk or a read-only run: the partial checkpoint goes, the last one stays
+        shutil.rmtree(tmp, ignore_errors=True)
+        err = write_error(out, e, "rerun with --resume" if checkpoints(out) else "rerun")
+        if err is None:
+            raise
+        raise err from None
     shutil.rmtree(final, ignore_errors=True)
     os.replace(tmp, final)
     for old in sorted((out / CKPT_DIR).glob("step-*[0-9]"))[:-max(cfg.keep_ckpts, 1)]:

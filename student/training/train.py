@@ -16,12 +16,13 @@ import tcache
 from tcache import configfile, dist, locks, outdir, ownership
 from tcache.device import resolve_device
 from tcache.errors import Interrupted, TcacheError
+from tcache.writefaults import write_error
 from tcache.plots import training_plot
 from tcache.signals import stop_on_signals
 from tcache.student.training import losses
 from tcache.student.models import lora
-from tcache.student.training.checkpoint import (CONFIG_FILE, RUN_ENTRIES, RunState, cache_identity, resume_from, run_dir,
-                                       save_checkpoint)
+from tcache.student.training.checkpoint import (CONFIG_FILE, RUN_ENTRIES, RunState, cache_identity, checkpoints,
+                                       resume_from, run_dir, save_checkpoint)
 from tcache.student.training.budget import Plan, StagePlan, plan_budget
 from tcache.student.training.config import RECIPES, DistillConfig, student_config
 from tcache.student.training.data import CacheRows, epoch_loader
@@ -210,6 +211,9 @@ def distill(cfg: DistillConfig, on_start: Callable[[dict], None] | None = None, 
                     on_start = on_step = None  # progress and metrics come from rank 0 only
                 hasher.check()
                 return _fit_and_save(tr, work, hasher, stop, on_start, on_step, warn or (lambda msg: None))
+            except OSError as e:  # a full disk or a read-only run outside the saves (metrics, the plot): one line
+                resumable = checkpoints(Path(cfg.out)) or checkpoints(outdir.staging(Path(cfg.out)))
+                raise write_error(cfg.out, e, "rerun with --resume" if resumable else "rerun") or e from None
             finally:
                 hasher.close()
 
@@ -335,7 +339,8 @@ def _fit_and_save(tr: Trainer, work: Path, hasher: ShardHasher, stop, on_start, 
     training_plot(work, warn, final=True)
     if cfg.train == "lora":  # a plain student on disk, loadable without peft: W + alpha / r * B A
         lora.merge_adapters(tr.model)
-    save_student(work, tr.model, meta, Path(cfg.cache) / schema.TEACHER_DIR)
+    save_student(work, tr.model, meta, Path(cfg.cache) / schema.TEACHER_DIR,
+                 "rerun with --resume" if ckpt is not None else "rerun")
     if work != Path(cfg.out):
         outdir.swap_in(work, Path(cfg.out))
     return meta
