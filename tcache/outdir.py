@@ -52,6 +52,11 @@ def staging(path: Path) -> Path:
     return path.parent / f".{path.name}{STAGING_SUFFIX}"
 
 
+def retired(path: Path) -> Path:
+    """Where swap_in moves the old output without renameat2's exchange, removed once the new one is in place."""
+    return path.parent / f".{path.name}.tcache-old"
+
+
 def refuse_foreign(path: Path, flag: str = "--out") -> None:
     """Refuse a directory holding anything tcache's marker does not list, naming the first entries."""
     names = ownership.foreign(path)
@@ -78,13 +83,17 @@ def classify(out: Path, what: str, flag: str = "--out") -> str:
 
 
 def fresh_staging(out: Path, what: str) -> Path:
-    """The staging sibling of `out`, emptied of what an earlier replacement left there."""
+    """The staging sibling of `out`, emptied of what an earlier replacement left there. The sibling swap_in
+    moves the old output to without renameat2 is checked too: a file the user put into an old output stays
+    there when tcache's entries are removed, and refused only by swap_in it would end this --overwrite once its
+    replacement is built."""
     stage = staging(out)
-    k = kind(stage)
-    if k == "file":
-        raise TcacheError(f"{stage} is a file in the way of --overwrite; remove it")
-    if k not in ("missing", "empty"):
-        classify(stage, what, flag="staging directory")
+    for side in (stage, retired(out)):
+        k = kind(side)
+        if k == "file":
+            raise TcacheError(f"{side} is a file in the way of --overwrite; remove it")
+        if k not in ("missing", "empty"):
+            classify(side, what, flag="staging directory")
     remove_ours(stage)
     return stage
 
@@ -144,7 +153,7 @@ def swap_in(new: Path, out: Path) -> None:
     if _exchange(new, out):
         remove_ours(new)  # `new` now holds the old output
         return
-    old = out.parent / f".{out.name}.tcache-old"
+    old = retired(out)
     remove_ours(old)
     os.replace(out, old)
     os.replace(new, out)

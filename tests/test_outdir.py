@@ -5,6 +5,7 @@ and the next --overwrite names it rather than touch it."""
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
@@ -39,12 +40,14 @@ def test_remove_ours_removes_exactly_what_the_marker_lists(tmp_path):
     user.check_owned()
 
 
+@pytest.mark.parametrize("exchange", [True, False], ids=["renameat2", "two-renames"])
 def test_a_file_put_into_the_old_cache_during_an_overwrite_survives(tmp_path, tiny_teacher, valid_jsonl,
-                                                                     monkeypatch):
+                                                                     monkeypatch, exchange):
     """--overwrite of a cache (its marker written long ago, the replacement's written at the start of the build):
     files the user puts into the old cache while the teacher runs are not in its marker, so the swap's removal of
-    the old cache leaves them, byte for byte, in the directory the old cache was moved to, and only them; the next
-    --overwrite refuses that directory, naming them."""
+    the old cache leaves them, byte for byte, in the directory the old cache was moved to (the staging sibling
+    with renameat2's exchange, .cache.tcache-old where it is missing), and only them; the next --overwrite
+    refuses that directory, naming them, before the teacher runs (not once its replacement is built)."""
     import tcache.teachercache.build as build_mod
 
     text = text_head(valid_jsonl, tmp_path / "t.jsonl", 4000, docs=1)
@@ -64,18 +67,30 @@ def test_a_file_put_into_the_old_cache_during_an_overwrite_survives(tmp_path, ti
         return real(self, *a, **k)
 
     monkeypatch.setattr(build_mod.TeacherPass, "__call__", user_writes_meanwhile)
+    if not exchange:  # a filesystem without RENAME_EXCHANGE: the old output is renamed aside, then removed
+        monkeypatch.setattr(outdir, "_exchange", lambda a, b: False)
     build_cache(out, tiny_teacher, text, tokens=4 * 32, top_k=4, overwrite=True, **kw)
-    monkeypatch.undo()
     assert user.owned and load_manifest(out).top_k == 4  # the replacement is live
     assert not {"notes.txt", "results", "shard-00007.h5"} & {p.name for p in out.iterdir()}
-    # the old cache went to the staging sibling (renameat2's exchange) or, without it, to .cache.tcache-old
     left = [d for d in (outdir.staging(out), out.parent / ".cache.tcache-old") if d.exists()]
-    assert len(left) == 1, left
+    assert left == [out.parent / (".cache.tcache-new" if exchange else ".cache.tcache-old")], left
     # only the user's: nothing of the old cache, whose marker listed all of it
     assert listed >= {"manifest.json", "teacher", "shard-00000.h5", "shard-00001.h5"}
     assert {p.name for p in left[0].iterdir()} == {"notes.txt", "results", "shard-00007.h5"}
     for path, data in user.owned.items():
         assert (left[0] / path.relative_to(out)).read_bytes() == data
-    with pytest.raises(TcacheError, match=r"holds files tcache did not write \(notes.txt, results, shard-00007.h5\)"):
+    batches = []
+
+    def counted(self, *a, **k):
+        batches.append(1)
+        return real(self, *a, **k)
+
+    monkeypatch.setattr(build_mod.TeacherPass, "__call__", counted)
+    with pytest.raises(TcacheError, match=re.escape(f"{left[0].name} holds files tcache did not write (notes.txt, "
+                                                    "results, shard-00007.h5)")):
         build_cache(out, tiny_teacher, text, tokens=4 * 32, top_k=8, overwrite=True, **kw)
+    assert not batches  # refused up front
     assert {p.name for p in left[0].iterdir()} == {"notes.txt", "results", "shard-00007.h5"}
+    for path, data in user.owned.items():
+        assert (left[0] / path.relative_to(out)).read_bytes() == data
+    assert load_manifest(out).top_k == 4
