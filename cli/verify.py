@@ -20,6 +20,9 @@ def failure_line(report: dict) -> str:
     bad = [f"{x['file']} ({', '.join(x['problems'])})" for x in report["shards"] + report["teacher_files"]
            if not x["ok"]]
     what = f"{report['shards_bad']} of {report['shards_total']} shards"
+    if report["manifest_problems"]:  # first: what the manifest says frames every file's report
+        bad.insert(0, f"manifest.json ({', '.join(report['manifest_problems'])})")
+        what = f"manifest.json and {what}"
     if report["teacher_files_bad"]:
         what += f" and {report['teacher_files_bad']} of {report['teacher_files_total']} teacher files"
     # build --resume only continues an unfinished build: a finished cache with a bad shard is rebuilt
@@ -32,7 +35,8 @@ def failure_line(report: dict) -> str:
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON instead of a table.")
 @friendly_errors
 def verify(cache, as_json) -> None:
-    """Check every shard's sha256, datasets and values, and the teacher files, against the manifest.
+    """Check the manifest against the shards it describes (rows, seq_len, shapes, dtypes, the shard list against
+    the shard files present), every shard's sha256, datasets and values, and the teacher files.
 
     Exits 0 when everything matches, 1 with one line naming each bad file otherwise.
     """
@@ -52,6 +56,8 @@ def verify(cache, as_json) -> None:
         t = Table(title=f"tcache verify {escape(report['cache'])}")
         for col in ("shard", "rows", "bytes", "status", "problems"):
             t.add_column(col, justify="right" if col in ("rows", "bytes") else "left")
+        if report["manifest_problems"]:
+            t.add_row("manifest.json", "", "", "[red]FAILED[/]", escape("; ".join(report["manifest_problems"])))
         for s in report["shards"]:
             t.add_row(s["file"], f"{s['rows']:,}", human_bytes(s["bytes"]), "ok" if s["ok"] else "[red]FAILED[/]",
                       escape("; ".join(s["problems"])))
@@ -61,7 +67,8 @@ def verify(cache, as_json) -> None:
         console.print(t)
         good = report["shards_total"] - report["shards_bad"]
         teacher_good = report["teacher_files_total"] - report["teacher_files_bad"]
-        console.print(f"{good} of {report['shards_total']} shards ok ({report['rows']:,} rows, "
+        console.print(("manifest.json FAILED; " if report["manifest_problems"] else "")
+                      + f"{good} of {report['shards_total']} shards ok ({report['rows']:,} rows, "
                       f"{human_bytes(report['bytes'])}); {teacher_good} of {report['teacher_files_total']} "
                       "teacher files ok")
     if not report["ok"]:

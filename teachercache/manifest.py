@@ -1,7 +1,7 @@
 """manifest.json: the record of what a cache holds (Manifest, ShardInfo), and its validated loading.
 
 Only teachercache.writer writes a manifest (last, via a temporary file and an atomic rename); everything
-that reads a cache starts with load_manifest.
+that reads a cache starts with load_manifest (`tcache verify` with read_manifest, to report every problem).
 """
 
 from __future__ import annotations
@@ -74,8 +74,9 @@ class Manifest:
         return cls(**d)
 
 
-def load_manifest(cache_dir: str | os.PathLike) -> Manifest:
-    """Read and validate manifest.json; every failure is a one-line TcacheError that says what to do."""
+def read_manifest(cache_dir: str | os.PathLike) -> Manifest:
+    """Read and validate manifest.json itself, trusting nothing it says about the files beside it (`tcache verify`
+    starts here, to report those one by one); every failure is a one-line TcacheError that says what to do."""
     path = Path(cache_dir)
     if not path.is_dir():
         raise TcacheError(f"{path} is not a directory; pass the --out directory of a `tcache build`")
@@ -102,6 +103,41 @@ def load_manifest(cache_dir: str | os.PathLike) -> Manifest:
         manifest = Manifest.from_dict(raw)
     except (TypeError, KeyError) as e:
         raise TcacheError(f"{mpath} is incomplete or corrupt ({e}); rebuild the cache with `tcache build`") from None
+    _check_types(mpath, manifest)
+    return manifest
+
+
+_COUNTS = ("vocab_size", "hidden_size", "num_layers", "seq_len", "top_k", "hidden_groups", "rows_per_shard", "rows",
+           "tokens")
+
+
+def _check_types(mpath: Path, m: Manifest) -> None:
+    """Every count the readers compute with is an integer, every shard a file name, every field a dtype and a
+    row shape (an edited "64" would otherwise end in a TypeError far from here)."""
+    values = [(k, getattr(m, k)) for k in _COUNTS]
+    values += [(f"shards[{i}].{k}", getattr(s, k)) for i, s in enumerate(m.shards) for k in ("rows", "bytes")]
+    for key, v in values:
+        if not isinstance(v, int) or isinstance(v, bool) or v < 0:
+            raise TcacheError(f"{mpath}: {key} is {v!r}, not a count; run `tcache verify {mpath.parent}`, "
+                              "then rebuild the cache")
+    for i, s in enumerate(m.shards):
+        if not isinstance(s.file, str) or "/" in s.file:
+            raise TcacheError(f"{mpath}: shards[{i}].file is {s.file!r}, not a shard file name; "
+                              f"run `tcache verify {mpath.parent}`, then rebuild the cache")
+    for name, f in m.fields.items():
+        shape = f.get("row_shape") if isinstance(f, dict) else None
+        if not (isinstance(shape, list) and all(isinstance(n, int) and n > 0 for n in shape)
+                and isinstance(f.get("dtype"), str)):
+            raise TcacheError(f"{mpath}: fields.{name} is {f!r}, not a dtype and a row_shape; "
+                              f"run `tcache verify {mpath.parent}`, then rebuild the cache")
+
+
+def load_manifest(cache_dir: str | os.PathLike) -> Manifest:
+    """The manifest of a cache whose files it describes: read_manifest, then every listed shard present at its
+    size, and the manifest consistent with the shards' HDF5 headers and the files present
+    (teachercache.consistency, metadata only). Every failure is one line naming the file and what to do."""
+    path = Path(cache_dir)
+    manifest = read_manifest(path)
     for shard in manifest.shards:
         spath = path / shard.file
         if not spath.is_file():
@@ -111,4 +147,8 @@ def load_manifest(cache_dir: str | os.PathLike) -> Manifest:
                 f"{path}: shard {shard.file} has {spath.stat().st_size} bytes, the manifest says {shard.bytes}; "
                 "the cache was modified or truncated, rebuild it"
             )
+    # imported here: consistency builds on Manifest (and h5py is needed only once a cache is opened)
+    from tcache.teachercache.consistency import check_consistency
+
+    check_consistency(path, manifest)
     return manifest

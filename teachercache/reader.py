@@ -125,7 +125,8 @@ def hash_file(path: str | os.PathLike, on_bytes: Callable[[int], None] | None = 
 
 class ShardHasher:
     """Checks every shard's sha256 against the manifest in a daemon thread, so that a long run pays no
-    start-up time for the check and still learns of a corrupt cache (load_manifest only checks sizes).
+    start-up time for the check and still learns of a corrupt cache (load_manifest checks sizes and HDF5
+    headers, not bytes).
 
         hasher = ShardHasher(cache_dir, manifest)
         ...  # each step (cheap, never blocks):

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 from typing import Any, Callable
@@ -11,10 +10,10 @@ import h5py
 import numpy as np
 
 from tcache.teachercache import schema
-from tcache.errors import TcacheError
 from tcache.teachercache.reader import hash_file
 from tcache.teachercache.codecs import decode_hidden
-from tcache.teachercache.manifest import Manifest, ShardInfo, load_manifest
+from tcache.teachercache.consistency import header_problems, manifest_problems, teacher_problems
+from tcache.teachercache.manifest import Manifest, ShardInfo, read_manifest
 
 # fp16 rounds a log-prob just below 0 to at most this much above it.
 LOGPROB_SLACK = 1e-3
@@ -23,23 +22,6 @@ BLOCK_BYTES = 64 << 20
 
 Progress = Callable[[int, int], None]
 """on_progress(bytes hashed so far, bytes to hash in all)."""
-
-
-def _load(root: Path) -> Manifest:
-    """The manifest, also when load_manifest refuses it only for missing or resized shards: those are
-    what verify reports shard by shard (load_manifest stops at the first)."""
-    try:
-        return load_manifest(root)
-    except TcacheError as e:
-        try:
-            raw = json.loads((root / schema.MANIFEST_FILE).read_text())
-            m = Manifest.from_dict(raw)
-        except Exception:
-            raise e from None
-        intact = all((root / s.file).is_file() and (root / s.file).stat().st_size == s.bytes for s in m.shards)
-        if m.format != schema.FORMAT_NAME or m.schema_version not in schema.READABLE_VERSIONS or intact:
-            raise e from None  # the manifest itself is unusable: load_manifest's message says why
-        return m
 
 
 def _first(bad: np.ndarray, start: int) -> int:
@@ -128,19 +110,8 @@ def _check_shard(root: Path, m: Manifest, shard: ShardInfo, on_bytes: Callable[[
         problems.append(f"does not open as HDF5 ({str(e).splitlines()[0]})")
         return report
     with f:
-        present = set()
-        for name, spec in m.field_specs().items():
-            if name not in f:
-                problems.append(f"dataset {name} missing")
-                continue
-            d = f[name]
-            want = (shard.rows, *spec.row_shape)
-            if not isinstance(d, h5py.Dataset) or d.shape != want:
-                problems.append(f"{name} has shape {getattr(d, 'shape', None)}, manifest says {want}")
-            elif d.dtype != np.dtype(spec.storage_dtype):
-                problems.append(f"{name} stored as {d.dtype}, manifest says {spec.storage_dtype}")
-            else:
-                present.add(name)
+        header, present = header_problems(f, m, shard)
+        problems += header
         try:
             problems += _check_values(f, m, shard.rows, present)
         except OSError as e:  # h5py cannot read a chunk whose metadata was damaged
@@ -149,13 +120,14 @@ def _check_shard(root: Path, m: Manifest, shard: ShardInfo, on_bytes: Callable[[
     return report
 
 
-def _check_teacher_file(root: Path, rel: str, sha256: str, on_bytes: Callable[[int], None]) -> dict:
+def _check_teacher_file(root: Path, rel: str, sha256: str | None, on_bytes: Callable[[int], None],
+                        presence: str | None) -> dict:
+    """One teacher file: `presence` is teacher_problems' word for it (missing, or not listed), `sha256` None
+    where the manifest has none to check."""
     path = root / rel
     report: dict[str, Any] = {"file": rel, "bytes": path.stat().st_size if path.is_file() else None,
-                              "ok": False, "problems": []}
-    if not path.is_file():
-        report["problems"].append("missing")
-    else:
+                              "ok": False, "problems": [presence] if presence else []}
+    if path.is_file() and sha256 is not None:
         try:
             if hash_file(path, on_bytes) != sha256:
                 report["problems"].append("sha256 mismatch")
@@ -166,16 +138,17 @@ def _check_teacher_file(root: Path, rel: str, sha256: str, on_bytes: Callable[[i
 
 
 def verify_cache(cache_dir: str | os.PathLike, on_progress: Progress | None = None) -> dict:
-    """Check each shard of the manifest (presence, size, sha256, HDF5 datasets, shapes, dtypes, values) and
-    each teacher file (presence, sha256). A manifest that does not load raises TcacheError; everything
-    else is reported:
+    """Check the manifest against itself and the directory (its rows against its shards', the fields' row shapes
+    against seq_len and top_k, its shard list against the shard files present), each shard of the manifest
+    (presence, size, sha256, HDF5 datasets, shapes, dtypes, values) and each teacher file it lists or a student
+    needs (presence, sha256). A manifest that does not load raises TcacheError; everything else is reported:
 
-        {"cache", "ok", "rows", "bytes", "shards_total", "shards_bad", "teacher_files_total",
-         "teacher_files_bad", "shards": [{"file", "rows", "bytes", "ok", "problems": [str]}],
+        {"cache", "ok", "manifest_problems": [str], "rows", "bytes", "shards_total", "shards_bad",
+         "teacher_files_total", "teacher_files_bad", "shards": [{"file", "rows", "bytes", "ok", "problems": [str]}],
          "teacher_files": [{"file", "bytes", "ok", "problems": [str]}]}
     """
     root = Path(cache_dir)
-    m = _load(root)
+    m = read_manifest(root)  # nothing it says about the files is trusted: each is checked and reported below
     teacher_bytes = sum((root / rel).stat().st_size for rel in m.teacher_files if (root / rel).is_file())
     total = sum(s.bytes for s in m.shards) + teacher_bytes
     done = 0
@@ -186,13 +159,17 @@ def verify_cache(cache_dir: str | os.PathLike, on_progress: Progress | None = No
         if on_progress is not None:
             on_progress(done, total)
 
+    manifest = manifest_problems(root, m)
     shards = [_check_shard(root, m, s, on_bytes) for s in m.shards]
-    teacher = [_check_teacher_file(root, rel, sha, on_bytes) for rel, sha in sorted(m.teacher_files.items())]
+    presence = teacher_problems(root, m, needed=True)
+    teacher = [_check_teacher_file(root, rel, m.teacher_files.get(rel), on_bytes, presence.get(rel))
+               for rel in sorted(set(m.teacher_files) | set(presence))]
     shards_bad = sum(not s["ok"] for s in shards)
     teacher_bad = sum(not t["ok"] for t in teacher)
     return {
         "cache": str(root),
-        "ok": shards_bad == 0 and teacher_bad == 0,
+        "ok": not manifest and shards_bad == 0 and teacher_bad == 0,
+        "manifest_problems": manifest,
         "rows": sum(s.rows for s in m.shards),
         "bytes": sum(s.bytes for s in m.shards),
         "shards_total": len(shards),

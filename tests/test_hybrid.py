@@ -301,6 +301,9 @@ def test_a_cache_without_the_full_teacher_is_refused_in_one_line(tmp_path, hybri
     old = tmp_path / "old"
     shutil.copytree(hybrid_cache, old)
     (old / "teacher" / "model.safetensors").unlink()
+    m = json.loads((old / "manifest.json").read_text())
+    del m["teacher_files"]["teacher/model.safetensors"]  # such a cache never listed them (a listed one missing is
+    (old / "manifest.json").write_text(json.dumps(m))  # refused on open: tests/test_verify.py)
     r = run("distill", old, "--out", tmp_path / "h", "--recipe", "hybrid", "--steps", 1)
     assert r.exit_code == 1 and "Traceback" not in r.output
     errors = [x for x in r.output.splitlines() if x.startswith("Error:")]

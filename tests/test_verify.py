@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import shutil
 
 import click
@@ -64,6 +65,7 @@ def test_good_cache_verifies(shared_cache):
     assert r.exit_code == 0, r.output
     report = json.loads(r.output)
     assert report["ok"] and report["shards_total"] == 3 and report["shards_bad"] == 0
+    assert report["manifest_problems"] == []
     assert [s["rows"] for s in report["shards"]] == [5, 5, 2] and all(s["ok"] for s in report["shards"])
     assert report["teacher_files_total"] >= 3 and all(t["ok"] for t in report["teacher_files"])
     seen = []
@@ -190,13 +192,15 @@ def test_friendly_errors_keeps_plain_messages():
 
 
 def test_an_unreadable_shard_is_named_by_the_reader(cache):
-    (cache / "shard-00002.h5").write_bytes(b"\0" * (cache / "shard-00002.h5").stat().st_size)  # same size
+    """Damaged after the cache was opened (the reader opens shards lazily): named when a row of it is read;
+    damaged before: named when the cache is opened (load_manifest's header check), before any row is read."""
     with CacheReader(cache) as r:
         r.row(0)
+        (cache / "shard-00002.h5").write_bytes(b"\0" * (cache / "shard-00002.h5").stat().st_size)  # same size
         with pytest.raises(TcacheError, match=r"shard shard-00002.h5 cannot be read.*tcache verify"):
             r.row(10)
-    with pytest.raises(TcacheError, match="shard-00002.h5"):
-        CacheRows(str(cache))[11]
+    with pytest.raises(TcacheError, match=r"shard shard-00002.h5: does not open as HDF5.*tcache verify"):
+        CacheRows(str(cache))
 
 
 @pytest.mark.parametrize("damage, problem", [
@@ -250,3 +254,77 @@ def test_distill_on_out_of_range_ids_is_one_clean_line(tmp_path, cache):
     r = run("distill", cache, "--out", tmp_path / "s", "--steps", 2, "--batch-size", 2, "--grad-accum", 1,
             "--workers", 1, "--device", "cpu")
     assert_clean_error(r, "has input_ids outside [0, 16384)", "tcache verify")
+
+
+# -- the manifest against the shards it describes (issue 34) -------------------------------------------------------
+def edit_manifest(cache, edit) -> None:
+    m = json.loads((cache / schema.MANIFEST_FILE).read_text())
+    edit(m)
+    (cache / schema.MANIFEST_FILE).write_text(json.dumps(m))
+
+
+# edit of the shared cache's manifest (12 rows of 128 tokens in shards of 5, 5 and 2, top-k 32) -> the problem
+MANIFEST_EDITS = {
+    "rows": (lambda m: m.update(rows=15), "rows is 15, its shards hold 12"),
+    "seq_len": (lambda m: m.update(seq_len=256),
+                "seq_len is 256, but every field holds rows of 128 tokens (input_ids row shape (128,))"),
+    "shards-deleted": (lambda m: m.pop("shards"),
+                       "shards is missing or empty, but the directory holds shard-00000.h5, shard-00001.h5, "
+                       "shard-00002.h5"),
+    "shards-one-dropped": (lambda m: m.update(shards=m["shards"][:2], rows=10),
+                           "shards does not list shard-00002.h5, in the cache beside it"),
+    "topk-row-shape": (lambda m: m["fields"][schema.TOPK_IDS].update(row_shape=[64, 32]),
+                       "topk_ids has row shape (64, 32), but seq_len 128 and top_k 32 make (128, 32)"),
+    "field-dropped": (lambda m: m["fields"].pop(schema.TOPK_LOGPROBS), "fields has no topk_logprobs"),
+}
+
+
+@pytest.mark.parametrize("edit", MANIFEST_EDITS)
+def test_a_manifest_that_disagrees_with_its_shards_fails_verify_and_every_open(cache, edit):
+    """Each edit used to pass verify (or say "0 of 0 shards ok", exit 0) and end in a traceback or a silent run
+    of whatever opened the cache; now verify fails naming the field, and load_manifest refuses in one line."""
+    change, problem = MANIFEST_EDITS[edit]
+    edit_manifest(cache, change)
+    report = verify_cache(cache)
+    assert not report["ok"] and problem in report["manifest_problems"], report["manifest_problems"]
+    assert_clean_error(run("verify", cache), "manifest.json and", problem, "rebuild the cache")
+    with pytest.raises(TcacheError, match=rf"manifest\.json: {re.escape(problem)}.*tcache verify"):
+        load_manifest(cache)
+
+
+def test_a_shards_rows_edited_is_named_from_its_header(cache):
+    """A shard's rows edited with the total to match: only the HDF5 header (5 rows stored) can tell."""
+    edit_manifest(cache, lambda m: (m["shards"][0].update(rows=4), m.update(rows=11)))
+    report = verify_cache(cache)
+    assert report["manifest_problems"] == [] and bad_files(report) == ["shard-00000.h5"]
+    assert "input_ids has shape (5, 128), manifest says (4, 128)" in report["shards"][0]["problems"]
+    with pytest.raises(TcacheError, match=r"shard shard-00000\.h5: input_ids has shape \(5, 128\), manifest says"):
+        load_manifest(cache)
+
+
+def test_a_count_that_is_not_an_integer_is_one_line(cache):
+    edit_manifest(cache, lambda m: m.update(seq_len="128"))
+    for opened in (load_manifest, verify_cache):
+        with pytest.raises(TcacheError, match=r"manifest\.json: seq_len is '128', not a count; run `tcache verify"):
+            opened(cache)
+
+
+@pytest.mark.parametrize("listed", [True, False])
+def test_the_teacher_embeddings_missing(cache, listed):
+    """Listed in the manifest: every open refuses; not listed either (an edited manifest): verify names it, and
+    the student's loader refuses in one line instead of a FileNotFoundError."""
+    from tcache.student.models.io import load_teacher_parts
+
+    (cache / schema.EMBEDDINGS_FILE).unlink()
+    if not listed:
+        edit_manifest(cache, lambda m: m["teacher_files"].pop(schema.EMBEDDINGS_FILE))
+    report = verify_cache(cache)
+    entry = next(t for t in report["teacher_files"] if t["file"] == schema.EMBEDDINGS_FILE)
+    assert not report["ok"] and entry["problems"] == ["missing" if listed else "not listed in manifest.json, and missing"]
+    if listed:
+        with pytest.raises(TcacheError, match=r"teacher/embeddings\.safetensors is missing \(manifest\.json lists it\)"):
+            load_manifest(cache)
+    else:
+        load_manifest(cache)  # nothing it lists is missing: the loader of the file is the last line of defence
+    with pytest.raises(TcacheError, match=r"embeddings\.safetensors is missing.*tcache verify"):
+        load_teacher_parts(cache)
