@@ -1,4 +1,5 @@
-"""`tcache plot`: the training curves of one or more distill runs, overlaid in one PNG."""
+"""`tcache plot`: the training curves of one or more distill runs, overlaid in one image (PNG unless --out names
+.jpg, .pdf or .svg)."""
 
 from __future__ import annotations
 
@@ -13,7 +14,8 @@ from tcache.errors import TcacheError
 @click.command()
 @click.argument("runs", nargs=-1, required=True, type=click.Path())
 @click.option("--out", type=click.Path(dir_okay=False),
-              help="PNG to write; default with one run: RUN/training.png (what distill writes).")
+              help="Image to write, in the format its name asks for (.png, .jpg, .pdf or .svg); default with one "
+                   "run: RUN/training.png (what distill writes).")
 @friendly_errors
 def plot(runs, out) -> None:
     """Plot every loss term, loss weight, learning rate and gradient norm of distill runs against tokens,

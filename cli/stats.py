@@ -36,7 +36,8 @@ def _data_rows(dataset: dict) -> list[tuple[str, str]]:
 @click.option("--json", "as_json", is_flag=True, help="Print machine-readable JSON instead of tables.")
 @click.option("--sample-rows", default=256, show_default=True, help="Rows read for the value statistics.")
 @click.option("--plot", "plot_file", type=click.Path(dir_okay=False),
-              help="Also draw the sampled rows' top-k mass and hidden-state distributions into this PNG.")
+              help="Also draw the sampled rows' top-k mass and hidden-state distributions into this image "
+                   "(.png, .jpg, .pdf or .svg).")
 @friendly_errors
 def stats(cache, as_json, sample_rows, plot_file) -> None:
     """Show what a cache holds."""
