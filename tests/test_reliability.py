@@ -18,6 +18,7 @@ import pytest
 
 from conftest import REPO, build_cache, text_head
 import faults_generate as fg
+import faults_cache as fc
 import faults_inputs as fi
 from promises import STOP_WITHIN, Case, Interrupt, Promise, interrupt, invoke, regex
 
@@ -439,6 +440,63 @@ GENERATE = [
 ]
 
 
+# -- issue 34, nothing trusted that was not checked: a manifest that no longer describes its shards (verify reports
+# it; stats and distill refuse it on open, from HDF5 headers alone), a teacher file gone, a compressed --data that is
+# truncated or not what its suffix says, and plot names of formats tcache does not write -----------------------------
+# verify's one line for a manifest problem; then the line of every command that opens the cache
+VERIFY_MANIFEST = r"^manifest\.json and 0 of {} shards failed verification: manifest\.json \({}\); rebuild the cache"
+OPEN_LINE = r"^\S+cc: {}; run `tcache verify \S+cc` for the full report, then rebuild the cache$"
+ROWS_RAISED = r"rows is 100, its shards hold 8"
+SEQ_LEN = r"seq_len is 64, but every field holds rows of 32 tokens \(input_ids row shape \(32,\)\)"
+NO_SHARDS = r"shards is missing or empty, but the directory holds shard-00000\.h5, shard-00001\.h5"
+TOPK_SHAPE = r"topk_ids has row shape \(16, 8\), but seq_len 32 and top_k 8 make \(32, 8\)"
+TRUNCATED = r"truncated after line \d+ \(Compressed file ended before the end-of-stream marker was reached\); " \
+            r"re-download or recompress it$"
+NOT_AN_IMAGE = r"{} \S+{}: \.txt is not an image format tcache writes; name it \.png, \.jpg, \.pdf or \.svg$"
+
+CACHE_TRUST = [
+    Promise("34.1-verify-of-a-manifest-with-rows-raised", fc.on_damaged_cache("verify", "rows"), 1,
+            VERIFY_MANIFEST.format(2, ROWS_RAISED)),
+    Promise("34.2-stats-of-a-manifest-with-rows-raised", fc.on_damaged_cache("stats", "rows"), 1,
+            OPEN_LINE.format("manifest\\.json: " + ROWS_RAISED)),
+    Promise("34.2-distill-of-a-manifest-with-rows-raised", fc.on_damaged_cache("distill", "rows"), 1,
+            OPEN_LINE.format("manifest\\.json: " + ROWS_RAISED), after=fc.no_run),
+    Promise("34.1-verify-of-a-manifest-with-seq-len-changed", fc.on_damaged_cache("verify", "seq_len"), 1,
+            VERIFY_MANIFEST.format(2, SEQ_LEN)),
+    Promise("34.2-stats-of-a-manifest-with-seq-len-changed", fc.on_damaged_cache("stats", "seq_len"), 1,
+            OPEN_LINE.format("manifest\\.json: " + SEQ_LEN)),
+    Promise("34.2-distill-of-a-manifest-with-seq-len-changed", fc.on_damaged_cache("distill", "seq_len"), 1,
+            OPEN_LINE.format("manifest\\.json: " + SEQ_LEN), after=fc.no_run),
+    Promise("34.1-verify-of-a-manifest-without-its-shards-list", fc.on_damaged_cache("verify", "shards"), 1,
+            VERIFY_MANIFEST.format(0, NO_SHARDS + r", rows is 8, its shards hold 0")),
+    Promise("34.2-stats-of-a-manifest-without-its-shards-list", fc.on_damaged_cache("stats", "shards"), 1,
+            OPEN_LINE.format("manifest\\.json: " + NO_SHARDS)),
+    Promise("34.2-stats-of-a-manifest-with-a-topk-row-shape-edited", fc.on_damaged_cache("stats", "topk_ids"), 1,
+            OPEN_LINE.format("manifest\\.json: " + TOPK_SHAPE)),
+    Promise("34.2-distill-of-a-manifest-with-a-topk-row-shape-edited", fc.on_damaged_cache("distill", "topk_ids"), 1,
+            OPEN_LINE.format("manifest\\.json: " + TOPK_SHAPE), after=fc.no_run),
+    Promise("34.2-distill-of-a-cache-without-its-teacher-embeddings", fc.on_damaged_cache("distill"), 1,
+            OPEN_LINE.format(r"teacher/embeddings\.safetensors is missing \(manifest\.json lists it\)"), after=fc.no_run),
+    Promise("34.3-build-from-a-truncated-jsonl-xz", fc.build_from("d.jsonl.xz", "truncated"), 1,
+            r"^--data \S+d\.jsonl\.xz: " + TRUNCATED, after=fi.nothing_built),
+    Promise("34.3-build-from-a-truncated-jsonl-gz", fc.build_from("d.jsonl.gz", "truncated"), 1,
+            r"^--data \S+d\.jsonl\.gz: " + TRUNCATED, after=fi.nothing_built),
+    Promise("34.3-build-from-plain-text-named-jsonl-gz", fc.build_from("d.jsonl.gz", "plain"), 1,
+            r"^--data \S+d\.jsonl\.gz: not a gzip file \(Not a gzipped file \(b'\{\"'\)\); if it is plain text, name "
+            r"it without \.gz, else re-download or recompress it$", after=fi.nothing_built),
+    Promise("34.3-eval-on-a-truncated-jsonl-gz", fc.eval_on("d.jsonl.gz", "truncated"), 1,
+            r"^--data \S+d\.jsonl\.gz: " + TRUNCATED),
+    Promise("34.4-plot-out-named-txt-is-refused", fc.plot_out("curves.txt"), 1,
+            NOT_AN_IMAGE.format("--out", r"curves\.txt"), after=fc.nothing_drawn),
+    Promise("34.4-stats-plot-named-txt-is-refused", fc.stats_plot("cache.txt"), 1,
+            NOT_AN_IMAGE.format("--plot", r"cache\.txt"), after=fc.nothing_drawn),
+    Promise("34.4-stats-plot-named-jpg-draws-a-jpeg", fc.stats_plot("cache.jpg"), 0, r"^plot written: ",
+            after=fc.drawn_as("cache.jpg", "JPEG")),
+    Promise("34.4-plot-out-named-svg-draws-an-svg", fc.plot_out("curves.svg"), 0, r"^wrote \S+curves\.svg$",
+            after=fc.drawn_as("curves.svg", "SVG")),
+]
+
+
 # -- the list of promises -----------------------------------------------------------------------------------------
 NO_OVERWRITE_HINT = r"^(?!.*--overwrite).*"
 ROWS = [
@@ -478,6 +536,7 @@ ROWS = [
     *INPUTS,
     *GENERATE,
     *BAD_INPUT,
+    *CACHE_TRUST,
 ]
 
 
