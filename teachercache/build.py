@@ -22,6 +22,7 @@ from tcache import configfile, outdir, ownership
 from tcache.errors import Interrupted, TcacheError
 from tcache.hf import num_layers, text_config, tokenizer_sha256
 from tcache.signals import StopRequest, stop_on_signals
+from tcache.teachercache import schema
 from tcache.teachercache.codecs import encode_fields
 from tcache.teachercache.config import BuildConfig
 from tcache.teachercache.manifest import Manifest, fields_record
@@ -253,7 +254,11 @@ def run_loop(cfg: BuildConfig, ts: TeacherSetup, writer: CacheWriter, rows: Iter
         rows_before = writer.rows_done
         done = rows_before * cfg.seq_len
         skip = rows_before - start  # rows of the first batch that complete shards already hold
-        if cfg.share_rank == 0:  # under torchrun the first rank's teacher parts serve the whole cache
+        # under torchrun the first rank's teacher parts serve the whole cache. A resumed build with complete shards
+        # wrote them before its first shard, so they are kept: safetensors rewrites a file beside the old one, and
+        # the space check (space.check_free_space) counts them as written, so a disk freed just enough resumes.
+        kept = writer.rows_done > 0 and (writer.out_dir / schema.EMBEDDINGS_FILE).is_file()
+        if cfg.share_rank == 0 and not kept:
             save_teacher_parts(ts.model, ts.tokenizer, ts.config, writer)
         # deep enough to hold a whole tokenizer call's rows, so the next call overlaps the teacher
         batches = Prefetcher(batched_rows(rows, batch_size), depth=max(4, 1_000_000 // (batch_size * cfg.seq_len)))

@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 
 from conftest import REPO, build_cache, text_head
+import faults_disk as fd
 import faults_generate as fg
 import faults_cache as fc
 import faults_inputs as fi
@@ -223,6 +224,7 @@ def resume_after_a_full_disk(case: Case) -> list[str]:
     free = 2 * shard + 2**21  # the one missing shard (and HDF5's slack): less than what is already on disk
     assert free < on_disk, (free, on_disk)
     mp.setattr(tcache.outdir, "free_bytes", lambda path: free)
+    fd.teacher_rewrite_meets_the_full_disk(case, free)
     return [*args, "--resume"]
 
 
@@ -499,6 +501,18 @@ CACHE_TRUST = [
 
 # -- the list of promises -----------------------------------------------------------------------------------------
 NO_OVERWRITE_HINT = r"^(?!.*--overwrite).*"
+# -- every write path meets a full disk or a read-only target in one line (issue 34; faults in faults_disk.py) ----
+FULL = r"the disk is full; free space, then rerun$"
+DISK_FAULTS = [
+    Promise("34-distill-meets-a-full-disk-saving-the-student", fd.distill_into_a_full_disk, 1, r"full/run: " + FULL,
+            after=fd.no_student_left, needs_root=True),
+    Promise("34-export-meets-a-full-disk-and-keeps-the-earlier-export", fd.export_over_an_export_on_a_full_disk, 1,
+            r"full/hf: " + FULL, after=fd.earlier_export_kept_and_no_staging, needs_root=True),
+    Promise("34-plan-out-on-a-read-only-mount", fd.plan_out_on_a_read_only_mount, 1,
+            r"--out \S+ro/c: the file system is read-only; choose a writable place, then rerun$", needs_root=True),
+]
+
+
 ROWS = [
     Promise("21.1-build-overwrite-refuses-a-project-folder", lambda c: project_folder(c, "--overwrite"), 1,
             NO_OVERWRITE_HINT + r".*P holds files tcache did not write \(config\.yaml, teacher\); move them away"),
@@ -537,6 +551,7 @@ ROWS = [
     *GENERATE,
     *BAD_INPUT,
     *CACHE_TRUST,
+    *DISK_FAULTS,
 ]
 
 
