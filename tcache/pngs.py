@@ -11,6 +11,7 @@ from pathlib import Path
 
 import tcache
 from tcache.errors import TcacheError
+from tcache.writefaults import is_disk_full, write_error
 from tcache.outdir import check_writable
 
 SOFTWARE = f"tcache {tcache.__version__}"  # the text in each image that proves a plot is tcache's to replace
@@ -97,5 +98,7 @@ def save(fig, canvas_cls, out: str | os.PathLike, flag: str | None = None) -> Pa
     except OSError as e:
         with contextlib.suppress(OSError):  # a read-only directory refuses the unlink too
             tmp.unlink(missing_ok=True)
+        if is_disk_full(e):
+            raise write_error(out, e) from None
         raise TcacheError(f"cannot write the plot {out} ({e.strerror or e}); pass a writable path") from None
     return out

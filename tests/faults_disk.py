@@ -78,3 +78,24 @@ def teacher_rewrite_meets_the_full_disk(case: Case, free: int) -> None:
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 
     case.fixtures["monkeypatch"].setattr(build, "save_teacher_parts", full)
+
+
+def plot_onto_a_full_disk(case: Case) -> list[str]:
+    """A filesystem with 8 KiB free: less than any plot."""
+    mnt = _small_tmpfs(case, "full", 40960)
+    (mnt / "filler").write_bytes(bytes(32768))
+    return ["plot", str(case.fixtures["run"]), "--out", str(mnt / "curves.png")]
+
+
+def distill_checkpoint_onto_a_full_disk(case: Case) -> list[str]:
+    """64 KiB: room for the run's config and metrics, not for its first checkpoint (the trainable weights and
+    their optimizer state, 0.4 MiB)."""
+    mnt = _small_tmpfs(case, "full", 65536)
+    return ["distill", str(case.fixtures["cache"]), "--out", str(mnt / "run"), "--recipe", "v2", "--steps", "2",
+            "--ckpt-every", "1", "--batch-size", "2", "--grad-accum", "1", "--device", "cpu"]
+
+
+def no_partial_checkpoint(case: Case) -> None:
+    ckpts = case.tmp / "full" / "run" / "checkpoints"
+    left = [p.name for p in ckpts.iterdir()] if ckpts.is_dir() else []
+    assert not left, left

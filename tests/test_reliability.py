@@ -508,6 +508,10 @@ DISK_FAULTS = [
             after=fd.no_student_left, needs_root=True),
     Promise("34-export-meets-a-full-disk-and-keeps-the-earlier-export", fd.export_over_an_export_on_a_full_disk, 1,
             r"full/hf: " + FULL, after=fd.earlier_export_kept_and_no_staging, needs_root=True),
+    Promise("34-distill-meets-a-full-disk-at-its-first-checkpoint", fd.distill_checkpoint_onto_a_full_disk, 1,
+            r"full/run: " + FULL, after=fd.no_partial_checkpoint, needs_root=True),
+    Promise("34-plot-meets-a-full-disk", fd.plot_onto_a_full_disk, 1, r"full/curves.png: " + FULL,
+            after=fi.no_partial, needs_root=True),
     Promise("34-plan-out-on-a-read-only-mount", fd.plan_out_on_a_read_only_mount, 1,
             r"--out \S+ro/c: the file system is read-only; choose a writable place, then rerun$", needs_root=True),
 ]
