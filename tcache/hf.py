@@ -92,10 +92,33 @@ def load_model(name: str, device: torch.device, dtype: torch.dtype, revision: st
     try:
         model = AutoModelForCausalLM.from_pretrained(name, revision=revision, dtype=dtype,
                                                      local_files_only=_offline(name))
-    except (OSError, ValueError) as e:
+    except Exception as e:  # OSError, ValueError, and safetensors' own error for a damaged weight file
+        from safetensors import SafetensorError
+
+        if not isinstance(e, (OSError, ValueError, SafetensorError)):
+            raise
         first = str(e).splitlines()[0][:160]
+        bad = _damaged_weights(name) if isinstance(e, SafetensorError) else None
+        if bad is not None:
+            raise TcacheError(f"{_named(who, name)}: its weight file {bad[0]} is damaged ({bad[1]}); download or copy "
+                              "the model again") from None
         raise TcacheError(f"{_named(who, name)}: could not load model ({first})") from None
     return model.to(device).eval().requires_grad_(False)
+
+
+def _damaged_weights(name: str) -> tuple[str, str] | None:
+    """(file name, why) of the first local *.safetensors whose header does not open (a truncated download or copy:
+    safetensors checks that the header covers the whole file), or None."""
+    from safetensors import SafetensorError, safe_open
+
+    d = Path(name)
+    for f in sorted(d.glob("*.safetensors")) if d.is_dir() else []:
+        try:
+            with safe_open(str(f), framework="pt"):
+                pass
+        except (SafetensorError, OSError) as e:
+            return f.name, str(e).splitlines()[0][:120]
+    return None
 
 
 def load_teacher(name: str, device: torch.device, dtype: torch.dtype, revision: str | None = None,

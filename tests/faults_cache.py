@@ -121,3 +121,13 @@ def drawn_as(name: str, fmt: str):
         assert pngs.written_by_tcache(path)
         assert not list(case.tmp.glob("*.partial"))
     return check
+
+
+def build_from_a_truncated_teacher(case: Case) -> list[str]:
+    """A copy of the tiny teacher whose weight file was cut in half (a download or copy cut short)."""
+    teacher = case.tmp / "teacher"
+    shutil.copytree(case.fixtures["tiny_teacher"], teacher)
+    weights = sorted(teacher.glob("*.safetensors"))[0]
+    weights.write_bytes(weights.read_bytes()[:weights.stat().st_size // 2])
+    return ["build", "--teacher", str(teacher), "--data", str(case.fixtures["valid_jsonl"]), "--tokens", "1k",
+            "--seq-len", "64", "--top-k", "4", "--device", "cpu", "--out", str(case.tmp / "c")]

@@ -457,6 +457,9 @@ TRUNCATED = r"truncated after line \d+ \(Compressed file ended before the end-of
 NOT_AN_IMAGE = r"{} \S+{}: \.txt is not an image format tcache writes; name it \.png, \.jpg, \.pdf or \.svg$"
 
 CACHE_TRUST = [
+    Promise("34-build-from-a-teacher-with-a-truncated-weight-file", fc.build_from_a_truncated_teacher, 1,
+            r"--teacher \S+teacher: its weight file model\.safetensors is damaged \(.*\); download or copy the "
+            r"model again$", after=fi.nothing_built),
     Promise("34.1-verify-of-a-manifest-with-rows-raised", fc.on_damaged_cache("verify", "rows"), 1,
             VERIFY_MANIFEST.format(2, ROWS_RAISED)),
     Promise("34.2-stats-of-a-manifest-with-rows-raised", fc.on_damaged_cache("stats", "rows"), 1,
