@@ -1,6 +1,6 @@
 # One GPU call for the training step (issue 32): the CUDA tests of the kernels and steps, then distill.py --hybrid's
-# parts given as arguments (default: the anchor, the defaults, the step before issue 32 and the defaults as CUDA
-# graphs, side by side), with profiles.
+# parts given as arguments (default: the anchor, the defaults, and stage II, stage I and the T4 path as CUDA graphs:
+# the measurement that decides whether the hybrid's --compile auto becomes cudagraphs), with profiles.
 #   bash benchmarks/gpu/step.sh [PARTS] [BUDGET_S]     (from the repo root, .gpu/ carried: tok, corpus, wheels)
 python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .gpu/wheels/*.whl 2>&1 | tail -1
 export PYTHONPATH=$PWD:/tmp/site HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 PYTHONUNBUFFERED=1
@@ -13,7 +13,7 @@ if [ -z "$SKIP_TESTS" ]; then  # the tests' ../shared, from what travels: the to
   TCACHE_SHARED=/tmp/shared timeout ${TEST_S:-240} python3 -m pytest -q -p no:cacheprovider tests/test_mlstm_op.py tests/test_static_decode.py tests/test_joint_decode.py \
     tests/test_window.py tests/test_hybrid.py tests/test_chunked_prefill.py -k "cuda or twin or adapter_pads" 2>&1 | tee $OUT/r/cuda-tests.txt | tail -15
 fi
-PARTS=${1:-plain_lm_compiled,hybrid_stage2,hybrid_stage2_before,hybrid_stage2_cudagraphs}
+PARTS=${1:-plain_lm_compiled,hybrid_stage2,hybrid_stage2_cudagraphs,hybrid_stage1_cudagraphs,hybrid_stage2_fp16_16gib_cudagraphs}
 python3 benchmarks/distill.py --hybrid --tokenizer .gpu/tok --train .gpu/corpus/train.jsonl.xz --out /tmp/step-out \
   --budget ${2:-330} --parts $PARTS ${PROFILE---profile} 2>&1 | tee $OUT/r/run.log | grep -v "^{" | tail -25
 cp /tmp/step-out/*.json $OUT/r/ 2>/dev/null
