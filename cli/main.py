@@ -20,7 +20,7 @@ def main() -> None:
 
 
 def _register() -> None:
-    from tcache.cli import build, distill, eval, export, plan, plot, probe, stats, verify
+    from tcache.cli import build, distill, eval, export, merge, plan, plot, probe, stats, verify
 
     main.add_command(build.build)
     main.add_command(plan.plan)
@@ -30,6 +30,7 @@ def _register() -> None:
     main.add_command(eval.eval_cmd)
     main.add_command(probe.probe)
     main.add_command(plot.plot)
+    main.add_command(merge.merge)
     main.add_command(export.export)
     main.add_command(export.generate)
 

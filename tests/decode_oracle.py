@@ -78,7 +78,7 @@ class ConcatMixer(MixerState):
         """One mLSTM step with mlstm_kernels' native recurrent step: (B, H, 1, d)."""
         from mlstm_kernels.torch.recurrent.native_step import mlstm_recurrent_step__native
 
-        qf, kf = (t[:, :, 0] for t in mx.features(qm, km))  # (B, H, F) x2
+        qf, kf = (t[:, :, 0] for t in mx.features(qm, km, x))  # (B, H, F) x2
         i, f = (g.float()[:, 0, :, None] for g in mx.gates(x))  # (B, H, 1) x2
         c, n, m = mx.head_state(self.mlstm)
         h, new = mlstm_recurrent_step__native(qf, kf, v[:, :, 0].float(), i, f, c, n, m, eps=1e-12)

@@ -33,7 +33,7 @@ def prefill_state(mx, x: torch.Tensor, qm: torch.Tensor, km: torch.Tensor, v: to
     """The state after a prompt (B, T, D) of the parallel forward: the last min(T, W) positions' kf, i, lf in
     order (B, Hm, w, ...), and C, n, m over the keys S <= j <= T - 1 - W."""
     S, W, r = mx.sinks, mx.window, mx.H // mx.Hm
-    kf = mx.features(qm, km)[1][:, ::r].float()  # (B, Hm, T, F)
+    kf = mx.features(qm, km, x)[1][:, ::r].float()  # (B, Hm, T, F)
     i, f = (g.float().transpose(1, 2)[:, ::r] for g in mx.gates(x))  # (B, Hm, T) x2
     lf = F.logsigmoid(f)
     vh = v.repeat_interleave(mx.Hm // v.shape[1], 1).float()  # (B, Hm, T, d) from the Hkv heads

@@ -34,7 +34,7 @@ def mixer_step(mx, x: torch.Tensor, position_embeddings, st: "StaticMixer") -> t
     if mx.mix_form == "joint":  # LoLCATs' one softmax, its linear part a state W tokens behind (joint_state.py)
         from tcache.student.inference import joint_state
 
-        qf, kf = mx.features(*mx.mlstm_qk(q, q0, k, k0))  # (B, H, 1, F) x2
+        qf, kf = mx.features(*mx.mlstm_qk(q, q0, k, k0), x)  # (B, H, 1, F) x2
         return joint_state.step(mx, x, q, q0, qf, kf, old_v, st)
     return mix_step(mx, x, q, q0, k0, k, v, lambda: _window(mx, q, q0, st),
                     lambda qm, km, vr: _mlstm(mx, x, qm, km, vr, st))
@@ -73,7 +73,7 @@ def _mlstm(mx, x, qm, km, v, st: "StaticMixer") -> torch.Tensor:
     """One mLSTM step (mlstm_kernels' recurrent step, the chunkwise kernel's equations) into the fixed C, n, m."""
     from mlstm_kernels.torch.recurrent.native_step import mlstm_recurrent_step__native
 
-    qf, kf = (t[:, :, 0] for t in mx.features(qm, km))  # (B, H, F) x2
+    qf, kf = (t[:, :, 0] for t in mx.features(qm, km, x))  # (B, H, F) x2
     i, f = (g.float()[:, 0, :, None] for g in mx.gates(x))  # (B, H, 1) x2
     c, n, m = mx.head_state(st.mlstm)  # (B, H, F, d), ...: views of the fixed buffers, or their groups repeated
     h, new = mlstm_recurrent_step__native(qf, kf, v[:, :, 0].float(), i, f, c, n, m, eps=1e-12)

@@ -64,6 +64,9 @@ class HybridConfig:
     mlstm_rope: bool = False
     """Feed the mLSTM branch and the output gate RoPE-rotated q, k (--mlstm-rope); by default they get the
     unrotated projections, so nothing outside the window depends on absolute position (see docs/hybrid.md)."""
+    qk_merged: bool = False
+    """Whether step 3 has run (--qk-merge, student/models/qk_merge.py): the mLSTM reads its features through its own
+    q / k projections of the layer input, the Hedgehog maps folded into them."""
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -113,6 +116,7 @@ class HybridStudent(nn.Module):
         self.lm = lm
         self.mixers = convert(lm, cfg)
         self.kernels = {"mlstm": cfg.mlstm_kernel, "window": "sdpa"}
+        self.qk_merge_at_stage2 = False  # --qk-merge: step 3 runs when stage II (mode "hybrid") begins
 
     family = "hybrid"
 
@@ -160,8 +164,23 @@ class HybridStudent(nn.Module):
             p.requires_grad_(True)
 
     def set_stage(self, train: str, mode: str) -> None:
+        if mode == "hybrid" and self.qk_merge_at_stage2 and not self.cfg.qk_merged:
+            self.merge_qk()  # step 3, between stage I and stage II: before the new projections' trainable set
         self.set_trainable(train)
         self.set_mode(mode)
+
+    def merge_qk(self) -> None:
+        """Step 3 (student/models/qk_merge.py): every mixer's Hedgehog maps folded into its own q / k projections."""
+        from dataclasses import replace
+
+        from tcache.student.models.qk_merge import merge_mixer
+
+        if self.cfg.mlstm_rope or self.cfg.branches == "window":
+            raise TcacheError("--qk-merge folds the feature maps into the projections; it is exact only without "
+                              "--mlstm-rope and needs the mLSTM branch (not --branches window): drop one of them")
+        for m in self.mixers:
+            merge_mixer(m)
+        self.cfg = replace(self.cfg, qk_merged=True)
 
     def features(self, ids: torch.Tensor, groups: int = 0):
         out = self.lm.model(input_ids=ids, use_cache=False)

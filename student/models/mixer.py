@@ -5,6 +5,8 @@ mLSTM branch over Hedgehog features, and their mix (the output gate, or LoLCATs'
       swa   = window + sinks softmax attention (student/models/window.py, O(T·W))
       mlstm = mLSTM(phi_q(qm), phi_k(km), v; gates from x)   (mlstm_kernels' chunkwise kernel)
       out   = o * mlstm + (1 - o) * swa, o = sigmoid(w_o [qm, km, v])  per head, before the teacher's W_o
+
+After step 3 (--qk-merge, student/models/qk_merge.py) phi's linear maps live in the mLSTM's own projections of x.
 """
 
 from __future__ import annotations
@@ -81,9 +83,13 @@ class HybridMixer(nn.Module):
         d = self.head_dim
         # the only parameters that do not come from the teacher
         half = feature_dim(cfg, d) // 2
-        # identity at init (the first F/2 of the head's dims when F/2 < d; zero columns beyond d when F/2 > d)
-        self.phi_q = nn.Parameter(torch.eye(d, half).repeat(num_heads, 1, 1))  # (H, d, F/2)
-        self.phi_k = nn.Parameter(torch.eye(d, half).repeat(self.Hm, 1, 1))  # (Hm, d, F/2)
+        self.qk_merged = cfg.qk_merged
+        if cfg.qk_merged:  # step 3 done: phi's maps folded into the mLSTM's own q / k projections (qk_merge.py)
+            self.mq_proj = nn.Linear(hidden_size, num_heads * half, bias=self.q_proj.bias is not None)
+            self.mk_proj = nn.Linear(hidden_size, self.Hm * half, bias=self.k_proj.bias is not None)
+        else:  # identity at init (the first F/2 of the head's dims when F/2 < d; zero columns beyond d when F/2 > d)
+            self.phi_q = nn.Parameter(torch.eye(d, half).repeat(num_heads, 1, 1))  # (H, d, F/2)
+            self.phi_k = nn.Parameter(torch.eye(d, half).repeat(self.Hm, 1, 1))  # (Hm, d, F/2)
         self.igate = nn.Linear(hidden_size, self.Hm)
         self.fgate = nn.Linear(hidden_size, self.Hm)
         self.ogate_w = nn.Parameter(torch.zeros(num_heads, 3 * d))  # (H, 3d)
@@ -106,8 +112,8 @@ class HybridMixer(nn.Module):
         self.last_match: torch.Tensor | None = None  # the chosen objective of the last match-mode forward
 
     def new_parameters(self) -> list[nn.Parameter]:
-        return [self.phi_q, self.phi_k, *self.igate.parameters(), *self.fgate.parameters(), self.ogate_w,
-                self.ogate_b]
+        maps = [*self.mq_proj.parameters(), *self.mk_proj.parameters()] if self.qk_merged else [self.phi_q, self.phi_k]
+        return [*maps, *self.igate.parameters(), *self.fgate.parameters(), self.ogate_w, self.ogate_b]
 
     def gates(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Input and forget gate pre-activations (..., H) x2 of x (..., D), from one projection. Each gate is H wide
@@ -124,10 +130,15 @@ class HybridMixer(nn.Module):
             i, f = (t.repeat_interleave(self.H // self.Hm, -1) for t in (i, f))  # (..., H) x2
         return i, f
 
-    def features(self, qm: torch.Tensor, km: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def features(self, qm: torch.Tensor, km: torch.Tensor, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The mLSTM's Hedgehog features (B, H, T, F) x2 of its q, k (B, H, T, d); with kv heads the key map runs
         once per group (km repeats the kv head's keys within a group) and its features are repeated to the group's
-        query heads, so the group's H / Hkv mLSTM states are equal: decode keeps one (keep_state)."""
+        query heads, so the group's H / Hkv mLSTM states are equal: decode keeps one (keep_state). After step 3
+        they come from the layer input x (B, T, D) through the merged projections instead (qk_merge.py)."""
+        if self.qk_merged:
+            from tcache.student.models.qk_merge import merged_features
+
+            return merged_features(self, x)  # (B, H, T, F) x2
         qf = hedgehog(qm, self.phi_q)  # (B, H, T, F)
         if self.Hm == self.H:
             return qf, hedgehog(km, self.phi_k)
@@ -174,7 +185,7 @@ class HybridMixer(nn.Module):
                 with torch.no_grad():
                     full = F.scaled_dot_product_attention(q, kr, v, is_causal=True, scale=self.scaling)
                 # the feature maps of the mLSTM branch, on its own q, k (B, H, T, 2d), if the loss needs them
-                features = lambda: self.features(qm, km)  # noqa: E731
+                features = lambda: self.features(qm, km, x)  # noqa: E731
                 self.last_mse, self.last_weights_ce, self.last_match = stage_one_losses(
                     self.match_loss, h, full, features, q, kr, self.scaling)
                 h = full  # teacher forcing: the next layer sees the teacher's own input
@@ -217,7 +228,7 @@ class HybridMixer(nn.Module):
         if self.mix_form == "joint":  # LoLCATs' one denominator; no recurrent state to hand back
             from tcache.student.models.joint import joint_attention
 
-            qf, kf = self.features(qm, km)  # (B, H, T, F) x2
+            qf, kf = self.features(qm, km, x)  # (B, H, T, F) x2
             i, f = (g.float().transpose(1, 2) for g in self.gates(x))  # (B, H, T) x2
             return joint_attention(q, k, v, q_sink, qf, kf, i, f, self.ogate_b, self.window, self.sinks,
                                    self.scaling)  # (B, H, T, d)
@@ -229,7 +240,7 @@ class HybridMixer(nn.Module):
         # chunkwise kernel reads; fp32 stays fp32), the gates in fp32 as mlstm_kernels expects; the kernel
         # accumulates in fp32 either way. TCACHE_MLSTM_INPUTS=fp32 feeds fp32 as before (for benchmarks).
         dt = torch.float32 if os.environ.get(MLSTM_INPUTS_ENV) == "fp32" else v.dtype
-        qf, kf = (t.to(dt) for t in self.features(qm, km))  # (B, H, T, F) x2
+        qf, kf = (t.to(dt) for t in self.features(qm, km, x))  # (B, H, T, F) x2
         i, f = (g.float().transpose(1, 2) for g in self.gates(x))  # (B, H, T) x2
         if states is None:
             m = self.mlstm_fn(qf, kf, v.to(dt), i.unsqueeze(-1), f.unsqueeze(-1))  # (B, H, T, d)

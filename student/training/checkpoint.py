@@ -86,7 +86,8 @@ def _check_resume_config(cfg: DistillConfig, ckpt: Path) -> None:
         # checkpoint from before they existed has none)
         saved, now = ({k: v for k, v in d.items() if not k.startswith("lora_")} for d in (saved, now))
     # a checkpoint from before an option existed trained with its default
-    for k, v in (("match_loss", "output"), ("feature_dim", None), ("mlstm_heads", "query"), ("mix", "gate")):
+    for k, v in (("match_loss", "output"), ("feature_dim", None), ("mlstm_heads", "query"), ("mix", "gate"),
+                 ("qk_merge", False), ("init", None)):
         saved.setdefault(k, v)
     diffs = sorted(k for k in set(saved) | set(now) if k not in RESUMABLE_DIFFS and saved.get(k) != now.get(k))
     if diffs:

@@ -86,6 +86,13 @@ class DistillConfig:
     train as they will run); unset: --window-dropout throughout."""
     mlstm_rope: bool = False
     """Hybrid recipe: give the mLSTM branch RoPE-rotated q and k (the paper's reading) instead of unrotated."""
+    qk_merge: bool = False
+    """Hybrid recipe: step 3 of the paper between stage I and stage II: fold each layer's feature maps into the
+    mLSTM's own query / key projections (exact), which stage II then trains apart from the window's; off by default
+    until measured (docs/hybrid.md)."""
+    init: str | None = None
+    """Hybrid recipe, --stage 2: start from this finished hybrid student (a distill or `tcache merge` output) instead
+    of the converted teacher; its teacher and recipe shape must be this run's."""
     match_loss: str = opt("output", choices=MATCH_LOSSES)
     """Hybrid recipe: stage I's objective per layer: output (MSE of the attention output against the teacher's),
     weights (Hedgehog's cross-entropy of the teacher's softmax attention weights against the mLSTM feature maps'
@@ -247,6 +254,14 @@ class DistillConfig:
             if self.feature_dim < 16 or self.feature_dim % 16:
                 raise TcacheError(f"--feature-dim must be a positive multiple of 16 (mlstm_kernels' Triton kernel "
                                   f"tiles), got {self.feature_dim}; e.g. 32, 64 or 128")
+        if self.qk_merge and (recipe.model != "hybrid" or self.mlstm_rope or self.branches == "window"
+                              or self.train == "lora" or self.stage == "1"):
+            raise TcacheError("--qk-merge folds the hybrid's feature maps into the mLSTM's q / k projections before "
+                              "stage II: use it with --recipe hybrid and a stage II, without --mlstm-rope, --branches "
+                              "window or --train lora")
+        if self.init is not None and (recipe.model != "hybrid" or self.stage != "2"):
+            raise TcacheError(f"--init {self.init} starts the hybrid recipe's stage II from a finished student; pass "
+                              "--recipe hybrid --stage 2")
         if self.max_gpu_memory is not None:
             parse_bytes(self.max_gpu_memory)
         self.stage1_tokens = parse_count(self.stage1_tokens, "--stage1-tokens") if self.stage1_tokens else None

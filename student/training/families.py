@@ -64,6 +64,11 @@ def build_hybrid(cfg: DistillConfig, manifest, device: torch.device, budget: int
                         feature_dim=cfg.feature_dim, mlstm_heads=cfg.mlstm_heads, mix=cfg.mix)
     torch.manual_seed(cfg.seed)
     model = load_hybrid(str(Path(cfg.cache) / schema.TEACHER_DIR), hcfg)
+    model.qk_merge_at_stage2 = cfg.qk_merge  # step 3 between the stages (student/models/qk_merge.py)
+    if cfg.init is not None:  # stage II from a finished student (a merge, say): student/models/merge.py
+        from tcache.student.models.merge import load_init
+
+        load_init(model, cfg.init, manifest, hcfg)
     lora = None
     if cfg.train == "lora":  # stage II's adapters, there from the start (B = 0: they add nothing until they train)
         from tcache.student.models.lora import add_adapters

@@ -28,6 +28,7 @@ from tcache.student.training.config import RECIPES, DistillConfig, student_confi
 from tcache.student.training.data import CacheRows, epoch_loader
 from tcache.student.training.families import FAMILIES
 from tcache.student.models.io import save_student
+from tcache.student.models.merge import teacher_fingerprint
 from tcache.student.training.metrics import METRICS_FILE, MetricsLog, truncate_metrics
 from tcache.student.training.runtime import (cap_gpu_memory, compile_step, resolve_loss_chunk, resolve_precision,
                                              resolve_workers)
@@ -323,7 +324,9 @@ def _fit_and_save(tr: Trainer, work: Path, hasher: ShardHasher, stop, on_start, 
         "tcache_version": tcache.__version__,
         "cache": {"path": str(cfg.cache), "teacher": m.teacher.get("name_or_path"),
                   "tokenizer_sha256": m.tokenizer["sha256"], "seq_len": m.seq_len,
-                  "top_k": m.top_k, "hidden_groups": plan.groups},
+                  "top_k": m.top_k, "hidden_groups": plan.groups,
+                  # what `tcache merge` checks and records (student/models/merge.py)
+                  "identity": identity, "teacher_sha256": teacher_fingerprint(m)},
         "trained": {"steps": state.step, "tokens": state.tokens, "seconds": round(state.elapsed, 2)},
         "params": plan.info["params"], "final_metrics": last,
         "kernels": {"mlstm": plan.info["mlstm_kernel"], "slstm": plan.info["slstm_backend"]},
