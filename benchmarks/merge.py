@@ -72,7 +72,8 @@ def parse_args(argv=None):
     if "--smoke" in (argv if argv is not None else sys.argv[1:]):
         ap.set_defaults(**SMOKE)
     a = ap.parse_args(argv)
-    if a.smoke and a.valid is None:
+    a.valid_head = a.smoke and a.valid is None  # main() writes it: two books' heads
+    if a.valid_head:
         a.valid = str(Path(a.work) / "valid-head.jsonl")
     missing = [f"--{k}" for k in ("teacher", "train", "valid", "work", "out") if getattr(a, k) is None]
     if missing:
@@ -108,10 +109,14 @@ def main() -> None:
     a = parse_args()
     t0, budget, env = time.time(), Budget(a.deadline), child_env()
     work, out = workdirs(a)
-    if a.smoke and not Path(a.valid).exists():
-        with open(SHARED / "corpus" / "valid.jsonl") as f:
-            Path(a.valid).write_text("".join(json.dumps({"text": json.loads(next(f))["text"][:40_000]}) + "\n"
-                                             for _ in range(2)))
+    if a.smoke:  # heads of books: a whole book (~100k tokens) would fill a toy mixture cache before any of B
+        heads = [(Path(a.train), work / "books-head.jsonl", 24, 4_000)]
+        heads += [(SHARED / "corpus" / "valid.jsonl", Path(a.valid), 2, 40_000)] if a.valid_head else []
+        for src, dst, docs, chars in heads:
+            with (lzma.open if src.suffix == ".xz" else open)(src, "rt") as f:
+                dst.write_text("".join(json.dumps({"text": json.loads(next(f))["text"][:chars]}) + "\n"
+                                       for _ in range(docs)))
+        a.train = str(work / "books-head.jsonl")
     b_train, b_held = work / "b-train.jsonl", work / "b-heldout.jsonl"
     split = split_domain_b(Path(a.domain_b), b_train, b_held, a.b_heldout_every, a.b_docs)
     sets = {"books": a.valid, "b-heldout": str(b_held),
