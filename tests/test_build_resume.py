@@ -114,8 +114,9 @@ def reference(tmp_path_factory, teacher_dir, small_text):
     return out
 
 
-def test_kill_9_at_ten_points_then_resume_is_byte_identical(tmp_path, teacher_dir, small_text, reference):
-    """One build, killed with SIGKILL ten times (after 1, 2, ... complete shards, wherever the writer is),
+def test_kill_9_at_five_points_then_resume_is_byte_identical(tmp_path, teacher_dir, small_text, reference):
+    """One build, killed with SIGKILL five times (after 1, 3, ... 9 complete shards, wherever the writer is; ten
+    kills cost the suite 78 s on 2 cores, each one a fresh process loading torch and the teacher),
     each time resumed; tokenizer worker processes die with their parent (both workers are seen running before
     each kill, so "none outlived it" is not vacuous). The resumed cache's shard and teacher files are rehashed
     from disk against the uninterrupted build's: a resume that flipped a byte of shard 0 right after adopting it
@@ -123,7 +124,7 @@ def test_kill_9_at_ten_points_then_resume_is_byte_identical(tmp_path, teacher_di
     out = tmp_path / "cache"
     args = build_args(teacher_dir, small_text, out, "--tokenizer-workers", 2)
     kills = 0
-    for target in range(1, 11):
+    for target in range(1, 11, 2):
         proc = spawn(args + (["--resume"] if kills else []))
         t = time.time()
         pool: list[int] = []
@@ -141,7 +142,7 @@ def test_kill_9_at_ten_points_then_resume_is_byte_identical(tmp_path, teacher_di
             time.sleep(0.05)
         assert not [k for k in kids if alive(k)], "worker processes outlived a kill -9 of the build"
         assert not (out / schema.MANIFEST_FILE).exists()
-    assert kills == 10
+    assert kills == 5
     r = run(*args, "--resume")
     assert r.exit_code == 0, r.output
     resumed = load_manifest(out)
