@@ -28,10 +28,13 @@ RESULTS/distill-hybrid-SHAPE.json under these keys (each with tokens_per_s, peak
   hybrid_stage2_compile_off, ..._dense_window, ..._mlstm_fp32   stage II with one change undone each: no compile;
                                       the dense (T, S + T) window mask (TCACHE_WINDOW=dense, compile off: the
                                       earlier default); fp32 mLSTM inputs (TCACHE_MLSTM_INPUTS=fp32)
+  hybrid_stage2_kernel_bf16           the mLSTM kernel's q, k, v in bf16 (TCACHE_MLSTM_KERNEL_DTYPE; fp32 default)
+  hybrid_stage2_on, ..._cudagraphs    --compile on (one inductor graph, no CUDA graphs) / cudagraphs, set explicitly
   v2_step                             the v2 student's training step (the library's defaults), for its MFU
   plain_lm_compiled_2048, hybrid_stage2_2048   the same at 8 x 2048, where the window's O(T·W) shows
 MFU = 6 N tokens/s over the GPU's dense bf16 peak (N: all parameters; H100 / H200: 989 TFLOP/s).
---parts A,B runs only those, in that order; --profile adds a profile of three more steps of each student part
+--parts A,B runs only those, in that order; --prewarm N compiles every part first, N processes at a time, so the
+timed pass reads torch.compile's disk caches (--prewarm-only: a first call, the timed one follows on the same machine); --profile adds a profile of three more steps of each student part
 (RESULTS/profile-PART.txt: kernels per step, GPU time by kernel kind, the top kernels; the summary in the JSON).
 """
 
@@ -76,6 +79,12 @@ def main() -> None:
     ap.add_argument("--budget", type=float, default=0, help="--hybrid: seconds for all parts (0: no limit)")
     ap.add_argument("--parts", default=None,
                     help="--hybrid: only these parts, in this order (comma-separated HYBRID_PARTS names)")
+    ap.add_argument("--prewarm", type=int, default=0,
+                    help="--hybrid: first compile every part N at a time (two steps each, untimed), so the timed pass "
+                         "reads torch.compile's caches and fits one call; 0: off")
+    ap.add_argument("--prewarm-only", action="store_true",
+                    help="--hybrid --prewarm: only compile (a first call on a GPU machine whose caches a second, timed "
+                         "call on the same machine then reads)")
     ap.add_argument("--single", default=None, help=argparse.SUPPRESS)  # internal: one distill run, as JSON
     ap.add_argument("--hybrid-stage", default=None, help=argparse.SUPPRESS)  # internal: one hybrid stage, as JSON
     a = ap.parse_args()

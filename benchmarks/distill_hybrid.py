@@ -38,6 +38,10 @@ HYBRID_PARTS = {  # name: spec, in the order they run (the anchor, the defaults 
     "hybrid_stage2_layer_cudagraphs": {"kind": "hybrid", "stage": 1, "compile": "cudagraphs",
                                        "env": {"TCACHE_COMPILE_SCOPE": "layer"}},
     "hybrid_stage2_kernel_bf16": {"kind": "hybrid", "stage": 1, "env": {"TCACHE_MLSTM_KERNEL_DTYPE": "bf16"}},
+    "hybrid_stage2_kernel_bf16_cudagraphs": {"kind": "hybrid", "stage": 1, "compile": "cudagraphs",
+                                             "env": {"TCACHE_MLSTM_KERNEL_DTYPE": "bf16"}},
+    "hybrid_stage2_on": {"kind": "hybrid", "stage": 1, "compile": "on"},
+    "hybrid_stage2_2048_cudagraphs": {"kind": "hybrid", "stage": 1, "T": 2048, "compile": "cudagraphs"},
     "hybrid_stage2_flex_window": {"kind": "hybrid", "stage": 1, "env": {"TCACHE_WINDOW": "flex"}},
     "hybrid_stage2_fp16_16gib": {"kind": "hybrid", "stage": 1, "precision": "fp16", "cap": "16GiB"},
     "hybrid_stage2_fp16_16gib_cudagraphs": {"kind": "hybrid", "stage": 1, "precision": "fp16", "cap": "16GiB",
@@ -96,23 +100,26 @@ def plain_lm_rate(teacher: Path, T: int, compiled: bool, warmup: int = 3, steps:
 
 
 def hybrid_part(a, spec: dict, teacher: Path, work: Path) -> dict:
-    """One part of --hybrid (HYBRID_PARTS), in this process."""
+    """One part of --hybrid (HYBRID_PARTS), in this process; with spec["warm_only"] (--prewarm) two untimed steps,
+    to fill torch.compile's caches."""
     T = spec.get("T", 512)
+    warmup, steps = (1, 1) if spec.get("warm_only") else (3, 10)
     try:
         if spec["kind"] == "plain":
-            return plain_lm_rate(teacher, T, spec["compiled"])
+            return plain_lm_rate(teacher, T, spec["compiled"], warmup, steps)
         cache = str(cache_for(a, teacher, work, T))
         if spec["kind"] == "v2":
             cfg = DistillConfig(cache=cache, out=str(work / "v2"), recipe="v2", steps=a.steps, batch_size=B,
                                 grad_accum=1)
             prof = Path(a.out) / f"profile-{spec['name']}.txt" if spec.get("profile") else None
-            res = step_rate(cfg, gpu_batches(cache, plan_budget(cfg, load_manifest(cache)).groups, 4), 3, 10, prof)
+            res = step_rate(cfg, gpu_batches(cache, plan_budget(cfg, load_manifest(cache)).groups, 4), warmup, steps,
+                            prof)
             return with_mfu(res, res["params"]["total"] if isinstance(res["params"], dict) else res["params"])
         cfg = DistillConfig(cache=cache, out=str(work / "hybrid"), recipe="hybrid", steps=a.steps, batch_size=B,
                             grad_accum=1, precision=spec.get("precision", "auto"), max_gpu_memory=spec.get("cap"),
                             compile=spec.get("compile", "auto"))
         prof = Path(a.out) / f"profile-{spec['name']}.txt" if spec.get("profile") else None
-        res = hybrid_stage_rate(cfg, spec["stage"], profile=prof)
+        res = hybrid_stage_rate(cfg, spec["stage"], warmup, steps, profile=prof)
         return with_mfu(res, res["params"]["total"]) if "params" in res else res
     except Exception as e:  # an out-of-memory under the cap is a result, not a crash
         return {"error": failure(e), "peak_gib": peak_gib()}
@@ -129,6 +136,11 @@ def hybrid_bench(a, teacher: Path, out: Path) -> None:
     if unknown:
         raise SystemExit(f"--parts: unknown {', '.join(unknown)}; choose from {', '.join(HYBRID_PARTS)}")
     parts = {n: HYBRID_PARTS[n] for n in names}  # in the order given
+    if a.prewarm:
+        res["prewarm_s"] = prewarm(a, teacher, parts)
+        if a.prewarm_only:
+            print(f"prewarm: {res['prewarm_s']} s", flush=True)
+            return
     for name, spec in parts.items():
         spec = {**spec, "name": name, "profile": a.profile and spec["kind"] != "plain"}
         left = budget.left()
@@ -151,6 +163,28 @@ def hybrid_bench(a, teacher: Path, out: Path) -> None:
     cells = [[n, f"{res[n].get('tokens_per_s', float('nan')):,.0f}", res[n].get("x_plain_lm_compiled", "-"),
               res[n].get("mfu", "-"), res[n].get("peak_gib", "-"), res[n].get("error", "")] for n in parts]
     print("\n" + "\n".join(table(head, cells)))
+
+
+def prewarm(a, teacher: Path, parts: dict) -> float:
+    """Every part compiled before any is timed, --prewarm at a time, each in its own process running two untimed
+    steps: the timed pass then reads inductor's caches (on disk, shared by the processes) instead of compiling
+    again, ~150 s a stage II part otherwise, so the anchor and every part fit one call. The parts' caches are built
+    here first (concurrent builds of one cache would race). Returns the seconds it took."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    t0 = time.monotonic()
+    for T in sorted({spec.get("T", 512) for spec in parts.values() if spec["kind"] != "plain"}):
+        cache_for(a, teacher, Path(a.work), T)
+
+    def warm(item):
+        name, spec = item
+        r = run_result(child_command(a, "--hybrid-stage", {**spec, "name": name, "warm_only": True}), None,
+                       child_env(**spec.get("env", {})))
+        print(json.dumps({f"prewarm {name}": {k: r.get(k) for k in ("warmup_s", "error") if k in r}}), flush=True)
+
+    with ThreadPoolExecutor(a.prewarm) as pool:
+        list(pool.map(warm, parts.items()))
+    return round(time.monotonic() - t0, 1)
 
 
 def hybrid_stage_rate(cfg: DistillConfig, stage: int, warmup: int = 3, steps: int = 10,

@@ -8,11 +8,13 @@ run it is held by test_distill's compiled-blocks test."""
 from __future__ import annotations
 
 import pytest
+import torch
 
 
 def test_distill_with_compile_on_follows_the_eager_run_through_both_stages(tmp_path, one_layer_cache, valid_jsonl,
                                                                            monkeypatch):
-    """`tcache distill --recipe hybrid --compile on` as a user runs it (the default on a GPU; forced here on CPU):
+    """`tcache distill --recipe hybrid --compile on` as a user runs it (on a GPU the default replays this graph as CUDA
+    graphs; forced here on CPU):
     it completes both stages, its loss at every step equals the --compile off run's, and the saved student
     evaluates."""
     from test_hybrid import metrics, run
@@ -31,3 +33,37 @@ def test_distill_with_compile_on_follows_the_eager_run_through_both_stages(tmp_p
         assert got == pytest.approx(want, rel=1e-4, abs=1e-6)
     r = run("eval", tmp_path / "run-on", "--data", valid_jsonl, "--tokens", 256, "--seq-len", 64, "--json")
     assert r.exit_code == 0, r.output
+
+
+@pytest.mark.parametrize("capability,want", [((9, 0), "cudagraphs"), ((7, 5), "cudagraphs"), ((7, 0), "off")])
+def test_the_hybrids_compile_auto_by_compute_capability(monkeypatch, capability, want):
+    """--compile auto for the hybrid: CUDA graphs from a T4 (sm 7.5) up, so the 16 GiB emulation on a larger GPU
+    runs what a T4 runs; off below Triton's tensor-core floor and on the CPU; an explicit choice always wins."""
+    from tcache.student.training.families import hybrid_compile
+
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
+    assert hybrid_compile("auto", torch.device("cuda")) == want
+    assert hybrid_compile("on", torch.device("cuda")) == "on"
+    assert hybrid_compile("auto", torch.device("cpu")) == "off"
+
+
+def test_compile_auto_goes_on_eagerly_when_the_backend_cannot_compile():
+    """A backend that fails (as Triton would on a GPU it does not support): under --compile auto one warning and the
+    eager result; under an explicit --compile the error stands."""
+    from tcache.student.training.runtime import compile_step
+
+    def broken(gm, example_inputs):
+        raise RuntimeError("no kernel for sm_75")
+
+    def terms(batch, temperature):
+        return {"x": batch["a"] * temperature}
+
+    torch._dynamo.reset()
+    step = compile_step(terms, fallback=True, backend=broken)
+    with pytest.warns(UserWarning, match="--compile auto: torch.compile failed"):
+        got = step({"a": torch.arange(3.0)}, 2.0)
+    torch.testing.assert_close(got["x"], torch.arange(3.0) * 2)
+    torch.testing.assert_close(step({"a": torch.ones(2)}, 3.0)["x"], torch.full((2,), 3.0))  # eager from then on
+    torch._dynamo.reset()
+    with pytest.raises(torch._dynamo.exc.BackendCompilerFailed):
+        compile_step(terms, backend=broken)({"a": torch.arange(3.0)}, 2.0)

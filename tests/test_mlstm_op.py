@@ -115,3 +115,67 @@ def test_the_hybrid_step_compiles_as_one_graph_and_computes_the_eager_step(devic
         for name in want:
             torch.testing.assert_close(got[name], want[name], atol=1e-5, rtol=1e-4,
                                        msg=lambda m: f"{sp.stage.name} {name}: {m}")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the half-precision Triton builds need CUDA")
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_the_half_precision_cuda_kernel_against_a_float64_parallel_mlstm(dtype):
+    """TCACHE_MLSTM_KERNEL_DTYPE=bf16 | fp16: the Triton kernels with q, k, v in half precision (gates fp32) pass
+    opcheck, and their forward and gradients stay within half precision's error of the float64 parallel form's
+    (relative error of the whole tensor; printed, so the GPU call's output records it)."""
+    from mlstm_kernels.torch import get_mlstm_kernel
+
+    q, k, v, i, f = inputs("cuda", S=256, D=64)
+    qh, kh, vh = (t.detach().to(dtype).requires_grad_() for t in (q, k, v))
+    i32, f32 = (t.detach().clone().requires_grad_() for t in (i, f))
+    torch.library.opcheck(torch.ops.tcache.mlstm_chunkwise.default, (qh, kh, vh, i32, f32, 64, 1e-6, 0.125))
+    h = mlstm_chunkwise(qh, kh, vh, i32, f32, 64, 1e-6, 64 ** -0.5)[0]  # (B, H, S, D) in dtype
+    assert h.dtype == dtype
+    dh = torch.randn(h.shape, generator=torch.Generator().manual_seed(1)).to("cuda")
+    got = torch.autograd.grad((h.float() * dh).sum(), (qh, kh, vh, i32, f32))
+    ref_in = [t.detach().cpu().double().requires_grad_() for t in (qh, kh, vh, i32, f32)]  # the same rounded inputs
+    ref = get_mlstm_kernel("parallel--native_autograd")(*ref_in[:3], i=ref_in[3], f=ref_in[4], eps=1e-6)
+    want = torch.autograd.grad((ref * dh.cpu().double()).sum(), ref_in)
+
+    def rel(a, b):
+        return ((a.detach().cpu().double() - b).norm() / b.norm()).item()
+
+    errors = {"h": rel(h, ref.detach()), **{f"d{n}": rel(a, b) for n, a, b in zip("qkvif", got, want)}}
+    print(f"{dtype}: relative error against float64: " + ", ".join(f"{n} {e:.2e}" for n, e in errors.items()))
+    assert errors["h"] < 2e-2, errors  # bf16 keeps 8 bits of mantissa (eps 7.8e-3); fp32 accumulation inside
+    assert max(errors.values()) < 5e-2, errors
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need CUDA")
+@pytest.mark.parametrize("accum", [1, 2])
+def test_training_steps_as_cuda_graphs_equal_the_eager_steps(one_layer_cache, tmp_path, monkeypatch, accum):
+    """--compile cudagraphs (the hybrid's default on a GPU) over three optimizer steps of stage I and stage II, with
+    one micro-batch a step (.grad set to None between steps) and two (.grad accumulated in place): the losses and
+    the trained weights equal those of the same steps run eagerly (float32; TF32 tolerances)."""
+    from tcache.student.training.config import DistillConfig
+    from tcache.student.training.data import CacheRows
+    from tcache.student.training.train import setup
+
+    monkeypatch.setenv("TCACHE_MLSTM_OP", "1")
+    rows = CacheRows(str(one_layer_cache), with_hidden=True)
+    batches = [{key: torch.stack([rows[r][key] for r in (2 * j, 2 * j + 1)]).to("cuda") for key in rows[0]}
+               for j in range(4)]
+    runs = {}
+    for mode in ("off", "cudagraphs"):
+        torch._dynamo.reset()
+        cfg = DistillConfig(cache=str(one_layer_cache), out=str(tmp_path / mode), recipe="hybrid", steps=3,
+                            batch_size=2, grad_accum=accum, device="cuda", precision="fp32", compile=mode,
+                            mlstm_kernel=OP_KERNEL["cuda"], window=16, sinks=2, loss_chunk=48, seed=0)
+        tr = setup(cfg)
+        losses = []
+        for sp in tr.plan.stages:
+            tr.begin_stage(sp)
+            w = tr.weights(0, 0)
+            for step in range(3):
+                for m in range(accum):
+                    losses.append(tr.micro_step(batches[(step * accum + m) % 4], w, step * accum + m)["loss"].item())
+                tr.optimizer_step(1e-4)
+        runs[mode] = (losses, {n: p.detach().clone() for n, p in tr.model.named_parameters()})
+    torch.testing.assert_close(torch.tensor(runs["cudagraphs"][0]), torch.tensor(runs["off"][0]), **TF32["cuda"])
+    for name, want in runs["off"][1].items():
+        torch.testing.assert_close(runs["cudagraphs"][1][name], want, **TF32["cuda"], msg=lambda m: f"{name}: {m}")

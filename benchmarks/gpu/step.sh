@@ -1,7 +1,10 @@
 # One GPU call for the training step (issue 32): the CUDA tests of the kernels and steps, then distill.py --hybrid's
-# parts given as arguments (default: the anchor, the defaults, and stage II, stage I and the T4 path as CUDA graphs:
-# the measurement that decides whether the hybrid's --compile auto becomes cudagraphs), with profiles.
+# parts given as arguments (default: the anchors at 8 x 512 and 8 x 2048, the hybrid's stage II, stage I and T4 path
+# with the defaults (--compile auto = CUDA graphs), stage II with the mLSTM kernel in bf16, and the v2 step), with
+# profiles.
 #   bash benchmarks/gpu/step.sh [PARTS] [BUDGET_S]     (from the repo root, .gpu/ carried: tok, corpus, wheels)
+# PREWARM=N compiles every part N at a time first; PREWARM_ONLY=1 stops there (a first call whose caches a second,
+# timed call on the same warm machine reads: every part then fits one call). TESTS=paths picks the CUDA tests.
 python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .gpu/wheels/*.whl 2>&1 | tail -1
 export PYTHONPATH=$PWD:/tmp/site HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=name --format=csv,noheader
@@ -10,12 +13,12 @@ mkdir -p $OUT/r
 if [ -z "$SKIP_TESTS" ]; then  # the tests' ../shared, from what travels: the tokenizer, and text for valid.jsonl
   mkdir -p /tmp/shared/teacher /tmp/shared/corpus && cp .gpu/tok/* /tmp/shared/teacher/
   xzcat .gpu/corpus/train.jsonl.xz | head -5 > /tmp/shared/corpus/valid.jsonl
-  TCACHE_SHARED=/tmp/shared timeout ${TEST_S:-240} python3 -m pytest -q -p no:cacheprovider tests/test_mlstm_op.py tests/test_static_decode.py tests/test_joint_decode.py \
-    tests/test_window.py tests/test_hybrid.py tests/test_chunked_prefill.py -k "cuda or twin or adapter_pads" 2>&1 | tee $OUT/r/cuda-tests.txt | tail -15
+  TCACHE_SHARED=/tmp/shared timeout ${TEST_S:-240} python3 -m pytest -q -p no:cacheprovider -rP ${TESTS:-tests/test_mlstm_op.py tests/test_static_decode.py tests/test_joint_decode.py \
+    tests/test_window.py tests/test_hybrid.py tests/test_chunked_prefill.py} -k "cuda or twin or adapter_pads" 2>&1 | tee $OUT/r/cuda-tests.txt | tail -15
 fi
-PARTS=${1:-plain_lm_compiled,hybrid_stage2,hybrid_stage2_cudagraphs,hybrid_stage1_cudagraphs,hybrid_stage2_fp16_16gib_cudagraphs}
+PARTS=${1:-plain_lm_compiled,hybrid_stage2,hybrid_stage2_kernel_bf16,hybrid_stage1,hybrid_stage2_fp16_16gib,v2_step,plain_lm_compiled_2048,hybrid_stage2_2048}
 python3 benchmarks/distill.py --hybrid --tokenizer .gpu/tok --train .gpu/corpus/train.jsonl.xz --out /tmp/step-out \
-  --budget ${2:-330} --parts $PARTS ${PROFILE---profile} 2>&1 | tee $OUT/r/run.log | grep -v "^{" | tail -25
+  --budget ${2:-330} --parts $PARTS ${PROFILE---profile} --prewarm ${PREWARM:-0} ${PREWARM_ONLY:+--prewarm-only} 2>&1 | tee $OUT/r/run.log | grep -v "^{" | tail -25
 cp /tmp/step-out/*.json $OUT/r/ 2>/dev/null
 (cd /tmp/step-out && tar czf $OUT/r/profiles.tgz profile-*.txt) 2>/dev/null
 true

@@ -53,7 +53,7 @@ def _fw(q, k, v, i, f, chunk_size: int, eps: float, qk_scale: float):
 
         h, n, m, _, _ = mlstm_chunkwise_fw(matQ=q, matK=k, matV=v, vecI=i, vecF=f, qk_scale=qk_scale,
                                            chunk_size=chunk_size, eps=eps, output_dtype=torch.float32)
-        return h, n, m
+        return h.to(q.dtype), n, m  # h in q's dtype, as the fake implementation says (a bf16 build's h is bf16)
     from mlstm_kernels.torch.chunkwise.native.fw import mlstm_chunkwise_fw
 
     # the native code mixes its inputs' dtype with fp32 gates: it runs in fp32 (CPU students train in fp32)

@@ -161,9 +161,9 @@ class DistillConfig:
     """Positions per chunk of the fused CE+KD over the vocabulary (no (B, T, V) logits kept); 0: full
     logits; -1: 1024."""
     compile: str = opt("auto", choices=COMPILE_MODES)
-    """torch.compile each xLSTM block; cudagraphs also replays each block as a CUDA graph (the step is bound
-    by Python's kernel launches otherwise); auto: cudagraphs on GPUs of compute capability >= 8.0, off on a
-    T4 or CPU."""
+    """torch.compile each xLSTM block (the hybrid: its whole step as one graph); cudagraphs also replays it as CUDA
+    graphs (the step is bound by Python's kernel launches otherwise); auto: cudagraphs on GPUs of compute
+    capability >= 8.0 (the hybrid: >= 7.5, a T4 too), else off."""
     max_gpu_memory: str | None = None
     """Cap GPU memory, e.g. 16GB, to test a smaller card's budget (a T4's) on a larger GPU."""
     checkpointing: str = opt("auto", choices=("auto", "on", "off"))

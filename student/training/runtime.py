@@ -4,6 +4,7 @@ and DataLoader workers, each resolved from its option and the device."""
 from __future__ import annotations
 
 import os
+import warnings
 from typing import Callable
 
 import torch
@@ -76,9 +77,12 @@ def resolve_checkpointing(choice: str, device: torch.device, budget: int | None,
     return total < 24 * 2**30
 
 
-def compile_step(terms: Callable, mode: str = "default", fullgraph: bool = False, backend: str = "inductor") -> Callable:
+def compile_step(terms: Callable, mode: str = "default", fullgraph: bool = False, backend: str = "inductor",
+                 fallback: bool = False) -> Callable:
     """A step's forward and loss terms, terms(batch, temperature) -> dict, through torch.compile as one graph (its
-    backward as one more); mode reduce-overhead replays them as CUDA graphs."""
+    backward as one more); mode reduce-overhead replays them as CUDA graphs. With `fallback` (--compile auto), a
+    graph the backend cannot compile (Triton on a GPU nobody here could test, a T4's sm 7.5) warns once and the run
+    goes on eagerly: nothing has trained yet when the first call compiles."""
     fn = torch.compile(terms, mode=None if mode == "default" else mode, dynamic=False, fullgraph=fullgraph,
                        backend=backend)
     # Stage I's mixers keep their match losses as attributes (a side effect inside transformers' checkpointed layers,
@@ -86,8 +90,19 @@ def compile_step(terms: Callable, mode: str = "default", fullgraph: bool = False
     # are never read, only the first forward's)
     flag = "skip_fwd_side_effects_in_bwd_under_checkpoint"
     patch = {flag: True} if hasattr(torch._dynamo.config, flag) else {}
+    eager = []  # set once compilation failed under fallback
 
     def call(batch: dict, temperature: float) -> dict:
-        with torch._dynamo.config.patch(**patch):
-            return fn(batch, temperature)
+        if eager:
+            return terms(batch, temperature)
+        try:
+            with torch._dynamo.config.patch(**patch):
+                return fn(batch, temperature)
+        except torch._dynamo.exc.BackendCompilerFailed as e:
+            if not fallback:
+                raise
+            warnings.warn(f"--compile auto: torch.compile failed on this GPU ({str(e).splitlines()[0][:200]}); "
+                          "training goes on without it (pass --compile off to skip the attempt)")
+            eager.append(True)
+            return terms(batch, temperature)
     return call
