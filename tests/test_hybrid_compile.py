@@ -38,11 +38,13 @@ def test_distill_with_compile_on_follows_the_eager_run_through_both_stages(tmp_p
 @pytest.mark.parametrize("capability,want", [((9, 0), "cudagraphs"), ((7, 5), "cudagraphs"), ((7, 0), "off")])
 def test_the_hybrids_compile_auto_by_compute_capability(monkeypatch, capability, want):
     """--compile auto for the hybrid: CUDA graphs from a T4 (sm 7.5) up, so the 16 GiB emulation on a larger GPU
-    runs what a T4 runs; off below Triton's tensor-core floor and on the CPU; an explicit choice always wins."""
+    runs what a T4 runs (`on`, without CUDA graphs, under activation checkpointing); off below Triton's tensor-core
+    floor and on the CPU; an explicit choice always wins."""
     from tcache.student.training.families import hybrid_compile
 
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
     assert hybrid_compile("auto", torch.device("cuda")) == want
+    assert hybrid_compile("auto", torch.device("cuda"), checkpointing=True) == ("on" if want != "off" else "off")
     assert hybrid_compile("on", torch.device("cuda")) == "on"
     assert hybrid_compile("auto", torch.device("cpu")) == "off"
 

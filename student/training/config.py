@@ -163,7 +163,7 @@ class DistillConfig:
     compile: str = opt("auto", choices=COMPILE_MODES)
     """torch.compile each xLSTM block (the hybrid: its whole step as one graph); cudagraphs also replays it as CUDA
     graphs (the step is bound by Python's kernel launches otherwise); auto: cudagraphs on GPUs of compute
-    capability >= 8.0 (the hybrid: >= 7.5, a T4 too), else off."""
+    capability >= 8.0 (the hybrid: >= 7.5, a T4 too, and `on` under checkpointing), else off."""
     max_gpu_memory: str | None = None
     """Cap GPU memory, e.g. 16GB, to test a smaller card's budget (a T4's) on a larger GPU."""
     checkpointing: str = opt("auto", choices=("auto", "on", "off"))

@@ -79,7 +79,7 @@ def build_hybrid(cfg: DistillConfig, manifest, device: torch.device, budget: int
     checkpointing = resolve_checkpointing(cfg.checkpointing, device, budget)
     if checkpointing:
         model.enable_checkpointing()
-    compile_mode = hybrid_compile(cfg.compile, device)
+    compile_mode = hybrid_compile(cfg.compile, device, checkpointing)
     if checkpointing and compile_mode == "cudagraphs" and compile_scope("hybrid") == "layer":
         raise TcacheError("--compile cudagraphs does not compose with per-layer compilation under activation "
                           f"checkpointing; pass --compile on, --checkpointing off, or {COMPILE_SCOPE_ENV}=step")
@@ -122,14 +122,16 @@ TRITON_MIN_CAPABILITY = (7, 5)
 Triton targets (inductor's own floor is 7.0); the 16 GiB emulation on a larger GPU then runs what a T4 runs."""
 
 
-def hybrid_compile(choice: str, device: torch.device) -> str:
+def hybrid_compile(choice: str, device: torch.device, checkpointing: bool = False) -> str:
     """The hybrid's --compile: auto is cudagraphs (the whole step one inductor graph replayed as CUDA graphs: 1.40x
     the same graph without them on an H100, wall time = GPU time, same peak memory; benchmarks/results/
-    distill-step-h100) on GPUs of compute capability >= 7.5, a T4 included, and off on the CPU."""
+    distill-step-h100) on GPUs of compute capability >= 7.5, a T4 included, and off on the CPU. Under activation
+    checkpointing (a memory cap, a T4) auto is `on`: CUDA graphs' memory pools beside recomputation under a cap are
+    not measured yet."""
     if choice != "auto":
         return choice
     if device.type == "cuda" and torch.cuda.get_device_capability(device) >= TRITON_MIN_CAPABILITY:
-        return "cudagraphs"
+        return "on" if checkpointing else "cudagraphs"
     return "off"
 
 
