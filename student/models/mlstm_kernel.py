@@ -185,8 +185,9 @@ def mlstm_kernel_fn(name: str, chunk_size: int = 64, eps: float = 1e-6):
         if pad:
             queries, keys, values, i, f = pad_end(queries, keys, values, i, f, pad)  # S + pad positions
         # The kernel's own compute dtype stays fp32 by default: its bf16 and fp16 builds crashed Triton's compiler
-        # on the H100 once (LLVM SLPVectorizer assertion, triton 3.x); fp32 is the path validated against the
-        # parallel form (benchmarks/gpu_probe.py). TCACHE_MLSTM_KERNEL_DTYPE=bf16|fp16 tries the half build.
+        # on the H100 once (LLVM SLPVectorizer assertion, triton 3.x). With triton 3.6.0 the bf16 build compiles,
+        # passes its float64 test and trains stage II 1.078x faster (H200, benchmarks/results/
+        # distill-step-h200-prewarm); its quality is not measured yet. TCACHE_MLSTM_KERNEL_DTYPE=bf16|fp16 opts in.
         dtype = kernel_dtype()
         if as_op and not return_last_states:  # training and eval: the custom op, one node of a compiled graph
             qk, v_ = (queries.to(dtype), keys.to(dtype)), values.to(dtype)
