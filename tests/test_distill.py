@@ -52,8 +52,8 @@ def losses_on(model, cache, rows, T=1.0):
 
 def test_short_distill_lowers_every_loss_term(tmp_path, shared_cache):
     """v1 student (sLSTM + mLSTM) from the shared pretrained teacher's cache: each term falls."""
-    cfg = DistillConfig(cache=str(shared_cache), out=str(tmp_path / "s"), steps=40, batch_size=4, grad_accum=1,
-                        lr=2e-3, warmup=0.05, seed=0, checkpointing="off")  # recomputing blocks: 20% slower, same sums
+    cfg = DistillConfig(cache=str(shared_cache), out=str(tmp_path / "s"), steps=24, batch_size=4, grad_accum=1,
+                        lr=3e-3, warmup=0.05, seed=0, checkpointing="off")  # recomputing blocks: 20% slower, same sums
     manifest = load_manifest(shared_cache)
     torch.manual_seed(cfg.seed)  # the init distill() starts from
     init = Student(student_config(cfg, manifest))
@@ -70,7 +70,7 @@ def test_short_distill_lowers_every_loss_term(tmp_path, shared_cache):
     assert torch.equal(model.embed.weight, parts["embed_tokens"]) and torch.equal(model.head.weight, parts["lm_head"])
     assert doc["params"]["frozen"] == 2 * 16384 * 384
     lines = [json.loads(x) for x in (tmp_path / "s" / "metrics.jsonl").read_text().splitlines()]
-    assert [r["step"] for r in lines] == list(range(1, 41))
+    assert [r["step"] for r in lines] == list(range(1, 25))
     assert {"ce", "kd", "align", "alpha", "beta", "temperature", "lr", "grad_norm", "tokens_per_s"} <= set(lines[0])
 
 
