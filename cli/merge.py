@@ -23,4 +23,9 @@ def merge(runs: tuple[str, ...], **options) -> None:
     cfg = config_from(MergeConfig, options, runs=list(runs))
     manifest = merge_runs(cfg.runs, cfg.out, cfg.weights, cfg.overwrite)
     shown = ", ".join(f"{r['run']} x {r['weight']:g}" for r in manifest["runs"])
-    Console(stderr=True).print(f"[green]merged[/]: {shown} -> {cfg.out}")
+    console = Console(stderr=True)
+    console.print(f"[green]merged[/]: {shown} -> {cfg.out}")
+    if not manifest["same_init"]:
+        seeds = ", ".join(str(r["seed"]) for r in manifest["runs"])
+        console.print(f"[yellow]note[/]: the runs were distilled with different --seed ({seeds}), so their new mixer "
+                      "weights did not start from one point; distill the experts with one --seed to merge as the paper")

@@ -80,6 +80,7 @@ def test_two_copies_or_weights_one_zero_give_the_run_bit_for_bit(tmp_path, runs)
     r = run("merge", runs["a"], copy, "--out", tmp_path / "aa")
     assert r.exit_code == 0, r.output
     assert (tmp_path / "aa" / "model.safetensors").read_bytes() == (runs["a"] / "model.safetensors").read_bytes()
+    assert json.loads((tmp_path / "aa" / "merge.json").read_text())["same_init"] and "--seed" not in r.output
     for w, same in (("1,0", "a"), ("0,1", "b")):
         out = tmp_path / f"m{w}"
         assert run("merge", runs["a"], runs["b"], "--out", out, "--weights", w).exit_code == 0
@@ -99,6 +100,8 @@ def test_merged_weights_are_the_float64_weighted_mean_and_the_manifest_names_the
     manifest = json.loads((out / "merge.json").read_text())
     assert [r_["weight"] for r_ in manifest["runs"]] == [0.25, 0.5, 0.25]
     assert [r_["run"] for r_ in manifest["runs"]] == [str(runs["a"]), str(runs["b"]), str(runs["a"])]
+    assert [r_["seed"] for r_ in manifest["runs"]] == [1, 2, 1] and manifest["same_init"] is False
+    assert "different --seed (1, 2, 1)" in " ".join(r.output.split())
     ids = [r_["cache"]["identity"] for r_ in manifest["runs"]]
     assert ids[:2] == [cache_identity(load_manifest(runs["caches"][n])) for n in "ab"] and ids[0] != ids[1]
     doc = json.loads((out / "student.json").read_text())

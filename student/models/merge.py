@@ -163,16 +163,28 @@ def sha256_file(path: Path) -> str:
     return h.hexdigest()
 
 
+def seed_of(path: str | os.PathLike) -> int | None:
+    """The --seed a run was distilled with (its distill_config.json; None for a merge or a run without one)."""
+    try:
+        return json.loads((Path(path) / "distill_config.json").read_text()).get("seed")
+    except (OSError, ValueError, AttributeError):
+        return None
+
+
 def manifest_of(paths: list[str], docs: list[dict], weights: list[float]) -> dict:
     """merge.json: what was merged, with which weights, and what each run was distilled from."""
     runs = []
     for p, d, w in zip(paths, docs, weights):
         c = d.get("cache") or {}
-        runs.append({"run": str(p), "weight": w, "weights_sha256": sha256_file(Path(p) / WEIGHTS_FILE),
+        runs.append({"run": str(p), "weight": w, "seed": seed_of(p),
+                     "weights_sha256": sha256_file(Path(p) / WEIGHTS_FILE),
                      "cache": {k: c.get(k) for k in ("path", "identity", "teacher", "teacher_sha256",
                                                      "tokenizer_sha256", "seq_len", "top_k")},
                      "trained": d.get("trained"), "merged": d.get("merged")})
-    return {"format": "tcache-merge", "method": EQUATION, "runs": runs}
+    # The new mixer weights start from the seed (the input gate's bias, the feature projections): experts of one
+    # seed start from one point, as the paper's do; other seeds merge weights that never shared a start
+    seeds = {r["seed"] for r in runs if r["seed"] is not None}
+    return {"format": "tcache-merge", "method": EQUATION, "runs": runs, "same_init": len(seeds) <= 1}
 
 
 def check_out(out: Path, paths: list[str], overwrite: bool) -> str:
