@@ -1,5 +1,5 @@
 """Decode and prefill speed of the students against their teacher, each served through transformers' generate()
-(issue 22). One process per row, driven by a parent that writes DIR/speed.json, DIR/speed.md and DIR/speed.png:
+(issues 22 and 36). One process per row, driven by a parent that writes DIR/speed.json, DIR/speed.md and DIR/speed.png:
 
     python benchmarks/speed.py --shape smollm2-360m --out DIR          # the GPU run (one H200: > 10 minutes)
     python benchmarks/speed.py --shape smollm2-360m --gpus 2 --out DIR # rows side by side on two GPUs
@@ -27,21 +27,34 @@ Rows:
                     --eager-lengths (default the shortest --lengths: a student's step does not depend on the prefix,
                     and the GPU run's time goes to the rows that do)
 
-Each decode cell (context L, batch B) is one timed generate(prompt (B, L), max_new_tokens = min_new_tokens =
-steps + 1, greedy) after a warm-up generate at batch B (for teacher-static at the cell's exact static-cache shape, so
-its compile and CUDA-graph recording happen there). A logits processor stamps every generated token (CUDA events
-on a GPU, no extra synchronisation), so one call splits into its prefill (to the first token) and its decode (the
-`steps` forwards after it): the same interval as generate(N) - generate(1), without a second prefill, which at
-B x L = 2M tokens would take ~100 times longer than the decode it is subtracted from. Per cell:
+Each decode cell (context L, batch B) is timed end to end through generate(), every row alike
+(harness/decode_timing.py): after a warm-up generate at batch B (for teacher-static at the cell's exact static-cache
+shape, so its compile and CUDA-graph recording happen there) and one untimed generate(1) at (B, L) (the prefill's
+memory obtained outside the clock), generate(prompt (B, L), 1 new token) and generate(prompt, 1 + N new tokens),
+N = --steps, are each timed whole: torch.cuda.synchronize before and after each call, none inside, and nothing of
+ours in the loop (no logits processor, no stopping criterion, no per-step event). Every call is greedy, with the
+prompt's attention mask (all ones, as a tokenizer returns it) and eos_token_id=None, so it makes exactly its tokens.
+Where the prefill takes under a second, --reps pairs (default 3) and each call's median. Per cell:
 
-    decode_tok_s   B * steps / decode time = B / step_ms (the N = steps + 1 tokens' first comes from the prefill)
-    step_ms        decode time / steps; step_ms_median the median step (a one-off in the first steps, e.g. a CUDA
-                   graph recorded again for a new static cache, moves the mean, not the median)
-    state_bytes    the returned cache: KV (teacher's static or dynamic cache) or the student's state .nbytes()
-    peak_gib       torch.cuda.max_memory_allocated over the timed call (decode_peak_gib: from the first token on)
-    gbps, bw_frac  (parameters read + state bytes) / step latency, and its fraction of this device's copy bandwidth
-    recompiles     teacher rows: torch._dynamo graphs compiled during the timed call (must be 0)
-    captures       students: model.static_decode_captures added during the timed call (must be 0)
+    decode_tok_s         B * N / (t(1 + N) - t(1)): the N decode forwards, generate's per-token work included
+    step_ms              (t(1 + N) - t(1)) / N, the mean step seen end to end (= B / decode_tok_s)
+    prefill_s            t(1): prefill + first token, the part subtracted
+    prefill_over_decode  t(1) / (t(1 + N) - t(1)): how large the subtracted part was against the decode (at B x L in
+                         the millions the prefill can be ~100x the decode: the rate is then a small difference of two
+                         large times); decode_spread: (max - min) / median of the pairs' differences, with --reps > 1
+    t1_s, tn_s           every timed call's seconds; reps the pairs
+    state_bytes          the returned cache: KV (teacher's static or dynamic cache) or the student's state .nbytes()
+    peak_gib             torch.cuda.max_memory_allocated over generate(1 + N) (prefill_peak_gib: over generate(1))
+    gbps, bw_frac        (parameters read + state bytes) / step_ms, and its fraction of this device's copy bandwidth
+    recompiles           teacher rows: torch._dynamo graphs compiled during the timed calls (must be 0)
+    captures             students: model.static_decode_captures added during the timed calls (must be 0)
+
+Kernels per step come from a separate profiled pair, after the timed calls of one cell per row (the largest batch
+<= 8 at the row's shortest context): generate(1) and generate(1 + --profile-steps) under torch.profiler, their
+difference per step (speed.json's rows.ROW.decode_profile): kernels_per_step (CUDA device activities per generated
+token, memcpy / memset included), kernel_us_per_step, the top kernels; on CPU cpu_ops_per_step (aten ops the model
+calls) and no kernels. profiled_step_ms is that pair's wall time per step under the profiler, not a rate. The
+students' step_profile (CUDA) is their captured graph replayed alone.
 
 Prefill tokens/s is one forward (use_cache=True, logits_to_keep=1, as generate's prefill) at batch 1 per context,
 after a warm-up at that length. Ratios: every row's decode tokens/s over teacher-static's at the same cell, prefill
@@ -49,9 +62,12 @@ over teacher-eager's forward.
 
 --overlap (the default on one GPU): teacher-static's process runs beside the other rows' (one after another), so its
 compiles, CPU work of ~50 s each, overlap their measurements; every timed section (a prefill cell's two forwards, a
-decode cell's timed generate, the step profile) holds a lock on the GPU, so no two rows ever measure at once. The
-warm-ups (4 tokens at a 64-token prompt) run outside it. The students decode after --student-lengths at
---long-batches only (default 1,8).
+decode cell's timed generate calls and its profiled pair, the step profile) holds a lock on the GPU, so no two rows
+ever measure at once. The warm-ups (4 tokens at a 64-token prompt) run outside it. The students decode after
+--student-lengths at --long-batches only (default 1,8).
+
+The decode method until issue 36 stamped every token with a logits processor inside one generate() (prefill and
+decode split at the first token): the committed tables in benchmarks/results/speed-h200-static were measured so.
 
 Time: --budget seconds for all rows together, shared by ROW_WEIGHT; a row's process is stopped at its share (what
 it measured is kept: it saves after every cell) and its cells run cheapest first (fewest prompt tokens), so a row
@@ -96,6 +112,8 @@ tokens; v2 and the hybrid: one CUDA-graph capture per batch (~15 s) and ~4M prom
 --overlap, teacher-static's lane has the whole budget and the other rows share it by these weights."""
 EAGER_ENV = {"TCACHE_CUDA_GRAPH": "0", "TCACHE_STATIC_COMPILE": "off"}
 """The -eager student rows' process environment: the static decoder's step, neither captured nor compiled."""
+METHOD = "end-to-end: (t(generate 1 + N) - t(generate 1)) / N, synchronised around each whole call only"
+"""speed.json's `method`: how its decode cells were timed (earlier files, without it, stamped every token)."""
 DECODE_ENV = ("TCACHE_CUDA_GRAPH", "TCACHE_STATIC_COMPILE")
 """The variables that choose how a student's decode step runs, recorded per row (speed.json's `env`)."""
 FATAL_RC = 3
@@ -103,8 +121,9 @@ FATAL_RC = 3
 the parent starts it again for the cells it has not reached, if the row's share has time left."""
 MIN_ROW_S = 20.0
 """A row's process is not started with less time than this: importing and building take ~10 s."""
-DECODE_KEYS = ("decode_tok_s", "step_ms", "step_ms_median", "state_bytes", "peak_gib", "decode_peak_gib",
-               "prefill_s", "bytes_per_step", "gbps", "bw_frac")
+DECODE_KEYS = ("decode_tok_s", "step_ms", "decode_s", "prefill_s", "prefill_over_decode", "decode_spread", "reps",
+               "t1_s", "tn_s", "warm_prefill_s", "state_bytes", "peak_gib", "prefill_peak_gib", "bytes_per_step",
+               "gbps", "bw_frac")
 """Per-cell keys, each `{key}_b{B}` mapping a context label to a number (or the cell's "oom" / "failed: ..." /
 "not run: ..." string); plus recompiles_b{B} (teacher rows) or captures_b{B} (students)."""
 
@@ -127,6 +146,16 @@ def plan(row: str, a) -> list[tuple[str, int, int]]:
     items = [("prefill", 1, L) for L in contexts(row, a)]
     items += [("decode", B, L) for B in a.batches for L in contexts(row, a, B)]
     return sorted(items, key=lambda it: (it[1] * it[2] * (2 if it[0] == "prefill" else 1), it[0] != "decode", it[1]))
+
+
+def profile_cell(row: str, a) -> tuple[int, int] | None:
+    """The decode cell (B, L) whose step the row profiles after timing it: the largest batch up to 8 (the issue's
+    targets are at batch 8) at the row's shortest context; the profile's kernel count does not depend on the
+    context. None with --profile-steps 0."""
+    if not a.profile_steps:
+        return None
+    B = max([b for b in a.batches if b <= 8] or [min(a.batches)])
+    return B, min(contexts(row, a, B))
 
 
 # --- one row's process --------------------------------------------------------------------------------------------
@@ -153,10 +182,11 @@ def progress(row: str, kind: str, B: int, L: int, res: dict | str, seconds: floa
         return f"{head} {res} ({seconds:.1f} s)"
     if kind == "prefill":
         return f"{head} {fmt(res['prefill_tok_s'])} tok/s ({seconds:.1f} s)"
-    return (f"{head} {fmt(res['decode_tok_s'])} tok/s, {res['step_ms']:.3f} ms/step (median "
-            f"{res['step_ms_median']:.3f}), state {fmt(res['state_bytes'] / 2**20)} MiB, peak "
-            f"{fmt(res['peak_gib'])} GiB, {fmt(res['gbps'])} GB/s ({res['bw_frac']:.1%} of copy), prefill "
-            f"{res['prefill_s']:.2f} s, {graph_key(row)} +{res[graph_key(row)]} ({seconds:.1f} s)")
+    spread = "" if res["decode_spread"] is None else f", spread {res['decode_spread']:.1%}"
+    return (f"{head} {fmt(res['decode_tok_s'])} tok/s, {fmt(res['step_ms'])} ms/step, prefill {res['prefill_s']:.3f} s "
+            f"= {fmt(res['prefill_over_decode'])}x the decode ({res['reps']} pair(s){spread}), state "
+            f"{fmt(res['state_bytes'] / 2**20)} MiB, peak {fmt(res['peak_gib'])} GiB, {fmt(res['gbps'])} GB/s "
+            f"({fmt(res['bw_frac'])} of copy), {graph_key(row)} +{res[graph_key(row)]} ({seconds:.1f} s)")
 
 
 def child(a) -> None:
@@ -169,6 +199,7 @@ def child(a) -> None:
     dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[a.dtype]
     model = build(row, SHAPES[a.shape], dev.device, dtype)
     run = Runner(row, model, dev, a)
+    run.profile_cell = profile_cell(row, a)
     doc = {"device": dev.name(), **versions(), "env": {k: os.environ.get(k) for k in DECODE_ENV},
            "param_bytes": run.params, "copy_gbps": run.bandwidth,
            "startup_s": time.perf_counter() - t0}
@@ -194,6 +225,7 @@ def child(a) -> None:
         put(doc, row, kind, B, L, res)
         doc[graph_key(row)] = {**run.graphs, "retries": run.retries} if has_graphs else None
         doc["kernels"] = getattr(getattr(model, "student", None), "kernels", None)  # a student's mLSTM / sLSTM
+        doc["decode_profile"] = run.profile if run.profile is not None else done.get("decode_profile")
         doc["seconds"] = time.perf_counter() - t0
         write_json(path, doc, indent=1)
         print(progress(row, kind, B, L, res, time.perf_counter() - t), flush=True)
@@ -217,7 +249,7 @@ def child_command(row: str, a, work: Path) -> list[str]:
            f"--shape={a.shape}", f"--device={a.device}", f"--dtype={a.dtype}", f"--steps={a.steps}",
            f"--lengths={csv(a.lengths)}", f"--student-lengths={csv(a.student_lengths)}",
            f"--eager-lengths={csv(a.eager_lengths)}", f"--batches={csv(a.batches)}", f"--eager-steps={a.eager_steps}",
-           f"--long-batches={csv(a.long_batches)}"]
+           f"--long-batches={csv(a.long_batches)}", f"--reps={a.reps}", f"--profile-steps={a.profile_steps}"]
     if a.overlap:
         cmd.append(f"--gpu-lock={work / 'gpu.lock'}")
     return cmd + (["--cpu-compile"] if a.cpu_compile else [])
@@ -279,7 +311,7 @@ def parent(a) -> None:
     work = Path(tempfile.mkdtemp(prefix="speed-rows-"))  # the rows' own files: DIR gets the three outputs only
     doc = {"device": None, "command": command(), "torch": torch.__version__, "transformers": None, "shape": a.shape,
            "dtype": a.dtype, "steps": a.steps, "new_tokens": a.steps + 1,
-           "eager_steps": a.eager_steps,
+           "eager_steps": a.eager_steps, "method": METHOD, "reps": a.reps, "profile_steps": a.profile_steps,
            "batches": a.batches, "lengths": [label(x) for x in a.lengths],
            "student_lengths": [label(x) for x in a.student_lengths],
            "eager_lengths": [label(x) for x in a.eager_lengths], "budget_s": a.budget, "rows": {}}
@@ -342,6 +374,11 @@ def arguments(argv=None):
     ap.add_argument("--eager-steps", type=int, default=8,
                     help="timed steps of teacher-eager's cells (its steps take ~0.1 s, and the budget goes to the rows "
                          "the ratios compare)")
+    ap.add_argument("--reps", type=int, default=3,
+                    help="timed pairs of generate(1) and generate(1 + steps) per decode cell whose prefill is short "
+                         "(speed_measure.REPEAT_BELOW_S); each call's median is taken. Other cells: one pair")
+    ap.add_argument("--profile-steps", type=int, default=4,
+                    help="decode steps of each row's profiled pair (kernels per step), at its profile cell; 0: none")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--dtype", default="bf16", choices=["bf16", "fp32"])
     ap.add_argument("--budget", type=float, default=500.0,
@@ -373,8 +410,9 @@ def arguments(argv=None):
         ap.error(f"--gpus {a.gpus}: at least 1")
     if a.gpus > 1 and a.device == "cuda" and torch.cuda.device_count() < a.gpus:
         ap.error(f"--gpus {a.gpus}: this machine has {torch.cuda.device_count()} GPU(s); pass at most that many")
-    if not a.lengths or not a.batches or a.steps < 1 or a.eager_steps < 1:
-        ap.error("--lengths and --batches need at least one value, --steps at least 1")
+    if not a.lengths or not a.batches or a.steps < 1 or a.eager_steps < 1 or a.reps < 1 or a.profile_steps < 0:
+        ap.error("--lengths and --batches need at least one value, --steps and --reps at least 1, --profile-steps "
+                 "at least 0")
     a.eager_lengths = counts(a.eager_lengths) if a.eager_lengths is not None else [min(a.lengths)]
     return a
 

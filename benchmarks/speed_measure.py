@@ -1,5 +1,6 @@
-"""One speed.py row's measurements, in its own process: prefill tokens/s, and decode steps timed per token inside one
-generate() call; the GPU lock that keeps rows from measuring at once, and a profile of one captured student step."""
+"""One speed.py row's measurements, in its own process: prefill tokens/s, decode tokens/s timed end to end as
+generate(1 + N) minus generate(1) (harness/decode_timing.py) with one profiled pair per row; the GPU lock that keeps
+rows from measuring at once, and a profile of one captured student step."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ import traceback
 
 import torch
 
+from harness.decode_timing import decode_rate, profile_decode, timed_call
 from harness.results import failure as describe_failure
 from harness.timing import Dev
 from speed_models import added, graph_count, graph_key, is_teacher, kv_bytes, param_bytes_read, state_bytes
@@ -24,29 +26,11 @@ WARM_NEW_TOKENS = 4
 warm-up and record it (the static cache's length is stated, so not the token count but cache_len sets the shapes);
 a student captures at its first step. Few, so a warm-up beside another row's measurement (--overlap) barely touches
 the GPU."""
+REPEAT_BELOW_S = 1.0
+"""A decode cell whose prefill (its first timed generate(1)) takes less than this is timed as a.reps pairs, each call's
+median taken; a longer one as one pair (its prefill, three times more per pair, would take the row's time share)."""
 LOCKED_WARM_UP_BYTES = 8 * 2**30
 """A teacher's warm-up whose KV cache is larger than this holds the GPU lock (--overlap)."""
-
-
-def step_clock(dev: Dev):
-    """A logits processor that stamps each generated token. generate() calls it once per forward, right after the
-    forward: the first call ends the prefill, the others each end one decode step. At the first it also reads the
-    allocator's peak so far (the prefill's) and resets it, so the peak read after the call is the decode's alone."""
-    from transformers import LogitsProcessor
-
-    class StepClock(LogitsProcessor):
-        def __init__(self):
-            self.marks = []
-            self.prefill_peak_gib = None
-
-        def __call__(self, input_ids, scores):
-            self.marks.append(dev.stamp())
-            if len(self.marks) == 1:
-                self.prefill_peak_gib = dev.peak_gib()
-                dev.reset_peak()
-            return scores
-
-    return StepClock()
 
 
 def random_ids(B: int, L: int, vocab: int, dev: Dev) -> torch.Tensor:
@@ -55,15 +39,16 @@ def random_ids(B: int, L: int, vocab: int, dev: Dev) -> torch.Tensor:
 
 
 @torch.no_grad()
-def generate(model, row: str, ids: torch.Tensor, new_tokens: int, cache_len: int, cpu_compile: bool = False,
-             clock=None):
-    """generate() as the row serves: greedy, exactly new_tokens tokens, the cache returned (its bytes are measured).
-    teacher-static: the static cache at cache_len positions, stated rather than left to generate, so a warm-up with a
-    short prompt compiles the step at the timed call's shapes."""
-    from transformers import LogitsProcessorList
-
-    kw = dict(max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False, pad_token_id=0,
-              attention_mask=torch.ones_like(ids), return_dict_in_generate=True)
+def generate(model, row: str, ids: torch.Tensor, new_tokens: int, cache_len: int, cpu_compile: bool = False):
+    """generate() as the row's users call it: the prompt with its attention mask (all ones, as a tokenizer returns
+    it), greedy, and nothing else of ours in the loop (no logits processor, no stopping criterion). Exactly new_tokens
+    tokens, since eos_token_id=None leaves generate nothing to stop at (min_new_tokens would add a logits processor
+    that masks eos at every step). The output carries the cache (its bytes are measured; no scores are kept).
+    teacher-static: transformers' static cache, compiled by generate itself with its default CompileConfig on CUDA;
+    its length stated (a user serving a fixed budget does the same), so the warm-up with a short prompt compiles the
+    step at the timed calls' shapes and generate(1) and generate(1 + N) allocate the same cache."""
+    kw = dict(max_new_tokens=new_tokens, do_sample=False, pad_token_id=0, eos_token_id=None,
+              attention_mask=torch.ones_like(ids), return_dict_in_generate=True)  # mask (B, L)
     if row == "teacher-static":
         kw.update(cache_implementation="static", max_cache_len=cache_len)
         if cpu_compile:  # transformers' switch for compiling on CPU too (a dry run of the GPU's compile path)
@@ -72,8 +57,6 @@ def generate(model, row: str, ids: torch.Tensor, new_tokens: int, cache_len: int
             cc = CompileConfig()
             cc._compile_all_devices = True
             kw["compile_config"] = cc
-    if clock is not None:
-        kw["logits_processor"] = LogitsProcessorList([clock])
     return model.generate(ids, **kw)
 
 
@@ -112,6 +95,8 @@ class Runner:
         self.bandwidth = dev.copy_gbps()
         self.graphs = {"warmup": 0, "timed": 0}
         self.retries = 0
+        self.profile_cell: tuple[int, int] | None = None  # (B, L) whose decode is profiled after its timed calls
+        self.profile: dict | str | None = None
 
     def prefill(self, L: int) -> dict:
         """Tokens/s of one forward over (1, L) as generate's prefill runs it, after a warm-up at that length (the
@@ -155,45 +140,69 @@ class Runner:
         self.graphs["warmup"] += added(before, graph_count(self.row, self.model)) or 0
         self.warm[key] = None
 
-    def timed(self, ids: torch.Tensor, L: int):
-        """One timed generate: (its output, its step clock, the stamp before it, graphs it compiled or captured)."""
-        clock = step_clock(self.dev)
+    def gen(self, ids: torch.Tensor, L: int):
+        """n -> generate(ids, n new tokens) at this cell: every call (timed, untimed, profiled) with the same static
+        cache length, so none of them compiles or allocates a cache shape the others do not."""
+        return lambda n: generate(self.model, self.row, ids, n, L + self.new_tokens, self.a.cpu_compile)
+
+    def timed(self, ids: torch.Tensor, L: int) -> dict:
+        """The timed calls at one cell: generate(1) once untimed, then pairs of generate(1) and generate(1 + steps),
+        each call timed whole (decode_timing.timed_call). The untimed call runs this cell's prefill first, so the
+        allocator's blocks for it (and a student's kernels built for this prompt length) are obtained there and not
+        inside the first timed generate(1), which would then be slower than its twin inside generate(1 + steps) and
+        leave the difference short. The first timed generate(1) picks the pairs: a.reps where it takes under
+        REPEAT_BELOW_S, else one."""
+        gen, dev, B = self.gen(ids, L), self.dev, ids.shape[0]
+        first, out = timed_call(lambda: gen(1), dev)
+        check_generated(self.row, out, B, L, 1)
+        del out
         before = graph_count(self.row, self.model)
-        self.dev.sync()
-        self.dev.reset_peak()
-        t0 = self.dev.stamp()
-        out = generate(self.model, self.row, ids, self.new_tokens, L + self.new_tokens, self.a.cpu_compile, clock)
-        self.dev.sync()
+        t1, tn, peaks, prefill_peaks = [], [], [], []
+        while not t1 or len(t1) < (self.a.reps if t1[0] < REPEAT_BELOW_S else 1):  # pairs after the first one's t1
+            for n, times, high in ((1, t1, prefill_peaks), (self.new_tokens, tn, peaks)):
+                dev.reset_peak()
+                seconds, out = timed_call(lambda: gen(n), dev)
+                check_generated(self.row, out, B, L, n)
+                times.append(seconds)
+                high.append(dev.peak_gib())
+                if n > 1:
+                    state = state_bytes(returned_cache(out))
+                del out  # its cache, before the next call allocates another
         new_graphs = added(before, graph_count(self.row, self.model))
         self.graphs["timed"] += new_graphs or 0
-        return out, clock, t0, new_graphs
+        return {**decode_rate(B, self.new_tokens - 1, t1, tn), "state_bytes": state, "warm_prefill_s": first,
+                "peak_gib": None if None in peaks else max(peaks),
+                "prefill_peak_gib": None if None in prefill_peaks else max(prefill_peaks),
+                graph_key(self.row): new_graphs}
 
     def decode(self, B: int, L: int) -> dict:
-        """One timed generate at (B, L) after the warm-up, split at its first token into prefill and decode."""
+        """The decode cell (B, L), timed end to end after the warm-up (decode_timing.decode_rate); at the row's
+        profile cell, then the profiled pair (profile_decode), apart from the timed calls."""
         self.warm_up(B, L)
         ids = random_ids(B, L, self.vocab, self.dev)
         with gpu_lock(self.a.gpu_lock):
-            out, clock, t0, new_graphs = self.timed(ids, L)
-            if new_graphs:  # it compiled or captured: that time is not a decode step's, so once more (as is)
+            res = self.timed(ids, L)
+            if res[graph_key(self.row)]:  # it compiled or captured: that time is not a decode step's, so once more
                 self.retries += 1
-                del out  # its cache, before the next call allocates another
-                out, clock, t0, new_graphs = self.timed(ids, L)
-        check_generated(self.row, out, B, L, self.new_tokens)
-        if len(clock.marks) != self.new_tokens:
-            raise RuntimeError(f"the step clock saw {len(clock.marks)} tokens, not {self.new_tokens}")
-        steps = [self.dev.ms(a, b) for a, b in zip(clock.marks, clock.marks[1:])]  # each decode step, ms
-        step_ms = sum(steps) / len(steps)
-        state = state_bytes(returned_cache(out))
-        del out
-        decode_peak = self.dev.peak_gib()  # since the first token (the clock reset it there)
-        peak = None if decode_peak is None else max(decode_peak, clock.prefill_peak_gib)
-        read = self.params + state  # one step reads every parameter and the whole state (a teacher: its KV)
-        gbps = read / step_ms / 1e6  # bytes per ms / 1e6 = GB/s
-        return {"decode_tok_s": B * 1e3 / step_ms, "step_ms": step_ms, "step_ms_median": statistics.median(steps),
-                "state_bytes": state, "peak_gib": peak, "decode_peak_gib": decode_peak,
-                "prefill_s": self.dev.ms(t0, clock.marks[0]) / 1e3, "bytes_per_step": read, "gbps": gbps,
-                "bw_frac": gbps / self.bandwidth, graph_key(self.row): new_graphs}
+                res = self.timed(ids, L)
+            if (B, L) == self.profile_cell:
+                self.profile = self.profiled(ids, L)
+        read = self.params + res["state_bytes"]  # one step reads every parameter and the whole state (a teacher: KV)
+        gbps = read / res["step_ms"] / 1e6 if res["step_ms"] else None  # bytes per ms / 1e6 = GB/s
+        return {**res, "bytes_per_step": read, "gbps": gbps,
+                "bw_frac": gbps / self.bandwidth if gbps is not None else None}
 
+    def profiled(self, ids: torch.Tensor, L: int) -> dict | str:
+        """The row's decode step under torch.profiler at this cell (decode_timing.profile_decode), with the cell and
+        the graphs compiled or captured meanwhile (0 expected: the cell is warm); a failure is recorded, not raised."""
+        steps = min(self.a.profile_steps, self.new_tokens - 1)  # within the static cache the timed calls used
+        before = graph_count(self.row, self.model)
+        try:
+            prof = profile_decode(self.gen(ids, L), self.dev, steps)
+        except Exception as e:  # the profile is extra: its failure costs neither the cell nor the row
+            return failure(e)
+        return {"batch": ids.shape[0], "context": L, **prof,
+                graph_key(self.row): added(before, graph_count(self.row, self.model))}
 
 
 def failure(e: BaseException) -> str:

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from harness.results import fmt, is_number, row, table
-from speed_models import ROWS, count, is_teacher
+from speed_models import ROWS, count, is_teacher, label
 
 
 def ratio(v, ref) -> float | None:
@@ -45,16 +45,37 @@ def env_text(env: dict | None) -> str:
     return " ".join(f"{k}={v}" for k, v in (env or {}).items() if v is not None) or "-"
 
 
+def method_text(doc: dict) -> str:
+    """How the decode cells were timed, as speed.md's header says it."""
+    eager = doc.get("eager_steps", doc["steps"])
+    if "method" not in doc:  # before issue 36
+        return (f"each decode cell is one greedy generate() of {doc['new_tokens']} tokens after a warm-up, every token "
+                f"stamped by a logits processor: tokens/s = batch x {doc['steps']} / the time of the {doc['steps']} "
+                f"forwards after the first token (the prefill excluded; teacher-eager: {eager} forwards).")
+    return (f"each decode cell is timed end to end: tokens/s = batch x N / (t(generate 1 + N new tokens) - "
+            f"t(generate 1)), N = {doc['steps']} (teacher-eager: {eager}), greedy, all-ones attention mask, no hook "
+            f"in the calls, synchronised around each whole call only; up to {doc.get('reps', 1)} pairs and each "
+            f"call's median where the prefill is short. Kernels per step from a separately profiled pair "
+            f"({doc.get('profile_steps')} steps).")
+
+
+def profile_text(p) -> str:
+    """A row's decode_profile in the Rows table: kernels (CUDA) or aten ops (CPU) per generated token, at its cell."""
+    if not isinstance(p, dict):
+        return short(p) if p else "-"
+    where = f"b{p['batch']} {label(p['context'])}"
+    if p.get("kernels_per_step") is not None:
+        return f"{p['kernels_per_step']:.0f} kernels, {fmt(p['kernel_us_per_step'])} us ({where})"
+    return f"{fmt(p.get('cpu_ops_per_step'))} CPU ops ({where})"
+
+
 def markdown(doc: dict) -> str:
     rows = [r for r in ROWS if r in doc["rows"]]
     ctx = all_contexts(doc)
     head = table(["row", *ctx])
     bw = next((r["copy_gbps"] for r in doc["rows"].values() if r.get("copy_gbps")), None)
     lines = [f"# Inference speed: {doc['shape']}, {doc['dtype']}, {doc['device']}", "", f"`{doc['command']}`", "",
-             f"torch {doc['torch']}, transformers {doc['transformers']}; each decode cell is one greedy generate() "
-             f"of {doc['new_tokens']} tokens after a warm-up: tokens/s = batch x {doc['steps']} / the time of the "
-             f"{doc['steps']} forwards after the first token (the prefill excluded; teacher-eager: "
-             f"{doc.get('eager_steps', doc['steps'])} forwards). Copy bandwidth "
+             f"torch {doc['torch']}, transformers {doc['transformers']}; {method_text(doc)} Copy bandwidth "
              f"{fmt(bw)} GB/s. Empty: not planned for that row; `not run`: out of its time share."]
 
     def cell(r, key, c):
@@ -66,32 +87,38 @@ def markdown(doc: dict) -> str:
         v, x = cell(r, key, c), doc["rows"][r].get(x_key, {}).get(c)
         return v if isinstance(v, str) else fmt(v) + (f" ({x:.2f}x)" if x is not None else "")
 
+    end_to_end = "method" in doc  # files before issue 36 had per-token clocks: a median step, no prefill ratio
+
     def step_cell(r, B, c) -> str:
-        v = cell(r, f"step_ms_median_b{B}", c)
+        v = cell(r, f"step_ms_b{B}" if end_to_end else f"step_ms_median_b{B}", c)
         if isinstance(v, str):
             return v
         get = lambda k: doc["rows"][r].get(f"{k}_b{B}", {}).get(c)  # noqa: E731
         state = get("state_bytes")
-        return (f"{num(v, '.3f')} / {fmt(state / 2**20 if state is not None else None)} / "
+        text = (f"{num(v, '.3f')} / {fmt(state / 2**20 if state is not None else None)} / "
                 f"{num(get('peak_gib'), '.2f')} / {fmt(get('gbps'))} ({num(get('bw_frac'), '.1%')})")
+        return text + (f" / {fmt(get('prefill_over_decode'))}" if end_to_end else "")
 
     for B in doc["batches"]:
         lines += ["", f"## Decode tokens/s, batch {B} (x teacher-static)", "", *head]
         lines += [row([r, *(with_ratio(r, f"decode_tok_s_b{B}", f"x_teacher_static_b{B}", c) for c in ctx)])
                   for r in rows]
-        lines += ["", f"Batch {B}: median step ms / state MiB / peak GiB / achieved GB/s (fraction of copy bandwidth)",
-                  "", *head, *(row([r, *(step_cell(r, B, c) for c in ctx)]) for r in rows)]
+        what = ("step ms / state MiB / peak GiB / achieved GB/s (fraction of copy bandwidth) / prefill over decode "
+                "(the subtracted t(1) over the decode left)" if end_to_end else
+                "median step ms / state MiB / peak GiB / achieved GB/s (fraction of copy bandwidth)")
+        lines += ["", f"Batch {B}: {what}", "", *head, *(row([r, *(step_cell(r, B, c) for c in ctx)]) for r in rows)]
     lines += ["", "## Prefill tokens/s, batch 1 (x the teacher's forward)", "", *head]
     lines += [row([r, *(with_ratio(r, "prefill_tok_s", "x_teacher_prefill", c) for c in ctx)]) for r in rows]
     lines += ["", "## Rows", "", *table(["row", "status", "seconds (share)", "compiles (teacher) / CUDA-graph captures "
-                                         "(students): warm-up, timed", "kernels", "decode env"])]
+                                         "(students): warm-up, timed", "kernels per step (profiled cell)", "kernels",
+                                         "decode env"])]
     for r in rows:
         d = doc["rows"][r]
         g = d.get("recompiles") if is_teacher(r) else d.get("captures")
         graphs = "-" if not g else f"{g['warmup']}, {g['timed']}" + (f" ({g['retries']} retried)" if g["retries"] else "")
         share = "-" if d.get("limit_s") is None else f"{d['limit_s']:.0f}"
         lines.append(row([r, short(d.get("status")), f"{num(d.get('wall_s'), '.0f')} ({share})", graphs,
-                          d.get("kernels") or "-", env_text(d.get("env"))]))
+                          profile_text(d.get("decode_profile")), d.get("kernels") or "-", env_text(d.get("env"))]))
     return "\n".join(lines) + "\n"
 
 

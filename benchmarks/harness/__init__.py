@@ -2,6 +2,8 @@
 
     env      the device, the library versions and the exact command line a result was measured with
     timing   wall time of device work (CUDA-synchronised clocks and events) and peak memory
+    decode_timing  decode tokens/s from two whole generate() calls, generate(1 + N) - generate(1); kernels per step
+             from a separately profiled pair
     results  the results JSON (written whole), markdown tables, and a row process's one-line RESULT handoff
     rows     a row in a process of its own, inside a time budget; a failed row is recorded, not fatal
 
