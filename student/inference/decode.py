@@ -6,7 +6,9 @@ per token instead of ~30 small kernels per layer from the host), on CPU it runs 
     xLSTM (v1, v2)  per block: the buffers of prefill's state (mLSTM C, n, m; conv inputs; sLSTM state),
                     overwritten by xlstm's own `step` outputs with copy_
     hybrid          per layer: the sinks' keys / values (B, Hkv, S, d), the window's as a ring buffer (B, Hkv, W, d)
-                    written at slot pos % W, the mLSTM C, n, m; one position counter (a device tensor)
+                    written at slot pos % W (sinks and window: views of one (B, Hkv, S + W, d) buffer each), the
+                    mLSTM C, n, m; one position counter (a device tensor). Its step: fused_step.py (a few kernels
+                    per layer; TCACHE_FUSED_STEP=off steps through mixer_step.py as before)
 
 Positions not yet filled are masked, never sliced away: the window slot j holds position p - ((p - j) mod W) for the
 token at position p, valid when that is >= 0; sink s is scored apart from the window once p - s >= W.
@@ -23,6 +25,7 @@ from dataclasses import dataclass
 
 import torch
 
+from tcache.student.inference import fused_step, fused_weights
 from tcache.student.inference.prefill import DecodeState, MixerState
 from tcache.student.inference.slstm_step import branch_free_slstm
 
@@ -83,6 +86,9 @@ class StaticMixer:
     pos: torch.Tensor  # (1,) int64, shared by all layers: the position of the token being stepped
     sink_rope: tuple | None = None  # cos, sin (B, 1, d) at min(pos, S + W - 1), set per step
     joint: tuple | None = None  # --mix joint: ring kf, i, lf and the linear C, n, m (joint_state.py)
+    keys: torch.Tensor | None = None  # (B, Hkv, S + W, d): sink_k over win_k, the one buffer both view
+    values: torch.Tensor | None = None  # (B, Hkv, S + W, d): sink_v over win_v
+    joint_ring: torch.Tensor | None = None  # (B, Hm, W, F + 2): the joint ring's kf, i, lf side by side
 
     def forward(self, mx, x: torch.Tensor, position_embeddings) -> torch.Tensor:
         """HybridMixer.forward hands itself here while its `cache` is this state: one token's head outputs."""
@@ -120,10 +126,19 @@ class StaticDecoder:
         self.captures = 0  # CUDA graphs captured (once per decoder: a replay per token after that)
         self.graph = None
         self.pos = torch.zeros(1, dtype=torch.long, device=self.device)  # position of the next token
+        self.fused = fused_step.mode(model)  # the hybrid's step: on / mixer (fused_step.py) or off (mixer_step.py)
         if model.family == "hybrid":
             self.layers = [self._mixer_buffers(mx, st) for mx, st in zip(model.mixers, state.layers)]
         else:  # prefill's tensors are fresh copies: they are the buffers from here on
             self.layers = [{k: _clone(v) for k, v in st.items()} for st in state.layers]
+        if self.fused != "off":
+            self.fused_layers = fused_weights.of(model, mlp=self.fused == "on")
+            self.ctx = fused_step.StepContext(model, first.dtype, self.device)
+            self.caches = ([fused_step.FusedCache(fl, self.ctx, st) for fl, st in zip(self.fused_layers, self.layers)]
+                           if self.fused == "mixer" else None)
+        # one decoder layer's step, called once per layer (compiled once for all of them in `layer` mode);
+        # step_profile.py wraps it to count what each layer launches
+        self.layer_fn = _fused(fused_step.layer_step if self.fused == "on" else _layer_call, self.compile)
         self.batch = self.batch_of(state)
         self.load(state)
 
@@ -138,13 +153,17 @@ class StaticDecoder:
 
     def _mixer_buffers(self, mx, st: MixerState) -> StaticMixer:
         B, Hkv, _, d = st.win_k.shape
-        new = st.win_k.new_zeros
+        S = mx.sinks
         from tcache.student.inference import joint_state
 
-        return StaticMixer(sink_k=new(B, Hkv, mx.sinks, d), sink_v=new(B, Hkv, mx.sinks, d),
-                           win_k=new(B, Hkv, mx.window, d), win_v=new(B, Hkv, mx.window, d),
-                           mlstm=_clone(st.mlstm) if st.mlstm is not None else None, pos=self.pos,
-                           joint=joint_state.buffers(st.joint, mx.window) if st.joint is not None else None)
+        # sinks and window in one buffer each (rows 0..S-1, then the ring's slots): the fused step attends over it in
+        # one call; the state's bytes are those of four separate buffers
+        keys, values = st.win_k.new_zeros(B, Hkv, S + mx.window, d), st.win_v.new_zeros(B, Hkv, S + mx.window, d)
+        joint, ring = joint_state.buffers(st.joint, mx.window) if st.joint is not None else (None, None)
+        # contiguous: the Triton step kernel writes the new state over them (mlstm_step.py)
+        mlstm = tuple(t.clone(memory_format=torch.contiguous_format) for t in st.mlstm) if st.mlstm else None
+        return StaticMixer(sink_k=keys[:, :, :S], sink_v=values[:, :, :S], win_k=keys[:, :, S:], win_v=values[:, :, S:],
+                           mlstm=mlstm, pos=self.pos, joint=joint, keys=keys, values=values, joint_ring=ring)
 
     def load(self, state: DecodeState) -> "StaticDecoder":
         """Copy a prefilled state of this batch into the buffers (their storage never changes)."""
@@ -152,6 +171,9 @@ class StaticDecoder:
             raise ValueError(f"a state of batch {self.batch_of(state)} into buffers of batch {self.batch}")
         T = state.pos
         self.pos.fill_(T)
+        if self.fused != "off":
+            for fl in self.fused_layers:  # weights changed since the decoder was built (training between generations)
+                fused_weights.refresh(fl)
         if self.model.family != "hybrid":
             for buf, st in zip(self.layers, state.layers):
                 for k, v in st.items():
@@ -232,8 +254,11 @@ class StaticDecoder:
 
     def _step(self, ids: torch.Tensor) -> torch.Tensor:
         model = self.model
-        if model.family == "hybrid":
-            logits = _hybrid_step(model, ids, self.layers, self.pos, _fused(_layer_call, self.compile))
+        if self.fused != "off":
+            logits = fused_step.hybrid_step(model, ids, self.layers, self.pos, self.fused_layers, self.ctx,
+                                            self.layer_fn, self.caches)
+        elif model.family == "hybrid":
+            logits = _hybrid_step(model, ids, self.layers, self.pos, self.layer_fn)
         else:
             block = _fused(_block_call, self.compile)
             x = model.embed(ids)  # (B, 1, D)

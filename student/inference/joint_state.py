@@ -51,12 +51,14 @@ def prefill_state(mx, x: torch.Tensor, qm: torch.Tensor, km: torch.Tensor, v: to
     return (kf[:, :, keep].clone(), i[..., keep].clone(), lf[..., keep].clone(), C, n, m)
 
 
-def buffers(state: tuple, window: int) -> tuple:
-    """Fixed buffers of a prefilled state's shapes: the ring W slots long, the linear state as it is."""
+def buffers(state: tuple, window: int) -> tuple[tuple, torch.Tensor]:
+    """Fixed buffers of a prefilled state's shapes: the ring W slots long, the linear state as it is. The ring's kf, i,
+    lf are views of one (B, Hm, W, F + 2) buffer (returned second), so the fused step reads and writes a slot's three
+    in one op each."""
     kf, i, lf, C, n, m = state
     B, Hm, _, Fd = kf.shape
-    return (kf.new_zeros(B, Hm, window, Fd), i.new_zeros(B, Hm, window), lf.new_zeros(B, Hm, window),
-            C.clone(), n.clone(), m.clone())
+    ring = kf.new_zeros(B, Hm, window, Fd + 2)  # [kf | i | lf] per slot
+    return (ring[..., :Fd], ring[..., Fd], ring[..., Fd + 1], C.clone(), n.clone(), m.clone()), ring
 
 
 def load(buf: tuple, state: tuple, slots: torch.Tensor) -> None:
@@ -111,3 +113,35 @@ def step(mx, x, q, q0, qf, kf, old_v, st) -> torch.Tensor:
     y = (ew @ values.float())[:, :, 0] + el * num  # (B, H, d)
     z = ew.sum(-1)[:, :, 0:1] + el * den  # (B, H, 1)
     return (y / z)[:, :, None].to(q.dtype)  # (B, H, 1, d)
+
+
+def fused_step(fl, P: torch.Tensor, q2: torch.Tensor, feats: tuple, old_v: torch.Tensor, ctx, st) -> torch.Tensor:
+    """step()'s equations through the fused path (fused_step.py): head outputs (B, 1, H d) fp32. P (B, N) the layer's
+    stacked projection, q2 (B, Hkv, rep, 2d | d) its queries for the window call, feats the mLSTM's qf (B, H, F) and kf
+    (B, Hm, F), old_v (B, Hkv, 1, d) the value leaving the window; st's buffers already hold this token's key / value.
+    The linear state's update is mlstm_step.update_ (with gates that change nothing while no key leaves), and the
+    window, the sinks and the linear part are one softmax in one SDPA call (window_step.attend_joint): the linear part
+    a key row of log weight scale + log(phi(q) . n), its output num / den taken by 1 minus the others' share."""
+    from tcache.student.inference import window_step
+    from tcache.student.inference.mlstm_step import update_
+
+    mx, (qf, kf) = fl.mx, feats
+    B, Hm, Fd = kf.shape
+    H, Hkv, d, r = mx.H, mx.Hkv, mx.head_dim, mx.H // mx.Hm
+    g = P[:, fl.at["i"][0]:fl.at["f"][1]].float().unsqueeze(-1)  # (B, 2Hm, 1): input, forget gates
+    ring, (C, n, m) = st.joint_ring, st.joint[3:]
+    old = ring.index_select(2, ctx.slot)[:, :, 0]  # (B, Hm, F + 2): kf, i, lf of position p - W
+    ring.index_copy_(2, ctx.slot, torch.cat([kf, g[:, :Hm], F.logsigmoid(g[:, Hm:])], -1)[:, :, None])
+    i_old = torch.where(ctx.enters, old[..., Fd:Fd + 1], float("-inf"))  # (B, Hm, 1): -inf, 0: no key enters
+    lf_old = torch.where(ctx.enters, old[..., Fd + 1:], 0.0)
+    update_(C, n, m, old[..., :Fd], old_v[:, :, 0].index_select(1, fl.vheads).float(), i_old, lf_old)
+    G = ring[..., Fd + 1].sum(-1, keepdim=True)  # (B, Hm, 1): the forget gates of positions p - W + 1 .. p
+    qg = qf.reshape(B, Hm, r, Fd)  # (B, Hm, r, F): the query heads of each linear state
+    num = qg @ C  # (B, Hm, r, d)
+    den = (qg @ n[..., None]).clamp_min(torch.finfo(torch.float32).tiny)  # (B, Hm, r, 1)
+    lin_log = (m + G)[:, :, None] + fl.log_rest - 0.5 * math.log(Fd) + torch.log(den)  # (B, Hm, r, 1)
+    mask = torch.cat([(ctx.mask + fl.log_share).expand(B, -1, -1, -1), lin_log.reshape(B, Hkv, H // Hkv, 1)], -1)
+    out = window_step.attend_joint(q2, st.keys, st.values, window_step.aligned(mask), ctx.half, ctx.ones,
+                                   mx.scaling).reshape(B, H, -1)  # (B, H, d + EXTRA)
+    y = out[..., :d] + (1 - out[..., d:d + 1]) * (num / den).reshape(B, H, d)  # (B, H, d)
+    return y.reshape(B, 1, H * d)
