@@ -114,7 +114,7 @@ EAGER_ENV = {"TCACHE_CUDA_GRAPH": "0", "TCACHE_STATIC_COMPILE": "off"}
 """The -eager student rows' process environment: the static decoder's step, neither captured nor compiled."""
 METHOD = "end-to-end: (t(generate 1 + N) - t(generate 1)) / N, synchronised around each whole call only"
 """speed.json's `method`: how its decode cells were timed (earlier files, without it, stamped every token)."""
-DECODE_ENV = ("TCACHE_CUDA_GRAPH", "TCACHE_STATIC_COMPILE")
+DECODE_ENV = ("TCACHE_CUDA_GRAPH", "TCACHE_STATIC_COMPILE", "TCACHE_FUSED_STEP")
 """The variables that choose how a student's decode step runs, recorded per row (speed.json's `env`)."""
 FATAL_RC = 3
 """A row's process exits with this after a CUDA error that leaves its context unusable (an illegal memory access):

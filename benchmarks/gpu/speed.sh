@@ -7,7 +7,8 @@
 # 2k / 8k / 32k and 128k for the students, within BUDGET=500 s of rows (speed.py drops a row's largest cells at its
 # share; speed.json names them "not run") and WALL_S=560 s in all, so the call fits one 600 s command.
 # BATCHES=64 LENGTHS=2k,8k STUDENT_LENGTHS= reruns the batch-64 line in a second call. MODELS, STEPS, REPS, SHAPE
-# (tiny: a CPU dry run of this script) override.
+# (tiny: a CPU dry run of this script) override; TCACHE_FUSED_STEP (and the other decode variables speed.json records
+# per row) pass through to the rows' processes.
 python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .gpu/wheels/*.whl 2>&1 | tail -1
 export PYTHONPATH=$PWD:/tmp/site HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 PYTHONUNBUFFERED=1
 mkdir -p $OUT/speed
