@@ -27,6 +27,8 @@ def distill(**options) -> None:
     from tcache.student.training.train import distill as run_distill
 
     cfg = config_from(DistillConfig, options)
+    if cfg.plan:
+        return print_plan(cfg)
     if cfg.export:  # before hours of training, not after
         from tcache.student.inference.hf import check_export_target
 
@@ -104,3 +106,36 @@ def distill(**options) -> None:
         export_student(out, cfg.export, overwrite=cfg.overwrite)
         console.print(f"[green]exported[/]: {cfg.export}  (AutoModelForCausalLM.from_pretrained(..., "
                       "trust_remote_code=True))")
+
+
+def print_plan(cfg: DistillConfig) -> None:
+    """--plan: student/training/shard.plan as a table (nothing is loaded but the cache's manifest and config), for
+    GPUs of --max-gpu-memory, else this machine's, else 80 GB."""
+    import torch
+    from rich.table import Table
+
+    from tcache.cli.format import human_bytes
+    from tcache.student.training.shard import plan
+    from tcache.teachercache.manifest import load_manifest
+    from tcache.units import parse_bytes
+
+    if cfg.max_gpu_memory is not None:
+        capacity = parse_bytes(cfg.max_gpu_memory)
+    else:
+        capacity = torch.cuda.get_device_properties(0).total_memory if torch.cuda.is_available() else 80 * 10**9
+    p = plan(cfg, load_manifest(cfg.cache), capacity)
+    t = Table(title=f"distill --plan: {p['params']:,} parameters, {p['trainable']:,} trained; bytes per GPU rank at "
+                    f"--batch-size {p['batch_size']} x {p['seq_len']} tokens")
+    t.add_column("")
+    for n in p["per_rank"]:
+        t.add_column("1 GPU, unsharded" if n == 1 else f"{n} GPUs, --shard fsdp", justify="right")
+    for row in ("weights", "gradients", "optimizer", "activations"):
+        t.add_row(row + (" (estimate)" if row == "activations" else ""),
+                  *(human_bytes(m[row]) for m in p["per_rank"].values()))
+    t.add_row("[bold]total", *(f"[bold]{human_bytes(sum(m.values()))}" for m in p["per_rank"].values()))
+    console = Console()
+    console.print(t)
+    n = p["smallest_world"]
+    fits = (f"{n} GPU{'s' if n > 1 else ''}" + (" (--shard fsdp)" if n > 1 else " (no sharding)") if n
+            else "none: one rank's activations alone do not fit; lower --batch-size or pass --checkpointing on")
+    console.print(f"fewest GPUs of {human_bytes(capacity)} that fit it ({p['fit_fraction']:.0%} of each): {fits}")

@@ -26,9 +26,10 @@ def is_student_dir(path: str | os.PathLike) -> bool:
 
 
 def save_student(out: str | os.PathLike, model: Student, meta: dict, tokenizer_dir: str | os.PathLike,
-                 then: str = "rerun") -> None:
+                 then: str = "rerun", state: dict | None = None) -> None:
     """Weights and tokenizer first, student.json last (atomic), so a partial save is not a student. A full disk
-    or a read-only `out` is one line ending in `then` (how to get the student once the disk is fixed)."""
+    or a read-only `out` is one line ending in `then` (how to get the student once the disk is fixed). `state`:
+    the model's full state dict when the model itself is sharded (FSDP2 under torchrun: its own holds shards)."""
     from safetensors.torch import save_model
 
     out = Path(out)
@@ -40,7 +41,7 @@ def save_student(out: str | os.PathLike, model: Student, meta: dict, tokenizer_d
     doc = {"format": FORMAT, "family": model.family, "config": model.cfg.to_dict(), **meta}
     tmp = out / (STUDENT_FILE + ".partial")
     try:
-        save_model(model, str(out / WEIGHTS_FILE))
+        _save_weights(model, out / WEIGHTS_FILE, state)
         for f in tokenizer:
             shutil.copy2(f, out / f.name)
         if model.family == "hybrid":  # the converted teacher's own architecture, to rebuild it on load
@@ -56,6 +57,28 @@ def save_student(out: str | os.PathLike, model: Student, meta: dict, tokenizer_d
         raise err from None
     os.replace(tmp, out / STUDENT_FILE)
     ownership.seal(out)
+
+
+def _save_weights(model: torch.nn.Module, path: Path, state: dict | None) -> None:
+    """safetensors' save_model, of `state` when given: tied weights (a hybrid's embedding and head) are stored once
+    under the name save_model keeps, so the file is the one an unsharded model writes."""
+    from safetensors.torch import _remove_duplicate_names, save_file, save_model
+
+    if state is None:
+        return save_model(model, str(path))
+    state = dict(state)
+    names: dict[int, list[str]] = {}
+    for name, p in model.named_parameters(remove_duplicate=False):
+        names.setdefault(id(p), []).append(name)
+    for group in names.values():  # a full state dict holds each name's own copy: share them again
+        for name in group[1:]:
+            state[name] = state[group[0]]
+    metadata = {}
+    for kept, removed in _remove_duplicate_names(state).items():
+        for name in removed:
+            metadata.setdefault(name, kept)
+            del state[name]
+    save_file({k: v.contiguous() for k, v in state.items()}, str(path), metadata=metadata or None)
 
 
 def load_student(path: str | os.PathLike, device: torch.device,

@@ -1,5 +1,6 @@
-"""The run directory and its checkpoints: where a run writes, what a checkpoint holds (trainable weights,
-optimizer, scaler, RNG, counters, config, the cache's identity), and resuming from the newest one that loads."""
+"""The run directory and what it holds: where a run writes, what a checkpoint holds (trainable weights, optimizer,
+scaler, RNG, counters, config, the cache's identity), resuming from the newest one that loads, and the finished
+run's student directory (save_run)."""
 
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ import numpy as np
 import torch
 
 from tcache import dist, outdir
+from tcache.student.training import shard
 from tcache.errors import TcacheError
 from tcache.writefaults import write_error
 from tcache.student.training.config import RESUMABLE_DIFFS, DistillConfig
@@ -123,20 +125,33 @@ def _trainable_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
 def save_checkpoint(out: Path, cfg: DistillConfig, tr, state: RunState, identity: str = "") -> Path:
     """A checkpoint of trainer `tr` (model, optimizer, scaler, stage): its directory appears only complete
     (written as .partial, then renamed). Only the stage's trainable weights are saved: the rest is the
-    cache's teacher, frozen in this stage."""
+    cache's teacher, frozen in this stage. Called on every rank: unsharded, the ranks' weights and optimizer
+    states are equal and rank 0 writes them once; sharded (FSDP2), every rank writes its shards (shard.DCP_DIR)."""
     from safetensors.torch import save_file
 
     final = out / CKPT_DIR / f"step-{state.step:07d}"
+    if not (dist.is_main() or getattr(tr, "sharded", False)):
+        return final
     tmp = final.with_name(final.name + ".partial")
-    shutil.rmtree(tmp, ignore_errors=True)
+    main = dist.is_main()
+    if main:
+        shutil.rmtree(tmp, ignore_errors=True)
     try:
-        tmp.mkdir(parents=True)
-        save_file(_trainable_state(tr.model), str(tmp / "trainable.safetensors"))
-        torch.save({"optimizer": tr.opt.state_dict(), "scaler": tr.scaler.state_dict(), "rng": _rng_state(),
+        if main:
+            tmp.mkdir(parents=True)
+        if getattr(tr, "sharded", False):
+            dist.barrier()  # the directory exists before any rank writes into it
+            shard.save_sharded(tmp / shard.DCP_DIR, tr.model, tr.opt)
+        else:
+            save_file(_trainable_state(tr.model), str(tmp / "trainable.safetensors"))
+        if not main:
+            return final
+        torch.save({"optimizer": None if getattr(tr, "sharded", False) else tr.opt.state_dict(), "scaler": tr.scaler.state_dict(), "rng": _rng_state(),
                     "state": asdict(state), "cache_identity": identity, "stage": tr.stage.index}, tmp / "trainer.pt")
         (tmp / CONFIG_FILE).write_text(json.dumps({**cfg.to_dict(), "world_size": dist.world()}, indent=2))
     except Exception as e:  # a full disk or a read-only run: the partial checkpoint goes, the last one stays
-        shutil.rmtree(tmp, ignore_errors=True)
+        if main:
+            shutil.rmtree(tmp, ignore_errors=True)
         err = write_error(out, e, "rerun with --resume" if checkpoints(out) else "rerun")
         if err is None:
             raise
@@ -159,11 +174,16 @@ def load_checkpoint(ckpt: Path, tr, identity: str = "") -> RunState:
                           "shards or fields); pass the cache it was trained on, or start a new --out")
     saved = tr.plan.stages[min(blob.get("stage", 0), len(tr.plan.stages) - 1)]
     opt = tr.begin_stage(saved)
-    missing, unexpected = tr.model.load_state_dict(load_file(str(ckpt / "trainable.safetensors")), strict=False)
-    frozen = {n for n, p in tr.model.named_parameters() if not p.requires_grad}
-    if unexpected or set(missing) - frozen:
-        raise TcacheError(f"--resume: checkpoint {ckpt} does not fit this student; start a new --out")
-    opt.load_state_dict(blob["optimizer"])
+    if (ckpt / shard.DCP_DIR).is_dir():  # a sharded run's (--shard fsdp): onto this run's ranks, sharded or not
+        shard.load_sharded(ckpt / shard.DCP_DIR, tr.model, opt)
+    elif getattr(tr, "sharded", False):
+        raise TcacheError(f"--resume: checkpoint {ckpt} is an unsharded run's; resume it with --shard none")
+    else:
+        missing, unexpected = tr.model.load_state_dict(load_file(str(ckpt / "trainable.safetensors")), strict=False)
+        frozen = {n for n, p in tr.model.named_parameters() if not p.requires_grad}
+        if unexpected or set(missing) - frozen:
+            raise TcacheError(f"--resume: checkpoint {ckpt} does not fit this student; start a new --out")
+        opt.load_state_dict(blob["optimizer"])
     tr.scaler.load_state_dict(blob["scaler"])
     _set_rng_state(blob["rng"])
     state = RunState(**blob["state"])
@@ -184,3 +204,46 @@ def resume_from(run: Path, cfg: DistillConfig, tr, identity: str, warn: Callable
         except Exception as e:  # unreadable files: safetensors, pickle, json, OSError
             warn(f"checkpoint {ckpt.name} does not load ({type(e).__name__}); trying the one before it")
     raise TcacheError(f"--resume: no checkpoint in {run / CKPT_DIR} loads; start a new --out")
+
+
+def save_run(tr, work: Path, state: RunState, last: dict, identity: str, ckpt: Path | None, hasher,
+             warn: Callable[[str], None]) -> dict:
+    """The finished run's student directory, student.json last (rank 0; a sharded student is gathered to it first),
+    swapped in for --out when the run trained beside it (--overwrite). Returns student.json's run metadata."""
+    import tcache
+    from tcache.plots import training_plot
+    from tcache.student.models import lora
+    from tcache.student.models.io import save_student
+    from tcache.student.models.merge import teacher_fingerprint
+    from tcache.teachercache import schema
+
+    cfg, plan, device, m = tr.cfg, tr.plan, tr.device, tr.manifest
+    tr.model.eval()
+    meta = {
+        "tcache_version": tcache.__version__,
+        "cache": {"path": str(cfg.cache), "teacher": m.teacher.get("name_or_path"),
+                  "tokenizer_sha256": m.tokenizer["sha256"], "seq_len": m.seq_len,
+                  "top_k": m.top_k, "hidden_groups": plan.groups,
+                  # what `tcache merge` checks and records (student/models/merge.py)
+                  "identity": identity, "teacher_sha256": teacher_fingerprint(m)},
+        "trained": {"steps": state.step, "tokens": state.tokens, "seconds": round(state.elapsed, 2)},
+        "params": plan.info["params"], "final_metrics": last,
+        "kernels": {"mlstm": plan.info["mlstm_kernel"], "slstm": plan.info["slstm_backend"]},
+        "online_teacher": cfg.online_teacher,
+    }
+    if "lora" in plan.info:  # what trained; the saved weights hold the adapters merged in
+        meta["lora"] = {**plan.info["lora"], "merged": True}
+    if device.type == "cuda":
+        meta["peak_gpu_memory_gib"] = round(torch.cuda.max_memory_allocated(device) / 2**30, 3)
+    hasher.wait()
+    full = shard.full_state(tr.model) if getattr(tr, "sharded", False) else None  # every rank: a collective
+    if not dist.is_main():
+        return meta
+    training_plot(work, warn, final=True)
+    if cfg.train == "lora":  # a plain student on disk, loadable without peft: W + alpha / r * B A
+        lora.merge_adapters(tr.model)
+    save_student(work, tr.model, meta, Path(cfg.cache) / schema.TEACHER_DIR,
+                 "rerun with --resume" if ckpt is not None else "rerun", state=full)
+    if work != Path(cfg.out):
+        outdir.swap_in(work, Path(cfg.out))
+    return meta

@@ -19,11 +19,12 @@ from tcache.units import parse_bytes, parse_count
 
 
 TRAIN_CHOICES = ("all", "mixer", "new", "lora")
+SHARDS = ("auto", "none", "fsdp")
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 # Fields that may differ between a run and its resumption.
 RESUMABLE_DIFFS = {"resume", "overwrite", "export", "workers", "ckpt_every", "keep_ckpts", "device", "cache", "out",
-                   "compile", "max_gpu_memory", "checkpointing"}
+                   "compile", "max_gpu_memory", "checkpointing", "shard", "plan"}
 
 
 def parse_blocks(text: str | list[int] | None, flag: str) -> list[int] | None:
@@ -170,6 +171,14 @@ class DistillConfig:
     """Recompute each block's (hybrid: decoder layer's) activations in the backward instead of keeping them:
     one more forward per step; auto: hybrid on a GPU with under 24 GiB (--max-gpu-memory, else the card's),
     xLSTM recipes on CPU."""
+    shard: str = opt("auto", choices=SHARDS)
+    """Under torchrun: none (every rank holds the whole student and its optimizer), fsdp (FSDP2: each decoder layer
+    or block, and the rest, split over the ranks; checkpoints sharded) or auto: fsdp when the student with its
+    optimizer state does not fit one GPU, none on CPU and in one process."""
+    plan: bool = False
+    """Train nothing: print the bytes per GPU rank the run needs (weights, gradients, AdamW state, activations
+    estimated) unsharded and with --shard fsdp, and the fewest GPUs of --max-gpu-memory (else this machine's GPU,
+    else 80 GB) that fit it."""
     ckpt_every: int = 0
     """Checkpoint every N optimizer steps; 0: only the final student."""
     keep_ckpts: int = 2
@@ -225,7 +234,8 @@ class DistillConfig:
         for flag, choices, v in (("--kd-tail", KD_TAILS, self.kd_tail), ("--compile", COMPILE_MODES, self.compile),
                                  ("--precision", PRECISIONS, self.precision), ("--train", TRAIN_CHOICES, self.train),
                                  ("--match-loss", MATCH_LOSSES, self.match_loss),
-                                 ("--mlstm-heads", MLSTM_HEADS, self.mlstm_heads), ("--mix", MIXES, self.mix)):
+                                 ("--mlstm-heads", MLSTM_HEADS, self.mlstm_heads), ("--mix", MIXES, self.mix),
+                                 ("--shard", SHARDS, self.shard)):
             if v not in choices:
                 raise TcacheError(f"{flag} {v!r} is unknown; use one of {', '.join(choices)}")
         if self.match_loss != "output" and not any(s.loss == "match" for s in recipe.stages):
@@ -259,6 +269,12 @@ class DistillConfig:
             raise TcacheError("--qk-merge folds the hybrid's feature maps into the mLSTM's q / k projections before "
                               "stage II: use it with --recipe hybrid and a stage II, without --mlstm-rope, --branches "
                               "window or --train lora")
+        bad = [flag for flag, on in (("--train lora", self.train == "lora"), ("--qk-merge", self.qk_merge),
+                                     (f"--compile {self.compile}", self.compile in ("on", "cudagraphs")),
+                                     ("--precision fp16", self.precision == "fp16")) if on]
+        if self.shard == "fsdp" and bad:  # none of these is built or measured on sharded parameters yet
+            raise TcacheError(f"--shard fsdp does not combine with {', '.join(bad)} yet; drop "
+                              f"{'it' if len(bad) == 1 else 'them'} or pass --shard none")
         if self.init is not None and (recipe.model != "hybrid" or self.stage != "2"):
             raise TcacheError(f"--init {self.init} starts the hybrid recipe's stage II from a finished student; pass "
                               "--recipe hybrid --stage 2")

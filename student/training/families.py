@@ -24,8 +24,9 @@ decoder layer / xLSTM block on its own."""
 DEFAULT_SCOPE = {"xlstm": "layer", "hybrid": "step"}
 
 
-def build_xlstm(cfg: DistillConfig, manifest, device: torch.device, budget: int | None):
-    """Distil-xLSTM: fresh xLSTM blocks between the teacher's frozen embedding and head."""
+def build_xlstm(cfg: DistillConfig, manifest, device: torch.device, budget: int | None, sharded: bool = False):
+    """Distil-xLSTM: fresh xLSTM blocks between the teacher's frozen embedding and head. `sharded`: FSDP2 wraps it
+    next (shard.py), and nothing is compiled (compiled blocks under FSDP2 are not measured here)."""
     scfg = student_config(cfg, manifest)
     mlstm_kernel, slstm_backend = resolve_kernels(scfg, device, budget)
     torch.manual_seed(cfg.seed)
@@ -37,7 +38,7 @@ def build_xlstm(cfg: DistillConfig, manifest, device: torch.device, budget: int 
         model.load_teacher_parts(load_teacher_parts(cfg.cache))
     model.to(device)
     model.checkpointing = resolve_checkpointing(cfg.checkpointing, device, budget, family="xlstm")
-    compile_mode = resolve_compile(cfg.compile, device)
+    compile_mode = "off" if sharded else resolve_compile(cfg.compile, device)
     if model.checkpointing and compile_mode != "off":
         # recomputing compiled (CUDA-graph) blocks inside torch.utils.checkpoint is not a combination measured
         # here: whichever of the two was asked for wins, both asked for is refused
@@ -54,14 +55,22 @@ def build_xlstm(cfg: DistillConfig, manifest, device: torch.device, budget: int 
     return model, info
 
 
-def build_hybrid(cfg: DistillConfig, manifest, device: torch.device, budget: int | None):
-    """Hauzenberger et al.: the teacher from the cache's full weights, attention replaced by hybrid mixers."""
-    from tcache.student.models.hybrid import HybridConfig, load_hybrid
+def hybrid_config(cfg: DistillConfig):
+    """The hybrid student's shape from the run's options."""
+    from tcache.student.models.hybrid import HybridConfig
 
-    hcfg = HybridConfig(window=cfg.window, sinks=cfg.sinks, full_attention_layers=list(cfg.full_attention_layers),
+    return HybridConfig(window=cfg.window, sinks=cfg.sinks, full_attention_layers=list(cfg.full_attention_layers),
                         mlstm_kernel=cfg.mlstm_kernel if cfg.mlstm_kernel != "parallel" else "auto",
                         branches=cfg.branches, mlstm_rope=cfg.mlstm_rope, igate_bias=cfg.igate_bias,
                         feature_dim=cfg.feature_dim, mlstm_heads=cfg.mlstm_heads, mix=cfg.mix)
+
+
+def build_hybrid(cfg: DistillConfig, manifest, device: torch.device, budget: int | None, sharded: bool = False):
+    """Hauzenberger et al.: the teacher from the cache's full weights, attention replaced by hybrid mixers.
+    `sharded`: FSDP2 wraps it next (shard.py), and nothing is compiled (not measured under FSDP2 here)."""
+    from tcache.student.models.hybrid import load_hybrid
+
+    hcfg = hybrid_config(cfg)
     torch.manual_seed(cfg.seed)
     model = load_hybrid(str(Path(cfg.cache) / schema.TEACHER_DIR), hcfg)
     model.qk_merge_at_stage2 = cfg.qk_merge  # step 3 between the stages (student/models/qk_merge.py)
@@ -79,7 +88,7 @@ def build_hybrid(cfg: DistillConfig, manifest, device: torch.device, budget: int
     checkpointing = resolve_checkpointing(cfg.checkpointing, device, budget)
     if checkpointing:
         model.enable_checkpointing()
-    compile_mode = hybrid_compile(cfg.compile, device, checkpointing)
+    compile_mode = "off" if sharded else hybrid_compile(cfg.compile, device, checkpointing)
     if checkpointing and compile_mode == "cudagraphs" and compile_scope("hybrid") == "layer":
         raise TcacheError("--compile cudagraphs does not compose with per-layer compilation under activation "
                           f"checkpointing; pass --compile on, --checkpointing off, or {COMPILE_SCOPE_ENV}=step")

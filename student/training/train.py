@@ -12,23 +12,19 @@ from typing import Callable
 
 import torch
 
-import tcache
 from tcache import configfile, dist, locks, outdir, ownership
 from tcache.device import resolve_device
 from tcache.errors import Interrupted, TcacheError
 from tcache.writefaults import write_error
 from tcache.plots import training_plot
 from tcache.signals import stop_on_signals
-from tcache.student.training import losses
-from tcache.student.models import lora
+from tcache.student.training import losses, shard
 from tcache.student.training.checkpoint import (CONFIG_FILE, RUN_ENTRIES, RunState, cache_identity, checkpoints,
-                                       resume_from, run_dir, save_checkpoint)
+                                       resume_from, run_dir, save_checkpoint, save_run)
 from tcache.student.training.budget import Plan, StagePlan, plan_budget
 from tcache.student.training.config import RECIPES, DistillConfig, student_config
 from tcache.student.training.data import CacheRows, epoch_loader
 from tcache.student.training.families import FAMILIES
-from tcache.student.models.io import save_student
-from tcache.student.models.merge import teacher_fingerprint
 from tcache.student.training.metrics import METRICS_FILE, MetricsLog, truncate_metrics
 from tcache.student.training.runtime import (cap_gpu_memory, compile_step, resolve_loss_chunk, resolve_precision,
                                              resolve_workers)
@@ -59,6 +55,8 @@ class Trainer:
     stage: StagePlan | None = None
     params: list = field(default_factory=list)
     opt: torch.optim.Optimizer | None = None
+    sharded: bool = False
+    """FSDP2 over torchrun's ranks (--shard, shard.py): each rank holds a shard of each weight and its gradient."""
     compiled: Callable | None = None
     """The step's forward and loss terms (`_terms`) through torch.compile as one graph, or None (eager): the hybrid
     with --compile on / cudagraphs (families.step_compile)."""
@@ -70,6 +68,8 @@ class Trainer:
                              "match" if stage.loss == "match" else "hybrid")
         if stage.loss == "match":  # which per-layer objective the mixers keep (--match-loss)
             self.model.set_match_loss(cfg.match_loss)
+        if self.sharded:
+            shard.begin_stage(self.model, stage.loss == "match")
         self.params = [p for p in self.model.parameters() if p.requires_grad]
         decay = [p for p in self.params if p.ndim >= 2]
         no_decay = [p for p in self.params if p.ndim < 2]
@@ -82,7 +82,8 @@ class Trainer:
         # replay overwrites; with .grad None autograd installs that buffer as .grad and the next micro-batch's
         # replay overwrites it (pytorch/pytorch#169545). One backward per step: the optimizer has read .grad
         # before the next replay, so it is set to None (no add kernel per parameter: 2.3 ms a stage II step).
-        self.keep_grads = self.cfg.grad_accum > 1 or dist.world() > 1
+        # FSDP2 (--shard fsdp) accumulates each backward's reduce-scattered gradient into .grad itself
+        self.keep_grads = (self.cfg.grad_accum > 1 or dist.world() > 1) and not self.sharded
         for p in self.model.parameters():
             p.grad = torch.zeros_like(p) if p.requires_grad and self.keep_grads else None
         self.stage = sp
@@ -100,18 +101,19 @@ class Trainer:
 
     def _terms(self, batch: dict, temperature: float) -> dict[str, torch.Tensor]:
         ids = batch[schema.INPUT_IDS]  # (B, T)
+        # features() and the head, never forward(): under FSDP2 only features() carries the root's hooks (shard.py)
         if self.stage.stage.loss == "match":  # teacher-forced: the model keeps each layer's matching error
             with torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not torch.float32):
-                self.model(ids)
+                self.model.features(ids)
             return {"match": self.model.match_loss()}
         t_lp, t_ids = batch[schema.TOPK_LOGPROBS], batch[schema.TOPK_IDS]  # (B, T, k) x2
         groups, tail = self.plan.groups, self.cfg.kd_tail
         with torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not torch.float32):
+            x, s_hidden = self.model.features(ids, groups=groups)  # (B, T, D), (B, T, G, D)
             if self.chunk:
-                x, s_hidden = self.model.features(ids, groups=groups)  # (B, T, D), (B, T, G, D)
                 ce, kd = losses.ce_kd_chunked(x, self.model.head, ids, t_lp, t_ids, temperature, tail, self.chunk)
             else:
-                logits, s_hidden = self.model(ids, groups=groups)  # (B, T, V), (B, T, G, D)
+                logits = self.model.head(x)  # (B, T, V)
         if not self.chunk:
             ce = losses.ce_loss(logits, ids)
             kd = losses.kd_loss(logits, t_lp, t_ids, temperature, tail)
@@ -139,11 +141,13 @@ class Trainer:
         for group in self.opt.param_groups:
             group["lr"] = lr
         # under torchrun: one all-reduce of the accumulated gradients per optimizer step (by hand, not DDP: the loop
-        # calls the model's features() and head in chunks, which DDP's forward hooks would not see)
-        dist.mean_([p.grad for p in self.params])
+        # calls the model's features() and head in chunks, which DDP's forward hooks would not see); FSDP2 has
+        # averaged them already, in its reduce-scatter after each backward
+        if not self.sharded:
+            dist.mean_([p.grad for p in self.params])
         self.scaler.unscale_(self.opt)
         clip = self.cfg.grad_clip if self.cfg.grad_clip > 0 else float("inf")
-        gn = torch.nn.utils.clip_grad_norm_(self.params, clip)
+        gn = (shard.clip_grad_norm_ if self.sharded else torch.nn.utils.clip_grad_norm_)(self.params, clip)
         self.scaler.step(self.opt)
         self.scaler.update()
         self.opt.zero_grad(set_to_none=not self.keep_grads)  # see begin_stage (CUDA graphs and accumulation)
@@ -170,10 +174,13 @@ def setup(cfg: DistillConfig, manifest: Manifest | None = None, targets: TargetF
                               f"blocks; rebuild with --hidden-groups <= {blocks}, raise --blocks, "
                               "or pass --beta 0")
     budget = cap_gpu_memory(cfg.max_gpu_memory, device)
-    model, info = FAMILIES[RECIPES[cfg.recipe].model](cfg, manifest, device, budget)
+    sharded = shard.resolve_shard(cfg, manifest, device, budget)
+    model, info = FAMILIES[RECIPES[cfg.recipe].model](cfg, manifest, device, budget, sharded)
+    if sharded:
+        shard.shard_model(model, device, amp_dtype)
     chunk, workers = resolve_loss_chunk(cfg.loss_chunk, device), resolve_workers(cfg.workers, device)
     tr = Trainer(cfg, manifest, device, amp_dtype, plan, model, torch.amp.GradScaler(
-        device.type, enabled=amp_dtype is torch.float16), chunk, workers, targets)
+        device.type, enabled=amp_dtype is torch.float16), chunk, workers, targets, sharded=sharded)
     if info.get("step_compile"):  # one graph for forward + losses; mode reduce-overhead: CUDA graphs too
         tr.compiled = compile_step(tr._terms, info["step_compile"], fallback=cfg.compile == "auto")
     tr.begin_stage(plan.stages[0])
@@ -184,7 +191,7 @@ def setup(cfg: DistillConfig, manifest: Manifest | None = None, targets: TargetF
         **info, "params": model.param_counts(), "device": str(device),
         "precision": str(amp_dtype).removeprefix("torch."), "total_steps": plan.total_steps,
         "tokens_per_step": cfg.batch_size * dist.world() * cfg.grad_accum * plan.seq_len, "resumed_from_step": None,
-        "world_size": dist.world(),
+        "world_size": dist.world(), "shard": "fsdp" if sharded else "none",
         "hidden_groups": plan.groups, "loss_chunk": chunk, "workers": workers, "max_gpu_memory": cfg.max_gpu_memory,
         "stages": [{"stage": s.stage.name, "loss": s.stage.loss, "steps": s.steps, "lr": s.lr} for s in plan.stages],
     }
@@ -295,11 +302,9 @@ def _fit_and_save(tr: Trainer, work: Path, hasher: ShardHasher, stop, on_start, 
                         last = log.flush() or last
                         state.elapsed = elapsed
                         hasher.wait()  # a checkpoint holds only training on verified shards
-                        if main:  # the ranks' weights and optimizer states are equal: rank 0 saves them once
-                            ckpt = save_checkpoint(work, cfg, tr, state, identity)
+                        ckpt = save_checkpoint(work, cfg, tr, state, identity)  # rank 0's, or every rank's shards
+                        if main:
                             training_plot(work, warn)  # RUN/training.png, from the flushed metrics
-                        else:
-                            ckpt = work / "checkpoints" / f"step-{state.step:07d}"
                         dist.barrier()
                     if stopping and state.micro < plan.total_micro:
                         e = Interrupted(stop.signum, f"checkpoint at step {state.step} saved in {work}")
@@ -318,33 +323,4 @@ def _fit_and_save(tr: Trainer, work: Path, hasher: ShardHasher, stop, on_start, 
         metrics_f.close()
     state.elapsed = elapsed0 + (time.perf_counter() - t_start)
 
-    # the student directory, student.json last
-    tr.model.eval()
-    m = tr.manifest
-    meta = {
-        "tcache_version": tcache.__version__,
-        "cache": {"path": str(cfg.cache), "teacher": m.teacher.get("name_or_path"),
-                  "tokenizer_sha256": m.tokenizer["sha256"], "seq_len": m.seq_len,
-                  "top_k": m.top_k, "hidden_groups": plan.groups,
-                  # what `tcache merge` checks and records (student/models/merge.py)
-                  "identity": identity, "teacher_sha256": teacher_fingerprint(m)},
-        "trained": {"steps": state.step, "tokens": state.tokens, "seconds": round(state.elapsed, 2)},
-        "params": plan.info["params"], "final_metrics": last,
-        "kernels": {"mlstm": plan.info["mlstm_kernel"], "slstm": plan.info["slstm_backend"]},
-        "online_teacher": cfg.online_teacher,
-    }
-    if "lora" in plan.info:  # what trained; the saved weights hold the adapters merged in
-        meta["lora"] = {**plan.info["lora"], "merged": True}
-    if device.type == "cuda":
-        meta["peak_gpu_memory_gib"] = round(torch.cuda.max_memory_allocated(device) / 2**30, 3)
-    hasher.wait()
-    if not main:
-        return meta
-    training_plot(work, warn, final=True)
-    if cfg.train == "lora":  # a plain student on disk, loadable without peft: W + alpha / r * B A
-        lora.merge_adapters(tr.model)
-    save_student(work, tr.model, meta, Path(cfg.cache) / schema.TEACHER_DIR,
-                 "rerun with --resume" if ckpt is not None else "rerun")
-    if work != Path(cfg.out):
-        outdir.swap_in(work, Path(cfg.out))
-    return meta
+    return save_run(tr, work, state, last, identity, ckpt, hasher, warn)

@@ -1,0 +1,126 @@
+"""tcache distill --shard fsdp (FSDP2) under torchrun, 2 CPU processes over gloo: the same global batch gives the
+losses of one unsharded process (v2 and the hybrid), a sharded checkpoint resumes on 1 rank and on 2, and the saved
+student is the unsharded run's."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+from conftest import build_cache, text_head
+
+T = 32
+V2 = ("--recipe", "v2", "--steps", 4)
+HYBRID = ("--recipe", "hybrid", "--steps", 2, "--stage1-tokens", 512)
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory, tiny_teacher, valid_jsonl):
+    text = text_head(valid_jsonl, tmp_path_factory.mktemp("text") / "head.jsonl", 8000)
+    out = tmp_path_factory.mktemp("caches") / "fsdp"
+    build_cache(out, tiny_teacher, text, tokens=24 * T, seq_len=T, top_k=8, batch_size=8)
+    return out
+
+
+def distill(cache, out, *args, ranks: int = 1, ok: bool = True):
+    """`tcache distill` as a user runs it: plain, or under `torchrun --nproc_per_node RANKS`."""
+    launcher = ([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={ranks}"]
+                if ranks > 1 else [sys.executable])
+    cmd = launcher + ["-m", "tcache", "distill", str(cache), "--out", str(out), "--device", "cpu",
+                      "--precision", "fp32", "--grad-accum", "1", "--lr", "3e-3", "--seed", "0", *map(str, args)]
+    p = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    if not ok:
+        return p
+    assert p.returncode == 0, p.stderr[-3000:]
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def assert_same(a: list[dict], b: list[dict]) -> None:
+    assert [r["step"] for r in a] == [r["step"] for r in b]
+    for ra, rb in zip(a, b):
+        for k in ("loss", "ce", "kd", "align", "match"):
+            if k in ra or k in rb:
+                assert ra[k] == pytest.approx(rb[k], abs=1e-5, rel=1e-5), (ra["step"], k)
+        # the gradient norm to 1e-4: torch's fp32 norm of the hybrid's whole gradient (clip_grad_norm_, unsharded) is
+        # itself 3.4e-5 off its float64 norm on this CPU, the sharded one (shard.clip_grad_norm_) 1e-7 (the gradients
+        # themselves are equal to 1e-6 per parameter)
+        assert ra["grad_norm"] == pytest.approx(rb["grad_norm"], abs=1e-5, rel=1e-4), ra["step"]
+        assert ra["tokens"] == rb["tokens"]
+
+
+@pytest.fixture(scope="module")
+def runs(cache, tmp_path_factory):
+    """v2 and the hybrid, one unsharded process at batch 8 and two FSDP2 ranks at batch 4 (v2 checkpoints at
+    step 2): name -> (dir, metrics)."""
+    root = tmp_path_factory.mktemp("runs")
+    out = {}
+    for name, recipe in (("v2", V2), ("hybrid", HYBRID)):
+        one, two = root / f"{name}-one", root / f"{name}-fsdp"
+        extra = ("--ckpt-every", 2) if name == "v2" else ()
+        out[f"{name}-one"] = one, distill(cache, one, *recipe, "--batch-size", 8)
+        out[f"{name}-fsdp"] = two, distill(cache, two, *recipe, "--batch-size", 4, "--shard", "fsdp", *extra, ranks=2)
+    return out
+
+
+@pytest.mark.parametrize("recipe", ["v2", "hybrid"])
+def test_fsdp_at_two_ranks_trains_as_one_process_at_twice_the_batch(runs, recipe):
+    (one_dir, one), (two_dir, two) = runs[f"{recipe}-one"], runs[f"{recipe}-fsdp"]
+    assert one[0]["loss"] != one[-1]["loss"]
+    if recipe == "hybrid":
+        assert {r["stage"] for r in one} == {"1", "2"}
+    assert_same(two, one)
+    config = json.loads((two_dir / "distill_config.json").read_text())
+    assert config["shard"] == "fsdp"
+
+
+@pytest.mark.parametrize("recipe", ["v2", "hybrid"])
+def test_the_sharded_run_saves_the_unsharded_runs_student(runs, recipe):
+    import torch
+    from safetensors import safe_open
+
+    def weights(run):
+        with safe_open(str(run / "model.safetensors"), "pt") as f:
+            return {k: f.get_tensor(k) for k in f.keys()}, f.metadata()
+
+    (one, one_meta), (two, two_meta) = weights(runs[f"{recipe}-one"][0]), weights(runs[f"{recipe}-fsdp"][0])
+    assert one.keys() == two.keys() and one_meta == two_meta
+    for k in one:
+        assert two[k].dtype == one[k].dtype and torch.allclose(two[k], one[k], rtol=1e-4, atol=1e-6), k
+
+
+@pytest.mark.parametrize("ranks", [1, 2])
+def test_a_sharded_checkpoint_resumes_on_one_rank_and_on_two(cache, runs, tmp_path, ranks):
+    """The FSDP2 run's step-2 checkpoint (torch.distributed.checkpoint's shards) continues at the same global batch
+    unsharded on 1 rank, and sharded on 2, retraining steps 3 and 4 with the same losses."""
+    run_dir, two = runs["v2-fsdp"]
+    assert (run_dir / "checkpoints" / "step-0000002" / "sharded").is_dir()
+    again = tmp_path / "run"
+    shutil.copytree(run_dir, again)
+    shard = ("--shard", "fsdp") if ranks == 2 else ()
+    resumed = distill(cache, again, *V2, "--batch-size", 8 // ranks, "--ckpt-every", 2, "--resume", *shard,
+                      ranks=ranks)
+    assert_same(resumed, two)
+
+
+def test_shard_refusals_are_one_line(cache, tmp_path):
+    import torch
+
+    from tcache.errors import TcacheError
+    from tcache.student.training.config import DistillConfig
+    from tcache.student.training.shard import resolve_shard
+    from tcache.teachercache.manifest import load_manifest
+
+    with pytest.raises(TcacheError) as e:
+        DistillConfig(cache=str(cache), out=str(tmp_path / "a"), recipe="hybrid", train="lora", shard="fsdp")
+    assert "--train lora" in str(e.value) and "; " in str(e.value) and "\n" not in str(e.value)
+    cfg = DistillConfig(cache=str(cache), out=str(tmp_path / "b"), recipe="v2", shard="fsdp")
+    with pytest.raises(TcacheError, match="torchrun") as e:  # one process: nothing to shard over
+        resolve_shard(cfg, load_manifest(cache), torch.device("cpu"), None)
+    assert "; " in str(e.value) and "\n" not in str(e.value)
+    assert not resolve_shard(DistillConfig(cache=str(cache), out=str(tmp_path / "c"), recipe="v2"),
+                             load_manifest(cache), torch.device("cpu"), None)  # auto on CPU: none
