@@ -136,9 +136,10 @@ class StaticDecoder:
             self.ctx = fused_step.StepContext(model, first.dtype, self.device)
             self.caches = ([fused_step.FusedCache(fl, self.ctx, st) for fl, st in zip(self.fused_layers, self.layers)]
                            if self.fused == "mixer" else None)
-        # one decoder layer's step, called once per layer (compiled once for all of them in `layer` mode);
+        # one layer's (block's) step, called once per layer (compiled once for all of them in `layer` mode);
         # step_profile.py wraps it to count what each layer launches
-        self.layer_fn = _fused(fused_step.layer_step if self.fused == "on" else _layer_call, self.compile)
+        fn = _block_call if model.family != "hybrid" else fused_step.layer_step if self.fused == "on" else _layer_call
+        self.layer_fn = _fused(fn, self.compile)
         self.batch = self.batch_of(state)
         self.load(state)
 
@@ -256,15 +257,15 @@ class StaticDecoder:
         model = self.model
         if self.fused != "off":
             logits = fused_step.hybrid_step(model, ids, self.layers, self.pos, self.fused_layers, self.ctx,
-                                            self.layer_fn, self.caches)
+                                            self.layer_fn, self.caches, _fused(fused_step.StepContext.advance,
+                                                                               self.compile))
         elif model.family == "hybrid":
             logits = _hybrid_step(model, ids, self.layers, self.pos, self.layer_fn)
         else:
-            block = _fused(_block_call, self.compile)
             x = model.embed(ids)  # (B, 1, D)
             with branch_free_slstm(model):
                 for blk, st in zip(model.blocks.blocks, self.layers):
-                    x = block(blk, x, st)  # (B, 1, D)
+                    x = self.layer_fn(blk, x, st)  # (B, 1, D)
             logits = model.head(model.norm(x))  # (B, 1, V)
         self.pos.add_(1)
         return logits

@@ -166,12 +166,13 @@ class FusedCache:
 
 
 def hybrid_step(model, ids: Tensor, layers: list, pos: Tensor, fused: list, ctx: StepContext, layer_fn,
-                caches: list | None = None) -> Tensor:
+                caches: list | None = None, advance=StepContext.advance) -> Tensor:
     """Logits (B, 1, V) of one token through the converted teacher, each layer by layer_fn: layer_step(fl, h, ctx, st)
-    or, with `caches` (mode "mixer"), decode._layer_call(layer, h, position_embeddings, position_ids)."""
+    or, with `caches` (mode "mixer"), decode._layer_call(layer, h, position_embeddings, position_ids); `advance`:
+    StepContext.advance, or its compiled twin."""
     base = model.lm.model
     h = base.embed_tokens(ids)  # (B, 1, D)
-    ctx.advance(model, h, pos)
+    advance(ctx, model, h, pos)
     if caches is None:
         for fl, st in zip(fused, layers):
             h = layer_fn(fl, h, ctx, st)  # (B, 1, D)

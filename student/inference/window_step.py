@@ -61,13 +61,13 @@ def step_mask(p: Tensor, S: int, W: int, dtype: torch.dtype) -> Tensor:
     window slot j once it holds a position (p - ((p - j) mod W) >= 0, the current token's slot always)."""
     s, j = torch.arange(S, device=p.device), torch.arange(W, device=p.device)
     keep = torch.cat([p - s >= W, p - torch.remainder(p - j, W) >= 0])  # (S + W,)
-    mask = torch.zeros(S + W, dtype=dtype, device=p.device).masked_fill(~keep, float("-inf"))
+    mask = torch.where(keep, 0.0, float("-inf")).to(dtype)  # (S + W,)
     return aligned(mask.view(1, 1, 1, S + W))
 
 
 def _keys(K: Tensor, half: Tensor | None, dtype: torch.dtype) -> Tensor:
     """The keys the call scores: (B, Hkv, S + W, 2d) [k, 0] / [0, k_sink] with sinks, else K, in dtype."""
-    return K.to(dtype) if half is None else torch.cat([K, K], -1) * half  # half is in dtype: the product is
+    return (K if half is None else torch.cat([K, K], -1) * half).to(dtype)  # bf16 K * fp32 half: fp32 already
 
 
 def attend(q2: Tensor, K: Tensor, V: Tensor, mask: Tensor, half: Tensor | None, scaling: float,
