@@ -13,8 +13,9 @@ The output gate o = sigmoid(w_o [q0, k0, v] + b) per head is linear in x when th
 (no --mlstm-rope): w_o,h [W_q,h; W_k,kv(h); W_v,kv(h)] x + (w_o,h [b_q; b_k; b_v] + b_h), computed in float64 here
 (the same fold qk_merge.py makes of the feature maps). With --mlstm-rope the step computes o from the rotated q, k.
 
-The matrices are copies (the model's own parameters are untouched, so training, LoRA and saving see nothing new):
-they cost the projections' bytes once more on the device. `refresh` rebuilds them in place when a source parameter
+The matrices are copies in the model's dtype (the model's own parameters are untouched, so training, LoRA and saving
+see nothing new): they cost the projections' bytes once more on the device. In bf16 the folded output gate rounds its
+pre-activation once to bf16, where the earlier step summed bf16 q0, k0, v in fp32: a difference of bf16's size. `refresh` rebuilds them in place when a source parameter
 changed (its version counter or storage), so a decoder kept across generate() calls never steps stale weights.
 """
 
@@ -168,13 +169,14 @@ _BUILT: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
 def of(model, mlp: bool) -> list[FusedLayer]:
-    """The fused weights of every converted layer of `model`, built once per model (every decoder of every batch
-    size shares them) and refreshed if the model's weights changed since."""
-    layers = model.lm.model.layers[: model.lm.model.config.num_hidden_layers]
+    """The fused weights of every converted layer of `model` (in the order of model.mixers), built once per model
+    (every decoder of every batch size shares them) and refreshed if the model's weights changed since."""
+    base = model.lm.model
+    layer_of = {id(layer.self_attn): layer for layer in base.layers[: base.config.num_hidden_layers]}
     key = (mlp, next(model.parameters()).device, next(model.parameters()).dtype)
     got = _BUILT.get(model)
     if got is None or got[0] != key:
-        got = (key, [build(mx, layer, mlp and mlp_fusable(layer)) for mx, layer in zip(model.mixers, layers)])
+        got = (key, [build(mx, layer_of[id(mx)], mlp and mlp_fusable(layer_of[id(mx)])) for mx in model.mixers])
         _BUILT[model] = got
     for fl in got[1]:
         refresh(fl)
