@@ -27,17 +27,49 @@ def cache(tmp_path_factory, tiny_teacher, valid_jsonl):
     return out
 
 
-def distill(cache, out, *args, ranks: int = 1, ok: bool = True):
-    """`tcache distill` as a user runs it: plain, or under `torchrun --nproc_per_node RANKS`."""
-    launcher = ([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={ranks}"]
-                if ranks > 1 else [sys.executable])
-    cmd = launcher + ["-m", "tcache", "distill", str(cache), "--out", str(out), "--device", "cpu",
-                      "--precision", "fp32", "--grad-accum", "1", "--lr", "3e-3", "--seed", "0", *map(str, args)]
-    p = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
-    if not ok:
-        return p
-    assert p.returncode == 0, p.stderr[-3000:]
+def args_of(cache, out, *args) -> list[str]:
+    return ["distill", str(cache), "--out", str(out), "--device", "cpu", "--precision", "fp32", "--grad-accum", "1",
+            "--lr", "3e-3", "--seed", "0", *map(str, args)]
+
+
+def metrics(out) -> list[dict]:
     return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def distill(cache, out, *args) -> list[dict]:
+    """`tcache distill` in one process: this one (a process's start is ~5 s of imports on this CPU)."""
+    from click.testing import CliRunner
+
+    from tcache.cli.main import main
+
+    r = CliRunner().invoke(main, args_of(cache, out, *args))
+    assert r.exit_code == 0, r.output[-3000:]
+    return metrics(out)
+
+
+# Several `tcache distill` commands, one after another in each of torchrun's processes (one process group, one
+# start: 2 processes starting cost ~8 s each time on this 2-core machine); [args, [src, dst]]: copy src to dst first.
+DRIVER = """
+import json, shutil, sys
+import torch.distributed
+from tcache import dist
+from tcache.cli.main import main
+for args, copy in json.loads(sys.argv[1]):
+    if copy and dist.is_main():
+        shutil.copytree(*copy)
+    if torch.distributed.is_initialized():
+        dist.barrier()
+    main(args, standalone_mode=False)
+"""
+
+
+def torchrun(tmp, commands: list) -> None:
+    driver = tmp / "driver.py"
+    driver.write_text(DRIVER)
+    p = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                        str(driver), json.dumps(commands)], capture_output=True, text=True,
+                       env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert p.returncode == 0, p.stderr[-3000:]
 
 
 def assert_same(a: list[dict], b: list[dict]) -> None:
@@ -58,12 +90,15 @@ def runs(cache, tmp_path_factory):
     """v2 and the hybrid, one unsharded process at batch 8 and two FSDP2 ranks at batch 4 (v2 checkpoints at
     step 2): name -> (dir, metrics)."""
     root = tmp_path_factory.mktemp("runs")
-    out = {}
+    fsdp = ("--batch-size", 4, "--shard", "fsdp")
+    torchrun(root, [[args_of(cache, root / "v2-fsdp", *V2, *fsdp, "--ckpt-every", 2), None],
+                    # step 2's checkpoint, resumed sharded on 2 ranks (test_a_sharded_checkpoint_resumes...)
+                    [args_of(cache, root / "v2-resumed", *V2, *fsdp, "--ckpt-every", 2, "--resume"),
+                     [str(root / "v2-fsdp"), str(root / "v2-resumed")]],
+                    [args_of(cache, root / "hybrid-fsdp", *HYBRID, *fsdp), None]])
+    out = {name: (root / name, metrics(root / name)) for name in ("v2-fsdp", "v2-resumed", "hybrid-fsdp")}
     for name, recipe in (("v2", V2), ("hybrid", HYBRID)):
-        one, two = root / f"{name}-one", root / f"{name}-fsdp"
-        extra = ("--ckpt-every", 2) if name == "v2" else ()
-        out[f"{name}-one"] = one, distill(cache, one, *recipe, "--batch-size", 8)
-        out[f"{name}-fsdp"] = two, distill(cache, two, *recipe, "--batch-size", 4, "--shard", "fsdp", *extra, ranks=2)
+        out[f"{name}-one"] = root / f"{name}-one", distill(cache, root / f"{name}-one", *recipe, "--batch-size", 8)
     return out
 
 
@@ -99,12 +134,13 @@ def test_a_sharded_checkpoint_resumes_on_one_rank_and_on_two(cache, runs, tmp_pa
     unsharded on 1 rank, and sharded on 2, retraining steps 3 and 4 with the same losses."""
     run_dir, two = runs["v2-fsdp"]
     assert (run_dir / "checkpoints" / "step-0000002" / "sharded").is_dir()
-    again = tmp_path / "run"
-    shutil.copytree(run_dir, again)
-    shard = ("--shard", "fsdp") if ranks == 2 else ()
-    resumed = distill(cache, again, *V2, "--batch-size", 8 // ranks, "--ckpt-every", 2, "--resume", *shard,
-                      ranks=ranks)
+    if ranks == 2:  # the runs fixture's, from a copy of the run taken before anything resumed it
+        resumed = runs["v2-resumed"][1]
+    else:
+        shutil.copytree(run_dir, tmp_path / "run")
+        resumed = distill(cache, tmp_path / "run", *V2, "--batch-size", 8, "--ckpt-every", 2, "--resume")
     assert_same(resumed, two)
+    assert len(resumed) == 4 and resumed[-1]["loss"] != resumed[1]["loss"]
 
 
 def test_shard_refusals_are_one_line(cache, tmp_path):
@@ -124,3 +160,31 @@ def test_shard_refusals_are_one_line(cache, tmp_path):
     assert "; " in str(e.value) and "\n" not in str(e.value)
     assert not resolve_shard(DistillConfig(cache=str(cache), out=str(tmp_path / "c"), recipe="v2"),
                              load_manifest(cache), torch.device("cpu"), None)  # auto on CPU: none
+
+
+def test_plan_prints_bytes_per_rank_and_trains_nothing(cache, runs, tmp_path):
+    """`distill --plan`: the student's parameters counted on the meta device are the trained student's; weights,
+    gradients and AdamW state split over the ranks, activations do not; the fewest GPUs that fit."""
+    from click.testing import CliRunner
+
+    from tcache.cli.main import main
+    from tcache.student.training.config import DistillConfig
+    from tcache.student.training.shard import FIT_FRACTION, plan
+    from tcache.teachercache.manifest import load_manifest
+
+    cfg = DistillConfig(cache=str(cache), out=str(tmp_path / "p"), recipe="hybrid", batch_size=8)
+    p = plan(cfg, load_manifest(cache), 2**40)
+    trained = json.loads((runs["hybrid-one"][0] / "student.json").read_text())["params"]  # at stage I's start
+    assert p["params"] == trained["total"] and p["trainable"] == trained["total"]  # stage II trains every one
+    v2 = plan(DistillConfig(cache=str(cache), out=str(tmp_path / "q"), recipe="v2"), load_manifest(cache), 2**40)
+    trained = json.loads((runs["v2-one"][0] / "student.json").read_text())["params"]
+    assert (v2["params"], v2["trainable"]) == (trained["total"], trained["trainable"])
+    one, two = p["per_rank"][1], p["per_rank"][2]
+    assert two["weights"] == -(-p["params"] * 4 // 2) and two["optimizer"] == -(-p["trainable"] * 8 // 2)
+    assert two["activations"] == one["activations"] and p["smallest_world"] == 1
+    capacity = int(sum(two.values()) / FIT_FRACTION) + 1  # 2 sharded ranks fit, 1 unsharded does not
+    assert plan(cfg, load_manifest(cache), capacity)["smallest_world"] == 2
+    r = CliRunner().invoke(main, ["distill", str(cache), "--out", str(tmp_path / "p"), "--recipe", "hybrid", "--plan",
+                                  "--max-gpu-memory", str(capacity)])
+    assert r.exit_code == 0, r.output
+    assert "2 GPUs (--shard fsdp)" in " ".join(r.output.split()) and not (tmp_path / "p").exists()

@@ -6,6 +6,7 @@ run needs with and without sharding (--shard auto, `tcache distill --plan`)."""
 from __future__ import annotations
 
 import math
+import warnings
 from pathlib import Path
 
 import torch
@@ -128,7 +129,9 @@ def load_sharded(path: Path, model: torch.nn.Module, opt: torch.optim.Optimizer)
         p.grad = None
     state = {"model": get_model_state_dict(model, options=_options(ignore_frozen_params=True)),
              "optimizer": get_optimizer_state_dict(model, opt)}
-    dcp.load(state, checkpoint_id=str(path))
+    with warnings.catch_warnings():  # one process reads it without a process group, as meant: no warning for that
+        warnings.filterwarnings("ignore", "torch.distributed is disabled", UserWarning)
+        dcp.load(state, checkpoint_id=str(path), no_dist=dist.world() == 1)
     set_model_state_dict(model, state["model"], options=_options(strict=False))
     set_optimizer_state_dict(model, opt, state["optimizer"])
     for p, g in kept:
