@@ -223,7 +223,8 @@ def test_the_triton_step_applies_only_where_it_computes_in_place():
 
 VARIANTS = [dict(), dict(mlstm_heads="kv"), dict(mlstm_rope=True), dict(merged=True), dict(family="qwen2"),
             dict(branches="mlstm"), dict(branches="window"), dict(feature_dim=12), dict(sinks=0), dict(mix="joint"),
-            dict(mix="joint", mlstm_heads="kv"), dict(mix="joint", mlstm_rope=True)]
+            dict(mix="joint", mlstm_heads="kv"), dict(mix="joint", mlstm_rope=True), dict(mix="joint", sinks=0),
+            dict(mix="joint", merged=True, family="qwen2")]
 
 
 @pytest.mark.parametrize("cfg", VARIANTS, ids=lambda c: "-".join(f"{k}={v}" for k, v in c.items()) or "default")
