@@ -15,6 +15,7 @@ from tcache.student.training.recipes import RECIPES, Recipe, Stage
 from tcache.student.models.mixer import MIXES, MLSTM_HEADS
 from tcache.student.training.runtime import COMPILE_MODES
 from tcache.student.training.schedules import Anneal, parse_anneal
+from tcache.student.training.shard import fsdp_conflicts
 from tcache.units import parse_bytes, parse_count
 
 
@@ -269,12 +270,8 @@ class DistillConfig:
             raise TcacheError("--qk-merge folds the hybrid's feature maps into the mLSTM's q / k projections before "
                               "stage II: use it with --recipe hybrid and a stage II, without --mlstm-rope, --branches "
                               "window or --train lora")
-        bad = [flag for flag, on in (("--train lora", self.train == "lora"), ("--qk-merge", self.qk_merge),
-                                     (f"--compile {self.compile}", self.compile in ("on", "cudagraphs")),
-                                     ("--precision fp16", self.precision == "fp16")) if on]
-        if self.shard == "fsdp" and bad:  # none of these is built or measured on sharded parameters yet
-            raise TcacheError(f"--shard fsdp does not combine with {', '.join(bad)} yet; drop "
-                              f"{'it' if len(bad) == 1 else 'them'} or pass --shard none")
+        if self.shard == "fsdp":
+            fsdp_conflicts(self, "--shard fsdp")
         if self.init is not None and (recipe.model != "hybrid" or self.stage != "2"):
             raise TcacheError(f"--init {self.init} starts the hybrid recipe's stage II from a finished student; pass "
                               "--recipe hybrid --stage 2")

@@ -25,6 +25,17 @@ attention scores): the planning estimate; fp32 doubles it, recomputation (--chec
 one layer's 34."""
 
 
+def fsdp_conflicts(cfg, why: str) -> None:
+    """Refuse the options sharding does not combine with yet (none is built or measured on sharded parameters):
+    `why` names what asked for sharding."""
+    bad = [flag for flag, on in (("--train lora", cfg.train == "lora"), ("--qk-merge", cfg.qk_merge),
+                                 (f"--compile {cfg.compile}", cfg.compile in ("on", "cudagraphs")),
+                                 ("--precision fp16", cfg.precision == "fp16")) if on]
+    if bad:
+        raise TcacheError(f"{why} does not combine with {', '.join(bad)} yet; drop {'it' if len(bad) == 1 else 'them'}"
+                          " or pass --shard none")
+
+
 def blocks(model: torch.nn.Module) -> list[torch.nn.Module]:
     """The units FSDP2 shards one at a time: the hybrid's decoder layers, the xLSTM recipes' blocks."""
     return list(model.lm.model.layers) if model.family == "hybrid" else list(model.blocks.blocks)
@@ -49,7 +60,10 @@ def resolve_shard(cfg, manifest, device: torch.device, budget: int | None) -> bo
     if dist.world() == 1 or device.type != "cuda":
         return False
     total = budget if budget is not None else torch.cuda.get_device_properties(device).total_memory
-    return sum(run_memory(cfg, manifest, device, 1, False, capacity=total).values()) > FIT_FRACTION * total
+    if sum(run_memory(cfg, manifest, device, 1, False, capacity=total).values()) <= FIT_FRACTION * total:
+        return False
+    fsdp_conflicts(cfg, "--shard auto shards this student (unsharded it would not fit one GPU), which")
+    return True
 
 
 def shard_model(model: torch.nn.Module, device: torch.device, amp_dtype: torch.dtype) -> torch.nn.Module:
