@@ -1,7 +1,7 @@
 """The mLSTM's one-token step on a decode state's own buffers, as one op: `tcache::mlstm_step_` updates C, n, m in place
-and returns the head outputs. On CUDA it is mlstm_kernels' fused Triton step kernel (the recurrent step xLSTM-7B
-decodes with: one launch per layer instead of ~25 small kernels), writing the new state over the old; elsewhere
-mlstm_kernels' native step, its result copied into the buffers. Registered as a custom op so the decoder's
+and returns the head outputs. With TCACHE_MLSTM_STEP=triton on CUDA it is mlstm_kernels' fused Triton step kernel (the
+recurrent step xLSTM-7B decodes with: one launch per layer instead of ~25 small kernels), writing the new state over
+the old; by default mlstm_kernels' native step, its result copied into the buffers. Registered as a custom op so the decoder's
 torch.compile keeps it as one opaque node (dynamo cannot trace a Triton launch) and a CUDA graph holds it.
 
     q, k (B, NH, F) features, v (B, NH, d), i, f (B, NH, 1) gate pre-activations, all fp32
@@ -19,8 +19,9 @@ import torch
 from torch import Tensor
 
 STEP_ENV = "TCACHE_MLSTM_STEP"
-"""auto (default): the Triton step kernel on CUDA where it applies (triton_fits), the native step elsewhere; native:
-the native step on every device (to compare the two, or if the Triton kernel misbehaves)."""
+"""native (default): mlstm_kernels' native step on every device (compiled with the rest of the layer step); triton:
+the Triton step kernel on CUDA where it applies (triton_fits). Triton stays opt-in until its CUDA test has passed on
+a GPU here: mlstm_kernels' own triton_step.py says the kernel "fails in the tests" and should not be used."""
 
 
 def triton_fits(F_: int, d: int) -> bool:
@@ -34,7 +35,7 @@ def triton_fits(F_: int, d: int) -> bool:
 
 
 def _use_triton(q: Tensor, v: Tensor) -> bool:
-    if q.device.type != "cuda" or os.environ.get(STEP_ENV, "auto") == "native":
+    if q.device.type != "cuda" or os.environ.get(STEP_ENV, "native") != "triton":
         return False
     try:
         from mlstm_kernels.torch.recurrent.triton_step import mlstm_recurrent_step__triton_fw  # noqa: F401
