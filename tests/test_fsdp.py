@@ -124,6 +124,8 @@ def test_the_sharded_run_saves_the_unsharded_runs_student(runs, recipe):
 
     (one, one_meta), (two, two_meta) = weights(runs[f"{recipe}-one"][0]), weights(runs[f"{recipe}-fsdp"][0])
     assert one.keys() == two.keys() and one_meta == two_meta
+    doc = [json.loads((runs[f"{recipe}-{run}"][0] / "student.json").read_text()) for run in ("one", "fsdp")]
+    assert doc[0]["params"] == doc[1]["params"] and doc[0]["config"] == doc[1]["config"]
     for k in one:
         assert two[k].dtype == one[k].dtype and torch.allclose(two[k], one[k], rtol=1e-4, atol=1e-6), k
 
@@ -156,10 +158,10 @@ def test_shard_refusals_are_one_line(cache, tmp_path):
     assert "--train lora" in str(e.value) and "; " in str(e.value) and "\n" not in str(e.value)
     cfg = DistillConfig(cache=str(cache), out=str(tmp_path / "b"), recipe="v2", shard="fsdp")
     with pytest.raises(TcacheError, match="torchrun") as e:  # one process: nothing to shard over
-        resolve_shard(cfg, load_manifest(cache), torch.device("cpu"), None)
+        resolve_shard(cfg, load_manifest(cache), torch.device("cpu"), None, torch.float32)
     assert "; " in str(e.value) and "\n" not in str(e.value)
     assert not resolve_shard(DistillConfig(cache=str(cache), out=str(tmp_path / "c"), recipe="v2"),
-                             load_manifest(cache), torch.device("cpu"), None)  # auto on CPU: none
+                             load_manifest(cache), torch.device("cpu"), None, torch.float32)  # auto on CPU: none
 
 
 def test_plan_prints_bytes_per_rank_and_trains_nothing(cache, runs, tmp_path):
@@ -188,3 +190,21 @@ def test_plan_prints_bytes_per_rank_and_trains_nothing(cache, runs, tmp_path):
                                   "--max-gpu-memory", str(capacity)])
     assert r.exit_code == 0, r.output
     assert "2 GPUs (--shard fsdp)" in " ".join(r.output.split()) and not (tmp_path / "p").exists()
+
+
+def test_a_gathered_state_dict_saves_tied_weights_as_the_model_does(tmp_path):
+    """A full state dict holds its own copy of each name of a tied weight (a hybrid's embedding and head); the
+    saved file stores it once, under the name and with the metadata that safetensors' save_model writes."""
+    import torch
+    from safetensors import safe_open
+
+    from tcache.student.models.io import _save_weights
+
+    model = torch.nn.Sequential(torch.nn.Embedding(10, 4), torch.nn.Linear(4, 10, bias=False))
+    model[1].weight = model[0].weight
+    _save_weights(model, tmp_path / "model.safetensors", None)
+    _save_weights(model, tmp_path / "gathered.safetensors", {k: v.clone() for k, v in model.state_dict().items()})
+    files = [safe_open(str(tmp_path / name), "pt") for name in ("model.safetensors", "gathered.safetensors")]
+    assert list(files[0].keys()) == list(files[1].keys()) and len(files[0].keys()) == 1
+    assert files[0].metadata() == files[1].metadata()
+    assert all(torch.equal(files[0].get_tensor(k), files[1].get_tensor(k)) for k in files[0].keys())

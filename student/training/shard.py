@@ -41,28 +41,25 @@ def blocks(model: torch.nn.Module) -> list[torch.nn.Module]:
     return list(model.lm.model.layers) if model.family == "hybrid" else list(model.blocks.blocks)
 
 
-def is_sharded(model: torch.nn.Module) -> bool:
-    from torch.distributed.fsdp import FSDPModule
-
-    return isinstance(model, FSDPModule)
-
-
-def resolve_shard(cfg, manifest, device: torch.device, budget: int | None) -> bool:
+def resolve_shard(cfg, manifest, device: torch.device, budget: int | None, amp_dtype: torch.dtype) -> bool:
     """--shard -> whether this run shards. auto: only under torchrun on GPUs, when the unsharded student (its
     weights, gradients, AdamW state and activations: run_memory) exceeds FIT_FRACTION of the GPU (or
     --max-gpu-memory)."""
-    choice = cfg.shard
-    if choice == "fsdp" and dist.world() == 1:
+    if cfg.shard == "fsdp" and dist.world() == 1:
         raise TcacheError("--shard fsdp splits the student over torchrun's processes; run under torchrun "
                           "--nproc_per_node N (N >= 2), or pass --shard none")
-    if choice != "auto":
-        return choice == "fsdp"
-    if dist.world() == 1 or device.type != "cuda":
+    if cfg.shard == "none":
         return False
-    total = budget if budget is not None else torch.cuda.get_device_properties(device).total_memory
-    if sum(run_memory(cfg, manifest, device, 1, False, capacity=total).values()) <= FIT_FRACTION * total:
-        return False
-    fsdp_conflicts(cfg, "--shard auto shards this student (unsharded it would not fit one GPU), which")
+    if cfg.shard == "auto":
+        if dist.world() == 1 or device.type != "cuda":
+            return False
+        total = budget if budget is not None else torch.cuda.get_device_properties(device).total_memory
+        if sum(run_memory(cfg, manifest, device, 1, False, capacity=total).values()) <= FIT_FRACTION * total:
+            return False
+        fsdp_conflicts(cfg, "--shard auto shards this student (unsharded it would not fit one GPU), which")
+    if amp_dtype is torch.float16:  # --precision auto on a GPU without bf16 (a T4)
+        raise TcacheError("sharding (--shard) does not combine with fp16 yet (its loss scaling over sharded gradients "
+                          "is not built); pass --precision fp32, or --shard none")
     return True
 
 

@@ -174,7 +174,7 @@ def setup(cfg: DistillConfig, manifest: Manifest | None = None, targets: TargetF
                               f"blocks; rebuild with --hidden-groups <= {blocks}, raise --blocks, "
                               "or pass --beta 0")
     budget = cap_gpu_memory(cfg.max_gpu_memory, device)
-    sharded = shard.resolve_shard(cfg, manifest, device, budget)
+    sharded = shard.resolve_shard(cfg, manifest, device, budget, amp_dtype)
     model, info = FAMILIES[RECIPES[cfg.recipe].model](cfg, manifest, device, budget, sharded)
     if sharded:
         shard.shard_model(model, device, amp_dtype)
