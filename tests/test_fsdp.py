@@ -162,6 +162,13 @@ def test_shard_refusals_are_one_line(cache, tmp_path):
     assert "; " in str(e.value) and "\n" not in str(e.value)
     assert not resolve_shard(DistillConfig(cache=str(cache), out=str(tmp_path / "c"), recipe="v2"),
                              load_manifest(cache), torch.device("cpu"), None, torch.float32)  # auto on CPU: none
+    from click.testing import CliRunner
+
+    from tcache.cli.main import main
+
+    for extra in (["--recipe", "v2"], ["--recipe", "hybrid", "--qk-merge"]):  # the CLI: one line, exit status 1
+        r = CliRunner().invoke(main, args_of(cache, tmp_path / "d", *extra, "--shard", "fsdp"))
+        assert r.exit_code == 1 and len(r.output.strip().splitlines()) == 1 and "--shard none" in r.output, r.output
 
 
 def test_plan_prints_bytes_per_rank_and_trains_nothing(cache, runs, tmp_path):
