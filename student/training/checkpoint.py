@@ -130,23 +130,24 @@ def save_checkpoint(out: Path, cfg: DistillConfig, tr, state: RunState, identity
     from safetensors.torch import save_file
 
     final = out / CKPT_DIR / f"step-{state.step:07d}"
-    if not (dist.is_main() or getattr(tr, "sharded", False)):
+    main, sharded = dist.is_main(), getattr(tr, "sharded", False)
+    if not (main or sharded):
         return final
     tmp = final.with_name(final.name + ".partial")
-    main = dist.is_main()
     if main:
         shutil.rmtree(tmp, ignore_errors=True)
     try:
         if main:
             tmp.mkdir(parents=True)
-        if getattr(tr, "sharded", False):
+        if sharded:
             dist.barrier()  # the directory exists before any rank writes into it
             shard.save_sharded(tmp / shard.DCP_DIR, tr.model, tr.opt)
         else:
             save_file(_trainable_state(tr.model), str(tmp / "trainable.safetensors"))
         if not main:
             return final
-        torch.save({"optimizer": None if getattr(tr, "sharded", False) else tr.opt.state_dict(), "scaler": tr.scaler.state_dict(), "rng": _rng_state(),
+        optimizer = None if sharded else tr.opt.state_dict()  # sharded: in shard.DCP_DIR
+        torch.save({"optimizer": optimizer, "scaler": tr.scaler.state_dict(), "rng": _rng_state(),
                     "state": asdict(state), "cache_identity": identity, "stage": tr.stage.index}, tmp / "trainer.pt")
         (tmp / CONFIG_FILE).write_text(json.dumps({**cfg.to_dict(), "world_size": dist.world()}, indent=2))
     except Exception as e:  # a full disk or a read-only run: the partial checkpoint goes, the last one stays
