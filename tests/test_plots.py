@@ -131,14 +131,16 @@ def test_distill_draws_the_plot_at_each_checkpoint_and_at_the_end(tmp_path, shar
     from tcache.student.training.config import DistillConfig
 
     calls = []
+    real = plots.training_plot
 
     def counting(run_dir, warn, final=False):
         (run_dir / "training.png").unlink(missing_ok=True)
-        plots.training_plot(run_dir, warn, final=final)
+        real(run_dir, warn, final=final)
         assert png_size(run_dir / "training.png") == (1720, 695)  # drawn now, from the metrics of every step so far
         calls.append((len(plots.load_run(run_dir)), final))
 
-    monkeypatch.setattr(train, "training_plot", counting)
+    monkeypatch.setattr(train, "training_plot", counting)  # the loop's, at each checkpoint
+    monkeypatch.setattr(plots, "training_plot", counting)  # checkpoint.save_run's, with the finished student
     out = tmp_path / "s"
     train.distill(DistillConfig(cache=str(shared_cache), out=str(out), steps=2, batch_size=2, grad_accum=1,
                                 blocks=2, ckpt_every=1, device="cpu", seed=0))
