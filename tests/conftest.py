@@ -80,6 +80,16 @@ def shared_cache(tmp_path_factory, teacher_dir, valid_jsonl) -> Path:
 
 
 @pytest.fixture(scope="session")
+def rank_cache(tmp_path_factory, tiny_teacher, valid_jsonl) -> Path:
+    """The tiny teacher over 24 rows x 32 tokens, in batches of 8: the cache the multi-process tests (test_distributed,
+    test_fsdp) split between ranks."""
+    text = text_head(valid_jsonl, tmp_path_factory.mktemp("rank_text") / "head.jsonl", 8000)
+    out = tmp_path_factory.mktemp("rank_cache") / "c"
+    build_cache(out, tiny_teacher, text, tokens=24 * 32, seq_len=32, top_k=8, batch_size=8)
+    return out
+
+
+@pytest.fixture(scope="session")
 def one_layer_cache(tmp_path_factory, teacher_dir, valid_jsonl) -> Path:
     """A cache of a random one-layer Llama with head dim 16 (mlstm_kernels' Triton kernel's smallest), 8 rows x 64
     tokens: the smallest hybrid whose whole step compiles quickly (inductor's CPU code generation takes seconds per

@@ -10,17 +10,14 @@ import sys
 
 import pytest
 
-from conftest import build_cache, text_head
+from conftest import text_head
 
 T = 32
 
 
 @pytest.fixture(scope="module")
-def cache(tmp_path_factory, tiny_teacher, valid_jsonl):
-    text = text_head(valid_jsonl, tmp_path_factory.mktemp("text") / "head.jsonl", 8000)
-    out = tmp_path_factory.mktemp("caches") / "dist"
-    build_cache(out, tiny_teacher, text, tokens=24 * T, seq_len=T, top_k=8, batch_size=8)
-    return out
+def cache(rank_cache):
+    return rank_cache  # conftest's; T is its sequence length
 
 
 def distill(cache, out, *args, ranks: int = 1):

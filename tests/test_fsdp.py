@@ -12,7 +12,6 @@ import sys
 
 import pytest
 
-from conftest import build_cache, text_head
 
 T = 32
 V2 = ("--recipe", "v2", "--steps", 4)
@@ -20,11 +19,8 @@ HYBRID = ("--recipe", "hybrid", "--steps", 2, "--stage1-tokens", 512)
 
 
 @pytest.fixture(scope="module")
-def cache(tmp_path_factory, tiny_teacher, valid_jsonl):
-    text = text_head(valid_jsonl, tmp_path_factory.mktemp("text") / "head.jsonl", 8000)
-    out = tmp_path_factory.mktemp("caches") / "fsdp"
-    build_cache(out, tiny_teacher, text, tokens=24 * T, seq_len=T, top_k=8, batch_size=8)
-    return out
+def cache(rank_cache):
+    return rank_cache  # conftest's; T is its sequence length
 
 
 def args_of(cache, out, *args) -> list[str]:
