@@ -23,6 +23,8 @@ The hybrid recipe's step against its anchor (issue 23), each part in a fresh pro
 RESULTS/distill-hybrid-SHAPE.json under these keys (each with tokens_per_s, peak_gib, mfu):
   plain_lm_eager, plain_lm_compiled   the teacher's own architecture trained as a plain LM: transformers' forward
                                       (SDPA), CE, fused AdamW, bf16 autocast; eager, then torch.compile(model)
+  plain_lm_compiled_cudagraphs        the same with mode="reduce-overhead" (CUDA graphs); ratios are to the faster
+                                      of the two compiled anchors (also at 2048)
   hybrid_stage1, hybrid_stage2        the library's Trainer on in-GPU cache rows, the recipe's defaults
   hybrid_stage2_fp16_16gib            the T4 path: --precision fp16 --max-gpu-memory 16GiB (checkpointing on)
   hybrid_stage2_compile_off, ..._dense_window, ..._mlstm_fp32   stage II with one change undone each: no compile;
