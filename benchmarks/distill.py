@@ -106,7 +106,14 @@ def main() -> None:
         from distill_hybrid import hybrid_bench, hybrid_part
 
         if a.hybrid_stage:  # one part of --hybrid in this fresh process (clean peak; a cap is per process)
-            emit(hybrid_part(a, json.loads(a.hybrid_stage), teacher, work))
+            from harness import compile_cache
+
+            spec = json.loads(a.hybrid_stage)
+            loaded = compile_cache.load(spec["name"])
+            res = hybrid_part(a, spec, teacher, work)
+            if "error" not in res:
+                res["compile_cache"] = {"loaded": loaded, "saved_bytes": compile_cache.save(spec["name"])}
+            emit(res)
         else:
             hybrid_bench(a, teacher, out)
         return
