@@ -122,8 +122,12 @@ def test_the_sharded_run_saves_the_unsharded_runs_student(runs, recipe):
     assert one.keys() == two.keys() and one_meta == two_meta
     doc = [json.loads((runs[f"{recipe}-{run}"][0] / "student.json").read_text()) for run in ("one", "fsdp")]
     assert doc[0]["params"] == doc[1]["params"] and doc[0]["config"] == doc[1]["config"]
+    # atol 1e-5: the sharded run sums gradients in another order, and Adam turns those fp32 rounding differences
+    # into steps of the full learning rate where a gradient is near zero (the zero-initialised gate weights: up to
+    # 2e-6 apart after 4 steps, transformers 5.25); a missing or doubled gradient reduction moves weights by ~lr
+    # (3e-3 here), far beyond this
     for k in one:
-        assert two[k].dtype == one[k].dtype and torch.allclose(two[k], one[k], rtol=1e-4, atol=1e-6), k
+        assert two[k].dtype == one[k].dtype and torch.allclose(two[k], one[k], rtol=1e-4, atol=1e-5), k
 
 
 @pytest.mark.parametrize("ranks", [1, 2])
