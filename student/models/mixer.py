@@ -253,7 +253,12 @@ class HybridMixer(nn.Module):
 
     def gate_mix(self, qm, km, v, m, swa) -> torch.Tensor:
         """o * mlstm + (1 - o) * window with the output gate o = sigmoid(w_o [q, k, v]) per head: (B, H, T, d)."""
-        o = torch.sigmoid(torch.einsum("bhtc,hc->bht", torch.cat([qm, km, v], -1).float(), self.ogate_w.float())
+        # A product and a sum, not an einsum: under autocast the einsum became a bf16 bmm of one output column per
+        # head, which cuBLAS ran as cutlass align-1 / align-2 kernels in the forward and both backward GEMMs (H100
+        # profile of a stage II step, benchmarks/results/distill-step-h100-anchor); this stays fp32 and the
+        # compiler fuses it into one reduction.
+        qkv = torch.cat([qm, km, v], -1).float()  # (B, H, T, 3d)
+        o = torch.sigmoid((qkv * self.ogate_w.float()[:, None]).sum(-1)
                           + self.ogate_b.float()[None, :, None]).unsqueeze(-1)  # (B, H, T, 1)
         mixed = (o * m + (1 - o) * swa.float()).to(qm.dtype)
         if self.training and self.window_dropout:  # a dropped layer trains on its mLSTM branch alone

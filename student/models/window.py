@@ -61,7 +61,10 @@ def window_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_sink: 
     if far_sinks:
         qs = q if q_sink is None else q_sink
         qs = F.pad(qs, (0, 0, 0, pad)).view(B, H, n, block, d).to(acc)
-        s = torch.einsum("bhnqd,bhkd->bhnqk", qs, k[:, :, :sinks].to(acc)) * scaling  # (B, H, n, block, S)
+        # S (4) scores a query: a product and a sum, which the compiler fuses, not a GEMM of S output columns (cuBLAS
+        # ran those as cutlass align-2 kernels under bf16 autocast; H100 profile, distill-step-h100-anchor)
+        ks = k[:, :, None, None, :sinks].to(acc)  # (B, H, 1, 1, S, d)
+        s = (qs.unsqueeze(-2) * ks).sum(-1) * scaling  # (B, H, n, block, S)
         far = i - torch.arange(sinks, device=q.device) >= window  # (n, block, S)
         scores = torch.cat([s.masked_fill(~far, float("-inf")), scores], -1)  # (B, H, n, block, S + block + P)
         values = torch.cat([v[:, :, None, :sinks].to(acc).expand(B, H, n, sinks, v.shape[-1]), values], 3)
