@@ -37,7 +37,7 @@ RESULTS/distill-hybrid-SHAPE.json under these keys (each with tokens_per_s, peak
 MFU = 6 N tokens/s over the GPU's dense bf16 peak (N: all parameters; H100 / H200: 989 TFLOP/s).
 --parts A,B runs only those, in that order; --prewarm N compiles every part first, N processes at a time, so the
 timed pass reads torch.compile's disk caches (--prewarm-only: a first call, the timed one follows on the same
-machine; the anchors are not prewarmed); --profile adds a profile of three more steps of each part, anchors too
+machine); --profile adds a profile of three more steps of each part, anchors too
 (RESULTS/profile-PART.txt: kernels per step, GPU time by kernel kind, the top kernels; the summary in the JSON).
 """
 

@@ -202,11 +202,11 @@ def prewarm(a, teacher: Path, parts: dict) -> float:
                        child_env(**spec.get("env", {})))
         print(json.dumps({f"prewarm {name}": {k: r.get(k) for k in ("warmup_s", "error") if k in r}}), flush=True)
 
-    # The anchors are left out: their compile is short, and on the H200 (benchmarks/results/distill-step-h200-prewarm)
-    # an anchor compiled beside two other compiling processes then ran at half its earlier speed from the cache.
-    students = [(name, spec) for name, spec in parts.items() if spec["kind"] != "plain"]
+    # The anchors too: the half speed an anchor showed after a prewarm (distill-step-h200-prewarm) was its
+    # default-mode step being host-bound, not the prewarm (distill-step-h100-anchor); the CUDA-graph anchor's
+    # compile takes ~100 s cold.
     with ThreadPoolExecutor(a.prewarm) as pool:
-        list(pool.map(warm, students))
+        list(pool.map(warm, parts.items()))
     # Triton's runtime autotuning picked each generated kernel's launch config while the GPU was shared; its choices
     # (*.best_config beside the kernels) are dropped, so each timed process tunes its kernels alone
     from torch._inductor.runtime.cache_dir_utils import cache_dir
