@@ -32,7 +32,10 @@ def window_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_sink: 
     """Softmax attention (B, H, T, d) of q over the window and the sinks outside it; k, v (B, H, T, d) already
     repeated to the query heads; q_sink None means q itself (no query is far enough for the rotations to differ)."""
     B, H, T, d = q.shape
-    acc = torch.promote_types(q.dtype, torch.float32)  # scores and softmax in fp32 at least (float64 stays)
+    # scores and softmax in fp32 at least (float64 stays); under CUDA bf16 autocast the einsums still run as bf16
+    # GEMMs with bf16 scores (autocast casts matmuls, not our .to()), and only the softmax is fp32. Left so: fp32
+    # GEMMs would cost ~3 ms of a 66 ms stage II step (H100 arithmetic); the quality runs decide if it matters.
+    acc = torch.promote_types(q.dtype, torch.float32)
     far_sinks = sinks if sinks and T > window else 0  # some query has a sink outside its window
     # P >= W - 1 keys before a block's first query that its band holds, and blocks of a multiple of 8 queries: each
     # row of scores (S + P + block keys) then spans a multiple of 8 elements, which the tensor-core GEMMs need for
