@@ -39,9 +39,9 @@ from pathlib import Path
 from harness.env import ROOT, child_env, tcache, workdirs
 from harness.rows import Budget, run_row
 # quality_rows' and quality_tables' names are quality's too (tests/test_quality_tables.py reaches them as quality.X)
-from quality_rows import CUT_SINKS, DEFAULT_RUNS, HELDOUT, LONG, MIX_DATA, MIX_ROWS, PRESETS, PROBE_DISTANCES, RUNS, \
-    cut_name, cut_windows, describe, gap_closed, head_tokens, heldout_sets, ratio_to_teacher, recovery, row_window, \
-    set_columns, set_name  # noqa: F401
+from quality_rows import CUT_SINKS, DEFAULT_RUNS, HELDOUT, LONG, MIX_DATA, MIX_ROWS, PRESETS, PROBE_DISTANCES, \
+    ROW_ENV, RUNS, cut_name, cut_windows, describe, gap_closed, head_tokens, heldout_sets, ratio_to_teacher, \
+    recovery, row_window, set_columns, set_name  # noqa: F401
 from quality_tables import collect, tables, write_results  # noqa: F401
 
 SHARED = Path(os.environ.get("TCACHE_SHARED", ROOT.parent / "shared"))  # the shared teacher and corpus (tests' too)
@@ -158,10 +158,11 @@ def main() -> None:
     sets = heldout_sets(a)
     head = str(head_tokens(a))
 
-    def run(cmd: list[str], log: Path, stdout=None) -> int:
+    def run(cmd: list[str], log: Path, stdout=None, row: str | None = None) -> int:
         with open(log, "a") as lf:
             left = budget.left()  # None: --deadline 0, no limit
-            r = run_row(cmd, None if left is None else max(left, 1), env, stdout or lf, lf)
+            r = run_row(cmd, None if left is None else max(left, 1), {**env, **ROW_ENV.get(row, {})}, stdout or lf,
+                        lf)
         if r.timed_out:
             print(f"{log.stem}: killed at the deadline", flush=True)
             return -9
@@ -177,7 +178,7 @@ def main() -> None:
             knobs = ["--lr", a.lr, "--grad-accum", a.grad_accum]
         rc = run(tcache("distill", str(work / "cache-mix" if name in MIX_ROWS else cache), "--out", str(run_dir), "--recipe", recipe, "--tokens",
                         a.tokens_per_run, *knobs, "--seed", "0", "--workers", "1", "--overwrite",
-                        *[x.format(teacher=a.teacher) for x in extra]), out / f"{name}.log")
+                        *[x.format(teacher=a.teacher) for x in extra]), out / f"{name}.log", row=name)
         if rc == 0:
             # beside the run, not in it: a run directory holds only what tcache writes (--overwrite checks)
             (work / f"{name}.wall.json").write_text(json.dumps({"distill_wall_s": round(time.time() - t, 1)}))
@@ -201,11 +202,11 @@ def main() -> None:
             with open(work / f"{name}.eval{suffix}.json.partial", "w") as f:
                 if run(tcache("eval", model, "--data", data, "--tokens", tokens, "--seq-len", seq_len,
                               "--batch-size", "8" if seq_len == "512" else "2", "--json"),
-                       out / f"{name}.log", stdout=f) == 0:
+                       out / f"{name}.log", stdout=f, row=name) == 0:
                     os.replace(work / f"{name}.eval{suffix}.json.partial", work / f"{name}.eval{suffix}.json")
         with open(work / f"{name}.probe.json.partial", "w") as f:  # recall at distances beyond the window
             if run(tcache("probe", model, "--distances", a.probe_distances, "--json"), out / f"{name}.log",
-                   stdout=f) == 0:
+                   stdout=f, row=name) == 0:
                 os.replace(work / f"{name}.probe.json.partial", work / f"{name}.probe.json")
 
     def teacher_job() -> None:

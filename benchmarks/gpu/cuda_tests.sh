@@ -2,7 +2,8 @@
 # decode steps (gate and joint mix), the window kernels, the kernel adapter's padding. Output: $OUT/r/cuda-tests.txt
 python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .gpu/wheels/*.whl 2>&1 | tail -1
 export PYTHONPATH=$PWD:/tmp/site HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 PYTHONUNBUFFERED=1
-mkdir -p $OUT/r /tmp/shared/teacher /tmp/shared/corpus && cp .gpu/tok/* /tmp/shared/teacher/
+TOK=.gpu/tok; [ -d $TOK ] || TOK=.gpu/teacher  # the tokenizer: .gpu/tok, or the whole teacher when it travels instead
+mkdir -p $OUT/r /tmp/shared/teacher /tmp/shared/corpus && cp $TOK/* /tmp/shared/teacher/
 xzcat .gpu/corpus/train.jsonl.xz | head -5 > /tmp/shared/corpus/valid.jsonl
 nvidia-smi --query-gpu=name --format=csv,noheader | tee $OUT/r/cuda-tests.txt
 python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)" | tee -a $OUT/r/cuda-tests.txt

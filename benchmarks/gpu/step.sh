@@ -10,18 +10,19 @@
 # BENCH_S=S stops the benchmark after S seconds so the files still come back (an outer timeout would cut them).
 python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .gpu/wheels/*.whl 2>&1 | tail -1
 export PYTHONPATH=$PWD:/tmp/site HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 PYTHONUNBUFFERED=1
+TOK=.gpu/tok; [ -d $TOK ] || TOK=.gpu/teacher  # the tokenizer: .gpu/tok, or the whole teacher when it travels instead
 nvidia-smi --query-gpu=name --format=csv,noheader
 python3 -c "import torch, triton, transformers; print('torch', torch.__version__, 'triton', triton.__version__, 'transformers', transformers.__version__)"
 mkdir -p $OUT/r /tmp/cc && export TCACHE_BENCH_COMPILE_CACHE=/tmp/cc
 [ -f .gpu/compile-cache.tgz ] && tar xzf .gpu/compile-cache.tgz -C /tmp/cc
 if [ -z "$SKIP_TESTS" ]; then  # the tests' ../shared, from what travels: the tokenizer, and text for valid.jsonl
-  mkdir -p /tmp/shared/teacher /tmp/shared/corpus && cp .gpu/tok/* /tmp/shared/teacher/
+  mkdir -p /tmp/shared/teacher /tmp/shared/corpus && cp $TOK/* /tmp/shared/teacher/
   xzcat .gpu/corpus/train.jsonl.xz | head -5 > /tmp/shared/corpus/valid.jsonl
   TCACHE_SHARED=/tmp/shared timeout ${TEST_S:-240} python3 -m pytest -v -p no:cacheprovider -rP ${TESTS:-tests/test_mlstm_op.py tests/test_static_decode.py tests/test_joint_decode.py \
     tests/test_window.py tests/test_hybrid.py tests/test_chunked_prefill.py} -k "cuda or twin or adapter_pads" 2>&1 | tee $OUT/r/cuda-tests.txt | tail -15
 fi
 PARTS=${1:-plain_lm_compiled_cudagraphs,plain_lm_compiled,hybrid_stage2,hybrid_stage2_kernel_bf16,hybrid_stage1,hybrid_stage2_fp16_16gib,v2_step,plain_lm_compiled_2048_cudagraphs,hybrid_stage2_2048}
-timeout ${BENCH_S:-0} python3 benchmarks/distill.py --hybrid --tokenizer .gpu/tok --train .gpu/corpus/train.jsonl.xz --out /tmp/step-out \
+timeout ${BENCH_S:-0} python3 benchmarks/distill.py --hybrid --tokenizer $TOK --train .gpu/corpus/train.jsonl.xz --out /tmp/step-out \
   --budget ${2:-330} --parts $PARTS ${PROFILE---profile} --prewarm ${PREWARM:-0} ${PREWARM_ONLY:+--prewarm-only} 2>&1 | tee $OUT/r/run.log | grep -v "^{" | tail -25
 cp /tmp/step-out/*.json $OUT/r/ 2>/dev/null
 (cd /tmp/step-out && tar czf $OUT/r/profiles.tgz profile-*.txt) 2>/dev/null
