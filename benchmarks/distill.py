@@ -27,6 +27,8 @@ RESULTS/distill-hybrid-SHAPE.json under these keys (each with tokens_per_s, peak
                                       of the two compiled anchors (also at 2048)
   hybrid_stage1, hybrid_stage2        the library's Trainer on in-GPU cache rows, the recipe's defaults
   hybrid_stage2_fp16_16gib            the T4 path: --precision fp16 --max-gpu-memory 16GiB (checkpointing on)
+  hybrid_stage2_fp16_16gib_budget0, ..._budget30   the same with --activation-budget 0 / 0.3 (torch.compile's
+                                      partitioner recomputes instead of per-layer checkpointing; CUDA graphs)
   hybrid_stage2_compile_off, ..._dense_window, ..._mlstm_fp32   stage II with one change undone each: no compile;
                                       the dense (T, S + T) window mask (TCACHE_WINDOW=dense, compile off: the
                                       earlier default); fp32 mLSTM inputs (TCACHE_MLSTM_INPUTS=fp32)

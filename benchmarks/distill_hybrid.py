@@ -47,6 +47,11 @@ HYBRID_PARTS = {  # name: spec, in the order they run (the anchor, the defaults 
     "hybrid_stage2_fp16_16gib": {"kind": "hybrid", "stage": 1, "precision": "fp16", "cap": "16GiB"},
     "hybrid_stage2_fp16_16gib_cudagraphs": {"kind": "hybrid", "stage": 1, "precision": "fp16", "cap": "16GiB",
                                             "compile": "cudagraphs"},
+    # the T4 path with torch.compile's activation memory budget in place of per-layer checkpointing (CUDA graphs)
+    "hybrid_stage2_fp16_16gib_budget0": {"kind": "hybrid", "stage": 1, "precision": "fp16", "cap": "16GiB",
+                                         "activation_budget": 0.0},
+    "hybrid_stage2_fp16_16gib_budget30": {"kind": "hybrid", "stage": 1, "precision": "fp16", "cap": "16GiB",
+                                          "activation_budget": 0.3},
     "hybrid_stage2_fp16_16gib_before": {"kind": "hybrid", "stage": 1, "precision": "fp16", "cap": "16GiB",
                                         "env": BEFORE},
     "plain_lm_eager": {"kind": "plain", "compiled": False},
@@ -130,7 +135,7 @@ def hybrid_part(a, spec: dict, teacher: Path, work: Path) -> dict:
             return with_mfu(res, res["params"]["total"] if isinstance(res["params"], dict) else res["params"])
         cfg = DistillConfig(cache=cache, out=str(work / "hybrid"), recipe="hybrid", steps=a.steps, batch_size=B,
                             grad_accum=1, precision=spec.get("precision", "auto"), max_gpu_memory=spec.get("cap"),
-                            compile=spec.get("compile", "auto"))
+                            compile=spec.get("compile", "auto"), activation_budget=spec.get("activation_budget"))
         prof = Path(a.out) / f"profile-{spec['name']}.txt" if spec.get("profile") else None
         res = hybrid_stage_rate(cfg, spec["stage"], warmup, steps, profile=prof)
         return with_mfu(res, res["params"]["total"]) if "params" in res else res
@@ -237,6 +242,7 @@ def hybrid_stage_rate(cfg: DistillConfig, stage: int, warmup: int = 3, steps: in
            "graphs": counters["stats"].get("unique_graphs", 0),
            "cudagraph_skips": counters["inductor"].get("cudagraph_skips", 0),
            "mlstm_kernel": tr.plan.info["mlstm_kernel"], "checkpointing": tr.plan.info["checkpointing"],
+           "activation_budget": tr.plan.info.get("activation_budget"),
            "params": tr.model.param_counts()}
     if profile is not None:
         res["profile"] = profile_steps(one, profile)

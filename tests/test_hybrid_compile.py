@@ -69,3 +69,30 @@ def test_compile_auto_goes_on_eagerly_when_the_backend_cannot_compile():
     torch._dynamo.reset()
     with pytest.raises(torch._dynamo.exc.BackendCompilerFailed):
         compile_step(terms, backend=broken)({"a": torch.arange(3.0)}, 2.0)
+
+
+def test_an_activation_budget_replaces_per_layer_checkpointing(one_layer_cache, tmp_path, monkeypatch):
+    """--activation-budget: no checkpoint wrapper on the layers, the budget handed to the step's compile (and
+    recorded), and a one-line TcacheError for a share outside [0, 1], an uncompiled step and the xLSTM recipes."""
+    from tcache.errors import TcacheError
+    from tcache.student.training import train
+    from tcache.student.training.config import DistillConfig
+
+    got = {}
+    real = train.compile_step
+    monkeypatch.setattr(train, "compile_step", lambda *a, **k: got.update(k) or real(*a, **k))
+
+    def cfg(**kw):
+        base = dict(cache=str(one_layer_cache), out=str(tmp_path / "run"), recipe="hybrid", steps=2, batch_size=2,
+                    grad_accum=1, device="cpu", precision="fp32", compile="on", checkpointing="on",
+                    activation_budget=0.3)
+        return DistillConfig(**{**base, **kw})
+
+    tr = train.setup(cfg())
+    assert not tr.model.lm.is_gradient_checkpointing and got["memory_budget"] == 0.3
+    assert tr.plan.info["activation_budget"] == 0.3 and tr.plan.info["checkpointing"] is False
+    assert train.setup(cfg(activation_budget=None)).model.lm.is_gradient_checkpointing  # the per-layer default
+    for bad in (dict(activation_budget=1.5), dict(compile="off"), dict(recipe="v2")):
+        with pytest.raises(TcacheError, match="--activation-budget") as e:
+            train.setup(cfg(**bad))
+        assert "\n" not in str(e.value)

@@ -179,3 +179,51 @@ def test_training_steps_as_cuda_graphs_equal_the_eager_steps(one_layer_cache, tm
     torch.testing.assert_close(torch.tensor(runs["cudagraphs"][0]), torch.tensor(runs["off"][0]), **TF32["cuda"])
     for name, want in runs["off"][1].items():
         torch.testing.assert_close(runs["cudagraphs"][1][name], want, **TF32["cuda"], msg=lambda m: f"{name}: {m}")
+
+
+def test_an_activation_budget_keeps_fewer_activations_and_computes_the_eager_step(one_layer_cache, tmp_path,
+                                                                                  monkeypatch):
+    """--activation-budget (compile_step's memory_budget): the stage II step compiled through AOTAutograd's min-cut
+    partitioner (aot_eager_decomp_partition: the partitioner inductor uses, without its C++ code generation) saves
+    fewer activation bytes (parameters not counted) for the backward at budget 0 than at 1, and its loss and
+    gradients still equal the eager step's (float32)."""
+    from tcache.student.training.config import DistillConfig
+    from tcache.student.training.data import CacheRows
+    from tcache.student.training.runtime import compile_step
+    from tcache.student.training.train import setup
+
+    monkeypatch.setenv("TCACHE_MLSTM_OP", "1")
+    cfg = DistillConfig(cache=str(one_layer_cache), out=str(tmp_path / "run"), recipe="hybrid", steps=2, batch_size=2,
+                        grad_accum=1, device="cpu", precision="fp32", compile="off", checkpointing="off",
+                        mlstm_kernel=OP_KERNEL["cpu"], window=16, sinks=2, loss_chunk=48)
+    tr = setup(cfg)
+    with torch.no_grad():
+        for mx in tr.model.mixers:
+            mx.ogate_w.normal_(0, 0.3), mx.phi_q.add_(torch.randn_like(mx.phi_q) * 0.1)
+    rows = CacheRows(str(one_layer_cache), with_hidden=tr.plan.groups > 0)
+    batch = {key: torch.stack([rows[r][key] for r in (0, 1)]) for key in rows[0]}
+    tr.begin_stage(tr.plan.stages[-1])  # stage II: CE + KD over the whole student
+    params = [p for p in tr.model.parameters() if p.requires_grad]
+    weights = {p.data_ptr() for p in tr.model.parameters()}
+
+    def run(fn) -> tuple[int, list[torch.Tensor]]:
+        saved = []
+
+        def pack(t):
+            if t.data_ptr() not in weights:
+                saved.append(t.numel() * t.element_size())
+            return t
+
+        fn(batch, 2.0)  # compiles (and warms) outside the count
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            loss = sum(fn(batch, 2.0).values())
+        return sum(saved), [loss.detach(), *torch.autograd.grad(loss, params)]
+
+    _, want = run(tr._terms)
+    got = {}
+    for share in (1.0, 0.0):
+        torch._dynamo.reset()  # the budget is read when a graph compiles: a fresh compile for each
+        got[share] = run(compile_step(tr._terms, backend="aot_eager_decomp_partition", memory_budget=share))
+    assert got[0.0][0] < got[1.0][0], (got[0.0][0], got[1.0][0])
+    for a, b in zip(got[0.0][1], want):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)

@@ -172,6 +172,9 @@ class DistillConfig:
     """Recompute each block's (hybrid: decoder layer's) activations in the backward instead of keeping them:
     one more forward per step; auto: hybrid on a GPU with under 24 GiB (--max-gpu-memory, else the card's),
     xLSTM recipes on CPU."""
+    activation_budget: float | None = None
+    """The hybrid's compiled step keeps this share (0-1) of its activations for the backward and torch.compile's
+    partitioner recomputes the rest, in place of per-layer checkpointing, so it can run as CUDA graphs too."""
     shard: str = opt("auto", choices=SHARDS)
     """Under torchrun: none (every rank holds the whole student and its optimizer), fsdp (FSDP2: each decoder layer
     or block, and the rest, split over the ranks; checkpoints sharded) or auto: fsdp when the student with its

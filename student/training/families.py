@@ -28,6 +28,8 @@ def build_xlstm(cfg: DistillConfig, manifest, device: torch.device, budget: int 
     """Distil-xLSTM: fresh xLSTM blocks between the teacher's frozen embedding and head. `sharded`: FSDP2 wraps it
     next (shard.py), and nothing is compiled (compiled blocks under FSDP2 are not measured here)."""
     scfg = student_config(cfg, manifest)
+    if cfg.activation_budget is not None:
+        raise TcacheError("--activation-budget is for the hybrid recipe's compiled step; drop it for --recipe v1 / v2")
     mlstm_kernel, slstm_backend = resolve_kernels(scfg, device, budget)
     torch.manual_seed(cfg.seed)
     model = Student(scfg, mlstm_kernel=mlstm_kernel, slstm_backend=slstm_backend)
@@ -85,10 +87,15 @@ def build_hybrid(cfg: DistillConfig, manifest, device: torch.device, budget: int
         lora = add_adapters(model, cfg.lora_rank, cfg.lora_alpha, cfg.lora_dropout, cfg.lora_targets)
     model.to(device)
     kernel = model.set_kernel(device)
-    checkpointing = resolve_checkpointing(cfg.checkpointing, device, budget)
+    share = cfg.activation_budget  # the compiler recomputes what the step does not keep: no per-layer wrappers
+    checkpointing = resolve_checkpointing(cfg.checkpointing, device, budget) and share is None
     if checkpointing:
         model.enable_checkpointing()
     compile_mode = "off" if sharded else hybrid_compile(cfg.compile, device, checkpointing)
+    if share is not None and not (0 <= share <= 1 and compile_mode != "off" and compile_scope("hybrid") == "step"):
+        raise TcacheError(f"--activation-budget {share}: a share in [0, 1] of the activations the compiled step keeps "
+                          "(one graph: --compile on or cudagraphs, or auto on a GPU; not under FSDP); fix it or drop "
+                          "--activation-budget")
     if checkpointing and compile_mode == "cudagraphs" and compile_scope("hybrid") == "layer":
         raise TcacheError("--compile cudagraphs does not compose with per-layer compilation under activation "
                           f"checkpointing; pass --compile on, --checkpointing off, or {COMPILE_SCOPE_ENV}=step")
@@ -98,7 +105,7 @@ def build_hybrid(cfg: DistillConfig, manifest, device: torch.device, budget: int
     info = {"mlstm_kernel": kernel, "slstm_backend": "none", "blocks": len(model.lm.model.layers),
             "heads": model.lm.config.num_attention_heads, "slstm_at": [], "compile": compile_mode,
             "window": cfg.window, "sinks": cfg.sinks, "full_attention_layers": hcfg.full_attention_layers,
-            "branches": cfg.branches, "checkpointing": checkpointing, **compiled}
+            "branches": cfg.branches, "checkpointing": checkpointing, "activation_budget": share, **compiled}
     if lora is not None:
         info["lora"] = lora
     return model, info

@@ -78,11 +78,14 @@ def resolve_checkpointing(choice: str, device: torch.device, budget: int | None,
 
 
 def compile_step(terms: Callable, mode: str = "default", fullgraph: bool = False, backend: str = "inductor",
-                 fallback: bool = False) -> Callable:
+                 fallback: bool = False, memory_budget: float | None = None) -> Callable:
     """A step's forward and loss terms, terms(batch, temperature) -> dict, through torch.compile as one graph (its
     backward as one more); mode reduce-overhead replays them as CUDA graphs. With `fallback` (--compile auto), a
     graph the backend cannot compile (Triton on a GPU nobody here could test, a T4's sm 7.5) warns once and the run
-    goes on eagerly: nothing has trained yet when the first call compiles."""
+    goes on eagerly: nothing has trained yet when the first call compiles. `memory_budget` (--activation-budget): the
+    share of the activations the graph keeps for its backward; AOTAutograd's min-cut partitioner recomputes the rest
+    (torch._functorch.config.activation_memory_budget, read when a graph compiles: set around every call, so a
+    recompile gets it too)."""
     fn = torch.compile(terms, mode=None if mode == "default" else mode, dynamic=False, fullgraph=fullgraph,
                        backend=backend)
     # Stage I's mixers keep their match losses as attributes (a side effect inside transformers' checkpointed layers,
@@ -90,13 +93,14 @@ def compile_step(terms: Callable, mode: str = "default", fullgraph: bool = False
     # are never read, only the first forward's)
     flag = "skip_fwd_side_effects_in_bwd_under_checkpoint"
     patch = {flag: True} if hasattr(torch._dynamo.config, flag) else {}
+    budget = {} if memory_budget is None else {"activation_memory_budget": memory_budget}
     eager = []  # set once compilation failed under fallback
 
     def call(batch: dict, temperature: float) -> dict:
         if eager:
             return terms(batch, temperature)
         try:
-            with torch._dynamo.config.patch(**patch):
+            with torch._dynamo.config.patch(**patch), torch._functorch.config.patch(**budget):
                 return fn(batch, temperature)
         except torch._dynamo.exc.BackendCompilerFailed as e:
             if not fallback:

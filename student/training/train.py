@@ -182,7 +182,8 @@ def setup(cfg: DistillConfig, manifest: Manifest | None = None, targets: TargetF
     tr = Trainer(cfg, manifest, device, amp_dtype, plan, model, torch.amp.GradScaler(
         device.type, enabled=amp_dtype is torch.float16), chunk, workers, targets, sharded=sharded)
     if info.get("step_compile"):  # one graph for forward + losses; mode reduce-overhead: CUDA graphs too
-        tr.compiled = compile_step(tr._terms, info["step_compile"], fallback=cfg.compile == "auto")
+        tr.compiled = compile_step(tr._terms, info["step_compile"], fallback=cfg.compile == "auto",
+                                   memory_budget=info.get("activation_budget"))
     tr.begin_stage(plan.stages[0])
     # training mode from here, for every caller (benchmarks time setup()'s Trainer): transformers models load in
     # eval mode, where their layers skip activation checkpointing
