@@ -25,7 +25,7 @@ LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", 
 
 # Fields that may differ between a run and its resumption.
 RESUMABLE_DIFFS = {"resume", "overwrite", "export", "workers", "ckpt_every", "keep_ckpts", "device", "cache", "out",
-                   "compile", "max_gpu_memory", "checkpointing", "shard", "plan"}
+                   "compile", "max_gpu_memory", "checkpointing", "activation_budget", "shard", "plan"}
 
 
 def parse_blocks(text: str | list[int] | None, flag: str) -> list[int] | None:
