@@ -111,10 +111,16 @@ def main() -> None:
             from harness import compile_cache
 
             spec = json.loads(a.hybrid_stage)
-            loaded = compile_cache.load(spec["name"])
+            try:  # a carried cache only saves time: its failure must not cost the measurement
+                loaded = compile_cache.load(spec["name"])
+            except Exception as e:
+                loaded = f"failed: {e!r}"[:300]
             res = hybrid_part(a, spec, teacher, work)
             if "error" not in res:
-                res["compile_cache"] = {"loaded": loaded, "saved_bytes": compile_cache.save(spec["name"])}
+                try:
+                    res["compile_cache"] = {"loaded": loaded, "saved_bytes": compile_cache.save(spec["name"])}
+                except Exception as e:
+                    res["compile_cache"] = {"loaded": loaded, "saved": f"failed: {e!r}"[:300]}
             emit(res)
         else:
             hybrid_bench(a, teacher, out)
