@@ -114,13 +114,13 @@ def main() -> None:
             try:  # a carried cache only saves time: its failure must not cost the measurement
                 loaded = compile_cache.load(spec["name"])
             except Exception as e:
-                loaded = f"failed: {e!r}"[:300]
+                loaded = failure(e)
             res = hybrid_part(a, spec, teacher, work)
             if "error" not in res:
                 try:
                     res["compile_cache"] = {"loaded": loaded, "saved_bytes": compile_cache.save(spec["name"])}
                 except Exception as e:
-                    res["compile_cache"] = {"loaded": loaded, "saved": f"failed: {e!r}"[:300]}
+                    res["compile_cache"] = {"loaded": loaded, "saved": failure(e)}
             emit(res)
         else:
             hybrid_bench(a, teacher, out)
