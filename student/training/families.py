@@ -92,11 +92,12 @@ def build_hybrid(cfg: DistillConfig, manifest, device: torch.device, budget: int
     if checkpointing:
         model.enable_checkpointing()
     compile_mode = "off" if sharded else hybrid_compile(cfg.compile, device, checkpointing)
-    if share is not None and not (0 <= share <= 1 and compile_mode != "off" and compile_scope("hybrid") == "step"):
+    scope = compile_scope("hybrid")
+    if share is not None and not (0 <= share <= 1 and compile_mode != "off" and scope == "step"):
         raise TcacheError(f"--activation-budget {share}: a share in [0, 1] of the activations the compiled step keeps "
                           "(one graph: --compile on or cudagraphs, or auto on a GPU; not under FSDP); fix it or drop "
                           "--activation-budget")
-    if checkpointing and compile_mode == "cudagraphs" and compile_scope("hybrid") == "layer":
+    if checkpointing and compile_mode == "cudagraphs" and scope == "layer":
         raise TcacheError("--compile cudagraphs does not compose with per-layer compilation under activation "
                           f"checkpointing; pass --compile on, --checkpointing off, or {COMPILE_SCOPE_ENV}=step")
     # step scope: the Trainer compiles forward + losses as one graph; layer scope: each decoder layer fused by
