@@ -1,7 +1,7 @@
 # One GPU call for the training step (issue 32): the CUDA tests of the kernels and steps, then distill.py --hybrid's
-# parts given as arguments (default: the anchors (CUDA graphs; at 512 the default mode too) at 8 x 512 and 8 x 2048, the hybrid's stage II, stage I and T4 path
-# with the defaults (--compile auto = CUDA graphs), stage II with the mLSTM kernel in bf16, and the v2 step), with
-# profiles.
+# parts given as arguments (default: the anchors (CUDA graphs; at 512 the default mode too) at 8 x 512 and 8 x 2048,
+# the hybrid's stage II, stage I and T4 path with the defaults (--compile auto = CUDA graphs), the T4 path with
+# --activation-budget 0, stage II with the mLSTM kernel in bf16, and the v2 step), with profiles.
 #   bash benchmarks/gpu/step.sh [PARTS] [BUDGET_S]     (from the repo root, .gpu/ carried: tok, corpus, wheels)
 # PREWARM=N compiles every part N at a time first; PREWARM_ONLY=1 stops there (a first call whose caches a second,
 # timed call on the same warm machine reads: every part then fits one call). TESTS=paths picks the CUDA tests.

@@ -15,8 +15,9 @@ The output gate o = sigmoid(w_o [q0, k0, v] + b) per head is linear in x when th
 
 The matrices are copies in the model's dtype (the model's own parameters are untouched, so training, LoRA and saving
 see nothing new): they cost the projections' bytes once more on the device. In bf16 the folded output gate rounds its
-pre-activation once to bf16, where the earlier step summed bf16 q0, k0, v in fp32: a difference of bf16's size. `refresh` rebuilds them in place when a source parameter
-changed (its version counter or storage), so a decoder kept across generate() calls never steps stale weights.
+pre-activation once to bf16, where the earlier step summed bf16 q0, k0, v in fp32: a difference of bf16's size.
+`refresh` rebuilds them in place when a source parameter changed (its version counter or storage), so a decoder kept
+across generate() calls never steps stale weights.
 """
 
 from __future__ import annotations

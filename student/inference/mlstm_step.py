@@ -1,8 +1,8 @@
 """The mLSTM's one-token step on a decode state's own buffers, as one op: `tcache::mlstm_step_` updates C, n, m in place
 and returns the head outputs. With TCACHE_MLSTM_STEP=triton on CUDA it is mlstm_kernels' fused Triton step kernel (the
 recurrent step xLSTM-7B decodes with: one launch per layer instead of ~25 small kernels), writing the new state over
-the old; by default mlstm_kernels' native step, its result copied into the buffers. Registered as a custom op so the decoder's
-torch.compile keeps it as one opaque node (dynamo cannot trace a Triton launch) and a CUDA graph holds it.
+the old; by default mlstm_kernels' native step, its result copied into the buffers. Registered as a custom op so the
+decoder's torch.compile keeps it as one opaque node (dynamo cannot trace a Triton launch) and a CUDA graph holds it.
 
     q, k (B, NH, F) features, v (B, NH, d), i, f (B, NH, 1) gate pre-activations, all fp32
     C (B, NH, F, d), n (B, NH, F), m (B, NH, 1): fp32, contiguous (decode.StaticDecoder allocates them so)
