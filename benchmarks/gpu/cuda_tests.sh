@@ -1,7 +1,6 @@
 # The CUDA tests alone (a short GPU call): the mLSTM op and the whole-step compile on the Triton kernels, the captured
 # decode steps (gate and joint mix), the window kernels, the kernel adapter's padding. Output: $OUT/r/cuda-tests.txt
-python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .gpu/wheels/*.whl 2>&1 | tail -1
-export PYTHONPATH=$PWD:/tmp/site HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 PYTHONUNBUFFERED=1
+source benchmarks/gpu/site.sh
 TOK=.gpu/tok; [ -d $TOK ] || TOK=.gpu/teacher  # the tokenizer: .gpu/tok, or the whole teacher when it travels instead
 mkdir -p $OUT/r /tmp/shared/teacher /tmp/shared/corpus && cp $TOK/* /tmp/shared/teacher/
 xzcat .gpu/corpus/train.jsonl.xz | head -5 > /tmp/shared/corpus/valid.jsonl

@@ -1,8 +1,7 @@
 # Issue 35's measurement in one GPU call: experts A (books) and B (Debian non-book text), their `tcache merge`, the
 # 50/50 mixture student and expert A with step 3 (--qk-merge), scored on books, B's held-out set and every held-out
 # set, with the recall probe. Extra arguments go to benchmarks/merge.py (later ones win).
-python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .gpu/wheels/*.whl 2>&1 | tail -1
-export PYTHONPATH=$PWD:/tmp/site HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1
+source benchmarks/gpu/site.sh
 nvidia-smi --query-gpu=name --format=csv,noheader
 rm -rf /tmp/m /tmp/mout  # this script's scratch: a warm machine keeps the last call's runs
 python3 benchmarks/merge.py --teacher .gpu/teacher --train .gpu/corpus/train.jsonl.xz --valid .gpu/corpus/valid.jsonl \

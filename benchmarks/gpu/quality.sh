@@ -1,6 +1,5 @@
 # Extra arguments go to benchmarks/quality.py (later ones win), e.g. run2: --deadline 530 --runs hybrid,... 
-python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .gpu/wheels/*.whl 2>&1 | tail -1
-export PYTHONPATH=$PWD:/tmp/site HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1
+source benchmarks/gpu/site.sh
 nvidia-smi --query-gpu=name --format=csv,noheader
 rm -rf /tmp/q /tmp/qout  # this script's scratch: a warm machine keeps the last call's runs, which --overwrite would refuse to mix
 python3 benchmarks/quality.py --teacher .gpu/teacher --train .gpu/corpus/train.jsonl.xz --valid .gpu/corpus/valid.jsonl \

@@ -1,6 +1,5 @@
 set -x
-python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .gpu/wheels/*.whl 2>&1 | tail -1
-export PYTHONPATH=$PWD:/tmp/site HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1
+source benchmarks/gpu/site.sh
 nvidia-smi --query-gpu=name --format=csv,noheader
 W=/tmp/smoke; mkdir -p $W
 python3 -m tcache build --teacher .gpu/teacher --data .gpu/corpus/train.jsonl.xz --tokens 3M --out $W/cache --batch-size 64 2>&1 | tail -2

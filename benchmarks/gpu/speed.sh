@@ -9,8 +9,7 @@
 # BATCHES=64 LENGTHS=2k,8k STUDENT_LENGTHS= reruns the batch-64 line in a second call. MODELS, STEPS, REPS, SHAPE
 # (tiny: a CPU dry run of this script) override; TCACHE_FUSED_STEP (and the other decode variables speed.json records
 # per row) pass through to the rows' processes.
-python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .gpu/wheels/*.whl 2>&1 | tail -1
-export PYTHONPATH=$PWD:/tmp/site HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 PYTHONUNBUFFERED=1
+source benchmarks/gpu/site.sh
 mkdir -p $OUT/speed
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | tee $OUT/speed/gpu.txt
 python3 -c "import torch, triton, transformers as tf; print('torch', torch.__version__, 'triton', triton.__version__,

@@ -8,8 +8,7 @@
 # torch.compile's artifacts travel between machines (benchmarks/harness/compile_cache.py): .gpu/compile-cache.tgz,
 # when carried, is loaded; $OUT/r/compile-cache.tgz holds what this call compiled, to copy to .gpu/ for the next.
 # BENCH_S=S stops the benchmark after S seconds so the files still come back (an outer timeout would cut them).
-python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .gpu/wheels/*.whl 2>&1 | tail -1
-export PYTHONPATH=$PWD:/tmp/site HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 PYTHONUNBUFFERED=1
+source benchmarks/gpu/site.sh
 TOK=.gpu/tok; [ -d $TOK ] || TOK=.gpu/teacher  # the tokenizer: .gpu/tok, or the whole teacher when it travels instead
 nvidia-smi --query-gpu=name --format=csv,noheader
 python3 -c "import torch, triton, transformers; print('torch', torch.__version__, 'triton', triton.__version__, 'transformers', transformers.__version__)"
