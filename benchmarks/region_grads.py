@@ -1,0 +1,56 @@
+"""Does torch.compile with torch.compiler.nested_compile_region (one compiled decoder layer stamped out per layer:
+~5x less cold compile time for the hybrid's step, 199 -> 43 s at 16 layers on the CPU) give the eager gradients?
+On torch 2.13's CPU inductor it does not (see benchmarks/results/distill-step-*/README.md): this script prints, per
+backend, how many parameter gradients of a tiny transformers Llama differ from eager, on the device it runs on.
+
+    python benchmarks/region_grads.py [--layers 2]
+"""
+
+from __future__ import annotations
+
+import argparse
+
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+
+
+def grads(layers: int, backend: str | None, region: bool, device: str) -> tuple[float, dict]:
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=layers,
+                      num_attention_heads=4, num_key_value_heads=2)
+    model = LlamaForCausalLM(cfg).to(device)
+    ids = torch.randint(0, 128, (2, 16), generator=torch.Generator().manual_seed(1)).to(device)
+    if region:  # the layer class's forward as one nested compile region, as a user would mark it
+        base = type(model.model.layers[0])
+        cls = type("Region" + base.__name__, (base,), {"forward": torch.compiler.nested_compile_region(base.forward)})
+        for layer in model.model.layers:
+            layer.__class__ = cls
+    torch._dynamo.reset()
+
+    def f(i):
+        return model(input_ids=i, labels=i).loss
+
+    loss = (torch.compile(f, backend=backend) if backend else f)(ids)
+    loss.backward()
+    return loss.item(), {n: p.grad.detach().clone() for n, p in model.named_parameters()}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--layers", type=int, default=2)
+    a = ap.parse_args()
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    _, want = grads(a.layers, None, False, device)
+    print(f"torch {torch.__version__}, {device}, {a.layers} layers")
+    for backend in ("aot_eager_decomp_partition", "inductor"):
+        for region in (False, True):
+            loss, got = grads(a.layers, backend, region, device)
+            off = {n: (got[n] - want[n]).abs().max().item() for n in want
+                   if not torch.allclose(got[n], want[n], atol=1e-4, rtol=1e-3)}
+            worst = max(off.values(), default=0.0)
+            print(f"{backend:28s} region={region!s:5s} loss {loss:.6f}  grads off: {len(off)} of {len(want)}"
+                  f"  (max |diff| {worst:.3g})")
+
+
+if __name__ == "__main__":
+    main()
