@@ -32,7 +32,8 @@ RESULTS/distill-hybrid-SHAPE.json under these keys (each with tokens_per_s, peak
   hybrid_stage2_compile_off, ..._dense_window, ..._mlstm_fp32   stage II with one change undone each: no compile;
                                       the dense (T, S + T) window mask (TCACHE_WINDOW=dense, compile off: the
                                       earlier default); fp32 mLSTM inputs (TCACHE_MLSTM_INPUTS=fp32)
-  hybrid_stage2_kernel_bf16           the mLSTM kernel's q, k, v in bf16 (TCACHE_MLSTM_KERNEL_DTYPE; fp32 default)
+  hybrid_stage2_kernel_fp32, _bf16    the mLSTM kernel computing in fp32 / bf16 (TCACHE_MLSTM_KERNEL_DTYPE; the
+                                      default, auto, computes bf16 inputs in bf16: the same as _bf16 here)
   hybrid_stage2_on, ..._cudagraphs    --compile on (one inductor graph, no CUDA graphs) / cudagraphs, set explicitly
   v2_step                             the v2 student's training step (the library's defaults), for its MFU
   plain_lm_compiled_2048, hybrid_stage2_2048   the same at 8 x 2048, where the window's O(T·W) shows

@@ -39,6 +39,7 @@ HYBRID_PARTS = {  # name: spec, in the order they run (the anchor, the defaults 
     "hybrid_stage2_layer_cudagraphs": {"kind": "hybrid", "stage": 1, "compile": "cudagraphs",
                                        "env": {"TCACHE_COMPILE_SCOPE": "layer"}},
     "hybrid_stage2_kernel_bf16": {"kind": "hybrid", "stage": 1, "env": {"TCACHE_MLSTM_KERNEL_DTYPE": "bf16"}},
+    "hybrid_stage2_kernel_fp32": {"kind": "hybrid", "stage": 1, "env": {"TCACHE_MLSTM_KERNEL_DTYPE": "fp32"}},
     "hybrid_stage2_kernel_bf16_cudagraphs": {"kind": "hybrid", "stage": 1, "compile": "cudagraphs",
                                              "env": {"TCACHE_MLSTM_KERNEL_DTYPE": "bf16"}},
     "hybrid_stage2_on": {"kind": "hybrid", "stage": 1, "compile": "on"},

@@ -117,6 +117,40 @@ def test_the_hybrid_step_compiles_as_one_graph_and_computes_the_eager_step(devic
                                        msg=lambda m: f"{sp.stage.name} {name}: {m}")
 
 
+@pytest.mark.parametrize("env,inputs_dtype,want", [(None, torch.bfloat16, torch.bfloat16),
+                                                     (None, torch.float16, torch.float32),
+                                                     (None, torch.float32, torch.float32),
+                                                     ("fp32", torch.bfloat16, torch.float32),
+                                                     ("fp16", torch.float32, torch.float16)])
+def test_the_kernel_computes_bf16_inputs_in_bf16_unless_told(monkeypatch, env, inputs_dtype, want):
+    """The op receives q, k, v in the kernel's compute dtype: by default bf16 ones stay bf16 (a bf16 step on a GPU;
+    quality measured equal to fp32's) and everything else runs in fp32; TCACHE_MLSTM_KERNEL_DTYPE overrides, and a
+    value it does not know is a one-line error naming the choices."""
+    from tcache.errors import TcacheError
+    from tcache.student.models import mlstm_kernel
+
+    seen = []
+
+    def spy(q, k, v, i, f, *rest):
+        seen.append((q.dtype, k.dtype, v.dtype, i.dtype, f.dtype))
+        return orig(q, k, v, i, f, *rest)
+
+    orig = mlstm_kernel.mlstm_chunkwise
+    monkeypatch.setattr(mlstm_kernel, "mlstm_chunkwise", spy)
+    if env is None:
+        monkeypatch.delenv(mlstm_kernel.KERNEL_DTYPE_ENV, raising=False)
+    else:
+        monkeypatch.setenv(mlstm_kernel.KERNEL_DTYPE_ENV, env)
+    q, k, v, i, f = (t.detach() for t in inputs("cpu", S=64))
+    fn = mlstm_kernel_fn(OP_KERNEL["cpu"])
+    h = fn(q.to(inputs_dtype), k.to(inputs_dtype), v.to(inputs_dtype), i.unsqueeze(-1), f.unsqueeze(-1))
+    assert seen == [(want, want, want, torch.float32, torch.float32)]
+    assert h.dtype == inputs_dtype  # handed back in the layer's dtype
+    monkeypatch.setenv(mlstm_kernel.KERNEL_DTYPE_ENV, "half")
+    with pytest.raises(TcacheError, match=r"TCACHE_MLSTM_KERNEL_DTYPE='half' is not one of auto, fp32, bf16, fp16"):
+        fn(q, k, v, i.unsqueeze(-1), f.unsqueeze(-1))
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="the half-precision Triton builds need CUDA")
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_the_half_precision_cuda_kernel_against_a_float64_parallel_mlstm(dtype):

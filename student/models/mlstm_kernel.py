@@ -32,6 +32,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from tcache.errors import TcacheError
+
 MIN_CHUNK = 16
 """Smallest chunk the chunkwise adapter runs (Triton's smallest matmul tile); shorter ones pad instead."""
 OP_KERNELS = ("chunkwise--triton_xl_chunk", "chunkwise--native_custbw")
@@ -42,7 +44,9 @@ mlstm_kernels' autograd Function, as before (a graph break around every call und
 H200 (benchmarks/results/distill-step-h200): the hybrid's stage II 1.38x faster with the op and the whole step
 compiled, CUDA tests of the op and the compiled step passed."""
 KERNEL_DTYPE_ENV = "TCACHE_MLSTM_KERNEL_DTYPE"
-"""fp32 (default) | bf16 | fp16: the dtype q, k, v reach the chunkwise op in (its compute dtype; gates stay fp32)."""
+"""auto (default) | fp32 | bf16 | fp16: the dtype q, k, v reach the chunkwise op in (its compute dtype; gates stay
+fp32). auto: bf16 when they arrive in bf16 (a bf16 step on a GPU), fp32 otherwise (the CPU's fp32, and fp16: a T4's
+half precision is not measured for quality)."""
 CLOSED_GATE = 1e4
 """Gate pre-activation of padded positions: input gate -1e4 (exp: 0), forget gate +1e4 (sigmoid: 1), a no-op."""
 
@@ -123,9 +127,16 @@ def _backward(ctx, dh, dn, dm):
 mlstm_chunkwise.register_autograd(_backward, setup_context=_setup)
 
 
-def kernel_dtype() -> torch.dtype:
-    name = os.environ.get(KERNEL_DTYPE_ENV, "fp32").lower()
-    return {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[name]
+def kernel_dtype(inputs: torch.dtype) -> torch.dtype:
+    """The chunkwise kernel's compute dtype for q, k, v arriving in `inputs` (KERNEL_DTYPE_ENV)."""
+    name = os.environ.get(KERNEL_DTYPE_ENV, "auto").lower()
+    if name == "auto":
+        return torch.bfloat16 if inputs == torch.bfloat16 else torch.float32
+    choices = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+    if name not in choices:
+        raise TcacheError(f"{KERNEL_DTYPE_ENV}={name!r} is not one of auto, fp32, bf16, fp16; set one of them, "
+                          "or unset it")
+    return choices[name]
 
 
 def triton_available() -> bool:
@@ -184,11 +195,12 @@ def mlstm_kernel_fn(name: str, chunk_size: int = 64, eps: float = 1e-6):
             cs = math.gcd(S + pad, chunk_size)
         if pad:
             queries, keys, values, i, f = pad_end(queries, keys, values, i, f, pad)  # S + pad positions
-        # The kernel's own compute dtype stays fp32 by default: its bf16 and fp16 builds crashed Triton's compiler
-        # on the H100 once (LLVM SLPVectorizer assertion, triton 3.x). With triton 3.6.0 the bf16 build compiles,
-        # passes its float64 test and trains stage II 1.078x faster (H200, benchmarks/results/
-        # distill-step-h200-prewarm); its quality is not measured yet. TCACHE_MLSTM_KERNEL_DTYPE=bf16|fp16 opts in.
-        dtype = kernel_dtype()
+        # bf16 inputs are computed in bf16 (kernel_dtype's auto): with triton 3.6.0 the bf16 build compiles, passes
+        # its float64 test, trains stage II 1.078-1.09x faster (H200, H100: benchmarks/results/distill-step-h200-
+        # prewarm, distill-step-h100-anchor), and its quality run equals the fp32 kernel's (32.17 vs 32.20 ppl,
+        # benchmarks/results/issue32-quality-h100). Its builds had crashed Triton's compiler once (LLVM
+        # SLPVectorizer assertion, triton 3.x, H100): TCACHE_MLSTM_KERNEL_DTYPE=fp32 is the way back.
+        dtype = kernel_dtype(queries.dtype)
         if as_op and not return_last_states:  # training and eval: the custom op, one node of a compiled graph
             qk, v_ = (queries.to(dtype), keys.to(dtype)), values.to(dtype)
             h = mlstm_chunkwise(*qk, v_, i.float(), f.float(), cs, eps, queries.shape[-1] ** -0.5)[0]
@@ -197,6 +209,7 @@ def mlstm_kernel_fn(name: str, chunk_size: int = 64, eps: float = 1e-6):
             # the state-returning build of the Triton kernel also hit that assertion with bf16 inputs (H100, a bf16
             # exported model's prefill, benchmarks/speed.py): the decode path hands it fp32 (exact for bf16 values)
             queries, keys, values, i, f = (t.float() for t in (queries, keys, values, i, f))
+            dtype = kernel_dtype(torch.float32)  # and computes in fp32 unless TCACHE_MLSTM_KERNEL_DTYPE says otherwise
         out = kernel(q=queries, k=keys, v=values, i=i, f=f, chunk_size=cs, autocast_kernel_dtype=dtype, eps=eps,
                      return_last_states=return_last_states)
         h, state = out if return_last_states else (out, None)
