@@ -35,6 +35,8 @@ HYBRID_PARTS = {  # name: spec, in the order they run (the anchor, the defaults 
     "hybrid_stage1": {"kind": "hybrid", "stage": 0},
     "hybrid_stage1_cudagraphs": {"kind": "hybrid", "stage": 0, "compile": "cudagraphs"},
     "hybrid_stage1_before": {"kind": "hybrid", "stage": 0, "env": BEFORE},
+    # each decoder layer one nested compile region of the step's graph: compiled once (warmup_s), stamped out per layer
+    "hybrid_stage2_regions": {"kind": "hybrid", "stage": 1, "env": {"TCACHE_COMPILE_SCOPE": "regions"}},
     "hybrid_stage2_op_layer": {"kind": "hybrid", "stage": 1, "env": {"TCACHE_COMPILE_SCOPE": "layer"}},
     "hybrid_stage2_layer_cudagraphs": {"kind": "hybrid", "stage": 1, "compile": "cudagraphs",
                                        "env": {"TCACHE_COMPILE_SCOPE": "layer"}},

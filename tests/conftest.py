@@ -89,24 +89,35 @@ def rank_cache(tmp_path_factory, tiny_teacher, valid_jsonl) -> Path:
     return out
 
 
-@pytest.fixture(scope="session")
-def one_layer_cache(tmp_path_factory, teacher_dir, valid_jsonl) -> Path:
-    """A cache of a random one-layer Llama with head dim 16 (mlstm_kernels' Triton kernel's smallest), 8 rows x 64
-    tokens: the smallest hybrid whose whole step compiles quickly (inductor's CPU code generation takes seconds per
-    layer)."""
+def tiny_llama_cache(tmp_path_factory, teacher_dir, valid_jsonl, layers: int) -> Path:
+    """A cache of a random Llama of `layers` layers with head dim 16 (mlstm_kernels' Triton kernel's smallest),
+    8 rows x 64 tokens."""
     import torch
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(0)
-    teacher = tmp_path_factory.mktemp("one_layer_teacher")
-    LlamaForCausalLM(LlamaConfig(vocab_size=16384, hidden_size=64, intermediate_size=64, num_hidden_layers=1,
+    teacher = tmp_path_factory.mktemp(f"l{layers}_teacher")
+    LlamaForCausalLM(LlamaConfig(vocab_size=16384, hidden_size=64, intermediate_size=64, num_hidden_layers=layers,
                                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
                                  tie_word_embeddings=False)).save_pretrained(teacher)
     AutoTokenizer.from_pretrained(teacher_dir).save_pretrained(teacher)
-    text = text_head(valid_jsonl, tmp_path_factory.mktemp("one_layer_text") / "t.jsonl", 8000)
-    out = tmp_path_factory.mktemp("one_layer_cache") / "c"
+    text = text_head(valid_jsonl, tmp_path_factory.mktemp(f"l{layers}_text") / "t.jsonl", 8000)
+    out = tmp_path_factory.mktemp(f"l{layers}_cache") / "c"
     build_cache(out, teacher, text, tokens=8 * 64, seq_len=64, top_k=8, batch_size=8)
     return out
+
+
+@pytest.fixture(scope="session")
+def one_layer_cache(tmp_path_factory, teacher_dir, valid_jsonl) -> Path:
+    """tiny_llama_cache of one layer: the smallest hybrid whose whole step compiles quickly (inductor's CPU code
+    generation takes seconds per layer)."""
+    return tiny_llama_cache(tmp_path_factory, teacher_dir, valid_jsonl, 1)
+
+
+@pytest.fixture(scope="session")
+def two_layer_cache(tmp_path_factory, teacher_dir, valid_jsonl) -> Path:
+    """tiny_llama_cache of two layers: the smallest with a layer to stamp out (TCACHE_COMPILE_SCOPE=regions)."""
+    return tiny_llama_cache(tmp_path_factory, teacher_dir, valid_jsonl, 2)
 
 
 def teacher_fails_at_batch(mp: pytest.MonkeyPatch, n: int = 3) -> None:

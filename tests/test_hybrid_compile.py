@@ -96,3 +96,56 @@ def test_an_activation_budget_replaces_per_layer_checkpointing(one_layer_cache, 
         with pytest.raises(TcacheError, match="--activation-budget") as e:
             train.setup(cfg(**bad))
         assert "\n" not in str(e.value)
+
+
+@pytest.mark.parametrize("device", ["cpu"] + (["cuda"] if torch.cuda.is_available() else []))
+def test_regions_compile_one_layer_for_all_and_keep_the_eager_gradients(device, two_layer_cache, tmp_path,
+                                                                        monkeypatch):
+    """TCACHE_COMPILE_SCOPE=regions: the step stays one graph (fullgraph) in which both decoder layers call one
+    nested compile region, and stage II's loss and every gradient equal the eager step's (float32). On CUDA through
+    inductor, as training runs it; on the CPU through AOTAutograd without inductor, whose CPU gradients through
+    regions are wrong (benchmarks/region_grads.py), so there the scope is refused with a one-line error."""
+    from tcache.errors import TcacheError
+    from tcache.student.training.config import DistillConfig
+    from tcache.student.training.data import CacheRows
+    from tcache.student.training.runtime import compile_step, mark_regions
+    from tcache.student.training.train import setup
+
+    torch._dynamo.reset()
+    monkeypatch.setenv("TCACHE_COMPILE_SCOPE", "regions")
+    kernel = {"cpu": "chunkwise--native_custbw", "cuda": "chunkwise--triton_xl_chunk"}[device]
+    base = dict(cache=str(two_layer_cache), recipe="hybrid", steps=2, batch_size=2, grad_accum=1, device=device,
+                precision="fp32", checkpointing="off", mlstm_kernel=kernel, window=16, sinks=2, loss_chunk=48)
+    if device == "cpu":
+        with pytest.raises(TcacheError, match=r"TCACHE_COMPILE_SCOPE=regions runs on a GPU") as e:
+            setup(DistillConfig(out=str(tmp_path / "refused"), compile="on", **base))
+        assert "\n" not in str(e.value)
+    tr = setup(DistillConfig(out=str(tmp_path / "run"), compile="off", **base))
+    mark_regions(tr.model.lm.model.layers)
+    graphs = []
+
+    def capture(gm, example_inputs):  # the graph dynamo hands the backend, then the backend itself
+        graphs.append(gm)
+        return torch._dynamo.lookup_backend("inductor" if device == "cuda" else "aot_eager")(gm, example_inputs)
+
+    compiled = compile_step(tr._terms, fullgraph=True, backend=capture)
+    rows = CacheRows(str(two_layer_cache), with_hidden=tr.plan.groups > 0)
+    batch = {key: torch.stack([rows[r][key] for r in (0, 1)]).to(device) for key in rows[0]}
+    tr.begin_stage(tr.plan.stages[-1])  # stage II: CE + KD through every parameter
+    with torch.no_grad():  # gates away from their init, so every branch carries gradient
+        for mx in tr.model.mixers:
+            mx.ogate_w.normal_(0, 0.3), mx.phi_q.add_(torch.randn_like(mx.phi_q) * 0.1)
+    got, want = {}, {}
+    for fn, out in ((tr._terms, want), (compiled, got)):
+        tr.opt.zero_grad(set_to_none=False)
+        loss = sum(fn(batch, 2.0).values())
+        loss.backward()
+        out["loss"] = loss.detach()
+        out.update({n: p.grad.clone() for n, p in tr.model.named_parameters() if p.requires_grad})
+    calls = [n for g in graphs for n in g.graph.nodes if n.target is torch.ops.higher_order.invoke_subgraph]
+    assert len(graphs) == 1 and len(calls) == 2  # one graph; each layer a call
+    assert len({n.args[0].target for n in calls}) == 1  # of one region, compiled once
+    assert len(want) > 10
+    tol = {"atol": 1e-5, "rtol": 1e-4} if device == "cpu" else {"atol": 4e-3, "rtol": 1e-2}  # TF32 on CUDA
+    for name in want:
+        torch.testing.assert_close(got[name], want[name], **tol, msg=lambda m: f"{name}: {m}")

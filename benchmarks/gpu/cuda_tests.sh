@@ -8,4 +8,5 @@ nvidia-smi --query-gpu=name --format=csv,noheader | tee $OUT/r/cuda-tests.txt
 python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)" | tee -a $OUT/r/cuda-tests.txt
 TCACHE_SHARED=/tmp/shared timeout ${TEST_S:-200} python3 -m pytest -v -p no:cacheprovider -rA tests/test_mlstm_op.py tests/test_fused_step.py \
   tests/test_joint_decode.py tests/test_static_decode.py tests/test_window.py tests/test_chunked_prefill.py \
+  tests/test_hybrid_compile.py \
   -k "cuda or twin or adapter_pads" 2>&1 | tee -a $OUT/r/cuda-tests.txt | tail -40

@@ -18,8 +18,11 @@ mkdir -p $OUT/r /tmp/cc && export TCACHE_BENCH_COMPILE_CACHE=/tmp/cc
 if [ -z "$SKIP_TESTS" ]; then  # the tests' ../shared, from what travels: the tokenizer, and text for valid.jsonl
   mkdir -p /tmp/shared/teacher /tmp/shared/corpus && cp $TOK/* /tmp/shared/teacher/
   xzcat .gpu/corpus/train.jsonl.xz | head -5 > /tmp/shared/corpus/valid.jsonl
+  # the gradients through nested compile regions on this GPU (wrong on torch 2.13's CPU inductor)
+  timeout 120 python3 benchmarks/region_grads.py 2>&1 | tee $OUT/r/region-grads.txt
   TCACHE_SHARED=/tmp/shared timeout ${TEST_S:-240} python3 -m pytest -v -p no:cacheprovider -rP ${TESTS:-tests/test_mlstm_op.py tests/test_static_decode.py tests/test_joint_decode.py \
-    tests/test_window.py tests/test_hybrid.py tests/test_chunked_prefill.py} -k "cuda or twin or adapter_pads" 2>&1 | tee $OUT/r/cuda-tests.txt | tail -15
+    tests/test_window.py tests/test_hybrid.py tests/test_chunked_prefill.py tests/test_hybrid_compile.py} \
+    -k "cuda or twin or adapter_pads" 2>&1 | tee $OUT/r/cuda-tests.txt | tail -15
 fi
 PARTS=${1:-plain_lm_compiled_cudagraphs,plain_lm_compiled,hybrid_stage2,hybrid_stage2_kernel_fp32,hybrid_stage1,hybrid_stage2_fp16_16gib,hybrid_stage2_fp16_16gib_budget0,v2_step,plain_lm_compiled_2048_cudagraphs,hybrid_stage2_2048}
 timeout ${BENCH_S:-0} python3 benchmarks/distill.py --hybrid --tokenizer $TOK --train .gpu/corpus/train.jsonl.xz --out /tmp/step-out \

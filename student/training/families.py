@@ -12,7 +12,7 @@ from tcache.errors import TcacheError
 from tcache.student.training.config import DistillConfig, student_config
 from tcache.student.models.io import load_teacher_parts
 from tcache.student.models.xlstm import Student, resolve_kernels
-from tcache.student.training.runtime import COMPILE_MODES, resolve_checkpointing, resolve_compile
+from tcache.student.training.runtime import COMPILE_MODES, mark_regions, resolve_checkpointing, resolve_compile
 from tcache.teachercache import schema
 
 
@@ -20,8 +20,10 @@ COMPILE_SCOPE_ENV = "TCACHE_COMPILE_SCOPE"
 """What --compile compiles. step (the hybrid's default): the whole forward and loss terms as one graph (the mLSTM
 kernel is a custom op, so nothing breaks it: models/mlstm_kernel.py), 1.38x the per-layer step's tokens/s on an H200
 (benchmarks/results/distill-step-h200); layer (the xLSTM recipes' default, their whole step not yet measured): each
-decoder layer / xLSTM block on its own."""
+decoder layer / xLSTM block on its own. regions (the hybrid, opt-in, CUDA): the step's one graph with each decoder layer
+a nested compile region (runtime.mark_regions), compiled once and stamped out per layer."""
 DEFAULT_SCOPE = {"xlstm": "layer", "hybrid": "step"}
+SCOPES = ("layer", "step", "regions")
 
 
 def build_xlstm(cfg: DistillConfig, manifest, device: torch.device, budget: int | None, sharded: bool = False):
@@ -93,13 +95,17 @@ def build_hybrid(cfg: DistillConfig, manifest, device: torch.device, budget: int
         model.enable_checkpointing()
     compile_mode = "off" if sharded else hybrid_compile(cfg.compile, device, checkpointing)
     scope = compile_scope("hybrid")
-    if share is not None and not (0 <= share <= 1 and compile_mode != "off" and scope == "step"):
+    if share is not None and not (0 <= share <= 1 and compile_mode != "off" and scope != "layer"):
         raise TcacheError(f"--activation-budget {share}: a share in [0, 1] of the activations the compiled step keeps "
                           "(one graph: --compile on or cudagraphs, or auto on a GPU; not under FSDP); fix it or drop "
                           "--activation-budget")
     if checkpointing and compile_mode == "cudagraphs" and scope == "layer":
         raise TcacheError("--compile cudagraphs does not compose with per-layer compilation under activation "
                           f"checkpointing; pass --compile on, --checkpointing off, or {COMPILE_SCOPE_ENV}=step")
+    if scope == "regions" and compile_mode != "off" and (device.type != "cuda" or checkpointing):
+        raise TcacheError(f"{COMPILE_SCOPE_ENV}=regions runs on a GPU without activation checkpointing only (on the "
+                          "CPU, inductor's gradients through nested compile regions are wrong: "
+                          f"benchmarks/region_grads.py); unset {COMPILE_SCOPE_ENV}, or pass --checkpointing off")
     # step scope: the Trainer compiles forward + losses as one graph; layer scope: each decoder layer fused by
     # inductor, transformers' checkpointing wrapping the layer's __call__ so a recomputed layer reruns it compiled
     compiled = apply_compile(model.lm.model.layers, compile_mode, "hybrid")
@@ -115,8 +121,9 @@ def build_hybrid(cfg: DistillConfig, manifest, device: torch.device, budget: int
 def compile_scope(family: str) -> str:
     """COMPILE_SCOPE_ENV, else the family's default scope."""
     scope = os.environ.get(COMPILE_SCOPE_ENV) or DEFAULT_SCOPE[family]
-    if scope not in ("layer", "step"):
-        raise TcacheError(f"{COMPILE_SCOPE_ENV}={scope!r} is neither layer nor step; set one of them, or unset it")
+    if scope not in SCOPES or (scope == "regions" and family != "hybrid"):
+        raise TcacheError(f"{COMPILE_SCOPE_ENV}={scope!r} is not one of layer, step (or regions, the hybrid's); set "
+                          "one of them, or unset it")
     return scope
 
 
@@ -126,7 +133,9 @@ def apply_compile(modules, compile_mode: str, family: str) -> dict:
     the info keys."""
     scope = compile_scope(family)
     mode = COMPILE_MODES[compile_mode]
-    if scope == "step":
+    if scope == "regions" and mode is not None:
+        mark_regions(modules)
+    if scope != "layer":
         return {"compile_scope": scope, "step_compile": mode}
     if mode is not None:
         for module in modules:
