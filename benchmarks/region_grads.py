@@ -1,7 +1,8 @@
 """Does torch.compile with torch.compiler.nested_compile_region (one compiled decoder layer stamped out per layer:
 ~5x less cold compile time for the hybrid's step, 199 -> 43 s at 16 layers on the CPU) give the eager gradients?
-On torch 2.13's CPU inductor it does not (see benchmarks/results/distill-step-*/README.md): this script prints, per
-backend, how many parameter gradients of a tiny transformers Llama differ from eager, on the device it runs on.
+On torch 2.13's CPU inductor it does not, unless inductor's buffer reuse is off (what TCACHE_COMPILE_SCOPE=regions
+does: student/training/runtime.py): this script prints, per backend, how many parameter gradients of a tiny
+transformers Llama (cross-entropy loss) differ from eager, on the device it runs on.
 
     python benchmarks/region_grads.py [--layers 2]
 """
@@ -42,14 +43,16 @@ def main() -> None:
     device = "cuda" if torch.cuda.is_available() else "cpu"
     _, want = grads(a.layers, None, False, device)
     print(f"torch {torch.__version__}, {device}, {a.layers} layers")
-    for backend in ("aot_eager_decomp_partition", "inductor"):
-        for region in (False, True):
+    rows = [("aot_eager_decomp_partition", False, True), ("aot_eager_decomp_partition", True, True),
+            ("inductor", False, True), ("inductor", True, True), ("inductor", True, False)]  # (backend, region, reuse)
+    for backend, region, reuse in rows:
+        with torch._inductor.config.patch(allow_buffer_reuse=reuse):
             loss, got = grads(a.layers, backend, region, device)
             off = {n: (got[n] - want[n]).abs().max().item() for n in want
                    if not torch.allclose(got[n], want[n], atol=1e-4, rtol=1e-3)}
             worst = max(off.values(), default=0.0)
-            print(f"{backend:28s} region={region!s:5s} loss {loss:.6f}  grads off: {len(off)} of {len(want)}"
-                  f"  (max |diff| {worst:.3g})")
+        print(f"{backend:28s} region={region!s:5s} buffer reuse={reuse!s:5s} loss {loss:.6f}  grads off: "
+              f"{len(off)} of {len(want)}  (max |diff| {worst:.3g})")
 
 
 if __name__ == "__main__":

@@ -101,34 +101,37 @@ def test_an_activation_budget_replaces_per_layer_checkpointing(one_layer_cache, 
 @pytest.mark.parametrize("device", ["cpu"] + (["cuda"] if torch.cuda.is_available() else []))
 def test_regions_compile_one_layer_for_all_and_keep_the_eager_gradients(device, two_layer_cache, tmp_path,
                                                                         monkeypatch):
-    """TCACHE_COMPILE_SCOPE=regions: the step stays one graph (fullgraph) in which both decoder layers call one
-    nested compile region, and stage II's loss and every gradient equal the eager step's (float32). On CUDA through
-    inductor, as training runs it; on the CPU through AOTAutograd without inductor, whose CPU gradients through
-    regions are wrong (benchmarks/region_grads.py), so there the scope is refused with a one-line error."""
+    """TCACHE_COMPILE_SCOPE=regions as the library wires it (--compile on, inductor): the step stays one graph in
+    which both decoder layers call one nested compile region, and stage II's loss and every gradient equal the eager
+    step's (float32). Inductor's buffer reuse made those gradients wrong (benchmarks/region_grads.py); the scope
+    turns it off. Under activation checkpointing the scope is refused in one line."""
     from tcache.errors import TcacheError
     from tcache.student.training.config import DistillConfig
     from tcache.student.training.data import CacheRows
-    from tcache.student.training.runtime import compile_step, mark_regions
     from tcache.student.training.train import setup
 
     torch._dynamo.reset()
     monkeypatch.setenv("TCACHE_COMPILE_SCOPE", "regions")
     kernel = {"cpu": "chunkwise--native_custbw", "cuda": "chunkwise--triton_xl_chunk"}[device]
     base = dict(cache=str(two_layer_cache), recipe="hybrid", steps=2, batch_size=2, grad_accum=1, device=device,
-                precision="fp32", checkpointing="off", mlstm_kernel=kernel, window=16, sinks=2, loss_chunk=48)
-    if device == "cpu":
-        with pytest.raises(TcacheError, match=r"TCACHE_COMPILE_SCOPE=regions runs on a GPU") as e:
-            setup(DistillConfig(out=str(tmp_path / "refused"), compile="on", **base))
-        assert "\n" not in str(e.value)
-    tr = setup(DistillConfig(out=str(tmp_path / "run"), compile="off", **base))
-    mark_regions(tr.model.lm.model.layers)
-    graphs = []
+                precision="fp32", compile="on", mlstm_kernel=kernel, window=16, sinks=2, loss_chunk=48)
+    with pytest.raises(TcacheError, match=r"TCACHE_COMPILE_SCOPE=regions does not run under activation") as e:
+        setup(DistillConfig(out=str(tmp_path / "refused"), checkpointing="on", **base))
+    assert "\n" not in str(e.value)
+    graphs, compile_ = [], torch.compile
 
-    def capture(gm, example_inputs):  # the graph dynamo hands the backend, then the backend itself
-        graphs.append(gm)
-        return torch._dynamo.lookup_backend("inductor" if device == "cuda" else "aot_eager")(gm, example_inputs)
+    def capturing(fn, **kw):  # the library's torch.compile call, its backend seeing the graph first
+        backend = torch._dynamo.lookup_backend(kw.pop("backend"))
 
-    compiled = compile_step(tr._terms, fullgraph=True, backend=capture)
+        def capture(gm, example_inputs):
+            graphs.append(gm)
+            return backend(gm, example_inputs)
+
+        return compile_(fn, backend=capture, **kw)
+
+    monkeypatch.setattr(torch, "compile", capturing)
+    tr = setup(DistillConfig(out=str(tmp_path / "run"), checkpointing="off", **base))
+    assert tr.plan.info["compile_scope"] == "regions"
     rows = CacheRows(str(two_layer_cache), with_hidden=tr.plan.groups > 0)
     batch = {key: torch.stack([rows[r][key] for r in (0, 1)]).to(device) for key in rows[0]}
     tr.begin_stage(tr.plan.stages[-1])  # stage II: CE + KD through every parameter
@@ -136,7 +139,7 @@ def test_regions_compile_one_layer_for_all_and_keep_the_eager_gradients(device, 
         for mx in tr.model.mixers:
             mx.ogate_w.normal_(0, 0.3), mx.phi_q.add_(torch.randn_like(mx.phi_q) * 0.1)
     got, want = {}, {}
-    for fn, out in ((tr._terms, want), (compiled, got)):
+    for fn, out in ((tr._terms, want), (tr.compiled, got)):
         tr.opt.zero_grad(set_to_none=False)
         loss = sum(fn(batch, 2.0).values())
         loss.backward()

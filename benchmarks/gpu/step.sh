@@ -18,7 +18,7 @@ mkdir -p $OUT/r /tmp/cc && export TCACHE_BENCH_COMPILE_CACHE=/tmp/cc
 if [ -z "$SKIP_TESTS" ]; then  # the tests' ../shared, from what travels: the tokenizer, and text for valid.jsonl
   mkdir -p /tmp/shared/teacher /tmp/shared/corpus && cp $TOK/* /tmp/shared/teacher/
   xzcat .gpu/corpus/train.jsonl.xz | head -5 > /tmp/shared/corpus/valid.jsonl
-  # the gradients through nested compile regions on this GPU (wrong on torch 2.13's CPU inductor)
+  # the gradients through nested compile regions on this GPU, with and without inductor's buffer reuse
   timeout 120 python3 benchmarks/region_grads.py 2>&1 | tee $OUT/r/region-grads.txt
   TCACHE_SHARED=/tmp/shared timeout ${TEST_S:-240} python3 -m pytest -v -p no:cacheprovider -rP ${TESTS:-tests/test_mlstm_op.py tests/test_static_decode.py tests/test_joint_decode.py \
     tests/test_window.py tests/test_hybrid.py tests/test_chunked_prefill.py tests/test_hybrid_compile.py} \

@@ -78,14 +78,15 @@ def resolve_checkpointing(choice: str, device: torch.device, budget: int | None,
 
 
 def compile_step(terms: Callable, mode: str = "default", fullgraph: bool = False, backend: str = "inductor",
-                 fallback: bool = False, memory_budget: float | None = None) -> Callable:
+                 fallback: bool = False, memory_budget: float | None = None, regions: bool = False) -> Callable:
     """A step's forward and loss terms, terms(batch, temperature) -> dict, through torch.compile as one graph (its
     backward as one more); mode reduce-overhead replays them as CUDA graphs. With `fallback` (--compile auto), a
     graph the backend cannot compile (Triton on a GPU nobody here could test, a T4's sm 7.5) warns once and the run
     goes on eagerly: nothing has trained yet when the first call compiles. `memory_budget` (--activation-budget): the
     share of the activations the graph keeps for its backward; AOTAutograd's min-cut partitioner recomputes the rest
     (torch._functorch.config.activation_memory_budget, read when a graph compiles: set around every call, so a
-    recompile gets it too)."""
+    recompile gets it too). `regions` (the layers marked by mark_regions): inductor without buffer reuse, which
+    gave wrong gradients through nested compile regions (torch 2.13, CPU: benchmarks/region_grads.py)."""
     fn = torch.compile(terms, mode=None if mode == "default" else mode, dynamic=False, fullgraph=fullgraph,
                        backend=backend)
     # Stage I's mixers keep their match losses as attributes (a side effect inside transformers' checkpointed layers,
@@ -94,13 +95,15 @@ def compile_step(terms: Callable, mode: str = "default", fullgraph: bool = False
     flag = "skip_fwd_side_effects_in_bwd_under_checkpoint"
     patch = {flag: True} if hasattr(torch._dynamo.config, flag) else {}
     budget = {} if memory_budget is None else {"activation_memory_budget": memory_budget}
+    inductor = {"allow_buffer_reuse": False} if regions else {}
     eager = []  # set once compilation failed under fallback
 
     def call(batch: dict, temperature: float) -> dict:
         if eager:
             return terms(batch, temperature)
         try:
-            with torch._dynamo.config.patch(**patch), torch._functorch.config.patch(**budget):
+            with torch._dynamo.config.patch(**patch), torch._functorch.config.patch(**budget), \
+                    torch._inductor.config.patch(**inductor):
                 return fn(batch, temperature)
         except torch._dynamo.exc.BackendCompilerFailed as e:
             if not fallback:
@@ -117,8 +120,8 @@ def mark_regions(layers) -> None:
     step traces and compiles one layer and stamps it out for the rest: the hybrid's stage II step cold-compiled in
     42.9 s instead of 199.4 s at 16 layers (CPU, torch 2.13). By a subclass whose forward is the region, swapped in
     for the layers' class: the region must be one function for all layers to share it. Opt-in
-    (TCACHE_COMPILE_SCOPE=regions), CUDA only: inductor's CPU gradients through regions are wrong
-    (benchmarks/region_grads.py)."""
+    (TCACHE_COMPILE_SCOPE=regions); compile_step(regions=True) turns inductor's buffer reuse off, without which its
+    gradients through regions were wrong (benchmarks/region_grads.py)."""
     base = type(layers[0])
     if getattr(base, "_tcache_region", False):  # marked already (a second stage's build, say)
         return

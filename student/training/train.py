@@ -183,7 +183,8 @@ def setup(cfg: DistillConfig, manifest: Manifest | None = None, targets: TargetF
         device.type, enabled=amp_dtype is torch.float16), chunk, workers, targets, sharded=sharded)
     if info.get("step_compile"):  # one graph for forward + losses; mode reduce-overhead: CUDA graphs too
         tr.compiled = compile_step(tr._terms, info["step_compile"], fallback=cfg.compile == "auto",
-                                   memory_budget=info.get("activation_budget"))
+                                   memory_budget=info.get("activation_budget"),
+                                   regions=info.get("compile_scope") == "regions")
     tr.begin_stage(plan.stages[0])
     # training mode from here, for every caller (benchmarks time setup()'s Trainer): transformers models load in
     # eval mode, where their layers skip activation checkpointing
