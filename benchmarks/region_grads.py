@@ -14,6 +14,8 @@ import argparse
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
+from tcache.student.training.runtime import mark_regions
+
 
 def grads(layers: int, backend: str | None, region: bool, device: str) -> tuple[float, dict]:
     torch.manual_seed(0)
@@ -21,11 +23,8 @@ def grads(layers: int, backend: str | None, region: bool, device: str) -> tuple[
                       num_attention_heads=4, num_key_value_heads=2)
     model = LlamaForCausalLM(cfg).to(device)
     ids = torch.randint(0, 128, (2, 16), generator=torch.Generator().manual_seed(1)).to(device)
-    if region:  # the layer class's forward as one nested compile region, as a user would mark it
-        base = type(model.model.layers[0])
-        cls = type("Region" + base.__name__, (base,), {"forward": torch.compiler.nested_compile_region(base.forward)})
-        for layer in model.model.layers:
-            layer.__class__ = cls
+    if region:  # the layer class's forward as one nested compile region, as TCACHE_COMPILE_SCOPE=regions marks it
+        mark_regions(model.model.layers)
     torch._dynamo.reset()
 
     def f(i):

@@ -105,9 +105,10 @@ def test_regions_compile_one_layer_for_all_and_keep_the_eager_gradients(device, 
     which both decoder layers call one nested compile region, and stage II's loss and every gradient equal the eager
     step's (float32). Inductor's buffer reuse made those gradients wrong (benchmarks/region_grads.py); the scope
     turns it off. Under activation checkpointing the scope is refused in one line."""
+    from test_mlstm_op import step_grads, two_rows_gates_moved
+
     from tcache.errors import TcacheError
     from tcache.student.training.config import DistillConfig
-    from tcache.student.training.data import CacheRows
     from tcache.student.training.train import setup
 
     torch._dynamo.reset()
@@ -132,19 +133,9 @@ def test_regions_compile_one_layer_for_all_and_keep_the_eager_gradients(device, 
     monkeypatch.setattr(torch, "compile", capturing)
     tr = setup(DistillConfig(out=str(tmp_path / "run"), checkpointing="off", **base))
     assert tr.plan.info["compile_scope"] == "regions"
-    rows = CacheRows(str(two_layer_cache), with_hidden=tr.plan.groups > 0)
-    batch = {key: torch.stack([rows[r][key] for r in (0, 1)]).to(device) for key in rows[0]}
     tr.begin_stage(tr.plan.stages[-1])  # stage II: CE + KD through every parameter
-    with torch.no_grad():  # gates away from their init, so every branch carries gradient
-        for mx in tr.model.mixers:
-            mx.ogate_w.normal_(0, 0.3), mx.phi_q.add_(torch.randn_like(mx.phi_q) * 0.1)
-    got, want = {}, {}
-    for fn, out in ((tr._terms, want), (tr.compiled, got)):
-        tr.opt.zero_grad(set_to_none=False)
-        loss = sum(fn(batch, 2.0).values())
-        loss.backward()
-        out["loss"] = loss.detach()
-        out.update({n: p.grad.clone() for n, p in tr.model.named_parameters() if p.requires_grad})
+    batch = two_rows_gates_moved(tr, two_layer_cache, device)
+    want, got = step_grads(tr, tr._terms, batch), step_grads(tr, tr.compiled, batch)
     calls = [n for g in graphs for n in g.graph.nodes if n.target is torch.ops.higher_order.invoke_subgraph]
     assert len(graphs) == 1 and len(calls) == 2  # one graph; each layer a call
     assert len({n.args[0].target for n in calls}) == 1  # of one region, compiled once

@@ -76,6 +76,27 @@ def test_the_op_forward_equals_a_float64_parallel_mlstm(device):
     torch.testing.assert_close(h.detach().cpu().double(), ref, **({"atol": 2e-5, "rtol": 1e-4} | TF32[device]))
 
 
+def two_rows_gates_moved(tr, cache, device: str) -> dict:
+    """A batch of the cache's first two rows on `device`, with the Trainer's mixers' output gates and query feature
+    maps moved away from their init, so every branch carries gradient."""
+    from tcache.student.training.data import CacheRows
+
+    with torch.no_grad():
+        for mx in tr.model.mixers:
+            mx.ogate_w.normal_(0, 0.3), mx.phi_q.add_(torch.randn_like(mx.phi_q) * 0.1)
+    rows = CacheRows(str(cache), with_hidden=tr.plan.groups > 0)
+    return {key: torch.stack([rows[r][key] for r in (0, 1)]).to(device) for key in rows[0]}
+
+
+def step_grads(tr, terms, batch: dict) -> dict:
+    """The loss (all terms summed, temperature 2) and every trainable gradient of one step of `terms` (the Trainer's
+    _terms or a compiled twin) on `batch`."""
+    tr.opt.zero_grad(set_to_none=False)
+    loss = sum(terms(batch, 2.0).values())
+    loss.backward()
+    return {"loss": loss.detach(), **{n: p.grad.clone() for n, p in tr.model.named_parameters() if p.requires_grad}}
+
+
 @pytest.mark.parametrize("device", DEVICES)
 def test_the_hybrid_step_compiles_as_one_graph_and_computes_the_eager_step(device, one_layer_cache, tmp_path,
                                                                             monkeypatch):
@@ -83,7 +104,6 @@ def test_the_hybrid_step_compiles_as_one_graph_and_computes_the_eager_step(devic
     activation checkpointing: no graph break in stage I or stage II, and the loss and every trainable gradient equal
     the eager step's (float32)."""
     from tcache.student.training.config import DistillConfig
-    from tcache.student.training.data import CacheRows
     from tcache.student.training.runtime import compile_step
     from tcache.student.training.train import setup
 
@@ -93,24 +113,13 @@ def test_the_hybrid_step_compiles_as_one_graph_and_computes_the_eager_step(devic
                         grad_accum=1, device=device, precision="fp32", compile="off", checkpointing="on",
                         mlstm_kernel=OP_KERNEL[device], window=16, sinks=2, loss_chunk=48)
     tr = setup(cfg)
-    with torch.no_grad():  # gates away from their init, so every branch carries gradient
-        for mx in tr.model.mixers:
-            mx.ogate_w.normal_(0, 0.3), mx.phi_q.add_(torch.randn_like(mx.phi_q) * 0.1)
-    rows = CacheRows(str(one_layer_cache), with_hidden=tr.plan.groups > 0)
-    batch = {key: torch.stack([rows[r][key] for r in (0, 1)]).to(device) for key in rows[0]}
+    batch = two_rows_gates_moved(tr, one_layer_cache, device)
     # on CPU through dynamo and AOTAutograd without inductor's C++ code generation (minutes on 2 cores; the CPU
     # inductor path runs end to end in test_hybrid_compile.py), on CUDA through inductor as training runs it
     compiled = compile_step(tr._terms, fullgraph=True, backend="inductor" if device == "cuda" else "aot_eager")
     for sp in tr.plan.stages:  # stage I (match), then stage II (CE + KD)
         tr.begin_stage(sp)
-        got, want = {}, {}
-        for fn, out in ((tr._terms, want), (compiled, got)):
-            tr.opt.zero_grad(set_to_none=False)
-            terms = fn(batch, 2.0)
-            loss = sum(terms.values())
-            loss.backward()
-            out["loss"] = loss.detach()
-            out.update({n: p.grad.clone() for n, p in tr.model.named_parameters() if p.requires_grad})
+        want, got = step_grads(tr, tr._terms, batch), step_grads(tr, compiled, batch)
         assert len(want) > 5, sp.stage.name
         for name in want:
             torch.testing.assert_close(got[name], want[name], atol=1e-5, rtol=1e-4,
@@ -222,7 +231,6 @@ def test_an_activation_budget_keeps_fewer_activations_and_computes_the_eager_ste
     fewer activation bytes (parameters not counted) for the backward at budget 0 than at 1, and its loss and
     gradients still equal the eager step's (float32)."""
     from tcache.student.training.config import DistillConfig
-    from tcache.student.training.data import CacheRows
     from tcache.student.training.runtime import compile_step
     from tcache.student.training.train import setup
 
@@ -231,11 +239,7 @@ def test_an_activation_budget_keeps_fewer_activations_and_computes_the_eager_ste
                         grad_accum=1, device="cpu", precision="fp32", compile="off", checkpointing="off",
                         mlstm_kernel=OP_KERNEL["cpu"], window=16, sinks=2, loss_chunk=48)
     tr = setup(cfg)
-    with torch.no_grad():
-        for mx in tr.model.mixers:
-            mx.ogate_w.normal_(0, 0.3), mx.phi_q.add_(torch.randn_like(mx.phi_q) * 0.1)
-    rows = CacheRows(str(one_layer_cache), with_hidden=tr.plan.groups > 0)
-    batch = {key: torch.stack([rows[r][key] for r in (0, 1)]) for key in rows[0]}
+    batch = two_rows_gates_moved(tr, one_layer_cache, "cpu")
     tr.begin_stage(tr.plan.stages[-1])  # stage II: CE + KD over the whole student
     params = [p for p in tr.model.parameters() if p.requires_grad]
     weights = {p.data_ptr() for p in tr.model.parameters()}

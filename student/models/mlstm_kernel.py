@@ -195,6 +195,11 @@ def mlstm_kernel_fn(name: str, chunk_size: int = 64, eps: float = 1e-6):
             cs = math.gcd(S + pad, chunk_size)
         if pad:
             queries, keys, values, i, f = pad_end(queries, keys, values, i, f, pad)  # S + pad positions
+        if return_last_states:
+            # the state-returning build of the Triton kernel hit an LLVM assertion with bf16 inputs (H100, a bf16
+            # exported model's prefill, benchmarks/speed.py): the decode path hands it fp32 (exact for bf16 values),
+            # so it computes in fp32 unless TCACHE_MLSTM_KERNEL_DTYPE says otherwise
+            queries, keys, values, i, f = (t.float() for t in (queries, keys, values, i, f))
         # bf16 inputs are computed in bf16 (kernel_dtype's auto): with triton 3.6.0 the bf16 build compiles, passes
         # its float64 test, trains stage II 1.078-1.09x faster (H200, H100: benchmarks/results/distill-step-h200-
         # prewarm, distill-step-h100-anchor), and its quality run equals the fp32 kernel's (32.17 vs 32.20 ppl,
@@ -205,11 +210,6 @@ def mlstm_kernel_fn(name: str, chunk_size: int = 64, eps: float = 1e-6):
             qk, v_ = (queries.to(dtype), keys.to(dtype)), values.to(dtype)
             h = mlstm_chunkwise(*qk, v_, i.float(), f.float(), cs, eps, queries.shape[-1] ** -0.5)[0]
             return (h[:, :, :S] if pad else h).to(in_dtype)  # (B, NH, S, DH)
-        if return_last_states:
-            # the state-returning build of the Triton kernel also hit that assertion with bf16 inputs (H100, a bf16
-            # exported model's prefill, benchmarks/speed.py): the decode path hands it fp32 (exact for bf16 values)
-            queries, keys, values, i, f = (t.float() for t in (queries, keys, values, i, f))
-            dtype = kernel_dtype(torch.float32)  # and computes in fp32 unless TCACHE_MLSTM_KERNEL_DTYPE says otherwise
         out = kernel(q=queries, k=keys, v=values, i=i, f=f, chunk_size=cs, autocast_kernel_dtype=dtype, eps=eps,
                      return_last_states=return_last_states)
         h, state = out if return_last_states else (out, None)
