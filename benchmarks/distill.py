@@ -38,6 +38,7 @@ RESULTS/distill-hybrid-SHAPE.json under these keys (each with tokens_per_s, peak
                                       (TCACHE_COMPILE_SCOPE=regions): its warm-up is the cold compile time
   hybrid_stage2_on, ..._cudagraphs    --compile on (one inductor graph, no CUDA graphs) / cudagraphs, set explicitly
   v2_step                             the v2 student's training step (the library's defaults), for its MFU
+  v2_step_whole                       the same with TCACHE_COMPILE_SCOPE=step: forward and losses one graph
   plain_lm_compiled_2048, hybrid_stage2_2048   the same at 8 x 2048, where the window's O(T·W) shows
 MFU = 6 N tokens/s over the GPU's dense bf16 peak (N: all parameters; H100 / H200: 989 TFLOP/s).
 --parts A,B runs only those, in that order; --prewarm N compiles every part first, N processes at a time, so the

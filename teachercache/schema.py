@@ -109,8 +109,13 @@ def layer_groups(num_layers: int, groups: int) -> list[tuple[int, int]]:
             f"--hidden-groups {groups} does not fit a teacher with {num_layers} layers; "
             f"use a value from 0 (no hidden states) to {num_layers}"
         )
-    splits = np.array_split(np.arange(num_layers), groups)
-    return [(int(s[0]), int(s[-1]) + 1) for s in splits]
+    # numpy.array_split's rule in plain Python: torch.compile traces numpy calls as tensor ops, whose values it cannot
+    # know at trace time (a data-dependent error in the xLSTM step compiled whole)
+    size, extra = divmod(num_layers, groups)
+    bounds = [0]
+    for g in range(groups):
+        bounds.append(bounds[-1] + size + (g < extra))
+    return list(zip(bounds[:-1], bounds[1:]))
 
 
 @dataclass(frozen=True)

@@ -126,6 +126,32 @@ def test_the_hybrid_step_compiles_as_one_graph_and_computes_the_eager_step(devic
                                        msg=lambda m: f"{sp.stage.name} {name}: {m}")
 
 
+@pytest.mark.parametrize("device", DEVICES)
+def test_the_v2_step_compiles_as_one_graph_and_computes_the_eager_step(device, one_layer_cache, tmp_path):
+    """The Distil-xLSTM v2 step (xlstm's mLSTM blocks through the op, CE + KD + the hidden-state alignment) through
+    torch.compile(fullgraph=True): no graph break (the layer groups' bounds once came from numpy, which dynamo traced
+    as data-dependent tensors), and the loss and every trainable gradient equal the eager step's (float32). It is
+    what TCACHE_COMPILE_SCOPE=step compiles for the xLSTM recipes (benchmarks/distill.py's v2_step_whole)."""
+    from tcache.student.training.config import DistillConfig
+    from tcache.student.training.data import CacheRows
+    from tcache.student.training.runtime import compile_step
+    from tcache.student.training.train import setup
+
+    torch._dynamo.reset()
+    cfg = DistillConfig(cache=str(one_layer_cache), out=str(tmp_path / "run"), recipe="v2", steps=2, batch_size=2,
+                        grad_accum=1, device=device, precision="fp32", compile="off", checkpointing="off",
+                        mlstm_kernel=OP_KERNEL[device], blocks=2, loss_chunk=48)
+    tr = setup(cfg)
+    assert tr.plan.groups > 0 and tr.cfg.uses_alignment  # the alignment term is in the graph
+    rows = CacheRows(str(one_layer_cache), with_hidden=True)
+    batch = {key: torch.stack([rows[r][key] for r in (0, 1)]).to(device) for key in rows[0]}
+    compiled = compile_step(tr._terms, fullgraph=True, backend="inductor" if device == "cuda" else "aot_eager")
+    want, got = step_grads(tr, tr._terms, batch), step_grads(tr, compiled, batch)
+    assert len(want) > 5
+    for name in want:
+        torch.testing.assert_close(got[name], want[name], atol=1e-5, rtol=1e-4, msg=lambda m: f"{name}: {m}")
+
+
 @pytest.mark.parametrize("env,inputs_dtype,want", [(None, torch.bfloat16, torch.bfloat16),
                                                      (None, torch.float16, torch.float32),
                                                      (None, torch.float32, torch.float32),
