@@ -109,7 +109,12 @@ def ce_kd_chunked(x: torch.Tensor, head: torch.nn.Linear, input_ids: torch.Tenso
     """ce_loss and kd_loss of head(x) without materialising the (B, T, V) logits: `chunk` positions at a
     time, each chunk's logits recomputed in the backward pass (activation checkpointing), so memory holds
     one chunk's fp32 logits instead of the batch's. The price is one more head matmul per chunk.
-    x (B, T, D): the student's final (normed) hidden states."""
+    x (B, T, D): the student's final (normed) hidden states.
+
+    Written here rather than taken from liger-kernel: its fused linear distillation losses (LigerFusedLinearJSD and
+    kin) take the teacher's hidden states and head to form its full logits, and the cache holds only top-k
+    log-probs; its fused linear CE covers the CE term alone, while this loop shares one log-softmax per chunk between
+    CE and KD. Under the hybrid's compiled step inductor fuses each chunk's softmax, CE and KL (one graph)."""
     from torch.utils.checkpoint import checkpoint
 
     if tail not in KD_TAILS:
