@@ -104,7 +104,7 @@ def test_regions_compile_one_layer_for_all_and_keep_the_eager_gradients(device, 
     """TCACHE_COMPILE_SCOPE=regions as the library wires it (--compile on, inductor): the step stays one graph in
     which both decoder layers call one nested compile region, and stage II's loss and every gradient equal the eager
     step's (float32). Inductor's buffer reuse made those gradients wrong (benchmarks/region_grads.py); the scope
-    turns it off. Under activation checkpointing the scope is refused in one line."""
+    turns it off. Under activation checkpointing or an activation budget the scope is refused in one line."""
     from test_mlstm_op import step_grads, two_rows_gates_moved
 
     from tcache.errors import TcacheError
@@ -116,9 +116,11 @@ def test_regions_compile_one_layer_for_all_and_keep_the_eager_gradients(device, 
     kernel = {"cpu": "chunkwise--native_custbw", "cuda": "chunkwise--triton_xl_chunk"}[device]
     base = dict(cache=str(two_layer_cache), recipe="hybrid", steps=2, batch_size=2, grad_accum=1, device=device,
                 precision="fp32", compile="on", mlstm_kernel=kernel, window=16, sinks=2, loss_chunk=48)
-    with pytest.raises(TcacheError, match=r"TCACHE_COMPILE_SCOPE=regions does not run under activation") as e:
-        setup(DistillConfig(out=str(tmp_path / "refused"), checkpointing="on", **base))
-    assert "\n" not in str(e.value)
+    for bad, says in ((dict(checkpointing="on"), "activation checkpointing"),  # dynamo's internal error
+                      (dict(checkpointing="off", activation_budget=0.0), "--activation-budget")):  # wrong gradients
+        with pytest.raises(TcacheError, match=f"TCACHE_COMPILE_SCOPE=regions does not run under {says}") as e:
+            setup(DistillConfig(out=str(tmp_path / "refused"), **bad, **base))
+        assert "\n" not in str(e.value)
     graphs, compile_ = [], torch.compile
 
     def capturing(fn, **kw):  # the library's torch.compile call, its backend seeing the graph first
