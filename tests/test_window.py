@@ -59,6 +59,33 @@ def test_blocked_window_equals_the_dense_reference(T, W, S, block, device):
         torch.testing.assert_close(a, b, atol=1e-11, rtol=1e-9)
 
 
+@pytest.mark.parametrize("W, S", [(32, 4), (16, 4), (128, 4), (32, 0), (33, 2)])
+def test_the_blocked_windows_gemms_span_multiples_of_8(W, S):
+    """Every matmul of the blocked window's forward and backward (bf16 autocast, as a GPU step runs it) has M, N, K
+    and its row strides a multiple of 8 at head dim 64, for any window and sink count: tensor-core GEMMs need it
+    for aligned loads, and cuBLAS's fallback kernels for unaligned ones cost ~5 of a stage II step's 67 GPU ms
+    (distill-step-h200). Before, the score GEMM spanned 100 keys at W = 32, S = 4 (a block of 64 and 36 before it)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    aten, seen = torch.ops.aten, []
+
+    class Gemms(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func in (aten.mm.default, aten.bmm.default, aten.addmm.default, aten.baddbmm.default):
+                a, b = args[-2:] if func in (aten.addmm.default, aten.baddbmm.default) else args[:2]
+                seen.append((tuple(a.shape[-2:]) + tuple(b.shape[-1:]), a.stride()[-2:] + b.stride()[-2:]))
+            return func(*args, **(kwargs or {}))
+
+    q, k, v, qs = (torch.randn(2, 3, 300, 64, requires_grad=True) for _ in range(4))
+    with Gemms(), torch.autocast("cpu", dtype=torch.bfloat16):
+        out = window_attention(q, k, v, qs, W, S, 0.125)
+    with Gemms():
+        out.float().square().sum().backward()
+    assert len(seen) >= 4  # scores and values, forward and backward
+    for dims, strides in seen:
+        assert all(x % 8 == 0 for x in dims) and all(x % 8 == 0 for x in strides if x != 1), (dims, strides)
+
+
 @pytest.mark.parametrize("kernel", ["blocked", "dense"])
 def test_the_mixers_window_kernels_equal_the_dense_reference(kernel, monkeypatch):
     """HybridMixer.window_attention, blocked (the default on every device) and the dense-mask SDPA that

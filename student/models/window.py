@@ -24,7 +24,8 @@ WINDOW_ENV = "TCACHE_WINDOW"
 (T, S + T) mask (the earlier CUDA path, O(T^2)); flex: flex_window_attention, block-sparse; for benchmarks that compare
 them in one process."""
 BLOCK = 64
-"""Queries per block: the band of keys a block reads is BLOCK + W - 1 wide (at W = 32, 95 keys per query)."""
+"""Queries per block: the band of keys a block reads is BLOCK + W - 1 wide, rounded up to a multiple of 8 (at W = 32,
+96 keys per query)."""
 
 
 def window_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_sink: torch.Tensor | None, window: int,
@@ -32,18 +33,18 @@ def window_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_sink: 
     """Softmax attention (B, H, T, d) of q over the window and the sinks outside it; k, v (B, H, T, d) already
     repeated to the query heads; q_sink None means q itself (no query is far enough for the rotations to differ)."""
     B, H, T, d = q.shape
-    # scores and softmax in fp32 at least (float64 stays); under CUDA bf16 autocast the einsums still run as bf16
-    # GEMMs with bf16 scores (autocast casts matmuls, not our .to()), and only the softmax is fp32. Left so: fp32
-    # GEMMs would cost ~3 ms of a 66 ms stage II step (H100 arithmetic); the quality runs decide if it matters.
     acc = torch.promote_types(q.dtype, torch.float32)
     far_sinks = sinks if sinks and T > window else 0  # some query has a sink outside its window
-    # P >= W - 1 keys before a block's first query that its band holds, and blocks of a multiple of 8 queries: each
-    # row of scores (S + P + block keys) then spans a multiple of 8 elements, which the tensor-core GEMMs need for
-    # aligned loads (at W = 32, S = 4: 104 keys instead of 99). Unaligned, cuBLAS fell back to cutlass's sm75
-    # "align1" kernels: 5.2 of the 67 GPU ms of a stage II step (H200, benchmarks/results/distill-step-h200).
-    # The keys added are masked like any key outside the window.
-    P = -(-(window - 1 + far_sinks) // 8) * 8 - far_sinks
-    block = max(-(-block // 8) * 8, -(-P // 8) * 8)  # a band = the block and the previous block's last P keys
+    # P >= W - 1 keys before a block's first query that its band holds, a multiple of 8, and blocks of a multiple of
+    # 8 queries: each GEMM then spans a multiple of 8 elements per row (block + P keys), which the tensor-core
+    # kernels need for aligned loads (at W = 32: 96 keys instead of 95). Unaligned, cuBLAS fell back to cutlass's
+    # "align1/2" kernels (5.2 of the 67 GPU ms of a stage II step, H200, benchmarks/results/distill-step-h200). The
+    # S sinks stay out of the GEMMs (their scores and values are products and sums the compiler fuses): a band of
+    # S + block + P keys cannot be aligned for both the score and the value GEMM at S = 4 (the score GEMM was 100
+    # keys wide when the sinks' 4 made 104: tests/test_window.py's GEMM test). The keys added are masked like any key
+    # outside the window.
+    P = -(-(window - 1) // 8) * 8
+    block = max(-(-block // 8) * 8, P)  # a band = the block and the previous block's last P keys
     n = -(-T // block)  # blocks
     pad = n * block - T
 
@@ -56,23 +57,32 @@ def window_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_sink: 
         return torch.cat([prev, xb], 3)
 
     qb = F.pad(q, (0, 0, 0, pad)).view(B, H, n, block, d).to(acc)  # (B, H, n, block, d)
-    scores = torch.einsum("bhnqd,bhnkd->bhnqk", qb, bands(k).to(acc)) * scaling  # (B, H, n, block, block + P)
+    # scores and the softmax in fp32 at least (float64 stays): .float() after the GEMM, which bf16 autocast runs in
+    # bf16 (it casts matmuls, not our .to()); fp32 GEMMs would cost ~3 ms of a 66 ms stage II step (H100)
+    scores = torch.einsum("bhnqd,bhnkd->bhnqk", qb, bands(k).to(acc)).to(acc) * scaling  # (B, H, n, block, block + P)
     i = torch.arange(n * block, device=q.device).view(n, block, 1)  # query positions
     j = i[:, :1] - P + torch.arange(block + P, device=q.device).view(1, 1, -1)  # (n, 1, block + P) key positions
     scores = scores.masked_fill(~((j <= i) & (i - j < window) & (j >= 0)), float("-inf"))
-    values = bands(v).to(acc)  # (B, H, n, block + P, d)
+    # the softmax over [sinks, band] by hand, so neither GEMM sees the sinks: exp against the row's max (detached:
+    # softmax does not depend on the shift; every row holds its own key, so the max is finite), one sum for both
+    top = scores.amax(-1, keepdim=True)  # (B, H, n, block, 1)
     if far_sinks:
         qs = q if q_sink is None else q_sink
         qs = F.pad(qs, (0, 0, 0, pad)).view(B, H, n, block, d).to(acc)
-        # S (4) scores a query: a product and a sum, which the compiler fuses, not a GEMM of S output columns (cuBLAS
-        # ran those as cutlass align-2 kernels under bf16 autocast; H100 profile, distill-step-h100-anchor)
         ks = k[:, :, None, None, :sinks].to(acc)  # (B, H, 1, 1, S, d)
         s = (qs.unsqueeze(-2) * ks).sum(-1) * scaling  # (B, H, n, block, S)
         far = i - torch.arange(sinks, device=q.device) >= window  # (n, block, S)
-        scores = torch.cat([s.masked_fill(~far, float("-inf")), scores], -1)  # (B, H, n, block, S + block + P)
-        values = torch.cat([v[:, :, None, :sinks].to(acc).expand(B, H, n, sinks, v.shape[-1]), values], 3)
-    out = torch.einsum("bhnqk,bhnkd->bhnqd", torch.softmax(scores, -1), values)  # (B, H, n, block, d)
-    return out.reshape(B, H, n * block, -1)[:, :, :T].to(v.dtype)
+        s = s.masked_fill(~far, float("-inf"))
+        top = torch.maximum(top, s.amax(-1, keepdim=True))
+    top = top.detach()
+    e = torch.exp(scores - top)  # (B, H, n, block, block + P)
+    out = torch.einsum("bhnqk,bhnkd->bhnqd", e, bands(v).to(acc)).to(acc)  # (B, H, n, block, d)
+    total = e.sum(-1, keepdim=True)  # (B, H, n, block, 1)
+    if far_sinks:
+        es = torch.exp(s - top)  # (B, H, n, block, S)
+        out = out + (es.unsqueeze(-1) * v[:, :, None, None, :sinks].to(acc)).sum(-2)  # (B, H, n, block, d)
+        total = total + es.sum(-1, keepdim=True)
+    return (out / total).reshape(B, H, n * block, -1)[:, :, :T].to(v.dtype)
 
 
 def dense_window_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_sink: torch.Tensor | None,
