@@ -1,8 +1,9 @@
 # One GPU call for the training step (issue 32): the CUDA tests of the kernels and steps, then distill.py --hybrid's
-# parts given as arguments (default: the anchors (CUDA graphs; at 512 the default mode too) at 8 x 512 and 8 x 2048,
-# the hybrid's stage II, stage I and T4 path with the defaults (--compile auto = CUDA graphs), the T4 path with
-# --activation-budget 0, stage II with the mLSTM kernel in fp32 (the default before bf16 inputs computed in bf16),
-# the v2 step, and the v2 step compiled whole (TCACHE_COMPILE_SCOPE=step)), with profiles.
+# parts given as arguments. Default: the parts issue 32 asks for side by side, with profiles: the anchor (CUDA graphs)
+# at 8 x 512 and 8 x 2048, the hybrid's stage II (also at 2048), stage I and T4 path with the defaults, the v2 step.
+# PARTS=extra (the first argument) runs the variants that decide defaults instead: the default-mode anchor, stage II
+# with the mLSTM kernel in fp32, with TCACHE_COMPILE_SCOPE=regions, the T4 path with --activation-budget 0, the v2
+# step compiled whole (TCACHE_COMPILE_SCOPE=step).
 #   bash benchmarks/gpu/step.sh [PARTS] [BUDGET_S]     (from the repo root, .gpu/ carried: tok, corpus, wheels)
 # PREWARM=N compiles every part N at a time first; PREWARM_ONLY=1 stops there (a first call whose caches a second,
 # timed call on the same warm machine reads: every part then fits one call). TESTS=paths picks the CUDA tests.
@@ -24,7 +25,8 @@ if [ -z "$SKIP_TESTS" ]; then  # the tests' ../shared, from what travels: the to
     tests/test_window.py tests/test_hybrid.py tests/test_chunked_prefill.py tests/test_hybrid_compile.py} \
     -k "cuda or twin or adapter_pads" 2>&1 | tee $OUT/r/cuda-tests.txt | tail -15
 fi
-PARTS=${1:-plain_lm_compiled_cudagraphs,plain_lm_compiled,hybrid_stage2,hybrid_stage2_kernel_fp32,hybrid_stage1,hybrid_stage2_fp16_16gib,hybrid_stage2_fp16_16gib_budget0,v2_step,v2_step_whole,plain_lm_compiled_2048_cudagraphs,hybrid_stage2_2048}
+PARTS=${1:-plain_lm_compiled_cudagraphs,hybrid_stage2,hybrid_stage1,hybrid_stage2_fp16_16gib,v2_step,plain_lm_compiled_2048_cudagraphs,hybrid_stage2_2048}
+[ "$PARTS" = extra ] && PARTS=plain_lm_compiled_cudagraphs,plain_lm_compiled,hybrid_stage2,hybrid_stage2_kernel_fp32,hybrid_stage2_regions,hybrid_stage2_fp16_16gib_budget0,v2_step,v2_step_whole
 timeout ${BENCH_S:-0} python3 benchmarks/distill.py --hybrid --tokenizer $TOK --train .gpu/corpus/train.jsonl.xz --out /tmp/step-out \
   --budget ${2:-330} --parts $PARTS ${PROFILE---profile} --prewarm ${PREWARM:-0} ${PREWARM_ONLY:+--prewarm-only} 2>&1 | tee $OUT/r/run.log | grep -v "^{" | tail -25
 cp /tmp/step-out/*.json $OUT/r/ 2>/dev/null
