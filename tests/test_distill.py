@@ -183,8 +183,8 @@ def test_chunked_loss_trains_exactly_like_full_logits(tmp_path, tiny_cache):
     ma = [json.loads(x) for x in (tmp_path / "full" / "metrics.jsonl").read_text().splitlines()]
     mb = [json.loads(x) for x in (tmp_path / "chunk" / "metrics.jsonl").read_text().splitlines()]
     for ra, rb in zip(ma, mb):
-        for term in ("ce", "kd", "align", "loss", "grad_norm"):
-            assert rb[term] == pytest.approx(ra[term], rel=1e-4), (term, ra, rb)
+        for term in ("ce", "kd", "align", "loss", "grad_norm"):  # KD is ~4e-5 here: a KL of near-equal fp32 terms
+            assert rb[term] == pytest.approx(ra[term], rel=1e-4, abs=1e-7), (term, ra, rb)
     assert a["params"] == b["params"]
 
 
@@ -265,9 +265,11 @@ def test_online_teacher_gives_the_cached_targets(tmp_path, tiny_teacher, valid_j
         assert c[0][term] != pytest.approx(a[0][term], rel=0.05), (term, a[0], c[0])
 
 
-def test_compiled_blocks_train_like_eager(tmp_path, tiny_cache):
-    """--compile on (torch.compile of each block; on a GPU the default adds CUDA graphs) gives the
-    eager losses and gradient norms."""
+@pytest.mark.parametrize("scope", ["layer", "step"])
+def test_compiled_blocks_train_like_eager(tmp_path, tiny_cache, monkeypatch, scope):
+    """--compile on (torch.compile of each block, or with TCACHE_COMPILE_SCOPE=step the whole forward and loss as one
+    graph; on a GPU the default adds CUDA graphs) gives the eager losses and gradient norms."""
+    monkeypatch.setenv("TCACHE_COMPILE_SCOPE", scope)
     base = dict(cache=str(tiny_cache), steps=2, batch_size=2, grad_accum=1, lr=1e-3, seed=7, blocks=2)
     distill(DistillConfig(out=str(tmp_path / "eager"), compile="off", **base))
     distill(DistillConfig(out=str(tmp_path / "compiled"), compile="on", **base))
@@ -275,5 +277,5 @@ def test_compiled_blocks_train_like_eager(tmp_path, tiny_cache):
     mb = [json.loads(x) for x in (tmp_path / "compiled" / "metrics.jsonl").read_text().splitlines()]
     assert len(ma) == len(mb) == 2
     for ra, rb in zip(ma, mb):
-        for term in ("ce", "kd", "align", "loss", "grad_norm"):
-            assert rb[term] == pytest.approx(ra[term], rel=1e-4), (term, ra, rb)
+        for term in ("ce", "kd", "align", "loss", "grad_norm"):  # KD is ~4e-5 here: a KL of near-equal fp32 terms
+            assert rb[term] == pytest.approx(ra[term], rel=1e-4, abs=1e-7), (term, ra, rb)
