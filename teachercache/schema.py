@@ -110,7 +110,7 @@ def layer_groups(num_layers: int, groups: int) -> list[tuple[int, int]]:
             f"use a value from 0 (no hidden states) to {num_layers}"
         )
     # numpy.array_split's rule in plain Python: torch.compile traces numpy calls as tensor ops, whose values it cannot
-    # know at trace time (a data-dependent error in the xLSTM step compiled whole)
+    # know at trace time (graph breaks, or an error under fullgraph, in the xLSTM step compiled whole)
     size, extra = divmod(num_layers, groups)
     bounds = [0]
     for g in range(groups):

@@ -57,7 +57,7 @@ def window_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_sink: 
         return torch.cat([prev, xb], 3)
 
     qb = F.pad(q, (0, 0, 0, pad)).view(B, H, n, block, d).to(acc)  # (B, H, n, block, d)
-    # scores and the softmax in fp32 at least (float64 stays): .float() after the GEMM, which bf16 autocast runs in
+    # scores and the softmax in fp32 at least (float64 stays): .to(acc) after the GEMM, which bf16 autocast runs in
     # bf16 (it casts matmuls, not our .to()); fp32 GEMMs would cost ~3 ms of a 66 ms stage II step (H100)
     scores = torch.einsum("bhnqd,bhnkd->bhnqk", qb, bands(k).to(acc)).to(acc) * scaling  # (B, H, n, block, block + P)
     i = torch.arange(n * block, device=q.device).view(n, block, 1)  # query positions

@@ -107,7 +107,7 @@ def build_hybrid(cfg: DistillConfig, manifest, device: torch.device, budget: int
     if scope == "regions" and compile_mode != "off" and (checkpointing or share is not None):
         what = "activation checkpointing" if checkpointing else "--activation-budget"
         raise TcacheError(f"{COMPILE_SCOPE_ENV}=regions does not run under {what}; unset {COMPILE_SCOPE_ENV}, or "
-                          f"pass {'--checkpointing off' if checkpointing else 'no --activation-budget'}")
+                          f"{'pass --checkpointing off' if checkpointing else 'drop --activation-budget'}")
     # step scope: the Trainer compiles forward + losses as one graph; layer scope: each decoder layer fused by
     # inductor, transformers' checkpointing wrapping the layer's __call__ so a recomputed layer reruns it compiled
     compiled = apply_compile(model.lm.model.layers, compile_mode, "hybrid")
