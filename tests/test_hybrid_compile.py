@@ -145,3 +145,36 @@ def test_regions_compile_one_layer_for_all_and_keep_the_eager_gradients(device, 
     tol = {"atol": 1e-5, "rtol": 1e-4} if device == "cpu" else {"atol": 4e-3, "rtol": 1e-2}  # TF32 on CUDA
     for name in want:
         torch.testing.assert_close(got[name], want[name], **tol, msg=lambda m: f"{name}: {m}")
+
+
+def test_the_compiled_bf16_step_is_kept_in_aotautograds_cache(one_layer_cache, tmp_path, monkeypatch):
+    """The hybrid's stage II step compiled (inductor) under bf16 autocast, as a GPU run trains it: autocast is entered
+    around the compiled call, not inside it, so AOTAutograd's cache keeps the graph (a graph that entered autocast
+    itself was bypassed, "_enter_autocast": every cold start re-ran AOTAutograd), and the loss equals the eager
+    step's within bf16 rounding."""
+    from torch._dynamo.utils import counters
+
+    from tcache.student.training.config import DistillConfig
+    from tcache.student.training.data import CacheRows
+    from tcache.student.training.train import setup
+
+    torch._dynamo.reset()
+    counters.clear()
+    monkeypatch.delenv("TCACHE_COMPILE_SCOPE", raising=False)
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "inductor"))  # a cold cache: a miss, then a save
+    cfg = DistillConfig(cache=str(one_layer_cache), out=str(tmp_path / "run"), recipe="hybrid", steps=2, batch_size=2,
+                        grad_accum=1, device="cpu", precision="bf16", compile="on", checkpointing="off", window=16,
+                        sinks=2, loss_chunk=48)
+    tr = setup(cfg)
+    tr.begin_stage(tr.plan.stages[-1])
+    rows = CacheRows(str(one_layer_cache), with_hidden=tr.plan.groups > 0)
+    batch = {key: torch.stack([rows[r][key] for r in (0, 1)]) for key in rows[0]}
+    w = tr.weights(0, 0)
+    got = sum(tr.terms(batch, w).values())
+    got.backward()  # the entry is saved once the backward is compiled too
+    aot = dict(counters["aot_autograd"])
+    assert aot.get("autograd_cache_saved", 0) >= 1 and "autograd_cache_bypass" not in aot, aot
+    compiled, tr.compiled = tr.compiled, None
+    want = sum(tr.terms(batch, w).values())  # the eager step, autocast entered the same way
+    torch.testing.assert_close(got.detach(), want.detach(), atol=0.0, rtol=2e-2)
+    tr.compiled = compiled

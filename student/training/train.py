@@ -97,24 +97,25 @@ class Trainer:
     def terms(self, batch: dict, w: losses.Weights) -> dict[str, torch.Tensor]:
         """The student's forward on one micro-batch and each loss term (fp32 scalars), compiled or not."""
         fields = (schema.INPUT_IDS, schema.TOPK_LOGPROBS, schema.TOPK_IDS, schema.HIDDEN)
-        return (self.compiled or self._terms)({k: batch[k] for k in fields if k in batch}, w.temperature)
+        # autocast around the call, not inside _terms: AOTAutograd's cache refuses a graph that enters autocast
+        # itself, so a compiled step's every cold start re-ran AOTAutograd ("_enter_autocast", torch 2.13); each
+        # loss term casts to fp32 where it needs it
+        with torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not torch.float32):
+            return (self.compiled or self._terms)({k: batch[k] for k in fields if k in batch}, w.temperature)
 
     def _terms(self, batch: dict, temperature: float) -> dict[str, torch.Tensor]:
         ids = batch[schema.INPUT_IDS]  # (B, T)
         # features() and the head, never forward(): under FSDP2 only features() carries the root's hooks (shard.py)
         if self.stage.stage.loss == "match":  # teacher-forced: the model keeps each layer's matching error
-            with torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not torch.float32):
-                self.model.features(ids)
+            self.model.features(ids)
             return {"match": self.model.match_loss()}
         t_lp, t_ids = batch[schema.TOPK_LOGPROBS], batch[schema.TOPK_IDS]  # (B, T, k) x2
         groups, tail = self.plan.groups, self.cfg.kd_tail
-        with torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not torch.float32):
-            x, s_hidden = self.model.features(ids, groups=groups)  # (B, T, D), (B, T, G, D)
-            if self.chunk:
-                ce, kd = losses.ce_kd_chunked(x, self.model.head, ids, t_lp, t_ids, temperature, tail, self.chunk)
-            else:
-                logits = self.model.head(x)  # (B, T, V)
-        if not self.chunk:
+        x, s_hidden = self.model.features(ids, groups=groups)  # (B, T, D), (B, T, G, D)
+        if self.chunk:
+            ce, kd = losses.ce_kd_chunked(x, self.model.head, ids, t_lp, t_ids, temperature, tail, self.chunk)
+        else:
+            logits = self.model.head(x)  # (B, T, V)
             ce = losses.ce_loss(logits, ids)
             kd = losses.kd_loss(logits, t_lp, t_ids, temperature, tail)
         al = losses.align_loss(s_hidden, batch[schema.HIDDEN]) if groups else torch.zeros((), device=self.device)
