@@ -77,6 +77,10 @@ def distill(**options) -> None:
             f"{info['precision']}; {info['total_steps']} steps x {info['tokens_per_step']:,} tokens"
             + (f"; resumed at step {info['resumed_from_step']}" if info["resumed_from_step"] is not None else "")
         )
+        if info.get("compile", "off") != "off":  # else a bar stuck at step 0 for minutes looks like a hang
+            console.print(f"compile: {info['compile']}, {info.get('compile_scope', 'layer')} scope; the first step of "
+                          "each stage compiles (minutes on a machine's first run, far less once torch.compile's "
+                          "cache holds it)")
         progress.start()
         task = progress.add_task("distill", total=info["total_steps"], completed=info["resumed_from_step"] or 0)
 

@@ -27,6 +27,7 @@ def test_distill_with_compile_on_follows_the_eager_run_through_both_stages(tmp_p
         r = run("distill", cache, "--out", out, "--recipe", "hybrid", "--steps", 2, "--stage1-tokens", 256,
                 "--batch-size", 2, "--grad-accum", 1, "--window", 16, "--sinks", 2, "--compile", mode)
         assert r.exit_code == 0, r.output
+        assert ("compile: on, step scope; the first step" in r.output) == (mode == "on"), r.output  # not a hang
         losses[mode] = [m["loss"] for m in metrics(out)]
     assert len(losses["on"]) == len(losses["off"]) == 4  # two stage-I steps, two stage-II steps
     for got, want in zip(losses["on"], losses["off"]):
