@@ -245,7 +245,7 @@ def hybrid_stage_rate(cfg: DistillConfig, stage: int, warmup: int = 3, steps: in
            "graphs": counters["stats"].get("unique_graphs", 0),
            "cudagraph_skips": counters["inductor"].get("cudagraph_skips", 0),
            # what torch.compile's caches served (warmup_s depends on it): FX graphs and AOTAutograd entries
-           "compile_cache": {k: v for k, v in {**counters["inductor"], **counters["aot_autograd"]}.items()
+           "cache_counters": {k: v for k, v in {**counters["inductor"], **counters["aot_autograd"]}.items()
                              if "cache" in k},
            "mlstm_kernel": tr.plan.info["mlstm_kernel"], "checkpointing": tr.plan.info["checkpointing"],
            "activation_budget": tr.plan.info.get("activation_budget"),
