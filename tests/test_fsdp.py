@@ -91,16 +91,23 @@ def runs(cache, tmp_path_factory):
                     # step 2's checkpoint, resumed sharded on 2 ranks (test_a_sharded_checkpoint_resumes...)
                     [args_of(cache, root / "v2-resumed", *V2, *fsdp, "--ckpt-every", 2, "--resume"),
                      [str(root / "v2-fsdp"), str(root / "v2-resumed")]],
-                    [args_of(cache, root / "hybrid-fsdp", *HYBRID, *fsdp), None]])
-    out = {name: (root / name, metrics(root / name)) for name in ("v2-fsdp", "v2-resumed", "hybrid-fsdp")}
+                    [args_of(cache, root / "hybrid-fsdp", *HYBRID, *fsdp), None],
+                    # each layer / block compiled (inductor) before fully_shard wraps it
+                    [args_of(cache, root / "v2-fsdp-compiled", *V2, *fsdp, "--compile", "on"), None],
+                    [args_of(cache, root / "hybrid-fsdp-compiled", *HYBRID, *fsdp, "--compile", "on"), None]])
+    names = ("v2-fsdp", "v2-resumed", "hybrid-fsdp", "v2-fsdp-compiled", "hybrid-fsdp-compiled")
+    out = {name: (root / name, metrics(root / name)) for name in names}
     for name, recipe in (("v2", V2), ("hybrid", HYBRID)):
         out[f"{name}-one"] = root / f"{name}-one", distill(cache, root / f"{name}-one", *recipe, "--batch-size", 8)
     return out
 
 
+@pytest.mark.parametrize("compiled", ["", "-compiled"])
 @pytest.mark.parametrize("recipe", ["v2", "hybrid"])
-def test_fsdp_at_two_ranks_trains_as_one_process_at_twice_the_batch(runs, recipe):
-    (one_dir, one), (two_dir, two) = runs[f"{recipe}-one"], runs[f"{recipe}-fsdp"]
+def test_fsdp_at_two_ranks_trains_as_one_process_at_twice_the_batch(runs, recipe, compiled):
+    """Sharded, eager or with each layer compiled (--compile on under --shard: sharded_compile), the losses and
+    gradient norms of one unsharded eager process at twice the batch."""
+    (one_dir, one), (two_dir, two) = runs[f"{recipe}-one"], runs[f"{recipe}-fsdp{compiled}"]
     assert one[0]["loss"] != one[-1]["loss"]
     if recipe == "hybrid":
         assert {r["stage"] for r in one} == {"1", "2"}
@@ -215,3 +222,23 @@ def test_a_gathered_state_dict_saves_tied_weights_as_the_model_does(tmp_path):
     assert list(files[0].keys()) == list(files[1].keys()) and len(files[0].keys()) == 1
     assert files[0].metadata() == files[1].metadata()
     assert all(torch.equal(files[0].get_tensor(k), files[1].get_tensor(k)) for k in files[0].keys())
+
+
+@pytest.mark.parametrize("recipe", ["v2", "hybrid"])
+def test_under_sharding_each_layer_is_compiled_on_its_own(cache, tmp_path, recipe):
+    """--compile on with --shard: each decoder layer / xLSTM block compiled in place (layer scope, whatever
+    TCACHE_COMPILE_SCOPE says), no whole-step graph, before shard_model wraps them; --compile auto's CUDA graphs
+    become `on` (FSDP2's collectives run between the layers). The runs fixture trains such runs."""
+    import torch
+
+    from tcache.student.training import families, shard
+    from tcache.student.training.config import DistillConfig
+    from tcache.teachercache.manifest import load_manifest
+
+    cfg = DistillConfig(cache=str(cache), out=str(tmp_path / "r"), recipe=recipe, compile="on", device="cpu",
+                        precision="fp32")
+    build = families.FAMILIES["hybrid" if recipe == "hybrid" else "xlstm"]
+    model, info = build(cfg, load_manifest(cache), torch.device("cpu"), None, sharded=True)
+    assert info["compile"] == "on" and info["compile_scope"] == "layer" and "step_compile" not in info
+    assert all(block._compiled_call_impl is not None for block in shard.blocks(model))
+    assert families.sharded_compile("cudagraphs") == "on" and families.sharded_compile("off") == "off"

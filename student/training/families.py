@@ -28,7 +28,7 @@ SCOPES = ("layer", "step", "regions")
 
 def build_xlstm(cfg: DistillConfig, manifest, device: torch.device, budget: int | None, sharded: bool = False):
     """Distil-xLSTM: fresh xLSTM blocks between the teacher's frozen embedding and head. `sharded`: FSDP2 wraps it
-    next (shard.py), and nothing is compiled (compiled blocks under FSDP2 are not measured here)."""
+    next (shard.py), each block compiled on its own first (sharded_compile)."""
     scfg = student_config(cfg, manifest)
     if cfg.activation_budget is not None:
         raise TcacheError("--activation-budget is for the hybrid recipe's compiled step; drop it for --recipe v1 / v2")
@@ -42,7 +42,8 @@ def build_xlstm(cfg: DistillConfig, manifest, device: torch.device, budget: int 
         model.load_teacher_parts(load_teacher_parts(cfg.cache))
     model.to(device)
     model.checkpointing = resolve_checkpointing(cfg.checkpointing, device, budget, family="xlstm")
-    compile_mode = "off" if sharded else resolve_compile(cfg.compile, device)
+    compile_mode = resolve_compile(cfg.compile, device)
+    compile_mode = sharded_compile(compile_mode) if sharded else compile_mode
     if model.checkpointing and compile_mode != "off":
         # recomputing compiled (CUDA-graph) blocks inside torch.utils.checkpoint is not a combination measured
         # here: whichever of the two was asked for wins, both asked for is refused
@@ -55,7 +56,8 @@ def build_xlstm(cfg: DistillConfig, manifest, device: torch.device, budget: int 
                               "or --checkpointing off")
     info = {"mlstm_kernel": mlstm_kernel, "slstm_backend": slstm_backend, "blocks": scfg.num_blocks,
             "heads": scfg.num_heads, "slstm_at": scfg.slstm_at, "compile": compile_mode,
-            "checkpointing": model.checkpointing, **apply_compile(model.blocks.blocks, compile_mode, "xlstm")}
+            "checkpointing": model.checkpointing,
+            **apply_compile(model.blocks.blocks, compile_mode, "xlstm", "layer" if sharded else None)}
     return model, info
 
 
@@ -71,7 +73,7 @@ def hybrid_config(cfg: DistillConfig):
 
 def build_hybrid(cfg: DistillConfig, manifest, device: torch.device, budget: int | None, sharded: bool = False):
     """Hauzenberger et al.: the teacher from the cache's full weights, attention replaced by hybrid mixers.
-    `sharded`: FSDP2 wraps it next (shard.py), and nothing is compiled (not measured under FSDP2 here)."""
+    `sharded`: FSDP2 wraps it next (shard.py), each decoder layer compiled on its own first (sharded_compile)."""
     from tcache.student.models.hybrid import load_hybrid
 
     hcfg = hybrid_config(cfg)
@@ -93,8 +95,9 @@ def build_hybrid(cfg: DistillConfig, manifest, device: torch.device, budget: int
     checkpointing = resolve_checkpointing(cfg.checkpointing, device, budget) and share is None
     if checkpointing:
         model.enable_checkpointing()
-    compile_mode = "off" if sharded else hybrid_compile(cfg.compile, device, checkpointing)
-    scope = compile_scope("hybrid")
+    compile_mode = hybrid_compile(cfg.compile, device, checkpointing)
+    compile_mode = sharded_compile(compile_mode) if sharded else compile_mode
+    scope = "layer" if sharded else compile_scope("hybrid")
     if share is not None and not (0 <= share <= 1 and compile_mode != "off" and scope != "layer"):
         raise TcacheError(f"--activation-budget {share}: a share in [0, 1] of the activations the compiled step keeps "
                           "(one graph: --compile on or cudagraphs, or auto on a GPU; not under FSDP); fix it or drop "
@@ -110,7 +113,7 @@ def build_hybrid(cfg: DistillConfig, manifest, device: torch.device, budget: int
                           f"{'pass --checkpointing off' if checkpointing else 'drop --activation-budget'}")
     # step scope: the Trainer compiles forward + losses as one graph; layer scope: each decoder layer fused by
     # inductor, transformers' checkpointing wrapping the layer's __call__ so a recomputed layer reruns it compiled
-    compiled = apply_compile(model.lm.model.layers, compile_mode, "hybrid")
+    compiled = apply_compile(model.lm.model.layers, compile_mode, "hybrid", scope)
     info = {"mlstm_kernel": kernel, "slstm_backend": "none", "blocks": len(model.lm.model.layers),
             "heads": model.lm.config.num_attention_heads, "slstm_at": [], "compile": compile_mode,
             "window": cfg.window, "sinks": cfg.sinks, "full_attention_layers": hcfg.full_attention_layers,
@@ -129,11 +132,19 @@ def compile_scope(family: str) -> str:
     return scope
 
 
-def apply_compile(modules, compile_mode: str, family: str) -> dict:
-    """--compile by compile_scope(family): each of `modules` compiled in place (layer), or nothing here and the
-    Trainer compiles the whole forward + loss as one graph (step: train.setup reads info's step_compile). Returns
-    the info keys."""
-    scope = compile_scope(family)
+def sharded_compile(mode: str) -> str:
+    """--compile under FSDP2: each layer or block compiled on its own before fully_shard wraps it, as torchtitan
+    does (FSDP2's hooks stay outside the compiled code: dynamo skips them), never as CUDA graphs, whose replay would
+    hold the collectives' buffers: auto's cudagraphs becomes on (an explicit --compile cudagraphs is refused with
+    --shard, shard.fsdp_conflicts)."""
+    return "on" if mode == "cudagraphs" else mode
+
+
+def apply_compile(modules, compile_mode: str, family: str, scope: str | None = None) -> dict:
+    """--compile by `scope` (compile_scope(family) when None): each of `modules` compiled in place (layer), or nothing
+    here and the Trainer compiles the whole forward + loss as one graph (step: train.setup reads info's
+    step_compile). Returns the info keys."""
+    scope = scope or compile_scope(family)
     mode = COMPILE_MODES[compile_mode]
     if scope == "regions" and mode is not None:
         mark_regions(modules)

@@ -29,7 +29,7 @@ def fsdp_conflicts(cfg, why: str) -> None:
     """Refuse the options sharding does not combine with yet (none is built or measured on sharded parameters):
     `why` names what asked for sharding."""
     bad = [flag for flag, on in (("--train lora", cfg.train == "lora"), ("--qk-merge", cfg.qk_merge),
-                                 (f"--compile {cfg.compile}", cfg.compile in ("on", "cudagraphs")),
+                                 ("--compile cudagraphs", cfg.compile == "cudagraphs"),
                                  ("--precision fp16", cfg.precision == "fp16")) if on]
     if bad:
         raise TcacheError(f"{why} does not combine with {', '.join(bad)} yet; drop {'it' if len(bad) == 1 else 'them'}"
