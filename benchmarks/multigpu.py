@@ -3,7 +3,12 @@ and under `torchrun --nproc_per_node N`, at the seeds' scale (SmolLM2-360M shape
 per GPU of each side by side. Weak scaling for distill: --batch-size is per rank, so N ranks train N x the rows
 per step in the same number of steps.
 
-    python benchmarks/multigpu.py --train .gpu/corpus/train.jsonl.xz --tokenizer .gpu/teacher --gpus 2 --out DIR
+    python benchmarks/multigpu.py --train .gpu/corpus/train.jsonl.xz --tokenizer .gpu/teacher --gpus 2 --out DIR \
+        [--recipe hybrid --shard fsdp]
+
+--shard fsdp: the N-GPU distill shards the student with FSDP2 (issue 37; the 1-GPU row stays unsharded, the
+baseline a user has), each row with its peak GPU memory (rank 0's, from student.json); --distill-args passes more
+options to both distill commands (e.g. "--max-gpu-memory 8GiB", for a student that would not fit unsharded).
 
 Writes DIR/multigpu.json and DIR/multigpu.md; each command's output is in DIR/*.log.
 """
@@ -45,6 +50,8 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=40, help="distill steps")
     ap.add_argument("--batch-size", type=int, default=8, help="distill rows per rank per micro-batch")
     ap.add_argument("--recipe", default="v2")
+    ap.add_argument("--shard", default="none", choices=("none", "fsdp", "auto"), help="the N-GPU distill's --shard")
+    ap.add_argument("--distill-args", default="", help="more distill options for both rows, space-separated")
     ap.add_argument("--work", default="/tmp/multigpu")
     ap.add_argument("--out", default="multigpu-out")
     a = ap.parse_args()
@@ -65,24 +72,28 @@ def main() -> None:
         print(json.dumps(rows[-1]), flush=True)
     for g in (1, a.gpus):
         run_dir = work / f"{a.recipe}-{g}gpu"
+        shard = a.shard if g > 1 else "none"
         wall = run(["distill", str(caches[1]), "--recipe", a.recipe, "--out", str(run_dir), "--steps", str(a.steps),
-                    "--batch-size", str(a.batch_size), "--grad-accum", "1", "--overwrite"],
-                   out / f"distill-{g}gpu.log", g)
+                    "--batch-size", str(a.batch_size), "--grad-accum", "1", "--overwrite", "--shard", shard,
+                    *a.distill_args.split()], out / f"distill-{g}gpu.log", g)
         metrics = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
         late = metrics[len(metrics) // 2:]  # past compilation and warm-up
         dt = late[-1]["elapsed_s"] - late[0]["elapsed_s"]
         tokens = late[-1]["tokens"] - late[0]["tokens"]
-        rows.append({"phase": f"distill {a.recipe}", "gpus": g, "tokens": metrics[-1]["tokens"], "seconds": dt,
-                     "wall_s": round(wall, 1), "tokens_per_s": tokens / dt, "tokens_per_s_per_gpu": tokens / dt / g,
-                     "final_loss": metrics[-1]["loss"]})
+        student = json.loads((run_dir / "student.json").read_text())
+        rows.append({"phase": f"distill {a.recipe}", "gpus": g, "shard": shard, "tokens": metrics[-1]["tokens"],
+                     "seconds": dt, "wall_s": round(wall, 1), "tokens_per_s": tokens / dt,
+                     "tokens_per_s_per_gpu": tokens / dt / g, "final_loss": metrics[-1]["loss"],
+                     "peak_gib_rank0": student.get("peak_gpu_memory_gib")})
         print(json.dumps(rows[-1]), flush=True)
-    meta = {**describe("cuda"), "gpus": a.gpus}
+    meta = {**describe(), "gpus": a.gpus}
     write_json(out / "multigpu.json", {"meta": meta, "rows": rows})
     base = {r["phase"]: r["tokens_per_s_per_gpu"] for r in rows if r["gpus"] == 1}
     lines = [f"# Multi-GPU scaling: {a.shape}, {meta['device']} x {a.gpus}", "", f"`{meta['command']}`", "",
-             *table(["phase", "GPUs", "tokens/s", "tokens/s per GPU", "per GPU vs 1 GPU"],
-                    [[r["phase"], r["gpus"], f"{r['tokens_per_s']:,.0f}", f"{r['tokens_per_s_per_gpu']:,.0f}",
-                      f"{r['tokens_per_s_per_gpu'] / base[r['phase']]:.2f}x"] for r in rows])]
+             *table(["phase", "GPUs", "shard", "tokens/s", "tokens/s per GPU", "per GPU vs 1 GPU", "peak GiB (rank 0)"],
+                    [[r["phase"], r["gpus"], r.get("shard", ""), f"{r['tokens_per_s']:,.0f}",
+                      f"{r['tokens_per_s_per_gpu']:,.0f}", f"{r['tokens_per_s_per_gpu'] / base[r['phase']]:.2f}x",
+                      r.get("peak_gib_rank0", "")] for r in rows])]
     (out / "multigpu.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 
