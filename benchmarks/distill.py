@@ -34,6 +34,7 @@ RESULTS/distill-hybrid-SHAPE.json under these keys (each with tokens_per_s, peak
                                       earlier default); fp32 mLSTM inputs (TCACHE_MLSTM_INPUTS=fp32)
   hybrid_stage2_kernel_fp32, _bf16    the mLSTM kernel computing in fp32 / bf16 (TCACHE_MLSTM_KERNEL_DTYPE; the
                                       default, auto, computes bf16 inputs in bf16: the same as _bf16 here)
+  hybrid_stage2_full_logits           the defaults with --loss-chunk 0: full logits, no recomputed head GEMM
   hybrid_stage2_regions               the defaults with each decoder layer a nested compile region
                                       (TCACHE_COMPILE_SCOPE=regions): its warm-up is the cold compile time
   hybrid_stage2_on, ..._cudagraphs    --compile on (one inductor graph, no CUDA graphs) / cudagraphs, set explicitly

@@ -47,6 +47,8 @@ HYBRID_PARTS = {  # name: spec, in the order they run (the anchor, the defaults 
     "hybrid_stage2_on": {"kind": "hybrid", "stage": 1, "compile": "on"},
     "hybrid_stage2_2048_cudagraphs": {"kind": "hybrid", "stage": 1, "T": 2048, "compile": "cudagraphs"},
     "hybrid_stage2_flex_window": {"kind": "hybrid", "stage": 1, "env": {"TCACHE_WINDOW": "flex"}},
+    # the CE + KD over full logits (--loss-chunk 0): no recomputed head GEMM per chunk, the (B, T, V) logits kept
+    "hybrid_stage2_full_logits": {"kind": "hybrid", "stage": 1, "loss_chunk": 0},
     "hybrid_stage2_fp16_16gib": {"kind": "hybrid", "stage": 1, "precision": "fp16", "cap": "16GiB"},
     "hybrid_stage2_fp16_16gib_cudagraphs": {"kind": "hybrid", "stage": 1, "precision": "fp16", "cap": "16GiB",
                                             "compile": "cudagraphs"},
@@ -138,7 +140,8 @@ def hybrid_part(a, spec: dict, teacher: Path, work: Path) -> dict:
             return with_mfu(res, res["params"]["total"] if isinstance(res["params"], dict) else res["params"])
         cfg = DistillConfig(cache=cache, out=str(work / "hybrid"), recipe="hybrid", steps=a.steps, batch_size=B,
                             grad_accum=1, precision=spec.get("precision", "auto"), max_gpu_memory=spec.get("cap"),
-                            compile=spec.get("compile", "auto"), activation_budget=spec.get("activation_budget"))
+                            compile=spec.get("compile", "auto"), activation_budget=spec.get("activation_budget"),
+                            loss_chunk=spec.get("loss_chunk", -1))
         prof = Path(a.out) / f"profile-{spec['name']}.txt" if spec.get("profile") else None
         res = hybrid_stage_rate(cfg, spec["stage"], warmup, steps, profile=prof)
         return with_mfu(res, res["params"]["total"]) if "params" in res else res
