@@ -1,10 +1,10 @@
 # One GPU call for the training step (issue 32): the CUDA tests of the kernels and steps, then distill.py --hybrid's
 # parts given as arguments. Default: the parts issue 32 asks for side by side, with profiles: the anchor (CUDA graphs)
 # at 8 x 512 and 8 x 2048, the hybrid's stage II (also at 2048), stage I and T4 path with the defaults, the v2 step.
-# PARTS=extra (the first argument) runs the variants that decide defaults instead: the default-mode anchor, stage II
-# with the mLSTM kernel in fp32, with flex_attention for the window, over full logits (--loss-chunk 0), with
-# TCACHE_COMPILE_SCOPE=regions, the T4 path with --activation-budget 0, the v2 step compiled whole
-# (TCACHE_COMPILE_SCOPE=step).
+# PARTS=extra (the first argument) runs the variants that decide defaults instead, most wanted first after the
+# anchor and stage II: the v2 step (layer scope) and compiled whole (TCACHE_COMPILE_SCOPE=step), stage II with
+# TCACHE_COMPILE_SCOPE=regions, over full logits (--loss-chunk 0), with the mLSTM kernel in fp32, the T4 path with
+# --activation-budget 0, stage II with flex_attention for the window, the default-mode anchor.
 #   bash benchmarks/gpu/step.sh [PARTS] [BUDGET_S]     (from the repo root, .gpu/ carried: tok, corpus, wheels)
 # PREWARM=N compiles every part N at a time first; PREWARM_ONLY=1 stops there (a first call whose caches a second,
 # timed call on the same warm machine reads: every part then fits one call). TESTS=paths picks the CUDA tests.
@@ -27,7 +27,7 @@ if [ -z "$SKIP_TESTS" ]; then  # the tests' ../shared, from what travels: the to
     -k "cuda or twin or adapter_pads" 2>&1 | tee $OUT/r/cuda-tests.txt | tail -15
 fi
 PARTS=${1:-plain_lm_compiled_cudagraphs,hybrid_stage2,hybrid_stage1,hybrid_stage2_fp16_16gib,v2_step,plain_lm_compiled_2048_cudagraphs,hybrid_stage2_2048}
-[ "$PARTS" = extra ] && PARTS=plain_lm_compiled_cudagraphs,plain_lm_compiled,hybrid_stage2,hybrid_stage2_kernel_fp32,hybrid_stage2_flex_window,hybrid_stage2_full_logits,hybrid_stage2_regions,hybrid_stage2_fp16_16gib_budget0,v2_step,v2_step_whole
+[ "$PARTS" = extra ] && PARTS=plain_lm_compiled_cudagraphs,hybrid_stage2,v2_step,v2_step_whole,hybrid_stage2_regions,hybrid_stage2_full_logits,hybrid_stage2_kernel_fp32,hybrid_stage2_fp16_16gib_budget0,hybrid_stage2_flex_window,plain_lm_compiled
 timeout ${BENCH_S:-0} python3 benchmarks/distill.py --hybrid --tokenizer $TOK --train .gpu/corpus/train.jsonl.xz --out /tmp/step-out \
   --budget ${2:-330} --parts $PARTS ${PROFILE---profile} --prewarm ${PREWARM:-0} ${PREWARM_ONLY:+--prewarm-only} 2>&1 | tee $OUT/r/run.log | grep -v "^{" | tail -25
 cp /tmp/step-out/*.json $OUT/r/ 2>/dev/null
