@@ -549,3 +549,19 @@ def test_joint_mix_trains_exports_and_generates_from_its_recurrent_state(tmp_pat
         for _ in range(4):
             ids = torch.cat([ids, student(ids)[0][:, -1:].argmax(-1)], 1)
     assert got.tolist() == ids[0, 12:].tolist()
+
+
+@pytest.mark.parametrize("T", [1, 5])
+def test_the_fused_qkv_projection_equals_the_three_projections(T):
+    """HybridMixer.qkv's one GEMM over the concatenated q / k / v weights (T > 1; T = 1 runs the three) equals the
+    teacher's three projections in float64, biases included (Qwen2 has them)."""
+    torch.manual_seed(0)
+    cfg = Qwen2Config(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+    student = HybridStudent(Qwen2ForCausalLM(cfg).double(), HybridConfig(window=4, sinks=1))
+    m = student.mixers[0]
+    x = torch.randn(2, T, 32, dtype=torch.float64)
+    q, k, v = m.qkv(x)
+    for got, proj, heads in ((q, m.q_proj, 4), (k, m.k_proj, 2), (v, m.v_proj, 2)):
+        want = proj(x).view(2, T, heads, 8).transpose(1, 2)  # (B, heads, T, d)
+        torch.testing.assert_close(got, want, atol=1e-12, rtol=1e-12)

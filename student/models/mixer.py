@@ -192,11 +192,23 @@ class HybridMixer(nn.Module):
         return self.o_proj(h.transpose(1, 2).reshape(B, T, -1)), None
 
     def qkv(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """The teacher's projections of x (B, T, D), before RoPE: q (B, H, T, d), k and v (B, Hkv, T, d)."""
+        """The teacher's projections of x (B, T, D), before RoPE: q (B, H, T, d), k and v (B, Hkv, T, d). One GEMM
+        over the three weights concatenated (N = (H + 2 Hkv) d; one GEMM in each backward too, where three plus
+        two sums were: the issue-32 step), while they are plain nn.Linear; adapters (peft's LoRA layers) keep their
+        own forwards. The concatenation is a copy of the weights a call (in training fused by the compiler with
+        autocast's weight cast): paid over T tokens, not per decoded token (T = 1: three GEMMs, as the unfused decode
+        step ran; the default decode step stacks its weights once, inference/fused_weights.py)."""
         B, T, _ = x.shape
-        q = self.q_proj(x).view(B, T, self.H, self.head_dim).transpose(1, 2)  # (B, H, T, d)
-        k = self.k_proj(x).view(B, T, self.Hkv, self.head_dim).transpose(1, 2)  # (B, Hkv, T, d)
-        v = self.v_proj(x).view(B, T, self.Hkv, self.head_dim).transpose(1, 2)  # (B, Hkv, T, d)
+        projs = (self.q_proj, self.k_proj, self.v_proj)
+        if T > 1 and all(type(p) is nn.Linear for p in projs):
+            w = torch.cat([p.weight for p in projs])  # ((H + 2 Hkv) d, D)
+            b = None if self.q_proj.bias is None else torch.cat([p.bias for p in projs])
+            q, k, v = F.linear(x, w, b).split([p.out_features for p in projs], -1)  # (B, T, H d), (B, T, Hkv d) x2
+        else:
+            q, k, v = (p(x) for p in projs)
+        q = q.view(B, T, self.H, self.head_dim).transpose(1, 2)  # (B, H, T, d)
+        k = k.view(B, T, self.Hkv, self.head_dim).transpose(1, 2)  # (B, Hkv, T, d)
+        v = v.view(B, T, self.Hkv, self.head_dim).transpose(1, 2)  # (B, Hkv, T, d)
         return q, k, v
 
     def sink_queries(self, q, k, cos, sin, rope) -> torch.Tensor | None:
