@@ -57,7 +57,7 @@ def build_xlstm(cfg: DistillConfig, manifest, device: torch.device, budget: int 
     info = {"mlstm_kernel": mlstm_kernel, "slstm_backend": slstm_backend, "blocks": scfg.num_blocks,
             "heads": scfg.num_heads, "slstm_at": scfg.slstm_at, "compile": compile_mode,
             "checkpointing": model.checkpointing,
-            **apply_compile(model.blocks.blocks, compile_mode, "xlstm", "layer" if sharded else None)}
+            **apply_compile(model.blocks.blocks, compile_mode, compile_scope("xlstm", sharded))}
     return model, info
 
 
@@ -97,7 +97,7 @@ def build_hybrid(cfg: DistillConfig, manifest, device: torch.device, budget: int
         model.enable_checkpointing()
     compile_mode = hybrid_compile(cfg.compile, device, checkpointing)
     compile_mode = sharded_compile(compile_mode) if sharded else compile_mode
-    scope = "layer" if sharded else compile_scope("hybrid")
+    scope = compile_scope("hybrid", sharded)
     if share is not None and not (0 <= share <= 1 and compile_mode != "off" and scope != "layer"):
         raise TcacheError(f"--activation-budget {share}: a share in [0, 1] of the activations the compiled step keeps "
                           "(one graph: --compile on or cudagraphs, or auto on a GPU; not under FSDP); fix it or drop "
@@ -113,7 +113,7 @@ def build_hybrid(cfg: DistillConfig, manifest, device: torch.device, budget: int
                           f"{'pass --checkpointing off' if checkpointing else 'drop --activation-budget'}")
     # step scope: the Trainer compiles forward + losses as one graph; layer scope: each decoder layer fused by
     # inductor, transformers' checkpointing wrapping the layer's __call__ so a recomputed layer reruns it compiled
-    compiled = apply_compile(model.lm.model.layers, compile_mode, "hybrid", scope)
+    compiled = apply_compile(model.lm.model.layers, compile_mode, scope)
     info = {"mlstm_kernel": kernel, "slstm_backend": "none", "blocks": len(model.lm.model.layers),
             "heads": model.lm.config.num_attention_heads, "slstm_at": [], "compile": compile_mode,
             "window": cfg.window, "sinks": cfg.sinks, "full_attention_layers": hcfg.full_attention_layers,
@@ -123,8 +123,10 @@ def build_hybrid(cfg: DistillConfig, manifest, device: torch.device, budget: int
     return model, info
 
 
-def compile_scope(family: str) -> str:
-    """COMPILE_SCOPE_ENV, else the family's default scope."""
+def compile_scope(family: str, sharded: bool = False) -> str:
+    """COMPILE_SCOPE_ENV, else the family's default scope; layer under FSDP2 (sharded_compile)."""
+    if sharded:
+        return "layer"
     scope = os.environ.get(COMPILE_SCOPE_ENV) or DEFAULT_SCOPE[family]
     if scope not in SCOPES or (scope == "regions" and family != "hybrid"):
         raise TcacheError(f"{COMPILE_SCOPE_ENV}={scope!r} is not one of layer, step (or regions, the hybrid's); set "
@@ -140,11 +142,10 @@ def sharded_compile(mode: str) -> str:
     return "on" if mode == "cudagraphs" else mode
 
 
-def apply_compile(modules, compile_mode: str, family: str, scope: str | None = None) -> dict:
-    """--compile by `scope` (compile_scope(family) when None): each of `modules` compiled in place (layer), or nothing
-    here and the Trainer compiles the whole forward + loss as one graph (step: train.setup reads info's
-    step_compile). Returns the info keys."""
-    scope = scope or compile_scope(family)
+def apply_compile(modules, compile_mode: str, scope: str) -> dict:
+    """--compile by `scope` (compile_scope): each of `modules` compiled in place (layer), or nothing here and the
+    Trainer compiles the whole forward + loss as one graph (step: train.setup reads info's step_compile; regions:
+    the modules marked first). Returns the info keys."""
     mode = COMPILE_MODES[compile_mode]
     if scope == "regions" and mode is not None:
         mark_regions(modules)
